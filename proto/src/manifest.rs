@@ -1,0 +1,400 @@
+//! The manifest: what a stack's data dir holds, entry by entry, and the root hash the flag signs.
+//!
+//! An entry records exactly what `rsync -aHAXS --numeric-ids` would restore: type, permission bits
+//! (with setuid/setgid/sticky), numeric owner, mtime in nanoseconds, content hash and size for
+//! files, the target bytes of a symlink, hardlink groups and `user.*` xattrs. Entries are sorted
+//! by path bytes, so a parent always comes before what it contains (it is a strict prefix).
+//!
+//! A [`Manifest`] is only made through [`Manifest::new`], which checks what a peer could get
+//! wrong: order and duplicates, a parent that is missing or not a directory, hardlink groups whose
+//! members disagree. The root ([`Manifest::root`]) is a domain-separated BLAKE3 over the canonical
+//! encoding of the sorted entries.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::path::StackPath;
+use crate::wire;
+
+/// A BLAKE3 content hash.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    /// BLAKE3 of `data`.
+    pub fn of(data: &[u8]) -> Self {
+        Self(*blake3::hash(data).as_bytes())
+    }
+
+    /// Lower-case hex, as used in file names and messages.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        blake3::Hash::from_hex(s).ok().map(|h| Self(*h.as_bytes()))
+    }
+}
+
+impl From<blake3::Hash> for Hash {
+    fn from(h: blake3::Hash) -> Self {
+        Self(*h.as_bytes())
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash({})", &self.to_hex()[..16])
+    }
+}
+
+/// Ownership, permissions and modification time, shared by every entry type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Permission bits including setuid, setgid and sticky (`mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+/// One extended attribute (only the `user.` namespace is synced).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Xattr {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// What kind of entry, with the data that kind carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A regular file.
+    File {
+        size: u64,
+        hash: Hash,
+        /// Hardlink group: every entry with the same group id is one inode. Ids are assigned in
+        /// path order starting at 0, and only for inodes with more than one path in the tree.
+        link_group: Option<u32>,
+    },
+    Dir,
+    /// A symlink. The target is stored as bytes and never followed.
+    Symlink {
+        #[serde(with = "serde_bytes")]
+        target: Vec<u8>,
+    },
+}
+
+/// One path in the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: StackPath,
+    pub kind: EntryKind,
+    pub meta: Meta,
+    /// Sorted by name, no duplicates.
+    pub xattrs: Vec<Xattr>,
+}
+
+impl Entry {
+    /// Size and hash if this is a regular file.
+    pub fn file(&self) -> Option<(u64, Hash)> {
+        match self.kind {
+            EntryKind::File { size, hash, .. } => Some((size, hash)),
+            _ => None,
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, EntryKind::Dir)
+    }
+
+    /// True if `other` has the same content (type, file hash, link target), ignoring metadata.
+    pub fn same_content(&self, other: &Entry) -> bool {
+        match (&self.kind, &other.kind) {
+            (EntryKind::File { hash: a, .. }, EntryKind::File { hash: b, .. }) => a == b,
+            (EntryKind::Dir, EntryKind::Dir) => true,
+            (EntryKind::Symlink { target: a }, EntryKind::Symlink { target: b }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Why a list of entries is not a valid manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest entries out of order or duplicated at {path}")]
+    Unsorted { path: StackPath },
+    #[error("manifest entry {path} has no parent directory entry")]
+    MissingParent { path: StackPath },
+    #[error("manifest entry {path} lies below {parent}, which is not a directory")]
+    ParentNotDir { path: StackPath, parent: StackPath },
+    #[error("hardlink group {group} has members with different size or hash ({path})")]
+    InconsistentLinkGroup { group: u32, path: StackPath },
+    #[error("hardlink group {group} has a single member ({path})")]
+    LonelyLinkGroup { group: u32, path: StackPath },
+    #[error("xattrs of {path} are unsorted or duplicated")]
+    UnsortedXattrs { path: StackPath },
+}
+
+/// A checked, sorted list of entries.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Manifest {
+    entries: Vec<Entry>,
+}
+
+impl Manifest {
+    /// Checks `entries` (sorted strictly by path, parents present and directories, consistent
+    /// hardlink groups, sorted xattrs) and wraps them.
+    pub fn new(entries: Vec<Entry>) -> Result<Self, ManifestError> {
+        let mut kinds: HashMap<&StackPath, bool> = HashMap::with_capacity(entries.len());
+        let mut groups: HashMap<u32, (u64, Hash, u32, &StackPath)> = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            if i > 0 && entries[i - 1].path >= e.path {
+                return Err(ManifestError::Unsorted {
+                    path: e.path.clone(),
+                });
+            }
+            if let Some(parent) = e.path.parent() {
+                match kinds.get(&parent) {
+                    None => {
+                        return Err(ManifestError::MissingParent {
+                            path: e.path.clone(),
+                        });
+                    }
+                    Some(false) => {
+                        return Err(ManifestError::ParentNotDir {
+                            path: e.path.clone(),
+                            parent,
+                        });
+                    }
+                    Some(true) => {}
+                }
+            }
+            if e.xattrs.windows(2).any(|w| w[0].name >= w[1].name) {
+                return Err(ManifestError::UnsortedXattrs {
+                    path: e.path.clone(),
+                });
+            }
+            if let EntryKind::File {
+                size,
+                hash,
+                link_group: Some(g),
+            } = e.kind
+            {
+                let slot = groups.entry(g).or_insert((size, hash, 0, &e.path));
+                if (slot.0, slot.1) != (size, hash) {
+                    return Err(ManifestError::InconsistentLinkGroup {
+                        group: g,
+                        path: e.path.clone(),
+                    });
+                }
+                slot.2 += 1;
+            }
+            kinds.insert(&e.path, e.is_dir());
+        }
+        if let Some((g, (_, _, _, path))) = groups.iter().find(|(_, m)| m.2 < 2) {
+            return Err(ManifestError::LonelyLinkGroup {
+                group: *g,
+                path: (*path).clone(),
+            });
+        }
+        drop(kinds);
+        drop(groups);
+        Ok(Self { entries })
+    }
+
+    /// Sorts `entries` by path first, then checks them as [`Manifest::new`] does.
+    pub fn from_unsorted(mut entries: Vec<Entry>) -> Result<Self, ManifestError> {
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Self::new(entries)
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    pub fn into_entries(self) -> Vec<Entry> {
+        self.entries
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry at `path`, by binary search.
+    pub fn get(&self, path: &StackPath) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|e| e.path.cmp(path))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+
+    /// Number of regular files and their total size in bytes (hardlinks counted once).
+    pub fn file_totals(&self) -> (u64, u64) {
+        let mut seen = std::collections::HashSet::new();
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for e in &self.entries {
+            if let EntryKind::File {
+                size, link_group, ..
+            } = e.kind
+            {
+                files += 1;
+                if link_group.is_none_or(|g| seen.insert(g)) {
+                    bytes = bytes.saturating_add(size);
+                }
+            }
+        }
+        (files, bytes)
+    }
+
+    /// The root hash: BLAKE3 in derive-key mode (so it can never collide with a content hash)
+    /// over the entry count and each entry's canonical encoding, length-prefixed.
+    pub fn root(&self) -> Hash {
+        let mut h = blake3::Hasher::new_derive_key("stackclone 2026-11 manifest root v1");
+        h.update(&(self.entries.len() as u64).to_le_bytes());
+        for e in &self.entries {
+            let bytes = wire::canonical(e);
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(&bytes);
+        }
+        h.finalize().into()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn meta() -> Meta {
+        Meta {
+            mode: 0o644,
+            uid: 1000,
+            gid: 1000,
+            mtime_ns: 1_700_000_000_123_456_789,
+        }
+    }
+
+    pub(crate) fn dir(p: &str) -> Entry {
+        Entry {
+            path: StackPath::new(p).unwrap(),
+            kind: EntryKind::Dir,
+            meta: Meta {
+                mode: 0o755,
+                ..meta()
+            },
+            xattrs: vec![],
+        }
+    }
+
+    pub(crate) fn file(p: &str, data: &[u8]) -> Entry {
+        Entry {
+            path: StackPath::new(p).unwrap(),
+            kind: EntryKind::File {
+                size: data.len() as u64,
+                hash: Hash::of(data),
+                link_group: None,
+            },
+            meta: meta(),
+            xattrs: vec![],
+        }
+    }
+
+    #[test]
+    fn accepts_a_sorted_tree_and_finds_entries() {
+        let m =
+            Manifest::from_unsorted(vec![file("a/x", b"1"), dir("a"), file("b", b"22")]).unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(
+            m.get(&StackPath::new("a/x").unwrap())
+                .unwrap()
+                .file()
+                .unwrap()
+                .0,
+            1
+        );
+        assert_eq!(m.file_totals(), (2, 3));
+    }
+
+    #[test]
+    fn rejects_what_a_peer_could_get_wrong() {
+        assert!(matches!(
+            Manifest::new(vec![file("b", b""), file("a", b"")]),
+            Err(ManifestError::Unsorted { .. })
+        ));
+        assert!(matches!(
+            Manifest::new(vec![file("a", b""), file("a", b"")]),
+            Err(ManifestError::Unsorted { .. })
+        ));
+        assert!(matches!(
+            Manifest::new(vec![file("a/x", b"")]),
+            Err(ManifestError::MissingParent { .. })
+        ));
+        assert!(matches!(
+            Manifest::new(vec![file("a", b""), file("a/x", b"")]),
+            Err(ManifestError::ParentNotDir { .. })
+        ));
+        let mut a = file("a", b"same");
+        let mut b = file("b", b"other");
+        a.kind = EntryKind::File {
+            size: 4,
+            hash: Hash::of(b"same"),
+            link_group: Some(0),
+        };
+        b.kind = EntryKind::File {
+            size: 5,
+            hash: Hash::of(b"other"),
+            link_group: Some(0),
+        };
+        assert!(matches!(
+            Manifest::new(vec![a.clone(), b]),
+            Err(ManifestError::InconsistentLinkGroup { .. })
+        ));
+        assert!(matches!(
+            Manifest::new(vec![a]),
+            Err(ManifestError::LonelyLinkGroup { .. })
+        ));
+    }
+
+    #[test]
+    fn root_changes_with_any_field() {
+        let base = Manifest::new(vec![dir("d"), file("d/f", b"data")]).unwrap();
+        let mut variants = Vec::new();
+        let mut m = base.clone().into_entries();
+        m[1].meta.mode = 0o4755;
+        variants.push(m);
+        let mut m = base.clone().into_entries();
+        m[1].meta.uid = 999;
+        variants.push(m);
+        let mut m = base.clone().into_entries();
+        m[1].meta.mtime_ns += 1;
+        variants.push(m);
+        let mut m = base.clone().into_entries();
+        m[1].xattrs.push(Xattr {
+            name: b"user.k".to_vec(),
+            value: b"v".to_vec(),
+        });
+        variants.push(m);
+        let mut m = base.clone().into_entries();
+        m[1] = file("d/f", b"datb");
+        variants.push(m);
+        for v in variants {
+            assert_ne!(Manifest::new(v).unwrap().root(), base.root());
+        }
+        assert_eq!(base.root(), base.clone().root());
+    }
+}

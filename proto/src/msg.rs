@@ -1,0 +1,204 @@
+//! The messages of one sync cycle.
+//!
+//! Control messages travel on one bidirectional QUIC stream; file data ([`SourceMsg::FileBegin`],
+//! [`SourceMsg::FileData`], [`SourceMsg::FileEnd`]) may travel on parallel unidirectional streams,
+//! each file's messages in order on one stream. Every message is one [`crate::wire`] frame.
+//! All types are plain structs and enums: bincode is not self-describing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::delta::Chunk;
+use crate::flag::SignedStatus;
+use crate::manifest::{Entry, Hash};
+use crate::path::StackPath;
+
+/// Protocol version, sent in the first message of each side. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Most entries in one [`SourceMsg::ManifestPart`].
+pub const MANIFEST_PART_ENTRIES: usize = 2048;
+
+/// Most entries a manifest may have. Bounds the target's memory before it has checked anything.
+pub const MAX_MANIFEST_ENTRIES: u64 = 50_000_000;
+
+/// Whether the cycle changes anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Transfer, flag, commit.
+    Sync,
+    /// Compare only: the target answers with a plan and writes nothing.
+    DryRun,
+}
+
+/// The two passes of a cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pass {
+    /// Optional first pass while the source stack still runs.
+    Precopy,
+    /// The pass whose manifest the flag signs; the source stack is stopped (unless `stop = false`).
+    Final,
+}
+
+/// Where in the cycle something happened, for errors a person reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Hello,
+    Scan,
+    Manifest,
+    Transfer,
+    Flag,
+    Commit,
+    /// Waiting for the target's stack to become healthy on the new generation.
+    Health,
+    Result,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Phase::Hello => "hello",
+            Phase::Scan => "scan",
+            Phase::Manifest => "manifest",
+            Phase::Transfer => "transfer",
+            Phase::Flag => "flag",
+            Phase::Commit => "commit",
+            Phase::Health => "health",
+            Phase::Result => "result",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Why a target refused a cycle before anything was staged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("protocol version {got} is not supported (this target speaks {supported})")]
+    Version { got: u32, supported: u32 },
+    #[error("no stack `{stack}` is configured on this target")]
+    UnknownStack { stack: String },
+    #[error("source `{peer}` is not allowed to push stack `{stack}`")]
+    PeerNotAllowed { peer: String, stack: String },
+    #[error("stack `{stack}` is busy with another cycle")]
+    Busy { stack: String },
+    #[error("stack `{stack}` cannot be served: {reason}")]
+    Unavailable { stack: String, reason: String },
+}
+
+/// Source to target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SourceMsg {
+    /// `max_delete`: the largest share (0.0–1.0) of the target's files this cycle may delete
+    /// (the source's per-stack safety valve; the target enforces it).
+    Hello {
+        version: u32,
+        stack: String,
+        mode: Mode,
+        max_delete: f64,
+    },
+    /// Up to [`MANIFEST_PART_ENTRIES`] entries, in order.
+    ManifestPart {
+        entries: Vec<Entry>,
+    },
+    /// Closes a manifest: how many entries were sent and the root they hash to.
+    ManifestEnd {
+        pass: Pass,
+        entries: u64,
+        root: Hash,
+    },
+    /// Starts the data of one wanted file; `len` is what the source will send.
+    FileBegin {
+        id: u32,
+        len: u64,
+    },
+    FileData {
+        id: u32,
+        chunk: Chunk,
+    },
+    /// Ends one file: the BLAKE3 of exactly the bytes the source read and diffed.
+    FileEnd {
+        id: u32,
+        hash: Hash,
+        len: u64,
+    },
+    /// The source could not read the file (it vanished during a pre-copy pass, say).
+    FileAbort {
+        id: u32,
+        reason: String,
+    },
+    /// Closes the generation.
+    Flag(SignedStatus),
+    /// The source gives up; nothing is committed.
+    Abort {
+        phase: Phase,
+        reason: String,
+    },
+}
+
+/// Target to source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TargetMsg {
+    Welcome {
+        version: u32,
+        last_generation: u64,
+    },
+    Refused(Refusal),
+    /// Send this file; with a basis signature the source sends a delta against it.
+    Want {
+        id: u32,
+        path: StackPath,
+        #[serde(with = "serde_bytes")]
+        basis: Option<Vec<u8>>,
+    },
+    /// Everything wanted in this pass is staged and verified, except `missing` (files whose
+    /// content changed while they were read).
+    PassDone {
+        pass: Pass,
+        missing: Vec<StackPath>,
+    },
+    /// Dry run: what a commit would do.
+    Plan(PlanSummary),
+    /// The outcome of the commit.
+    Result(CycleResult),
+    /// The target gives up; nothing is committed.
+    Abort {
+        phase: Phase,
+        reason: String,
+    },
+}
+
+/// A dry run's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanSummary {
+    /// Files whose content would be transferred, with their sizes (the first
+    /// [`PlanSummary::MAX_LISTED`] of them).
+    pub send: Vec<(StackPath, u64)>,
+    /// Paths that would be deleted (the first [`PlanSummary::MAX_LISTED`]).
+    pub delete: Vec<StackPath>,
+    pub send_count: u64,
+    /// Contents the target already has at another path (renames, copies): copied locally.
+    pub copy_local: u64,
+    pub send_bytes: u64,
+    pub delete_count: u64,
+    pub meta_only: u64,
+    pub unchanged: u64,
+}
+
+impl PlanSummary {
+    /// Longest list carried in one plan message; counts are always complete.
+    pub const MAX_LISTED: usize = 10_000;
+}
+
+/// What the target did with a verified flag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CycleResult {
+    pub generation: u64,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The generation is live (and its stack healthy, where health is checked).
+    Committed { target_downtime_ms: u64 },
+    /// The commit failed or the stack did not come up healthy; the previous generation is live.
+    Failed { phase: Phase, reason: String },
+}

@@ -1,0 +1,493 @@
+//! The source side of a cycle.
+//!
+//! ```text
+//!  new ──► Hello ──► Welcome ─┬─ precopy ──► Scan(Precopy) ─► manifest ─► serve wants ─► PassDone ─┐
+//!                            │                                                                    │
+//!                            └──────────────────────────────────────┬──────────────────────────┘
+//!                                                                   ▼
+//!                StopStack ─► Scan(Final) ─► manifest ─► serve wants ─► PassDone
+//!                ─► StartStack + Flag ─► Result ─► Done
+//! ```
+//! Once `StopStack` has been asked for, every way out of the cycle — success, error, a peer that
+//! vanished — asks for `StartStack` before `Done`, so the source stack is never left stopped.
+
+use std::collections::{HashSet, VecDeque};
+
+use ed25519_dalek::SigningKey;
+
+use super::{Cause, CycleError};
+use crate::delta::CheckedSignature;
+use crate::flag::{SignedStatus, Status};
+use crate::manifest::{Hash, Manifest};
+use crate::msg::{
+    MANIFEST_PART_ENTRIES, Mode, Outcome, PROTOCOL_VERSION, Pass, Phase, PlanSummary, SourceMsg,
+    TargetMsg,
+};
+use crate::path::StackPath;
+
+/// How many times a final pass is repeated when files changed under it (only with `stop = false`;
+/// a stopped stack whose files change is an error).
+const LIVE_FINAL_PASS_RETRIES: u32 = 3;
+
+/// What the source side of one cycle is told at the start.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub stack: String,
+    /// This host's certificate name.
+    pub source_id: String,
+    /// The target's certificate name, as authenticated by the connection.
+    pub target_id: String,
+    pub mode: Mode,
+    /// Run a first pass while the stack is still up.
+    pub precopy: bool,
+    /// Stop the stack for the final pass (`false`: crash-consistent at best).
+    pub stop_stack: bool,
+    /// Allow an empty source tree (off: an empty tree would wipe the standby).
+    pub allow_empty: bool,
+    /// Largest share (0.0–1.0) of the target's files one commit may delete.
+    pub max_delete: f64,
+}
+
+/// Work for the source driver.
+#[derive(Debug)]
+pub enum SourceAction {
+    /// Scan the stack dir; answer with [`SourceSession::handle_scanned`].
+    Scan { pass: Pass },
+    /// Stop the stack (pre-stop hooks first); answer with [`SourceSession::handle_stack_stopped`].
+    StopStack,
+    /// Start the containers that were running; answer with [`SourceSession::handle_stack_started`].
+    StartStack,
+    /// Stream this file on a data stream (`FileBegin`, `FileData`…, `FileEnd`, or `FileAbort`),
+    /// as a delta against `basis` if there is one; answer with [`SourceSession::handle_file_sent`].
+    SendFile {
+        id: u32,
+        path: StackPath,
+        size: u64,
+        hash: Hash,
+        basis: Option<CheckedSignature>,
+    },
+    /// The cycle is over.
+    Done(Result<SourceReport, CycleError>),
+}
+
+/// What a finished cycle did, as far as the source knows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceReport {
+    pub generation: u64,
+    pub manifest_root: Option<Hash>,
+    pub files: u64,
+    pub bytes: u64,
+    /// Files sent (all passes), and of those, how many as a delta.
+    pub files_sent: u64,
+    pub files_delta: u64,
+    pub target_downtime_ms: Option<u64>,
+    /// Dry run only.
+    pub plan: Option<PlanSummary>,
+    /// The stack was stopped for this cycle (and started again).
+    pub stopped_stack: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitWelcome,
+    Stopping,
+    Scanning(Pass),
+    Serving(Pass),
+    AwaitResult,
+    Finished,
+}
+
+/// The source side of one cycle. See the module doc for the sequence.
+#[derive(Debug)]
+pub struct SourceSession {
+    cfg: SourceConfig,
+    key: SigningKey,
+    state: State,
+    messages: VecDeque<SourceMsg>,
+    actions: VecDeque<SourceAction>,
+    manifest: Option<Manifest>,
+    sending: HashSet<u32>,
+    /// The stack is stopped and must be started before `Done`.
+    stack_down: bool,
+    /// A `StartStack` was asked for and not yet answered.
+    starting: bool,
+    /// The outcome, held back until the stack is running again.
+    outcome: Option<Result<(), CycleError>>,
+    final_retries: u32,
+    report: SourceReport,
+}
+
+impl SourceSession {
+    /// Starts a cycle; the first message (`Hello`) is ready at once.
+    pub fn new(cfg: SourceConfig, flag_key: SigningKey) -> Self {
+        let mut messages = VecDeque::new();
+        messages.push_back(SourceMsg::Hello {
+            version: PROTOCOL_VERSION,
+            stack: cfg.stack.clone(),
+            mode: cfg.mode,
+            max_delete: cfg.max_delete,
+        });
+        Self {
+            cfg,
+            key: flag_key,
+            state: State::AwaitWelcome,
+            messages,
+            actions: VecDeque::new(),
+            manifest: None,
+            sending: HashSet::new(),
+            stack_down: false,
+            starting: false,
+            outcome: None,
+            final_retries: 0,
+            report: SourceReport::default(),
+        }
+    }
+
+    /// The next control message to send.
+    pub fn poll_message(&mut self) -> Option<SourceMsg> {
+        self.messages.pop_front()
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<SourceAction> {
+        self.actions.pop_front()
+    }
+
+    /// True once `Done` has been emitted.
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Finished && self.outcome.is_none()
+    }
+
+    fn phase(&self) -> Phase {
+        match self.state {
+            State::AwaitWelcome => Phase::Hello,
+            State::Stopping | State::Scanning(_) => Phase::Scan,
+            State::Serving(_) => Phase::Transfer,
+            State::AwaitResult => Phase::Result,
+            State::Finished => Phase::Result,
+        }
+    }
+
+    fn error(&self, phase: Phase, cause: Cause) -> CycleError {
+        CycleError {
+            stack: self.cfg.stack.clone(),
+            peer: self.cfg.target_id.clone(),
+            phase,
+            cause,
+        }
+    }
+
+    /// Ends the cycle with `cause`; tells the peer unless it was the peer that ended it.
+    fn fail(&mut self, cause: Cause, tell_peer: bool) {
+        if self.state == State::Finished {
+            return;
+        }
+        let err = self.error(self.phase(), cause);
+        if tell_peer {
+            self.messages.push_back(SourceMsg::Abort {
+                phase: err.phase,
+                reason: err.cause.to_string(),
+            });
+        }
+        self.state = State::Finished;
+        self.outcome = Some(Err(err));
+        self.restart_stack();
+        self.maybe_done();
+    }
+
+    fn misbehaved(&mut self, what: impl Into<String>) {
+        self.fail(Cause::PeerMisbehaved(what.into()), true);
+    }
+
+    fn restart_stack(&mut self) {
+        if self.stack_down && !self.starting {
+            self.starting = true;
+            self.actions.push_back(SourceAction::StartStack);
+        }
+    }
+
+    fn maybe_done(&mut self) {
+        if self.state == State::Finished
+            && !self.starting
+            && let Some(outcome) = self.outcome.take()
+        {
+            let report = std::mem::take(&mut self.report);
+            self.actions
+                .push_back(SourceAction::Done(outcome.map(|()| report)));
+        }
+    }
+
+    /// A control message from the target. `now` is the source clock in Unix seconds (it dates
+    /// the flag).
+    pub fn handle_message(&mut self, msg: TargetMsg, now: i64) {
+        if self.state == State::Finished {
+            return;
+        }
+        match (self.state, msg) {
+            (_, TargetMsg::Refused(r)) => self.fail(Cause::Refused(r), false),
+            (_, TargetMsg::Abort { phase, reason }) => {
+                self.fail(Cause::PeerAborted { phase, reason }, false)
+            }
+            (
+                State::AwaitWelcome,
+                TargetMsg::Welcome {
+                    version,
+                    last_generation,
+                },
+            ) => {
+                if version != PROTOCOL_VERSION {
+                    return self.misbehaved(format!(
+                        "target speaks protocol version {version}, this source {PROTOCOL_VERSION}"
+                    ));
+                }
+                let Some(generation) = last_generation.checked_add(1) else {
+                    return self.misbehaved("target reports the last possible generation");
+                };
+                self.report.generation = generation;
+                if self.cfg.mode == Mode::Sync && self.cfg.precopy {
+                    self.scan(Pass::Precopy);
+                } else {
+                    self.stop_then_final_scan();
+                }
+            }
+            (State::Serving(pass), TargetMsg::Want { id, path, basis }) => {
+                self.handle_want(pass, id, path, basis)
+            }
+            (
+                State::Serving(pass),
+                TargetMsg::PassDone {
+                    pass: done,
+                    missing,
+                },
+            ) if pass == done => {
+                self.sending.clear();
+                self.pass_done(pass, missing, now);
+            }
+            (State::Serving(Pass::Final), TargetMsg::Plan(plan))
+                if self.cfg.mode == Mode::DryRun =>
+            {
+                self.report.plan = Some(plan);
+                self.state = State::Finished;
+                self.outcome = Some(Ok(()));
+                self.maybe_done();
+            }
+            (State::AwaitResult, TargetMsg::Result(result)) => {
+                if result.generation != self.report.generation {
+                    return self.misbehaved(format!(
+                        "result for generation {}, expected {}",
+                        result.generation, self.report.generation
+                    ));
+                }
+                self.state = State::Finished;
+                self.outcome = Some(match result.outcome {
+                    Outcome::Committed { target_downtime_ms } => {
+                        self.report.target_downtime_ms = Some(target_downtime_ms);
+                        Ok(())
+                    }
+                    Outcome::Failed { phase, reason } => {
+                        Err(self.error(phase, Cause::CommitFailed(reason)))
+                    }
+                });
+                self.maybe_done();
+            }
+            (state, msg) => {
+                self.misbehaved(format!("unexpected {} while {state:?}", short_name(&msg)))
+            }
+        }
+    }
+
+    fn stop_then_final_scan(&mut self) {
+        if self.cfg.mode == Mode::Sync && self.cfg.stop_stack {
+            self.state = State::Stopping;
+            self.stack_down = true;
+            self.report.stopped_stack = true;
+            self.actions.push_back(SourceAction::StopStack);
+        } else {
+            self.scan(Pass::Final);
+        }
+    }
+
+    fn scan(&mut self, pass: Pass) {
+        self.state = State::Scanning(pass);
+        self.actions.push_back(SourceAction::Scan { pass });
+    }
+
+    /// The stack is stopped (or could not be).
+    pub fn handle_stack_stopped(&mut self, result: Result<(), String>) {
+        if self.state != State::Stopping {
+            return;
+        }
+        match result {
+            Ok(()) => self.scan(Pass::Final),
+            Err(e) => self.fail(
+                Cause::Local(format!("stopping the stack failed: {e}")),
+                true,
+            ),
+        }
+    }
+
+    /// The stack was started again after the cycle.
+    pub fn handle_stack_started(&mut self, result: Result<(), String>) {
+        if !self.starting {
+            return;
+        }
+        self.starting = false;
+        self.stack_down = false;
+        if let Err(e) = result {
+            let cause = Cause::Local(format!("starting the stack again failed: {e}"));
+            // A failed restart outranks a successful commit: the primary is down.
+            if !matches!(self.outcome, Some(Err(_))) {
+                self.outcome = Some(Err(self.error(Phase::Result, cause)));
+            }
+        }
+        self.maybe_done();
+    }
+
+    /// A scan finished.
+    pub fn handle_scanned(&mut self, pass: Pass, result: Result<Manifest, String>) {
+        if self.state != State::Scanning(pass) {
+            return;
+        }
+        let manifest = match result {
+            Ok(m) => m,
+            Err(e) => return self.fail(Cause::Local(format!("scan failed: {e}")), true),
+        };
+        if manifest.is_empty() && !self.cfg.allow_empty {
+            return self.fail(Cause::EmptySource, true);
+        }
+        let root = manifest.root();
+        let count = manifest.len() as u64;
+        for part in manifest.entries().chunks(MANIFEST_PART_ENTRIES) {
+            self.messages.push_back(SourceMsg::ManifestPart {
+                entries: part.to_vec(),
+            });
+        }
+        self.messages.push_back(SourceMsg::ManifestEnd {
+            pass,
+            entries: count,
+            root,
+        });
+        if pass == Pass::Final {
+            let (files, bytes) = manifest.file_totals();
+            self.report.files = files;
+            self.report.bytes = bytes;
+            self.report.manifest_root = Some(root);
+        }
+        self.manifest = Some(manifest);
+        self.state = State::Serving(pass);
+    }
+
+    fn handle_want(&mut self, pass: Pass, id: u32, path: StackPath, basis: Option<Vec<u8>>) {
+        if self.cfg.mode == Mode::DryRun {
+            return self.misbehaved("file wanted during a dry run");
+        }
+        let Some(entry) = self.manifest.as_ref().and_then(|m| m.get(&path)) else {
+            return self.misbehaved(format!(
+                "wanted {path}, which is not in the {pass:?} manifest"
+            ));
+        };
+        let Some((size, hash)) = entry.file() else {
+            return self.misbehaved(format!("wanted {path}, which is not a regular file"));
+        };
+        if !self.sending.insert(id) {
+            return self.misbehaved(format!("want id {id} used twice"));
+        }
+        let basis = match basis.map(CheckedSignature::parse).transpose() {
+            Ok(b) => b,
+            Err(e) => return self.misbehaved(format!("bad basis signature for {path}: {e}")),
+        };
+        self.report.files_sent += 1;
+        if basis.is_some() {
+            self.report.files_delta += 1;
+        }
+        self.actions.push_back(SourceAction::SendFile {
+            id,
+            path,
+            size,
+            hash,
+            basis,
+        });
+    }
+
+    /// The driver finished streaming one file (or gave up on it and sent `FileAbort`).
+    pub fn handle_file_sent(&mut self, id: u32, result: Result<(), String>) {
+        if !self.sending.remove(&id) {
+            return;
+        }
+        if let (Err(e), State::Serving(Pass::Final)) = (result, self.state) {
+            // In a pre-copy pass a file may vanish under a running stack; the final pass will
+            // send what is there then. In the final pass, a file we cannot read ends the cycle.
+            self.fail(
+                Cause::Local(format!("reading a file for the final pass failed: {e}")),
+                true,
+            );
+        }
+    }
+
+    fn pass_done(&mut self, pass: Pass, missing: Vec<StackPath>, now: i64) {
+        match pass {
+            Pass::Precopy => self.stop_then_final_scan(),
+            Pass::Final if !missing.is_empty() => {
+                if !self.cfg.stop_stack && self.final_retries < LIVE_FINAL_PASS_RETRIES {
+                    self.final_retries += 1;
+                    self.scan(Pass::Final);
+                } else {
+                    let count = missing.len();
+                    let first = missing.into_iter().next().expect("missing is not empty");
+                    self.fail(Cause::ChangedDuringFinalPass { count, first }, true);
+                }
+            }
+            Pass::Final => {
+                let Some(root) = self.report.manifest_root else {
+                    return self.fail(Cause::Local("final pass without a manifest".into()), true);
+                };
+                // The last byte is staged on the target: the source's downtime ends here, before
+                // the target commits.
+                self.restart_stack();
+                let status = Status {
+                    stack: self.cfg.stack.clone(),
+                    generation: self.report.generation,
+                    manifest_root: root,
+                    source_id: self.cfg.source_id.clone(),
+                    target_id: self.cfg.target_id.clone(),
+                    created_at: now,
+                };
+                self.messages
+                    .push_back(SourceMsg::Flag(SignedStatus::sign(status, &self.key)));
+                self.state = State::AwaitResult;
+            }
+        }
+    }
+
+    /// A control message from the target did not decode: the peer broke the protocol. The
+    /// target is told why; the stack is started again if it is down.
+    pub fn handle_malformed(&mut self, reason: &str) {
+        self.fail(Cause::PeerMisbehaved(reason.to_string()), true);
+    }
+
+    /// The connection ended (closed, timed out, reset) before the cycle did.
+    pub fn handle_connection_lost(&mut self, reason: &str) {
+        self.fail(Cause::ConnectionLost(reason.to_string()), false);
+    }
+
+    /// The driver is shutting down (SIGTERM): end the cycle, restarting the stack if it is down.
+    pub fn handle_shutdown(&mut self) {
+        self.fail(
+            Cause::Local("the source agent is shutting down".into()),
+            true,
+        );
+    }
+}
+
+/// The message's name, for protocol errors.
+pub(crate) fn short_name(msg: &TargetMsg) -> &'static str {
+    match msg {
+        TargetMsg::Welcome { .. } => "Welcome",
+        TargetMsg::Refused(_) => "Refused",
+        TargetMsg::Want { .. } => "Want",
+        TargetMsg::PassDone { .. } => "PassDone",
+        TargetMsg::Plan(_) => "Plan",
+        TargetMsg::Result(_) => "Result",
+        TargetMsg::Abort { .. } => "Abort",
+    }
+}

@@ -1,0 +1,774 @@
+//! The target side of a cycle.
+//!
+//! ```text
+//!  Hello ─► LoadStack ─► Welcome | Refused
+//!  per pass: manifest parts ─► ManifestEnd (checked: count, root, max_delete valve)
+//!            ─► for each content not live and not staged: StageLocal (a live file has it) or
+//!               [Signature of the live basis ─►] Want ─► Receive ─► handle_staged
+//!            ─► PassDone
+//!  Flag ─► verify (key, stack, source, target, generation, time, root) ─► Commit ─► Result
+//! ```
+//! Staging is content-addressed: a staged file is known by its BLAKE3, so an interrupted
+//! transfer resumes where it stopped, a pre-copy pass counts for the final pass wherever content
+//! did not change, and hardlinks or duplicates cost one transfer. The session never asks for a
+//! [`Commit`] unless the flag verified against the manifest it staged and every content that
+//! manifest needs is staged or already live at its path.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use ed25519_dalek::VerifyingKey;
+
+use super::{Cause, CycleError, MAX_IN_FLIGHT};
+use crate::delta::Verified;
+use crate::flag::{Expected, SignedStatus, VerifiedStatus};
+use crate::manifest::{Entry, EntryKind, Hash, Manifest};
+use crate::msg::{
+    CycleResult, MAX_MANIFEST_ENTRIES, Mode, Outcome, PROTOCOL_VERSION, Pass, Phase, PlanSummary,
+    Refusal, SourceMsg, TargetMsg,
+};
+use crate::path::StackPath;
+use crate::plan::{Changes, Upsert};
+
+/// Who this target is and who is talking to it.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// This host's certificate name.
+    pub target_id: String,
+    /// The peer's certificate name (authenticated by mutual TLS).
+    pub peer: String,
+    /// The flag key bound to the peer's identity, if it has one.
+    pub peer_flag_key: Option<VerifyingKey>,
+    /// Largest accepted clock difference for a flag, in seconds.
+    pub max_skew_secs: i64,
+}
+
+/// Who may push a stack: the part of its config the session checks before anything is locked,
+/// opened or scanned for a peer.
+#[derive(Debug, Clone)]
+pub struct StackPolicy {
+    /// Source names allowed to push this stack.
+    pub allow: Vec<String>,
+}
+
+/// What the driver knows of a stack when a cycle for it starts.
+#[derive(Debug, Clone)]
+pub struct StackState {
+    /// Last committed generation (0: none yet).
+    pub last_generation: u64,
+    /// A fresh scan of the live dir.
+    pub live: Manifest,
+    /// Contents already staged, by hash.
+    pub staged: HashSet<Hash>,
+    /// In-place patches already staged: content hash → the one live path it patches. Counts as
+    /// staged only where the wanted tree has that content at exactly that path.
+    pub staged_in_place: HashMap<Hash, StackPath>,
+}
+
+/// Work for the target driver.
+#[derive(Debug)]
+pub enum TargetAction {
+    /// Look up the stack's config; answer with [`TargetSession::handle_policy`]. Nothing may be
+    /// locked, opened or written for the peer yet: it is not known to be allowed.
+    LookupStack { stack: String },
+    /// The peer is allowed: take the stack's lock, recover and scan its live dir, list what is
+    /// staged; answer with [`TargetSession::handle_stack`].
+    LoadStack { stack: String },
+    /// Compute the delta signature of the live file at `basis`; answer with
+    /// [`TargetSession::handle_signature`].
+    Signature { id: u32, basis: StackPath },
+    /// Copy the live file at `from` into staging as content `hash` (verifying it); answer with
+    /// [`TargetSession::handle_staged`].
+    StageLocal {
+        id: u32,
+        from: StackPath,
+        hash: Hash,
+    },
+    /// Expect `FileBegin`/`FileData`/`FileEnd` for `id`, rebuild it in staging (against the live
+    /// file at `basis`, if given) and verify it; answer with [`TargetSession::handle_staged`].
+    ///
+    /// With `in_place`, stage only the ranges that differ from the basis (a patch), to be
+    /// written into the live file inside the commit: a big file with a few changed blocks then
+    /// costs writes in proportion to the change. The session asks for it only where that is
+    /// safe: the basis is the file at the same path, neither side is a hardlink, the content is
+    /// wanted at this one path, and the file is big enough for it to matter.
+    Receive {
+        id: u32,
+        path: StackPath,
+        basis: Option<StackPath>,
+        in_place: bool,
+    },
+    /// Stop the stack, commit, start it; answer with [`TargetSession::handle_committed`].
+    Commit(Commit),
+    /// The cycle is over.
+    Done(Result<TargetReport, CycleError>),
+}
+
+/// What staging one file came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StageOutcome {
+    /// Rebuilt (or copied), its BLAKE3 matched the hash the source declared, and it is staged
+    /// under that hash. Only the delta engine's verifier makes a [`Verified`].
+    Staged(Verified),
+    /// The rebuilt content did not match the declared hash (a bad delta): ask again, literally.
+    Mismatch,
+    /// The source could not send it (`FileAbort`).
+    SourceAborted(String),
+    /// A local failure (disk full, I/O error): the cycle cannot go on.
+    Failed(String),
+}
+
+/// A verified generation, ready to commit. Only [`TargetSession`] makes one, and only from a
+/// flag that verified against the staged manifest.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    status: VerifiedStatus,
+    manifest: Manifest,
+    changes: Changes,
+}
+
+impl Commit {
+    pub fn status(&self) -> &VerifiedStatus {
+        &self.status
+    }
+    pub fn generation(&self) -> u64 {
+        self.status.generation()
+    }
+    /// The tree the live dir must hold after the commit.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// How to get there from the live dir as scanned at the start of the cycle.
+    pub fn changes(&self) -> &Changes {
+        &self.changes
+    }
+}
+
+/// What a cycle did on the target.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TargetReport {
+    pub stack: String,
+    pub generation: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub files_received: u64,
+    pub files_copied_locally: u64,
+    pub upserts: u64,
+    pub deletes: u64,
+    pub target_downtime_ms: u64,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitHello,
+    LookingUp,
+    LoadingStack,
+    Manifest,
+    Transfer(Pass),
+    AwaitFlag,
+    Committing,
+    Finished,
+}
+
+/// One content the pass needs.
+#[derive(Debug, Clone)]
+struct Need {
+    path: StackPath,
+    hash: Hash,
+    /// Live file at the same path, as a delta basis.
+    basis: Option<StackPath>,
+    /// Live file elsewhere with the same content.
+    local: Option<StackPath>,
+    /// Stage a patch of the basis rather than a whole file (see [`TargetAction::Receive`]).
+    in_place: bool,
+}
+
+/// The target side of one cycle. See the module doc for the sequence.
+#[derive(Debug)]
+pub struct TargetSession {
+    cfg: TargetConfig,
+    state: State,
+    stack: String,
+    mode: Mode,
+    max_delete: f64,
+    stack_state: Option<StackState>,
+    messages: VecDeque<TargetMsg>,
+    actions: VecDeque<TargetAction>,
+    parts: Vec<Entry>,
+    manifest: Option<Manifest>,
+    queue: VecDeque<Need>,
+    in_flight: HashMap<u32, Need>,
+    next_id: u32,
+    missing: Vec<StackPath>,
+    retried: HashSet<StackPath>,
+    report: TargetReport,
+}
+
+impl TargetSession {
+    pub fn new(cfg: TargetConfig) -> Self {
+        Self {
+            cfg,
+            state: State::AwaitHello,
+            stack: String::new(),
+            mode: Mode::Sync,
+            max_delete: super::DEFAULT_MAX_DELETE,
+            stack_state: None,
+            messages: VecDeque::new(),
+            actions: VecDeque::new(),
+            parts: Vec::new(),
+            manifest: None,
+            queue: VecDeque::new(),
+            in_flight: HashMap::new(),
+            next_id: 0,
+            missing: Vec::new(),
+            retried: HashSet::new(),
+            report: TargetReport::default(),
+        }
+    }
+
+    pub fn poll_message(&mut self) -> Option<TargetMsg> {
+        self.messages.pop_front()
+    }
+
+    pub fn poll_action(&mut self) -> Option<TargetAction> {
+        self.actions.pop_front()
+    }
+
+    /// The stack this cycle is for, once `Hello` arrived.
+    pub fn stack(&self) -> &str {
+        &self.stack
+    }
+
+    /// True once a `Commit` was handed out: from here on the driver must finish the commit even
+    /// if the connection is lost.
+    pub fn is_committing(&self) -> bool {
+        self.state == State::Committing
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Finished
+    }
+
+    fn phase(&self) -> Phase {
+        match self.state {
+            State::AwaitHello | State::LookingUp | State::LoadingStack => Phase::Hello,
+            State::Manifest => Phase::Manifest,
+            State::Transfer(_) => Phase::Transfer,
+            State::AwaitFlag => Phase::Flag,
+            State::Committing | State::Finished => Phase::Commit,
+        }
+    }
+
+    fn fail(&mut self, cause: Cause, tell_peer: bool) {
+        if self.state == State::Finished {
+            return;
+        }
+        let err = CycleError {
+            stack: self.stack.clone(),
+            peer: self.cfg.peer.clone(),
+            phase: self.phase(),
+            cause,
+        };
+        if tell_peer {
+            let reason = err.cause.to_string();
+            self.messages.push_back(TargetMsg::Abort {
+                phase: err.phase,
+                reason,
+            });
+        }
+        self.state = State::Finished;
+        self.actions.push_back(TargetAction::Done(Err(err)));
+    }
+
+    fn misbehaved(&mut self, what: impl Into<String>) {
+        self.fail(Cause::PeerMisbehaved(what.into()), true);
+    }
+
+    fn refuse(&mut self, refusal: Refusal) {
+        self.messages.push_back(TargetMsg::Refused(refusal.clone()));
+        self.fail(Cause::Refused(refusal), false);
+    }
+
+    /// A control message from the source. `now` is this host's clock in Unix seconds.
+    pub fn handle_message(&mut self, msg: SourceMsg, now: i64) {
+        if self.state == State::Finished {
+            return;
+        }
+        match (self.state, msg) {
+            (_, SourceMsg::Abort { phase, reason }) => {
+                if self.state != State::Committing {
+                    self.fail(Cause::PeerAborted { phase, reason }, false);
+                }
+            }
+            (
+                State::AwaitHello,
+                SourceMsg::Hello {
+                    version,
+                    stack,
+                    mode,
+                    max_delete,
+                },
+            ) => {
+                // NaN or out of range falls back to the default valve, never to "no valve".
+                self.max_delete = if (0.0..=1.0).contains(&max_delete) {
+                    max_delete
+                } else {
+                    super::DEFAULT_MAX_DELETE
+                };
+                self.stack = stack.clone();
+                self.mode = mode;
+                if version != PROTOCOL_VERSION {
+                    return self.refuse(Refusal::Version {
+                        got: version,
+                        supported: PROTOCOL_VERSION,
+                    });
+                }
+                self.state = State::LookingUp;
+                self.actions.push_back(TargetAction::LookupStack { stack });
+            }
+            (State::Manifest, SourceMsg::ManifestPart { entries }) => {
+                if (self.parts.len() + entries.len()) as u64 > MAX_MANIFEST_ENTRIES {
+                    return self.misbehaved(format!(
+                        "manifest longer than {MAX_MANIFEST_ENTRIES} entries"
+                    ));
+                }
+                self.parts.extend(entries);
+            }
+            (
+                State::Manifest,
+                SourceMsg::ManifestEnd {
+                    pass,
+                    entries,
+                    root,
+                },
+            ) => self.manifest_end(pass, entries, root),
+            (State::AwaitFlag, SourceMsg::Flag(flag)) => self.handle_flag(flag, now),
+            (state, msg) => {
+                self.misbehaved(format!("unexpected {} while {state:?}", short_name(&msg)))
+            }
+        }
+    }
+
+    /// The driver looked the stack's config up, or refuses it (unknown, skipped).
+    pub fn handle_policy(&mut self, result: Result<StackPolicy, Refusal>) {
+        if self.state != State::LookingUp {
+            return;
+        }
+        let policy = match result {
+            Ok(p) => p,
+            Err(refusal) => return self.refuse(refusal),
+        };
+        if !policy.allow.iter().any(|a| a == &self.cfg.peer) {
+            return self.refuse(Refusal::PeerNotAllowed {
+                peer: self.cfg.peer.clone(),
+                stack: self.stack.clone(),
+            });
+        }
+        self.state = State::LoadingStack;
+        self.actions.push_back(TargetAction::LoadStack {
+            stack: self.stack.clone(),
+        });
+    }
+
+    /// The driver loaded the stack (took its lock, recovered and scanned it) or refuses it.
+    pub fn handle_stack(&mut self, result: Result<StackState, Refusal>) {
+        if self.state != State::LoadingStack {
+            return;
+        }
+        let state = match result {
+            Ok(s) => s,
+            Err(refusal) => return self.refuse(refusal),
+        };
+        self.messages.push_back(TargetMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            last_generation: state.last_generation,
+        });
+        self.report.stack = self.stack.clone();
+        self.report.dry_run = self.mode == Mode::DryRun;
+        self.stack_state = Some(state);
+        self.state = State::Manifest;
+    }
+
+    fn manifest_end(&mut self, pass: Pass, entries: u64, root: Hash) {
+        let parts = std::mem::take(&mut self.parts);
+        if parts.len() as u64 != entries {
+            return self.misbehaved(format!(
+                "manifest announced {entries} entries, {} arrived",
+                parts.len()
+            ));
+        }
+        let manifest = match Manifest::new(parts) {
+            Ok(m) => m,
+            Err(e) => return self.fail(Cause::Manifest(e), true),
+        };
+        if manifest.root() != root {
+            return self.misbehaved("manifest entries do not hash to the announced root");
+        }
+        if self.mode == Mode::DryRun && pass == Pass::Precopy {
+            return self.misbehaved("pre-copy pass in a dry run");
+        }
+        let Some(stack) = self.stack_state.as_ref() else {
+            return self.fail(Cause::Local("no stack state".into()), true);
+        };
+        let changes = Changes::between(&stack.live, &manifest);
+        if changes.delete_share() > self.max_delete {
+            let cause = Cause::TooManyDeletes {
+                removed: changes.removed_files,
+                live: changes.live_files,
+                share: changes.delete_share(),
+                max: self.max_delete,
+            };
+            return self.fail(cause, true);
+        }
+        self.queue = needs(&stack.live, stack, &manifest).into();
+        if self.mode == Mode::DryRun {
+            self.messages.push_back(TargetMsg::Plan(plan_summary(
+                &changes,
+                &self.queue,
+                &manifest,
+            )));
+            self.state = State::Finished;
+            self.report.files = manifest.file_totals().0;
+            self.report.bytes = manifest.file_totals().1;
+            self.actions
+                .push_back(TargetAction::Done(Ok(std::mem::take(&mut self.report))));
+            return;
+        }
+        self.missing.clear();
+        self.manifest = Some(manifest);
+        self.state = State::Transfer(pass);
+        self.pump();
+    }
+
+    /// Starts work on queued needs while there is room in the pipeline; ends the pass when
+    /// nothing is queued or in flight.
+    fn pump(&mut self) {
+        let State::Transfer(pass) = self.state else {
+            return;
+        };
+        while self.in_flight.len() < MAX_IN_FLIGHT {
+            let Some(need) = self.queue.pop_front() else {
+                break;
+            };
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1);
+            if let Some(from) = &need.local {
+                self.actions.push_back(TargetAction::StageLocal {
+                    id,
+                    from: from.clone(),
+                    hash: need.hash,
+                });
+            } else if let Some(basis) = &need.basis {
+                self.actions.push_back(TargetAction::Signature {
+                    id,
+                    basis: basis.clone(),
+                });
+            } else {
+                self.want(id, &need, None);
+            }
+            self.in_flight.insert(id, need);
+        }
+        if self.in_flight.is_empty() && self.queue.is_empty() {
+            let missing = std::mem::take(&mut self.missing);
+            let complete = missing.is_empty();
+            self.messages
+                .push_back(TargetMsg::PassDone { pass, missing });
+            self.state = match (pass, complete) {
+                (Pass::Final, true) => State::AwaitFlag,
+                // After an incomplete final pass (files changed under it) the source rescans
+                // and sends a new final manifest, or gives up.
+                _ => State::Manifest,
+            };
+        }
+    }
+
+    fn want(&mut self, id: u32, need: &Need, basis_sig: Option<Vec<u8>>) {
+        let basis = basis_sig.as_ref().and(need.basis.clone());
+        self.messages.push_back(TargetMsg::Want {
+            id,
+            path: need.path.clone(),
+            basis: basis_sig,
+        });
+        let in_place = need.in_place && basis.is_some();
+        self.actions.push_back(TargetAction::Receive {
+            id,
+            path: need.path.clone(),
+            basis,
+            in_place,
+        });
+    }
+
+    /// The signature of a basis file, or why it could not be computed (then the file is sent
+    /// literally).
+    pub fn handle_signature(&mut self, id: u32, result: Result<Vec<u8>, String>) {
+        let Some(need) = self.in_flight.get(&id).cloned() else {
+            return;
+        };
+        self.want(id, &need, result.ok());
+    }
+
+    /// A file was staged (or not). Every `StageLocal` and `Receive` gets exactly one answer.
+    pub fn handle_staged(&mut self, id: u32, outcome: StageOutcome) {
+        if !matches!(self.state, State::Transfer(_)) {
+            return;
+        }
+        let Some(need) = self.in_flight.remove(&id) else {
+            return self.misbehaved(format!("data for file id {id}, which was not wanted"));
+        };
+        match outcome {
+            StageOutcome::Staged(verified) => {
+                let hash = verified.hash();
+                if let Some(s) = self.stack_state.as_mut() {
+                    s.staged.insert(hash);
+                }
+                if hash == need.hash {
+                    if need.local.is_some() {
+                        self.report.files_copied_locally += 1;
+                    } else {
+                        self.report.files_received += 1;
+                    }
+                } else if need.local.is_some() {
+                    // The live copy changed since the scan: fetch it from the source instead.
+                    self.queue.push_back(Need {
+                        local: None,
+                        ..need
+                    });
+                } else {
+                    self.missing.push(need.path);
+                }
+            }
+            StageOutcome::Mismatch => {
+                // fast_rsync's MD4 block match is not collision-resistant, and a peer may send
+                // garbage; BLAKE3 caught it. Fetch the file literally, once.
+                if !self.retried.insert(need.path.clone()) {
+                    return self.fail(Cause::RebuildFailed { path: need.path }, true);
+                }
+                self.queue.push_back(Need {
+                    basis: None,
+                    local: None,
+                    ..need
+                });
+            }
+            StageOutcome::SourceAborted(_) => self.missing.push(need.path),
+            StageOutcome::Failed(e) => {
+                return self.fail(
+                    Cause::Local(format!("staging {} failed: {e}", need.path)),
+                    true,
+                );
+            }
+        }
+        self.pump();
+    }
+
+    fn handle_flag(&mut self, flag: SignedStatus, now: i64) {
+        let (Some(stack), Some(manifest)) = (self.stack_state.as_ref(), self.manifest.as_ref())
+        else {
+            return self.fail(Cause::Local("flag without a staged manifest".into()), true);
+        };
+        let Some(key) = self.cfg.peer_flag_key else {
+            return self.fail(
+                Cause::Local(format!(
+                    "source `{}` has no flag key bound to its certificate",
+                    self.cfg.peer
+                )),
+                true,
+            );
+        };
+        let expected = Expected {
+            stack: &self.stack,
+            source_id: &self.cfg.peer,
+            target_id: &self.cfg.target_id,
+            last_generation: stack.last_generation,
+            manifest_root: manifest.root(),
+            now,
+            max_skew: self.cfg.max_skew_secs,
+        };
+        let verified = match flag.verify(&key, &expected) {
+            Ok(v) => v,
+            Err(e) => return self.fail(Cause::Flag(e), true),
+        };
+        let changes = Changes::between(&stack.live, manifest);
+        // Belt and braces: the pass only ends when every need is staged, but the commit must
+        // never start on a generation with content missing, whatever path led here.
+        if let Some(lost) = needs(&stack.live, stack, manifest).into_iter().next() {
+            return self.fail(
+                Cause::Local(format!("content of {} is not staged", lost.path)),
+                true,
+            );
+        }
+        let (files, bytes) = manifest.file_totals();
+        self.report.files = files;
+        self.report.bytes = bytes;
+        self.report.generation = verified.generation();
+        self.report.upserts = changes.upserts.len() as u64;
+        self.report.deletes = changes.deletes.len() as u64;
+        let manifest = manifest.clone();
+        self.state = State::Committing;
+        self.actions.push_back(TargetAction::Commit(Commit {
+            status: verified,
+            manifest,
+            changes,
+        }));
+    }
+
+    /// The commit finished: the new generation is live, or the commit failed and the previous
+    /// generation is live.
+    pub fn handle_committed(&mut self, result: Result<u64, (Phase, String)>) {
+        if self.state != State::Committing {
+            return;
+        }
+        let generation = self.report.generation;
+        match result {
+            Ok(target_downtime_ms) => {
+                self.report.target_downtime_ms = target_downtime_ms;
+                self.messages.push_back(TargetMsg::Result(CycleResult {
+                    generation,
+                    outcome: Outcome::Committed { target_downtime_ms },
+                }));
+                self.state = State::Finished;
+                self.actions
+                    .push_back(TargetAction::Done(Ok(std::mem::take(&mut self.report))));
+            }
+            Err((phase, reason)) => {
+                self.messages.push_back(TargetMsg::Result(CycleResult {
+                    generation,
+                    outcome: Outcome::Failed {
+                        phase,
+                        reason: reason.clone(),
+                    },
+                }));
+                self.state = State::Finished;
+                self.actions.push_back(TargetAction::Done(Err(CycleError {
+                    stack: self.stack.clone(),
+                    peer: self.cfg.peer.clone(),
+                    phase,
+                    cause: Cause::CommitFailed(reason),
+                })));
+            }
+        }
+    }
+
+    /// A control message from the source did not decode (a frame over the limit, bytes that are
+    /// no message, a path with `..`): the peer broke the protocol. The source is told why, and
+    /// nothing is committed; a commit already under way goes on.
+    pub fn handle_malformed(&mut self, reason: &str) {
+        if self.state != State::Committing {
+            self.fail(Cause::PeerMisbehaved(reason.to_string()), true);
+        }
+    }
+
+    /// The connection ended before the cycle did. A commit already under way goes on.
+    pub fn handle_connection_lost(&mut self, reason: &str) {
+        if self.state != State::Committing {
+            self.fail(Cause::ConnectionLost(reason.to_string()), false);
+        }
+    }
+}
+
+/// Smallest file staged as an in-place patch; below it a whole rebuilt file costs little.
+pub const IN_PLACE_MIN_SIZE: u64 = 1 << 20;
+
+/// The contents `want` needs that are neither staged nor already live at their own path, once
+/// per content, in manifest order.
+fn needs(live: &Manifest, stack: &StackState, want: &Manifest) -> Vec<Need> {
+    let mut live_by_hash: HashMap<Hash, &StackPath> = HashMap::new();
+    for e in live.entries() {
+        if let Some((_, hash)) = e.file() {
+            live_by_hash.entry(hash).or_insert(&e.path);
+        }
+    }
+    let mut uses: HashMap<Hash, u32> = HashMap::new();
+    for e in want.entries() {
+        if let Some((_, hash)) = e.file() {
+            *uses.entry(hash).or_default() += 1;
+        }
+    }
+    let single_use = |hash: &Hash| uses.get(hash) == Some(&1);
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for e in want.entries() {
+        let EntryKind::File {
+            hash,
+            size,
+            link_group,
+        } = e.kind
+        else {
+            continue;
+        };
+        let live_here = live.get(&e.path);
+        let patched_here = stack.staged_in_place.get(&hash) == Some(&e.path) && single_use(&hash);
+        if stack.staged.contains(&hash)
+            || patched_here
+            || live_here
+                .and_then(Entry::file)
+                .is_some_and(|(_, h)| h == hash)
+        {
+            continue;
+        }
+        if !seen.insert(hash) {
+            continue;
+        }
+        let basis = live_here.filter(|l| l.file().is_some_and(|(size, _)| size > 0));
+        let in_place = basis.is_some_and(|l| {
+            matches!(l.kind, EntryKind::File { link_group: None, size: live_size, .. }
+                if live_size >= IN_PLACE_MIN_SIZE)
+        }) && link_group.is_none()
+            && size >= IN_PLACE_MIN_SIZE
+            && single_use(&hash);
+        let local = live_by_hash.get(&hash).map(|p| (*p).clone());
+        out.push(Need {
+            path: e.path.clone(),
+            hash,
+            basis: basis.map(|l| l.path.clone()),
+            local,
+            in_place,
+        });
+    }
+    out
+}
+
+fn plan_summary(changes: &Changes, needs: &VecDeque<Need>, want: &Manifest) -> PlanSummary {
+    let mut plan = PlanSummary {
+        send_count: needs.iter().filter(|n| n.local.is_none()).count() as u64,
+        copy_local: needs.iter().filter(|n| n.local.is_some()).count() as u64,
+        delete_count: changes.deletes.len() as u64,
+        unchanged: changes.unchanged,
+        ..PlanSummary::default()
+    };
+    for need in needs.iter().filter(|n| n.local.is_none()) {
+        let size = want
+            .get(&need.path)
+            .and_then(Entry::file)
+            .map_or(0, |(s, _)| s);
+        plan.send_bytes += size;
+        if plan.send.len() < PlanSummary::MAX_LISTED {
+            plan.send.push((need.path.clone(), size));
+        }
+    }
+    plan.delete = changes
+        .deletes
+        .iter()
+        .take(PlanSummary::MAX_LISTED)
+        .cloned()
+        .collect();
+    plan.meta_only = changes
+        .upserts
+        .iter()
+        .filter(|u| matches!(u, Upsert::Meta(_)))
+        .count() as u64;
+    plan
+}
+
+fn short_name(msg: &SourceMsg) -> &'static str {
+    match msg {
+        SourceMsg::Hello { .. } => "Hello",
+        SourceMsg::ManifestPart { .. } => "ManifestPart",
+        SourceMsg::ManifestEnd { .. } => "ManifestEnd",
+        SourceMsg::FileBegin { .. } => "FileBegin",
+        SourceMsg::FileData { .. } => "FileData",
+        SourceMsg::FileEnd { .. } => "FileEnd",
+        SourceMsg::FileAbort { .. } => "FileAbort",
+        SourceMsg::Flag(_) => "Flag",
+        SourceMsg::Abort { .. } => "Abort",
+    }
+}

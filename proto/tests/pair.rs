@@ -1,0 +1,1240 @@
+//! A whole sync cycle between a `SourceSession` and a `TargetSession`, in memory.
+//!
+//! `Pair` is a deterministic harness in the manner of quinn-proto's test `Pair`: two in-memory
+//! trees, two sessions, two in-memory drivers that do what the sessions ask (scan, stop and start
+//! the "stack", stream files with the real delta engine, stage, commit), and one link that carries
+//! real wire frames and can cut, duplicate or corrupt any single message.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use ed25519_dalek::SigningKey;
+use stackclone_proto::delta::{
+    Basis, Chunk, FileReceiver, FileSender, SenderConfig, SignatureBuilder, Sink,
+};
+use stackclone_proto::manifest::{Entry, EntryKind, Hash, Manifest, Meta, Xattr};
+use stackclone_proto::msg::{Mode, Pass, Refusal, SourceMsg, TargetMsg};
+use stackclone_proto::path::StackPath;
+use stackclone_proto::plan::Upsert;
+use stackclone_proto::session::{
+    Cause, CycleError, SourceAction, SourceConfig, SourceReport, SourceSession, StackPolicy,
+    StackState, StageOutcome, TargetAction, TargetConfig, TargetReport, TargetSession,
+};
+use stackclone_proto::wire;
+
+const NOW: i64 = 1_800_000_000;
+
+// ------------------------------------------------------------------------------------------------
+// In-memory trees
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    File {
+        data: Vec<u8>,
+        link_group: Option<u32>,
+    },
+    Dir,
+    Symlink(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Item {
+    node: Node,
+    meta: Meta,
+    xattrs: Vec<Xattr>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Tree(BTreeMap<StackPath, Item>);
+
+fn p(s: &str) -> StackPath {
+    StackPath::new(s).unwrap()
+}
+
+fn meta(mode: u32) -> Meta {
+    Meta {
+        mode,
+        uid: 999,
+        gid: 999,
+        mtime_ns: 1_700_000_000_000_000_001,
+    }
+}
+
+impl Tree {
+    fn dir(mut self, path: &str) -> Self {
+        self.0.insert(
+            p(path),
+            Item {
+                node: Node::Dir,
+                meta: meta(0o755),
+                xattrs: vec![],
+            },
+        );
+        self
+    }
+    fn file(mut self, path: &str, data: impl Into<Vec<u8>>) -> Self {
+        let node = Node::File {
+            data: data.into(),
+            link_group: None,
+        };
+        self.0.insert(
+            p(path),
+            Item {
+                node,
+                meta: meta(0o640),
+                xattrs: vec![],
+            },
+        );
+        self
+    }
+    fn link(mut self, path: &str, target: &str) -> Self {
+        let node = Node::Symlink(target.as_bytes().to_vec());
+        self.0.insert(
+            p(path),
+            Item {
+                node,
+                meta: meta(0o777),
+                xattrs: vec![],
+            },
+        );
+        self
+    }
+    fn edit(mut self, path: &str, f: impl FnOnce(&mut Item)) -> Self {
+        f(self.0.get_mut(&p(path)).unwrap());
+        self
+    }
+    fn remove(mut self, path: &str) -> Self {
+        let gone = p(path);
+        self.0.retain(|k, _| !k.starts_with(&gone));
+        self
+    }
+    fn data(&self, path: &StackPath) -> Option<&[u8]> {
+        match &self.0.get(path)?.node {
+            Node::File { data, .. } => Some(data),
+            _ => None,
+        }
+    }
+
+    fn manifest(&self) -> Manifest {
+        let entries = self
+            .0
+            .iter()
+            .map(|(path, item)| Entry {
+                path: path.clone(),
+                kind: match &item.node {
+                    Node::File { data, link_group } => EntryKind::File {
+                        size: data.len() as u64,
+                        hash: Hash::of(data),
+                        link_group: *link_group,
+                    },
+                    Node::Dir => EntryKind::Dir,
+                    Node::Symlink(t) => EntryKind::Symlink { target: t.clone() },
+                },
+                meta: item.meta,
+                xattrs: item.xattrs.clone(),
+            })
+            .collect();
+        Manifest::new(entries).unwrap()
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Generation 1: every kind of entry the manifest knows.
+fn gen1() -> Tree {
+    let mut t = Tree::default()
+        .dir("app")
+        .file("app/config.yml", "listen: 8080\n")
+        .file("app/empty", "")
+        .dir("db")
+        .file("db/big.dat", noise(1, 300_000))
+        .file("db/other.dat", noise(2, 70_000))
+        .dir("empty-dir")
+        .file("names-\u{e9}\n-newline", "odd name")
+        .link("current", "db/big.dat")
+        .link("dangling", "/nowhere/at/all")
+        .file("hard-a", "linked content")
+        .file("hard-b", "linked content")
+        .file("setuid-bin", noise(3, 5000))
+        .edit("setuid-bin", |i| i.meta.mode = 0o4755)
+        .edit("db", |i| i.meta.mode = 0o1777)
+        .edit("app/config.yml", |i| {
+            i.xattrs = vec![Xattr {
+                name: b"user.origin".to_vec(),
+                value: b"primary".to_vec(),
+            }]
+        });
+    for path in ["hard-a", "hard-b"] {
+        t = t.edit(path, |i| {
+            if let Node::File { link_group, .. } = &mut i.node {
+                *link_group = Some(0);
+            }
+        });
+    }
+    // A name that is not UTF-8.
+    t.0.insert(
+        StackPath::new(b"app/\xff\xfe-latin1".to_vec()).unwrap(),
+        Item {
+            node: Node::File {
+                data: b"bytes".to_vec(),
+                link_group: None,
+            },
+            meta: meta(0o600),
+            xattrs: vec![],
+        },
+    );
+    t
+}
+
+/// Generation 2: edits in place, a rename, type changes, deletes, metadata changes.
+fn gen2() -> Tree {
+    let mut big = noise(1, 300_000);
+    big[150_000..150_100].copy_from_slice(&[7u8; 100]);
+    big.extend_from_slice(b"appended rows");
+    gen1()
+        .file("db/big.dat", big)
+        .remove("db/other.dat")
+        .file("db/renamed.dat", noise(2, 70_000))
+        .remove("app/empty")
+        .dir("app/empty")
+        .remove("empty-dir")
+        .file("empty-dir", "now a file")
+        .link("current", "db/renamed.dat")
+        .edit("app/config.yml", |i| i.meta.uid = 0)
+        .file("new.txt", "hello")
+}
+
+// ------------------------------------------------------------------------------------------------
+// Drivers
+
+struct VecBasis<'a>(&'a [u8]);
+impl Basis for VecBasis<'_> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let start = offset as usize;
+        let src = self
+            .0
+            .get(start..start + buf.len())
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct VecSink(Vec<u8>);
+impl Sink for VecSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+    fn write_zeros(&mut self, len: u64) -> std::io::Result<()> {
+        self.0.resize(self.0.len() + len as usize, 0);
+        Ok(())
+    }
+}
+
+struct SourceSide {
+    tree: Tree,
+    session: SourceSession,
+    running: bool,
+    stops: u32,
+    /// Applied to the tree while the stack is being stopped (last writes before the stop).
+    on_stop: Option<Tree>,
+    outbox: Vec<SourceMsg>,
+    done: Option<Result<SourceReport, CycleError>>,
+    files_sent: Vec<StackPath>,
+}
+
+impl SourceSide {
+    fn new(tree: Tree, cfg: SourceConfig, key: SigningKey) -> Self {
+        Self {
+            tree,
+            session: SourceSession::new(cfg, key),
+            running: true,
+            stops: 0,
+            on_stop: None,
+            outbox: vec![],
+            done: None,
+            files_sent: vec![],
+        }
+    }
+
+    fn drive(&mut self) {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                SourceAction::Scan { pass } => {
+                    self.session.handle_scanned(pass, Ok(self.tree.manifest()))
+                }
+                SourceAction::StopStack => {
+                    assert!(self.running, "stack stopped twice");
+                    self.running = false;
+                    self.stops += 1;
+                    if let Some(t) = self.on_stop.take() {
+                        self.tree = t;
+                    }
+                    self.session.handle_stack_stopped(Ok(()));
+                }
+                SourceAction::StartStack => {
+                    assert!(!self.running, "stack started while running");
+                    self.running = true;
+                    self.session.handle_stack_started(Ok(()));
+                }
+                SourceAction::SendFile {
+                    id, path, basis, ..
+                } => {
+                    let data = self.tree.data(&path).unwrap().to_vec();
+                    let cfg = SenderConfig {
+                        window: 64 << 10,
+                        ..SenderConfig::default()
+                    };
+                    let mut sender = FileSender::new(basis.as_ref(), cfg).unwrap();
+                    self.outbox.push(SourceMsg::FileBegin {
+                        id,
+                        len: data.len() as u64,
+                    });
+                    for window in data.chunks(cfg.window) {
+                        for chunk in sender.send_window(window).unwrap() {
+                            self.outbox.push(SourceMsg::FileData { id, chunk });
+                        }
+                    }
+                    let sent = sender.finish();
+                    self.outbox.push(SourceMsg::FileEnd {
+                        id,
+                        hash: sent.hash,
+                        len: sent.len,
+                    });
+                    self.files_sent.push(path);
+                    self.session.handle_file_sent(id, Ok(()));
+                }
+                SourceAction::Done(result) => self.done = Some(result),
+            }
+        }
+        while let Some(m) = self.session.poll_message() {
+            self.outbox.push(m);
+        }
+    }
+}
+
+struct Incoming {
+    receiver: FileReceiver,
+    sink: VecSink,
+}
+
+struct TargetSide {
+    live: Tree,
+    staged: HashMap<Hash, Vec<u8>>,
+    last_generation: u64,
+    allow: Vec<String>,
+    session: TargetSession,
+    wanted: HashMap<u32, Option<StackPath>>,
+    incoming: HashMap<u32, Incoming>,
+    outbox: Vec<TargetMsg>,
+    done: Option<Result<TargetReport, CycleError>>,
+    commits: u32,
+    /// Paths the session asked to receive in place.
+    in_place: Vec<StackPath>,
+    /// Times the session asked to lock and scan the stack.
+    loads: u32,
+}
+
+impl TargetSide {
+    fn new(live: Tree, flag_key: &SigningKey) -> Self {
+        Self {
+            live,
+            staged: HashMap::new(),
+            last_generation: 0,
+            allow: vec!["primary".into()],
+            session: TargetSession::new(target_cfg(flag_key)),
+            wanted: HashMap::new(),
+            incoming: HashMap::new(),
+            outbox: vec![],
+            done: None,
+            commits: 0,
+            in_place: vec![],
+            loads: 0,
+        }
+    }
+
+    /// A new cycle on the same host: staging and generations survive, the session is new.
+    fn next_cycle(&mut self, flag_key: &SigningKey) {
+        self.session = TargetSession::new(target_cfg(flag_key));
+        self.wanted.clear();
+        self.incoming.clear();
+        self.outbox.clear();
+        self.done = None;
+    }
+
+    fn receive(&mut self, msg: SourceMsg) {
+        match msg {
+            SourceMsg::FileBegin { id, len } => {
+                let basis_len = match self.wanted.get(&id) {
+                    Some(b) => b
+                        .as_ref()
+                        .and_then(|b| self.live.data(b))
+                        .map(|d| d.len() as u64),
+                    None => return self.session.handle_staged(id, StageOutcome::Mismatch),
+                };
+                let receiver = FileReceiver::new(basis_len, len);
+                self.incoming.insert(
+                    id,
+                    Incoming {
+                        receiver,
+                        sink: VecSink::default(),
+                    },
+                );
+            }
+            SourceMsg::FileData { id, chunk } => {
+                let basis = self.wanted.get(&id).cloned().flatten();
+                let Some(inc) = self.incoming.get_mut(&id) else {
+                    return;
+                };
+                let data = basis
+                    .as_ref()
+                    .and_then(|b| self.live.data(b))
+                    .unwrap_or(&[]);
+                if inc
+                    .receiver
+                    .handle_chunk(chunk, &mut VecBasis(data), &mut inc.sink)
+                    .is_err()
+                {
+                    self.incoming.remove(&id);
+                    self.wanted.remove(&id);
+                    self.session.handle_staged(id, StageOutcome::Mismatch);
+                }
+            }
+            SourceMsg::FileEnd { id, hash, .. } => {
+                let Some(mut inc) = self.incoming.remove(&id) else {
+                    return;
+                };
+                self.wanted.remove(&id);
+                match inc.receiver.finish(&mut inc.sink, hash) {
+                    Ok(v) => {
+                        self.staged.insert(v.hash(), inc.sink.0);
+                        self.session.handle_staged(id, StageOutcome::Staged(v));
+                    }
+                    Err(_) => self.session.handle_staged(id, StageOutcome::Mismatch),
+                }
+            }
+            SourceMsg::FileAbort { id, reason } => {
+                self.incoming.remove(&id);
+                self.wanted.remove(&id);
+                self.session
+                    .handle_staged(id, StageOutcome::SourceAborted(reason));
+            }
+            other => self.session.handle_message(other, NOW + 5),
+        }
+    }
+
+    fn drive(&mut self) {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                TargetAction::LookupStack { stack } if stack != "web" => {
+                    self.session
+                        .handle_policy(Err(Refusal::UnknownStack { stack }));
+                }
+                TargetAction::LookupStack { .. } => {
+                    self.session.handle_policy(Ok(StackPolicy {
+                        allow: self.allow.clone(),
+                    }));
+                }
+                TargetAction::LoadStack { .. } => {
+                    self.loads += 1;
+                    self.session.handle_stack(Ok(StackState {
+                        last_generation: self.last_generation,
+                        live: self.live.manifest(),
+                        staged: self.staged.keys().copied().collect(),
+                        staged_in_place: HashMap::new(),
+                    }));
+                }
+                TargetAction::Signature { id, basis } => {
+                    let data = self.live.data(&basis).unwrap();
+                    let mut b = SignatureBuilder::new(data.len() as u64);
+                    b.update(data);
+                    self.session.handle_signature(id, Ok(b.finish()));
+                }
+                TargetAction::StageLocal { id, from, hash } => {
+                    let data = self.live.data(&from).unwrap().to_vec();
+                    let outcome = match verify_copy(&data, hash) {
+                        Some(v) => {
+                            self.staged.insert(hash, data);
+                            StageOutcome::Staged(v)
+                        }
+                        None => StageOutcome::Mismatch,
+                    };
+                    self.session.handle_staged(id, outcome);
+                }
+                TargetAction::Receive {
+                    id,
+                    basis,
+                    in_place,
+                    path,
+                } => {
+                    if in_place {
+                        self.in_place.push(path);
+                    }
+                    self.wanted.insert(id, basis);
+                }
+                TargetAction::Commit(commit) => {
+                    let mut next = self.live.clone();
+                    for path in &commit.changes().deletes {
+                        next.0.remove(path);
+                    }
+                    for upsert in &commit.changes().upserts {
+                        let e = upsert.entry();
+                        let node = match &e.kind {
+                            EntryKind::Dir => Node::Dir,
+                            EntryKind::Symlink { target } => Node::Symlink(target.clone()),
+                            EntryKind::File {
+                                hash, link_group, ..
+                            } => {
+                                let data = match upsert {
+                                    Upsert::Meta(_) => self.live.data(&e.path).unwrap().to_vec(),
+                                    _ => self
+                                        .staged
+                                        .get(hash)
+                                        .cloned()
+                                        .or_else(|| self.live.data(&e.path).map(<[u8]>::to_vec))
+                                        .expect("commit without staged content"),
+                                };
+                                Node::File {
+                                    data,
+                                    link_group: *link_group,
+                                }
+                            }
+                        };
+                        next.0.insert(
+                            e.path.clone(),
+                            Item {
+                                node,
+                                meta: e.meta,
+                                xattrs: e.xattrs.clone(),
+                            },
+                        );
+                    }
+                    assert_eq!(
+                        &next.manifest(),
+                        commit.manifest(),
+                        "plan did not produce the manifest"
+                    );
+                    self.live = next;
+                    // A commit moves staged contents into the live tree; what is left is stale.
+                    self.staged.clear();
+                    self.last_generation = commit.generation();
+                    self.commits += 1;
+                    self.session.handle_committed(Ok(42));
+                }
+                TargetAction::Done(result) => self.done = Some(result),
+            }
+        }
+        while let Some(m) = self.session.poll_message() {
+            self.outbox.push(m);
+        }
+    }
+}
+
+/// Copying content that is already on the target goes through the same verifier as a transfer.
+fn verify_copy(data: &[u8], hash: Hash) -> Option<stackclone_proto::delta::Verified> {
+    let mut r = FileReceiver::new(None, data.len() as u64);
+    let mut sink = VecSink::default();
+    for piece in data.chunks(1 << 20) {
+        let chunk = Chunk::Literal {
+            zstd: false,
+            out_len: piece.len() as u32,
+            bytes: piece.to_vec(),
+        };
+        r.handle_chunk(chunk, &mut VecBasis(&[]), &mut sink).ok()?;
+    }
+    r.finish(&mut sink, hash).ok()
+}
+
+fn flag_key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+fn target_cfg(key: &SigningKey) -> TargetConfig {
+    TargetConfig {
+        target_id: "standby".into(),
+        peer: "primary".into(),
+        peer_flag_key: Some(key.verifying_key()),
+        max_skew_secs: 600,
+    }
+}
+
+fn source_cfg(mode: Mode, precopy: bool) -> SourceConfig {
+    SourceConfig {
+        stack: "web".into(),
+        source_id: "primary".into(),
+        target_id: "standby".into(),
+        mode,
+        precopy,
+        stop_stack: true,
+        allow_empty: false,
+        max_delete: 0.5,
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The link
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// Deliver the first `n` messages, then the connection is gone.
+    CutAfter(usize),
+    /// Deliver message `n` twice.
+    Duplicate(usize),
+    /// Flip a byte in the payload of message `n` if it is file data.
+    CorruptData(usize),
+    /// XOR the byte at (`at` modulo the payload length) of message `n` with `mask`; a frame
+    /// that no longer decodes ends the connection, as the driver's decoder would.
+    Corrupt {
+        n: usize,
+        at: usize,
+        mask: u8,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    ToTarget,
+    ToSource,
+}
+
+struct Pair {
+    source: SourceSide,
+    target: TargetSide,
+    fault: Fault,
+    /// Every message that crossed, in order.
+    log: Vec<(Dir, String)>,
+    /// A corrupted frame did not decode: the connection ends.
+    undecodable: bool,
+    /// The encoded frames, as sent (before any fault), for fuzz seeds.
+    frames: Vec<(Dir, Vec<u8>)>,
+    /// Times the idle watchdog had to end a stalled cycle.
+    idle_timeouts: u32,
+}
+
+impl Pair {
+    fn new(source_tree: Tree, target_tree: Tree) -> Self {
+        Self::with(source_tree, target_tree, source_cfg(Mode::Sync, false))
+    }
+
+    fn with(source_tree: Tree, target_tree: Tree, cfg: SourceConfig) -> Self {
+        let key = flag_key();
+        Self {
+            target: TargetSide::new(target_tree, &key),
+            source: SourceSide::new(source_tree, cfg, key),
+            fault: Fault::None,
+            log: vec![],
+            undecodable: false,
+            frames: vec![],
+            idle_timeouts: 0,
+        }
+    }
+
+    /// A new cycle: new sessions, the same hosts.
+    fn next_cycle(&mut self, source_tree: Tree, cfg: SourceConfig) {
+        let key = flag_key();
+        self.target.next_cycle(&key);
+        self.source = SourceSide::new(source_tree, cfg, key);
+        self.fault = Fault::None;
+        self.log.clear();
+        self.undecodable = false;
+        self.frames.clear();
+    }
+
+    /// Runs until both sides are done or the link is cut and nothing moves.
+    fn run(&mut self) {
+        let mut cut = false;
+        for _ in 0..1_000_000 {
+            self.source.drive();
+            self.target.drive();
+            let to_target: Vec<_> = self.source.outbox.drain(..).collect();
+            let to_source: Vec<_> = self.target.outbox.drain(..).collect();
+            if to_target.is_empty() && to_source.is_empty() {
+                let waiting = self.source.done.is_none() || self.target.done.is_none();
+                if !waiting || cut {
+                    return;
+                }
+                // Nothing in flight but a side is still waiting. Without a fault that is a bug.
+                // With one (a corrupted id, say), the drivers' idle watchdog ends the cycle:
+                // model it as a lost connection, and the checks below still apply.
+                assert!(self.fault != Fault::None, "deadlock; log: {:#?}", self.log);
+                cut = true;
+                self.idle_timeouts += 1;
+                if self.source.done.is_none() {
+                    self.source.session.handle_connection_lost("idle timeout");
+                }
+                if self.target.done.is_none() {
+                    self.target.session.handle_connection_lost("idle timeout");
+                }
+                continue;
+            }
+            for msg in to_target {
+                if cut {
+                    continue;
+                }
+                for frame in self.transmit(Dir::ToTarget, &msg) {
+                    self.target
+                        .receive(wire::decode::<SourceMsg>(&frame).unwrap());
+                }
+                cut = self.check_cut();
+            }
+            for msg in to_source {
+                if cut {
+                    continue;
+                }
+                for frame in self.transmit(Dir::ToSource, &msg) {
+                    self.source
+                        .session
+                        .handle_message(wire::decode(&frame).unwrap(), NOW);
+                }
+                cut = self.check_cut();
+            }
+            if cut && self.source.done.is_none() {
+                self.source
+                    .session
+                    .handle_connection_lost("cut by the test");
+            }
+            if cut && self.target.done.is_none() {
+                self.target
+                    .session
+                    .handle_connection_lost("cut by the test");
+            }
+        }
+        panic!("cycle did not finish");
+    }
+
+    fn check_cut(&self) -> bool {
+        self.undecodable || matches!(self.fault, Fault::CutAfter(n) if self.log.len() >= n)
+    }
+
+    /// Encodes `msg` as a real frame and applies the fault; returns the payloads delivered.
+    fn transmit<T: serde::Serialize + std::fmt::Debug>(
+        &mut self,
+        dir: Dir,
+        msg: &T,
+    ) -> Vec<Vec<u8>> {
+        let index = self.log.len();
+        let name = format!("{msg:?}").chars().take(60).collect::<String>();
+        self.log.push((dir, name));
+        let frame = wire::encode_frame(msg).unwrap();
+        self.frames.push((dir, frame.clone()));
+        let mut payload = frame[wire::HEADER_LEN..].to_vec();
+        match self.fault {
+            Fault::Duplicate(n) if n == index => vec![payload.clone(), payload],
+            Fault::CorruptData(n) if n == index && self.log[index].1.starts_with("FileData") => {
+                let at = payload.len() - 1 - (payload.len() / 3);
+                payload[at] ^= 0x5a;
+                // A corrupted frame may no longer decode at all; that is caught by the decoder
+                // and would end the connection. Only deliver frames that still decode.
+                if wire::decode::<SourceMsg>(&payload).is_ok() {
+                    vec![payload]
+                } else {
+                    vec![]
+                }
+            }
+            Fault::Corrupt { n, at, mask } if n == index => {
+                let at = at % payload.len();
+                payload[at] ^= mask;
+                let decodes = match dir {
+                    Dir::ToTarget => wire::decode::<SourceMsg>(&payload).is_ok(),
+                    Dir::ToSource => wire::decode::<TargetMsg>(&payload).is_ok(),
+                };
+                if decodes {
+                    vec![payload]
+                } else {
+                    self.undecodable = true;
+                    vec![]
+                }
+            }
+            _ => vec![payload],
+        }
+    }
+
+    fn flag_index(&self) -> Option<usize> {
+        self.log.iter().position(|(_, m)| m.starts_with("Flag"))
+    }
+}
+
+fn err_cause<T: std::fmt::Debug>(r: &Option<Result<T, CycleError>>) -> &Cause {
+    &r.as_ref()
+        .expect("side did not finish")
+        .as_ref()
+        .unwrap_err()
+        .cause
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn first_cycle_copies_every_kind_of_entry() {
+    let mut pair = Pair::new(gen1(), Tree::default());
+    pair.run();
+    let report = pair.source.done.clone().unwrap().expect("source failed");
+    pair.target.done.clone().unwrap().expect("target failed");
+    assert_eq!(
+        pair.target.live,
+        gen1(),
+        "target tree differs from the source tree"
+    );
+    assert_eq!(pair.target.last_generation, 1);
+    assert_eq!(report.generation, 1);
+    assert_eq!(report.target_downtime_ms, Some(42));
+    assert!(pair.source.running && pair.source.stops == 1);
+    // hard-a and hard-b share one content: it crossed once.
+    assert_eq!(
+        pair.source
+            .files_sent
+            .iter()
+            .filter(|p| p.as_bytes().starts_with(b"hard-"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn second_cycle_sends_only_changes_and_uses_deltas_and_local_copies() {
+    let mut pair = Pair::new(gen1(), Tree::default());
+    pair.run();
+    pair.next_cycle(gen2(), source_cfg(Mode::Sync, false));
+    pair.run();
+    let report = pair
+        .source
+        .done
+        .clone()
+        .unwrap()
+        .expect("second cycle failed");
+    assert_eq!(pair.target.live, gen2());
+    assert_eq!(pair.target.last_generation, 2);
+    // Only the edited big file and the new files cross; the renamed file is copied locally.
+    let mut sent: Vec<_> = pair
+        .source
+        .files_sent
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    sent.sort();
+    assert_eq!(sent, ["db/big.dat", "empty-dir", "new.txt"]);
+    assert_eq!(report.files_delta, 1, "the edited big file goes as a delta");
+    let t = pair.target.done.clone().unwrap().unwrap();
+    assert_eq!(
+        t.files_copied_locally, 1,
+        "the renamed file is copied from the live tree"
+    );
+}
+
+#[test]
+fn an_unchanged_tree_sends_no_file_and_commits_the_next_generation() {
+    let mut pair = Pair::new(gen1(), Tree::default());
+    pair.run();
+    pair.next_cycle(gen1(), source_cfg(Mode::Sync, false));
+    pair.run();
+    assert!(pair.source.done.clone().unwrap().is_ok());
+    assert!(pair.source.files_sent.is_empty());
+    assert_eq!(pair.target.last_generation, 2);
+    assert_eq!(pair.target.live, gen1());
+}
+
+/// The cycle cut after every single message: the target commits only if the flag arrived,
+/// the live tree is always one whole generation, the source stack always runs again, and a
+/// rerun converges without re-sending what was staged.
+#[test]
+fn cut_after_every_message_never_leaves_a_mixed_generation() {
+    let mut full = Pair::new(gen2(), gen1());
+    full.target.last_generation = 1;
+    full.run();
+    let total = full.log.len();
+    assert!(total > 10, "cycle too short to be meaningful: {total}");
+    for n in 0..total {
+        let mut pair = Pair::new(gen2(), gen1());
+        pair.target.last_generation = 1;
+        pair.fault = Fault::CutAfter(n);
+        pair.run();
+        let flag_arrived = pair.flag_index().is_some_and(|i| i < n);
+        assert!(
+            pair.source.running,
+            "cut after {n}: source stack left stopped"
+        );
+        assert!(
+            pair.source.done.is_some(),
+            "cut after {n}: source never finished"
+        );
+        if flag_arrived {
+            assert_eq!(
+                pair.target.live,
+                gen2(),
+                "cut after {n}: flag arrived but no commit"
+            );
+            assert_eq!(pair.target.last_generation, 2);
+        } else {
+            assert_eq!(
+                pair.target.live,
+                gen1(),
+                "cut after {n}: live changed without a flag"
+            );
+            assert_eq!(pair.target.commits, 0);
+            assert!(
+                pair.source.done.clone().unwrap().is_err(),
+                "cut after {n}: source claims success"
+            );
+        }
+        // Rerun: converges, and nothing already staged crosses again.
+        let staged_before: HashSet<Hash> = pair.target.staged.keys().copied().collect();
+        pair.next_cycle(gen2(), source_cfg(Mode::Sync, false));
+        pair.run();
+        assert!(
+            pair.source.done.clone().unwrap().is_ok(),
+            "rerun after cut {n} failed"
+        );
+        assert_eq!(
+            pair.target.live,
+            gen2(),
+            "rerun after cut {n} did not converge"
+        );
+        for path in &pair.source.files_sent {
+            let hash = Hash::of(gen2().data(path).unwrap());
+            assert!(
+                !staged_before.contains(&hash),
+                "rerun after cut {n} re-sent staged {path}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_duplicated_message_never_commits_a_wrong_tree() {
+    let mut full = Pair::new(gen2(), gen1());
+    full.run();
+    for n in 0..full.log.len() {
+        let mut pair = Pair::new(gen2(), gen1());
+        pair.fault = Fault::Duplicate(n);
+        pair.run();
+        assert!(
+            pair.source.running,
+            "duplicate {n}: source stack left stopped"
+        );
+        assert!(
+            pair.target.live == gen1() || pair.target.live == gen2(),
+            "duplicate {n}: live tree is neither generation"
+        );
+    }
+}
+
+#[test]
+fn a_corrupted_delta_is_caught_by_blake3_and_resent_literally() {
+    let mut full = Pair::new(gen2(), gen1());
+    full.run();
+    let data_msgs: Vec<usize> = full
+        .log
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, m))| m.starts_with("FileData"))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!data_msgs.is_empty());
+    for n in data_msgs {
+        let mut pair = Pair::new(gen2(), gen1());
+        pair.fault = Fault::CorruptData(n);
+        pair.run();
+        assert!(
+            pair.source.done.clone().unwrap().is_ok(),
+            "corrupt {n}: cycle failed"
+        );
+        assert_eq!(
+            pair.target.live,
+            gen2(),
+            "corrupt {n}: wrong content committed"
+        );
+    }
+}
+
+#[test]
+fn a_peer_not_in_allow_is_refused_before_anything_is_staged() {
+    let mut pair = Pair::new(gen1(), Tree::default());
+    pair.target.allow = vec!["someone-else".into()];
+    pair.run();
+    assert!(matches!(err_cause(&pair.source.done), Cause::Refused(_)));
+    assert_eq!(
+        pair.target.loads, 0,
+        "the stack was locked and scanned for a refused peer"
+    );
+    assert!(pair.target.staged.is_empty());
+    assert_eq!(pair.target.live, Tree::default());
+    assert_eq!(
+        pair.source.stops, 0,
+        "a refused cycle must not stop the source stack"
+    );
+}
+
+#[test]
+fn a_flag_signed_by_another_key_is_refused_and_nothing_commits() {
+    let mut pair = Pair::new(gen2(), gen1());
+    pair.source.session = SourceSession::new(
+        source_cfg(Mode::Sync, false),
+        SigningKey::from_bytes(&[9; 32]),
+    );
+    pair.run();
+    assert!(
+        matches!(err_cause(&pair.target.done), Cause::Flag(_)),
+        "{:?}",
+        pair.target.done
+    );
+    assert!(pair.source.done.clone().unwrap().is_err());
+    assert_eq!(pair.target.live, gen1());
+    assert!(pair.source.running);
+}
+
+#[test]
+fn a_replayed_generation_is_refused() {
+    let mut pair = Pair::new(gen2(), gen1());
+    // The target already has generation 5; the source is told so and proposes 6, but here the
+    // target lies to itself between Welcome and Flag to simulate a replay of an older flag.
+    pair.target.last_generation = 5;
+    pair.run();
+    assert_eq!(pair.target.last_generation, 6);
+    let mut replay = Pair::new(gen2(), gen1());
+    replay.target.last_generation = 0;
+    replay.run();
+    // Deliver the same (old) flag again to a target that has moved on.
+    let flag = SourceMsg::Flag(stackclone_proto::flag::SignedStatus::sign(
+        stackclone_proto::flag::Status {
+            stack: "web".into(),
+            generation: 1,
+            manifest_root: gen2().manifest().root(),
+            source_id: "primary".into(),
+            target_id: "standby".into(),
+            created_at: NOW,
+        },
+        &flag_key(),
+    ));
+    let mut again = Pair::new(gen2(), gen2());
+    again.target.last_generation = 1;
+    again.source.drive();
+    for m in again.source.outbox.drain(..).collect::<Vec<_>>() {
+        again.target.receive(m);
+    }
+    again.target.drive();
+    // Welcome sent; the source would now scan. Instead, inject the old flag out of order.
+    again.target.receive(flag);
+    again.target.drive();
+    assert!(matches!(
+        err_cause(&again.target.done),
+        Cause::PeerMisbehaved(_)
+    ));
+    assert_eq!(again.target.commits, 0);
+}
+
+#[test]
+fn deleting_more_than_max_delete_stops_the_cycle() {
+    let source = Tree::default()
+        .dir("app")
+        .file("app/config.yml", "only this");
+    let mut pair = Pair::new(source, gen1());
+    pair.run();
+    assert!(matches!(
+        err_cause(&pair.target.done),
+        Cause::TooManyDeletes { .. }
+    ));
+    assert!(matches!(
+        err_cause(&pair.source.done),
+        Cause::PeerAborted { .. }
+    ));
+    assert_eq!(pair.target.live, gen1());
+    assert!(pair.source.running);
+}
+
+#[test]
+fn an_empty_source_is_never_synced() {
+    let mut pair = Pair::new(Tree::default(), gen1());
+    pair.run();
+    assert!(matches!(err_cause(&pair.source.done), Cause::EmptySource));
+    assert_eq!(pair.target.live, gen1());
+    assert!(
+        pair.source.running,
+        "stack must be started again after the refusal"
+    );
+    assert_eq!(pair.target.commits, 0);
+}
+
+#[test]
+fn dry_run_reports_the_plan_and_changes_nothing() {
+    let mut pair = Pair::with(gen2(), gen1(), source_cfg(Mode::DryRun, false));
+    pair.run();
+    let report = pair.source.done.clone().unwrap().expect("dry run failed");
+    let plan = report.plan.expect("no plan");
+    let mut sent: Vec<_> = plan.send.iter().map(|(p, _)| p.to_string()).collect();
+    sent.sort();
+    assert_eq!(sent, ["db/big.dat", "empty-dir", "new.txt"]);
+    let deleted: Vec<_> = plan.delete.iter().map(|p| p.to_string()).collect();
+    assert!(deleted.contains(&"db/other.dat".to_string()), "{deleted:?}");
+    assert_eq!(pair.target.live, gen1());
+    assert!(pair.target.staged.is_empty());
+    assert_eq!(pair.source.stops, 0);
+    assert!(pair.source.files_sent.is_empty());
+}
+
+#[test]
+fn precopy_moves_the_bulk_before_the_stop_and_only_late_writes_after() {
+    let mut pair = Pair::with(gen1(), Tree::default(), source_cfg(Mode::Sync, true));
+    // The stack writes one more file just before it stops.
+    pair.source.on_stop = Some(gen1().file("app/late.log", "written at shutdown"));
+    pair.run();
+    pair.source
+        .done
+        .clone()
+        .unwrap()
+        .expect("precopy cycle failed");
+    assert_eq!(
+        pair.target.live,
+        gen1().file("app/late.log", "written at shutdown")
+    );
+    let stop_at = pair
+        .log
+        .iter()
+        .position(|(_, m)| m.contains("ManifestEnd { pass: Final"))
+        .unwrap();
+    let final_files: Vec<_> = pair.log[stop_at..]
+        .iter()
+        .filter(|(_, m)| m.starts_with("FileBegin"))
+        .collect();
+    assert_eq!(
+        final_files.len(),
+        1,
+        "the final pass sends only the late write"
+    );
+    assert!(pair.log.iter().any(|(_, m)| m.contains("pass: Precopy")));
+    let _ = Pass::Final;
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 96,
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Any byte of any message corrupted: the cycle fails or succeeds, but the live tree is
+    /// always exactly one generation, the source stack runs, and a rerun converges.
+    #[test]
+    fn corrupting_any_frame_never_commits_a_wrong_tree(n in 0usize..64, at: usize, mask in 1u8..) {
+        let mut pair = Pair::new(gen2(), gen1());
+        pair.fault = Fault::Corrupt { n, at, mask };
+        pair.run();
+        proptest::prop_assert!(pair.source.running);
+        proptest::prop_assert!(pair.target.live == gen1() || pair.target.live == gen2());
+        pair.next_cycle(gen2(), source_cfg(Mode::Sync, false));
+        pair.run();
+        proptest::prop_assert_eq!(&pair.target.live, &gen2());
+    }
+}
+
+/// Writes the frames of real cycles as seed inputs for the fuzz targets in `proto/fuzz`:
+/// `STACKCLONE_FUZZ_SEEDS=$PWD/proto/fuzz/corpus cargo test -p stackclone-proto --test pair -- --ignored`
+#[test]
+#[ignore = "writes the fuzz seed corpus; run by hand"]
+fn write_fuzz_seeds() {
+    let Ok(dir) = std::env::var("STACKCLONE_FUZZ_SEEDS") else {
+        return;
+    };
+    let dir = std::path::Path::new(&dir);
+    let runs = [
+        ("first", Pair::new(gen1(), Tree::default())),
+        ("second", Pair::new(gen2(), gen1())),
+        (
+            "precopy",
+            Pair::with(gen2(), gen1(), source_cfg(Mode::Sync, true)),
+        ),
+        (
+            "dry-run",
+            Pair::with(gen2(), gen1(), source_cfg(Mode::DryRun, false)),
+        ),
+    ];
+    for (name, mut pair) in runs {
+        pair.run();
+        let join = |want: Dir| -> Vec<u8> {
+            pair.frames
+                .iter()
+                .filter(|(d, _)| *d == want)
+                .flat_map(|(_, f)| f.clone())
+                .collect()
+        };
+        let to_target = join(Dir::ToTarget);
+        let to_source = join(Dir::ToSource);
+        let chunks: Vec<u8> = pair
+            .frames
+            .iter()
+            .filter_map(
+                |(_, f)| match wire::decode::<SourceMsg>(&f[wire::HEADER_LEN..]) {
+                    Ok(SourceMsg::FileData { chunk, .. }) => {
+                        Some(wire::encode_frame(&chunk).unwrap())
+                    }
+                    _ => None,
+                },
+            )
+            .take(4)
+            .flatten()
+            .collect();
+        for (target, bytes) in [
+            ("target_session", &to_target),
+            ("source_session", &[&[1u8][..], &to_source].concat()),
+            ("frame_decoder", &to_target),
+            ("delta_receiver", &chunks),
+        ] {
+            let d = dir.join(target);
+            std::fs::create_dir_all(&d).unwrap();
+            // Seeds stay small: libFuzzer favours short inputs, and the repo stays lean.
+            let bytes = &bytes[..bytes.len().min(64 << 10)];
+            std::fs::write(d.join(format!("{name}.bin")), bytes).unwrap();
+        }
+    }
+}
+
+#[test]
+fn big_single_path_files_are_received_in_place_and_hardlinks_never_are() {
+    let big1 = noise(11, 3 << 20);
+    let mut big2 = big1.clone();
+    big2[1 << 20..(1 << 20) + 4096].copy_from_slice(&[9u8; 4096]);
+    let linked = |t: Tree, data: &[u8]| {
+        let mut t = t.file("l1", data.to_vec()).file("l2", data.to_vec());
+        for p in ["l1", "l2"] {
+            t = t.edit(p, |i| {
+                if let Node::File { link_group, .. } = &mut i.node {
+                    *link_group = Some(0);
+                }
+            });
+        }
+        t
+    };
+    let mut other1 = noise(12, 3 << 20);
+    let old = linked(
+        Tree::default().file("db.dat", big1).file("small", "x"),
+        &other1,
+    );
+    other1[100] ^= 1;
+    let new = linked(
+        Tree::default().file("db.dat", big2).file("small", "y"),
+        &other1,
+    );
+    let mut pair = Pair::new(new.clone(), old);
+    pair.run();
+    pair.source.done.clone().unwrap().expect("cycle failed");
+    assert_eq!(pair.target.live, new);
+    let in_place: Vec<_> = pair.target.in_place.iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        in_place,
+        ["db.dat"],
+        "only the big, unlinked, single-use file goes in place"
+    );
+}
