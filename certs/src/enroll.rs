@@ -1,0 +1,798 @@
+//! The enrollment service (`serve`) and its clients (`enroll`, `renew`).
+//!
+//! One request per bi stream, JSON, ALPN [`crate::ENROLL_ALPN`]:
+//!
+//! ```text
+//! joiner                                   CA host (serve)
+//!   ── TLS 1.3: server cert chain [host, CA] ──►  CA pin checked in the verifier;
+//!                                                  a mismatch aborts here, before any stream
+//!   Join { token_id, name, csr, flag_key,
+//!          proof = MAC_k(id, name, csr, flag_key, TLS exporter) } ──►
+//!                                     ◄── Issued { bundle } | Refused { refusal }
+//! renewing host (client cert = current one)
+//!   Renew { csr } ──►                  ◄── Issued { bundle } | Refused { refusal }
+//! ```
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::ca::{Ca, CertProfile, Csr, HostKey, validate_name};
+use crate::deny::{DenyList, SignedDenyList};
+use crate::error::{Refusal, TrustError};
+use crate::files::{StateDir, generate_flag_key};
+use crate::identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, fmt_time};
+use crate::tls::{
+    ClientAuth, SNI, Trust, connection_error, fleet_server_verifier, provider, recv_json,
+    rustls_client_config, rustls_server_config, send_json,
+};
+use crate::token::{EXPORTER_LABEL, TokenSecret, TokenStore, proof};
+use crate::{DEFAULT_CERT_DAYS, ENROLL_ALPN};
+
+/// Everything a host receives when it is issued a certificate; also the file `sign` writes and
+/// `install` reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bundle {
+    /// Host name in the certificate.
+    pub name: String,
+    /// Role in the certificate.
+    pub role: Role,
+    /// The host certificate, PEM.
+    pub certificate: String,
+    /// The fleet CA certificate, PEM.
+    pub ca: String,
+    /// Flag public keys (hex) of the fleet's current sources, by name.
+    pub flag_keys: BTreeMap<String, String>,
+    /// The CA's newest deny list.
+    pub deny_list: Option<SignedDenyList>,
+}
+
+impl Bundle {
+    /// Checks the bundle against the key (and flag key) this host made, and writes the identity.
+    pub(crate) fn install(
+        &self,
+        dir: &StateDir,
+        key: &HostKey,
+        flag: Option<&SigningKey>,
+        expected_pin: Option<CaPin>,
+    ) -> Result<Identity, TrustError> {
+        let bad = |detail: String| TrustError::BadCertificate { detail };
+        let ca = CertificateDer::from_pem_slice(self.ca.as_bytes())
+            .map_err(|e| bad(format!("bundle CA certificate: {e}")))?;
+        let pin = CaPin::of_certificate(&ca)?;
+        if let Some(expected) = expected_pin
+            && pin != expected
+        {
+            return Err(TrustError::CaPinMismatch {
+                expected,
+                presented: pin.to_string(),
+            });
+        }
+        let cert = CertificateDer::from_pem_slice(self.certificate.as_bytes())
+            .map_err(|e| bad(format!("bundle certificate: {e}")))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone())?;
+        let parsed = ParsedCertificate::try_from(&cert)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &[],
+            UnixTime::now(),
+            provider().signature_verification_algorithms.all,
+        )
+        .map_err(|e| {
+            bad(format!(
+                "issued certificate does not verify against its CA: {e}"
+            ))
+        })?;
+        let identity = Identity::from_der(cert, key.private_key_der(), ca.clone())?;
+        let flag_to_keep = match (identity.role(), &identity.info().flag_key, flag) {
+            (Role::Source, Some(in_cert), Some(ours)) if *in_cert == ours.verifying_key() => {
+                Some(ours)
+            }
+            (Role::Source, _, _) => {
+                return Err(bad(format!(
+                    "source certificate for `{}` does not carry this host's flag key",
+                    identity.name()
+                )));
+            }
+            (Role::Target, _, _) => None,
+        };
+        let deny = match &self.deny_list {
+            Some(signed) => Some(DenyList::verify_signed(signed, &ca)?),
+            None => None,
+        };
+        dir.create()?;
+        dir.write_secret(&dir.host_key(), key.to_pem().as_bytes())?;
+        if let Some(flag) = flag_to_keep {
+            dir.write_seed(&dir.flag_key(), flag)?;
+        }
+        dir.write_public(&dir.ca_cert(), self.ca.as_bytes())?;
+        dir.write_public(&dir.host_cert(), self.certificate.as_bytes())?;
+        dir.write_json(&dir.flag_keys(), &self.flag_keys, false)?;
+        if let Some(deny) = deny {
+            let current = DenyList::load(dir.root()).unwrap_or_default();
+            if deny.newer_than(&current) {
+                deny.save(dir)?;
+            }
+        }
+        Ok(identity)
+    }
+}
+
+/// One certificate the CA issued (`issued.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct IssuedRecord {
+    pub name: String,
+    pub role: Role,
+    pub fingerprint: Fingerprint,
+    pub serial: String,
+    pub not_after: String,
+    pub issued_at: String,
+    pub flag_key: Option<String>,
+    /// `init`, `enroll`, `renew` or `sign`.
+    pub via: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct IssuedStore {
+    pub certs: Vec<IssuedRecord>,
+}
+
+impl IssuedStore {
+    pub fn load(dir: &StateDir) -> Result<IssuedStore, TrustError> {
+        Ok(dir
+            .read_json(&dir.issued(), "register of issued certificates")?
+            .unwrap_or_default())
+    }
+    pub fn save(&self, dir: &StateDir) -> Result<(), TrustError> {
+        dir.write_json(&dir.issued(), self, false)
+    }
+}
+
+/// Issues a certificate on the CA host, records it and builds the bundle for it.
+pub(crate) fn issue_bundle(
+    dir: &StateDir,
+    ca: &Ca,
+    csr: &Csr,
+    profile: &CertProfile,
+    via: &str,
+) -> Result<(Bundle, IssuedRecord), TrustError> {
+    let (cert, cert_pem) = ca.issue(csr, profile)?;
+    let info = PeerIdentity::from_certificate(&cert)?;
+    let record = IssuedRecord {
+        name: info.name.clone(),
+        role: info.role,
+        fingerprint: info.fingerprint,
+        serial: info.serial.clone(),
+        not_after: fmt_time(info.not_after),
+        issued_at: fmt_time(OffsetDateTime::now_utc()),
+        flag_key: info.flag_key.map(|k| hex::encode(k.as_bytes())),
+        via: via.to_owned(),
+    };
+    let mut issued = IssuedStore::load(dir)?;
+    issued.certs.push(record.clone());
+    issued.save(dir)?;
+    let deny = DenyList::load(dir.root())?;
+    let now = OffsetDateTime::now_utc();
+    let mut flag_keys = BTreeMap::new();
+    for r in &issued.certs {
+        let live = crate::token::parse_time(&r.not_after).is_some_and(|t| t > now)
+            && !deny.contains(&r.fingerprint);
+        if let (Role::Source, Some(k), true) = (r.role, &r.flag_key, live) {
+            flag_keys.insert(r.name.clone(), k.clone());
+        }
+    }
+    let bundle = Bundle {
+        name: info.name,
+        role: info.role,
+        certificate: cert_pem,
+        ca: ca.certificate_pem().to_owned(),
+        flag_keys,
+        deny_list: deny.signed().cloned(),
+    };
+    Ok((bundle, record))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+enum Request {
+    Join {
+        token_id: String,
+        name: String,
+        /// CSR DER, hex.
+        csr: String,
+        /// Flag public key, hex.
+        flag_key: Option<String>,
+        /// BLAKE3 keyed MAC, hex.
+        proof: String,
+    },
+    Renew {
+        csr: String,
+    },
+    DenyList,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+enum Reply {
+    Issued { bundle: Bundle },
+    DenyList { deny_list: Option<SignedDenyList> },
+    Refused { refusal: Refusal },
+}
+
+/// Counters of the enrollment service, for logs and tests.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// Handshakes completed.
+    pub connections: AtomicU64,
+    /// Requests received (any kind).
+    pub requests: AtomicU64,
+    /// Certificates issued.
+    pub issued: AtomicU64,
+    /// Requests refused.
+    pub refused: AtomicU64,
+}
+
+/// The CA host's enrollment service.
+#[derive(Debug)]
+pub struct EnrollServer {
+    dir: StateDir,
+    ca: Ca,
+    identity: Identity,
+    trust: Trust,
+    days: i64,
+    /// Serialises token and register updates within this process.
+    lock: tokio::sync::Mutex<()>,
+    stats: Arc<ServeStats>,
+}
+
+impl EnrollServer {
+    /// Loads the CA, this host's identity and trust from the CA host's state directory.
+    pub fn load(dir: &StateDir) -> Result<EnrollServer, TrustError> {
+        Ok(EnrollServer {
+            ca: Ca::load(dir)?,
+            identity: Identity::load(dir)?,
+            trust: Trust::load(dir)?,
+            dir: dir.clone(),
+            days: DEFAULT_CERT_DAYS,
+            lock: tokio::sync::Mutex::new(()),
+            stats: Arc::default(),
+        })
+    }
+
+    /// Validity of the certificates it issues.
+    pub fn with_days(mut self, days: i64) -> Self {
+        self.days = days;
+        self
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Arc<ServeStats> {
+        self.stats.clone()
+    }
+
+    /// Binds a QUIC endpoint for the service (port 0 picks a free one).
+    pub fn bind(&self, addr: SocketAddr) -> Result<quinn::Endpoint, TrustError> {
+        let config = rustls_server_config(
+            &self.identity,
+            &self.trust,
+            ClientAuth::Optional,
+            ENROLL_ALPN,
+        )?;
+        quinn::Endpoint::server(config, addr).map_err(|source| TrustError::Io {
+            action: "bind UDP socket",
+            path: addr.to_string().into(),
+            source,
+        })
+    }
+
+    async fn handle(&self, conn: &quinn::Connection, request: Request) -> Reply {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let peer = conn.remote_address();
+        let result = match request {
+            Request::Join {
+                token_id,
+                name,
+                csr,
+                flag_key,
+                proof,
+            } => {
+                self.join(conn, &token_id, &name, &csr, flag_key.as_deref(), &proof)
+                    .await
+            }
+            Request::Renew { csr } => self.renew(conn, &csr).await,
+            Request::DenyList => {
+                return Reply::DenyList {
+                    deny_list: DenyList::load(self.dir.root())
+                        .ok()
+                        .and_then(|d| d.signed().cloned()),
+                };
+            }
+        };
+        match result {
+            Ok((bundle, record)) => {
+                self.stats.issued.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, name = %record.name, role = %record.role, fingerprint = %record.fingerprint, via = %record.via, "issued certificate");
+                Reply::Issued { bundle }
+            }
+            Err(err) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, error = %err, "refused request");
+                Reply::Refused {
+                    refusal: Refusal::from_error(&err),
+                }
+            }
+        }
+    }
+
+    async fn join(
+        &self,
+        conn: &quinn::Connection,
+        token_id: &str,
+        name: &str,
+        csr_hex: &str,
+        flag_hex: Option<&str>,
+        proof_hex: &str,
+    ) -> Result<(Bundle, IssuedRecord), TrustError> {
+        validate_name(name)?;
+        let csr = hex::decode(csr_hex).map_err(|_| TrustError::BadCertificate {
+            detail: "CSR is not hex".into(),
+        })?;
+        let flag_key = flag_hex.map(parse_flag_key).transpose()?;
+        let given =
+            blake3::Hash::from_hex(proof_hex).map_err(|_| TrustError::TokenProofInvalid {
+                id: token_id.to_owned(),
+            })?;
+        let binding = channel_binding(conn)?;
+        let _guard = self.lock.lock().await;
+        let mut tokens = TokenStore::load(&self.dir)?;
+        let role = tokens.redeem(token_id, name, OffsetDateTime::now_utc(), |key| {
+            // blake3::Hash equality is constant-time.
+            proof(
+                key,
+                token_id,
+                name,
+                &csr,
+                flag_key.as_ref().map(VerifyingKey::as_bytes),
+                &binding,
+            ) == given
+        })?;
+        let profile = CertProfile::new(name, role, flag_key, self.days);
+        let issued = issue_bundle(&self.dir, &self.ca, &Csr::from_der(csr), &profile, "enroll")?;
+        // Persisted only once the certificate exists; a token is spent by a successful join.
+        tokens.save(&self.dir)?;
+        Ok(issued)
+    }
+
+    async fn renew(
+        &self,
+        conn: &quinn::Connection,
+        csr_hex: &str,
+    ) -> Result<(Bundle, IssuedRecord), TrustError> {
+        // The TLS verifier already checked the chain, validity and the deny list.
+        let current = crate::tls::peer_identity(conn)?;
+        if let Some(leaf) = conn
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|certs| certs.first().cloned())
+        {
+            self.trust.check_not_revoked(&leaf)?;
+        }
+        let csr = hex::decode(csr_hex).map_err(|_| TrustError::BadCertificate {
+            detail: "CSR is not hex".into(),
+        })?;
+        let profile = CertProfile::new(&current.name, current.role, current.flag_key, self.days);
+        let _guard = self.lock.lock().await;
+        issue_bundle(&self.dir, &self.ca, &Csr::from_der(csr), &profile, "renew")
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let peer = incoming.remote_address();
+        // `revoke` may have run beside us: the handshake below must already know.
+        if let Err(e) = self.trust.reload() {
+            tracing::warn!(error = %e, "cannot reload the deny list");
+        }
+        let conn = match incoming.await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "enrollment handshake failed");
+                return;
+            }
+        };
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let request = match recv_json::<Request>(peer, "enrollment", &mut recv).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "bad enrollment request");
+                    break;
+                }
+            };
+            let reply = self.handle(&conn, request).await;
+            if send_json(peer, "enrollment", &mut send, &reply)
+                .await
+                .is_ok()
+            {
+                let _ = send.stopped().await;
+            }
+        }
+    }
+}
+
+/// Runs the enrollment service on `endpoint` until `shutdown` resolves.
+pub async fn serve(
+    server: Arc<EnrollServer>,
+    endpoint: quinn::Endpoint,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TrustError> {
+    tokio::pin!(shutdown);
+    if let Ok(addr) = endpoint.local_addr() {
+        tracing::info!(%addr, ca_pin = %server.ca.pin(), "enrollment service listening");
+    }
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    tokio::spawn(server.clone().connection(incoming));
+                }
+                None => break,
+            },
+        }
+    }
+    endpoint.close(0u32.into(), b"shutting down");
+    Ok(())
+}
+
+fn parse_flag_key(hex_key: &str) -> Result<VerifyingKey, TrustError> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(hex_key, &mut bytes)
+        .ok()
+        .and_then(|()| VerifyingKey::from_bytes(&bytes).ok())
+        .ok_or_else(|| TrustError::BadCertificate {
+            detail: "flag key is not a valid ed25519 public key".into(),
+        })
+}
+
+fn channel_binding(conn: &quinn::Connection) -> Result<[u8; 32], TrustError> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
+        .map_err(|_| TrustError::Protocol {
+            peer: conn.remote_address(),
+            phase: "enrollment",
+            detail: "TLS exporter unavailable".into(),
+        })?;
+    Ok(out)
+}
+
+/// Accepts the server only if its chain carries the pinned CA and the server certificate
+/// verifies against it. Remembers what it saw, so a mismatch is reported as such.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: CaPin,
+    provider: Arc<CryptoProvider>,
+    mismatch: Mutex<Option<String>>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let pinned = intermediates
+            .iter()
+            .chain(std::iter::once(end_entity))
+            .find(|c| CaPin::of_certificate(c).ok() == Some(self.pin));
+        let Some(ca) = pinned else {
+            let presented = intermediates
+                .last()
+                .or(Some(end_entity))
+                .and_then(|c| CaPin::of_certificate(c).ok())
+                .map_or_else(
+                    || "no parseable CA certificate".to_owned(),
+                    |p| p.to_string(),
+                );
+            if let Ok(mut slot) = self.mismatch.lock() {
+                *slot = Some(presented.clone());
+            }
+            return Err(rustls::Error::Other(OtherError(Arc::new(
+                TrustError::CaPinMismatch {
+                    expected: self.pin,
+                    presented,
+                },
+            ))));
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &[],
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+async fn resolve(server: &str) -> Result<SocketAddr, TrustError> {
+    tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| TrustError::Resolve {
+            server: server.to_owned(),
+            detail: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| TrustError::Resolve {
+            server: server.to_owned(),
+            detail: "no address".into(),
+        })
+}
+
+fn client_endpoint(
+    peer: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<quinn::Endpoint, TrustError> {
+    let local: SocketAddr = if peer.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(local).map_err(|source| TrustError::Io {
+        action: "bind UDP socket",
+        path: local.to_string().into(),
+        source,
+    })?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+/// One request/reply exchange with the enrollment service.
+async fn exchange(conn: &quinn::Connection, request: &Request) -> Result<Reply, TrustError> {
+    let peer = conn.remote_address();
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| connection_error(peer, "enrollment", &e))?;
+    send_json(peer, "enrollment", &mut send, request).await?;
+    recv_json(peer, "enrollment", &mut recv).await
+}
+
+async fn finish(conn: quinn::Connection, endpoint: quinn::Endpoint) {
+    conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// What `enroll` needs.
+#[derive(Debug, Clone)]
+pub struct EnrollOptions {
+    /// Where to write the identity.
+    pub dir: StateDir,
+    /// This host's name.
+    pub name: String,
+    /// `HOST:PORT` of `stackclone-certs serve`.
+    pub server: String,
+    /// The join token.
+    pub token: TokenSecret,
+    /// The CA pin printed by `token create`.
+    pub ca_pin: CaPin,
+}
+
+/// Joins the fleet: makes this host's key (and flag key) here, checks the server's CA against
+/// the pin inside the handshake, proves the token without sending it, and installs the
+/// certificate, CA, flag keys and deny list it receives. Nothing is written unless it succeeds.
+pub async fn enroll(opts: &EnrollOptions) -> Result<Identity, TrustError> {
+    validate_name(&opts.name)?;
+    let addr = resolve(&opts.server).await?;
+    let key = HostKey::generate()?;
+    let flag = generate_flag_key()?;
+    let csr = key.csr(&opts.name)?;
+    let verifier = Arc::new(PinVerifier {
+        pin: opts.ca_pin,
+        provider: provider(),
+        mismatch: Mutex::new(None),
+    });
+    let config = rustls_client_config(None, verifier.clone(), ENROLL_ALPN)?;
+    let endpoint = client_endpoint(addr, config)?;
+    let connecting = endpoint
+        .connect(addr, SNI)
+        .map_err(|e| TrustError::Handshake {
+            peer: addr,
+            reason: e.to_string(),
+        })?;
+    let conn = match connecting.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            let presented = verifier.mismatch.lock().ok().and_then(|m| m.clone());
+            return Err(match presented {
+                Some(presented) => TrustError::CaPinMismatch {
+                    expected: opts.ca_pin,
+                    presented,
+                },
+                None => connection_error(addr, "handshake", &e),
+            });
+        }
+    };
+    let binding = channel_binding(&conn)?;
+    let flag_public = flag.verifying_key();
+    let request = Request::Join {
+        token_id: opts.token.id().to_owned(),
+        name: opts.name.clone(),
+        csr: hex::encode(csr.der()),
+        flag_key: Some(hex::encode(flag_public.as_bytes())),
+        proof: proof(
+            &opts.token.key(),
+            opts.token.id(),
+            &opts.name,
+            csr.der(),
+            Some(flag_public.as_bytes()),
+            &binding,
+        )
+        .to_hex()
+        .to_string(),
+    };
+    let reply = exchange(&conn, &request).await;
+    finish(conn, endpoint).await;
+    match reply? {
+        Reply::Issued { bundle } => {
+            let identity = bundle.install(&opts.dir, &key, Some(&flag), Some(opts.ca_pin))?;
+            opts.dir
+                .write_public(&opts.dir.server(), format!("{}\n", opts.server).as_bytes())?;
+            Ok(identity)
+        }
+        Reply::Refused { refusal } => Err(refusal.into_error(addr)),
+        Reply::DenyList { .. } => Err(TrustError::Protocol {
+            peer: addr,
+            phase: "enrollment",
+            detail: "unexpected reply to a join request".into(),
+        }),
+    }
+}
+
+/// What `renew` needs.
+#[derive(Debug, Clone)]
+pub struct RenewOptions {
+    /// This host's state directory.
+    pub dir: StateDir,
+    /// `HOST:PORT` of the CA's `serve`; defaults to the one `enroll` remembered.
+    pub server: Option<String>,
+}
+
+/// Renews this host's certificate over mutual TLS with its current one (so only before it
+/// expires or is revoked), with a fresh key made here. Name, role and flag key stay.
+pub async fn renew(opts: &RenewOptions) -> Result<Identity, TrustError> {
+    let dir = &opts.dir;
+    let server = match &opts.server {
+        Some(s) => s.clone(),
+        None => dir
+            .read_optional(&dir.server())?
+            .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+            .ok_or_else(|| TrustError::Missing {
+                what: "enrollment server address",
+                dir: dir.root().to_owned(),
+                file: dir.server(),
+                hint: "pass --server HOST:PORT",
+            })?,
+    };
+    let identity = Identity::load(dir)?;
+    crate::identity::check_expiry(identity.info(), OffsetDateTime::now_utc())?;
+    let trust = Trust::load(dir)?;
+    let flag = match identity.role() {
+        Role::Source => Some(crate::files::load_flag_key(dir.root())?),
+        Role::Target => None,
+    };
+    let addr = resolve(&server).await?;
+    let key = HostKey::generate()?;
+    let csr = key.csr(identity.name())?;
+    let config = rustls_client_config(Some(&identity), fleet_server_verifier(&trust), ENROLL_ALPN)?;
+    let endpoint = client_endpoint(addr, config)?;
+    let connecting = endpoint
+        .connect(addr, SNI)
+        .map_err(|e| TrustError::Handshake {
+            peer: addr,
+            reason: e.to_string(),
+        })?;
+    let conn = connecting
+        .await
+        .map_err(|e| connection_error(addr, "handshake", &e))?;
+    let reply = exchange(
+        &conn,
+        &Request::Renew {
+            csr: hex::encode(csr.der()),
+        },
+    )
+    .await;
+    finish(conn, endpoint).await;
+    match reply? {
+        Reply::Issued { bundle } => bundle.install(dir, &key, flag.as_ref(), Some(trust.ca_pin())),
+        Reply::Refused { refusal } => Err(refusal.into_error(addr)),
+        Reply::DenyList { .. } => Err(TrustError::Protocol {
+            peer: addr,
+            phase: "renewal",
+            detail: "unexpected reply to a renew request".into(),
+        }),
+    }
+}
+
+/// Fetches the CA's newest deny list over mutual TLS and adopts it if newer.
+pub async fn fetch_deny_list(dir: &StateDir, server: &str) -> Result<bool, TrustError> {
+    let identity = Identity::load(dir)?;
+    let trust = Trust::load(dir)?;
+    let addr = resolve(server).await?;
+    let config = rustls_client_config(Some(&identity), fleet_server_verifier(&trust), ENROLL_ALPN)?;
+    let endpoint = client_endpoint(addr, config)?;
+    let conn = endpoint
+        .connect(addr, SNI)
+        .map_err(|e| TrustError::Handshake {
+            peer: addr,
+            reason: e.to_string(),
+        })?
+        .await
+        .map_err(|e| connection_error(addr, "handshake", &e))?;
+    let reply = exchange(&conn, &Request::DenyList).await;
+    finish(conn, endpoint).await;
+    match reply? {
+        Reply::DenyList {
+            deny_list: Some(signed),
+        } => trust.adopt(&signed),
+        Reply::DenyList { deny_list: None } => Ok(false),
+        Reply::Refused { refusal } => Err(refusal.into_error(addr)),
+        Reply::Issued { .. } => Err(TrustError::Protocol {
+            peer: addr,
+            phase: "deny list",
+            detail: "unexpected reply".into(),
+        }),
+    }
+}

@@ -1,0 +1,382 @@
+//! Host identities: the facts a certificate states (name, role, flag key, validity) and the
+//! hashes that name certificates (`Fingerprint`) and CAs (`CaPin`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use ed25519_dalek::VerifyingKey;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::FLAG_KEY_OID;
+use crate::error::TrustError;
+
+/// What a host does in a pair. Carried in the certificate's OU; enforced by the application with
+/// [`PeerIdentity::expect_role`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Pushes stacks and signs flags; holds the flag key.
+    Source,
+    /// Receives stacks; accepts flags from its source's key alone.
+    Target,
+}
+
+impl Role {
+    /// The word used in certificates, tokens and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Target => "target",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = TrustError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "source" => Ok(Role::Source),
+            "target" => Ok(Role::Target),
+            other => Err(TrustError::InvalidArgument {
+                what: "role",
+                value: other.to_owned(),
+                why: "expected `source` or `target`".into(),
+            }),
+        }
+    }
+}
+
+macro_rules! sha256_name {
+    ($ty:ident, $what:literal, $doc:literal) => {
+        #[doc = $doc]
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $ty([u8; 32]);
+
+        impl $ty {
+            /// The raw 32 bytes.
+            pub fn as_bytes(&self) -> &[u8; 32] {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "sha256:{}", hex::encode(self.0))
+            }
+        }
+
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(self, f)
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = TrustError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let bad = |why: &str| TrustError::InvalidArgument {
+                    what: $what,
+                    value: s.to_owned(),
+                    why: why.to_owned(),
+                };
+                let hex_part = s
+                    .strip_prefix("sha256:")
+                    .ok_or_else(|| bad("expected `sha256:` followed by 64 hex digits"))?;
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(hex_part, &mut out)
+                    .map_err(|_| bad("expected 64 hex digits after `sha256:`"))?;
+                Ok($ty(out))
+            }
+        }
+
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+sha256_name!(
+    Fingerprint,
+    "certificate fingerprint",
+    "SHA-256 of a certificate's DER; names one certificate (deny lists, `show`)."
+);
+sha256_name!(
+    CaPin,
+    "CA pin",
+    "SHA-256 of a CA certificate's SubjectPublicKeyInfo (kubeadm's `--discovery-token-ca-cert-hash`)."
+);
+
+impl Fingerprint {
+    /// Fingerprint of a DER certificate.
+    pub fn of(der: &[u8]) -> Fingerprint {
+        Fingerprint(sha256(der))
+    }
+}
+
+impl CaPin {
+    /// The pin of a CA certificate (hash of its SubjectPublicKeyInfo).
+    pub fn of_certificate(der: &[u8]) -> Result<CaPin, TrustError> {
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| TrustError::BadCertificate {
+                detail: format!("cannot parse CA certificate: {e}"),
+            })?;
+        Ok(CaPin(sha256(cert.tbs_certificate.subject_pki.raw)))
+    }
+}
+
+pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+pub(crate) fn fmt_time(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| format!("{} (unix)", t.unix_timestamp()))
+}
+
+/// What a fleet certificate says about its holder, read from the peer's certificate after the
+/// handshake (or from our own).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// Host name (CN and the only SAN).
+    pub name: String,
+    /// Source or target (OU).
+    pub role: Role,
+    /// SHA-256 of the certificate DER.
+    pub fingerprint: Fingerprint,
+    /// Serial number, hex.
+    pub serial: String,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+    /// The source's flag public key; `Some` exactly for source certificates that carry it.
+    pub flag_key: Option<VerifyingKey>,
+}
+
+impl fmt::Debug for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerIdentity")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("fingerprint", &self.fingerprint)
+            .field("not_after", &fmt_time(self.not_after))
+            .field(
+                "flag_key",
+                &self.flag_key.map(|k| hex::encode(k.as_bytes())),
+            )
+            .finish()
+    }
+}
+
+impl PeerIdentity {
+    /// Reads name, role, validity and flag key from a fleet certificate. Does **not** verify it:
+    /// call this on certificates a verifier of this crate already accepted.
+    pub fn from_certificate(der: &[u8]) -> Result<PeerIdentity, TrustError> {
+        let bad = |detail: String| TrustError::BadCertificate { detail };
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| bad(format!("cannot parse certificate: {e}")))?;
+        let name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or_else(|| bad("certificate has no common name".into()))?
+            .to_owned();
+        let role = cert
+            .subject()
+            .iter_organizational_unit()
+            .next()
+            .and_then(|ou| ou.as_str().ok())
+            .ok_or_else(|| bad(format!("certificate for `{name}` has no role (OU)")))?
+            .parse::<Role>()
+            .map_err(|e| bad(format!("certificate for `{name}`: {e}")))?;
+        let mut flag_key = None;
+        for ext in cert.extensions() {
+            let is_flag = ext
+                .oid
+                .iter()
+                .is_some_and(|arcs| arcs.eq(FLAG_KEY_OID.iter().copied()));
+            if is_flag {
+                flag_key = Some(decode_flag_extension(ext.value).ok_or_else(|| {
+                    bad(format!("certificate for `{name}` has a malformed flag key"))
+                })?);
+            }
+        }
+        let validity = cert.validity();
+        Ok(PeerIdentity {
+            role,
+            fingerprint: Fingerprint::of(der),
+            serial: hex::encode(cert.raw_serial()),
+            not_before: validity.not_before.to_datetime(),
+            not_after: validity.not_after.to_datetime(),
+            flag_key,
+            name,
+        })
+    }
+
+    /// Refuses a peer whose certificate states another role.
+    pub fn expect_role(&self, expected: Role) -> Result<&Self, TrustError> {
+        if self.role == expected {
+            Ok(self)
+        } else {
+            Err(TrustError::WrongRole {
+                name: self.name.clone(),
+                actual: self.role,
+                expected,
+            })
+        }
+    }
+
+    /// Refuses a peer with another name (the TLS layer checks only that the fleet CA signed it).
+    pub fn expect_name(&self, expected: &str) -> Result<&Self, TrustError> {
+        if self.name == expected {
+            Ok(self)
+        } else {
+            Err(TrustError::WrongPeer {
+                actual: self.name.clone(),
+                expected: expected.to_owned(),
+            })
+        }
+    }
+}
+
+/// Days of validity left at `now` (rounded down), or [`TrustError::CertificateExpired`] /
+/// [`TrustError::CertificateNotYetValid`]. Agents call this at start and daily, and warn
+/// (log + metric) below [`crate::RENEW_WARN_DAYS`].
+pub fn check_expiry(cert: &PeerIdentity, now: OffsetDateTime) -> Result<i64, TrustError> {
+    if now >= cert.not_after {
+        return Err(TrustError::CertificateExpired {
+            name: cert.name.clone(),
+            not_after: fmt_time(cert.not_after),
+        });
+    }
+    if now < cert.not_before {
+        return Err(TrustError::CertificateNotYetValid {
+            name: cert.name.clone(),
+            not_before: fmt_time(cert.not_before),
+        });
+    }
+    Ok((cert.not_after - now).whole_days())
+}
+
+pub(crate) fn encode_flag_extension(key: &VerifyingKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(34);
+    out.extend_from_slice(&[0x04, 0x20]);
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+fn decode_flag_extension(value: &[u8]) -> Option<VerifyingKey> {
+    let key: &[u8; 32] = value.strip_prefix(&[0x04, 0x20])?.try_into().ok()?;
+    VerifyingKey::from_bytes(key).ok()
+}
+
+/// This host's identity: its certificate and private key, and the fleet CA certificate.
+pub struct Identity {
+    info: PeerIdentity,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    ca: CertificateDer<'static>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("info", &self.info)
+            .field("key", &"<private>")
+            .finish()
+    }
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            info: self.info.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+            ca: self.ca.clone(),
+        }
+    }
+}
+
+impl Identity {
+    /// Builds an identity from DER parts; refuses a certificate whose public key is not the key's.
+    pub fn from_der(
+        cert: CertificateDer<'static>,
+        key: PrivateKeyDer<'static>,
+        ca: CertificateDer<'static>,
+    ) -> Result<Identity, TrustError> {
+        let info = PeerIdentity::from_certificate(&cert)?;
+        let key_pair = rcgen::KeyPair::try_from(&key)?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&cert).map_err(|e| TrustError::BadCertificate {
+                detail: format!("cannot parse certificate: {e}"),
+            })?;
+        if parsed.tbs_certificate.subject_pki.raw
+            != rcgen::PublicKeyData::subject_public_key_info(&key_pair).as_slice()
+        {
+            return Err(TrustError::BadCertificate {
+                detail: format!(
+                    "certificate for `{}` does not belong to the given private key",
+                    info.name
+                ),
+            });
+        }
+        Ok(Identity {
+            info,
+            cert,
+            key,
+            ca,
+        })
+    }
+
+    /// Loads `host.crt`, `host.key` (mode-checked) and `ca.crt` from the state directory.
+    pub fn load(dir: &crate::StateDir) -> Result<Identity, TrustError> {
+        dir.load_identity()
+    }
+
+    /// Name, role, fingerprint, validity and flag key of this host's certificate.
+    pub fn info(&self) -> &PeerIdentity {
+        &self.info
+    }
+    /// Host name.
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+    /// Role.
+    pub fn role(&self) -> Role {
+        self.info.role
+    }
+    /// This host's certificate (DER).
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+    /// The fleet CA certificate (DER).
+    pub fn ca_certificate(&self) -> &CertificateDer<'static> {
+        &self.ca
+    }
+    pub(crate) fn private_key(&self) -> PrivateKeyDer<'static> {
+        self.key.clone_key()
+    }
+}

@@ -1,0 +1,130 @@
+//! The stackclone fleet PKI: who may talk to whom.
+//!
+//! This crate owns
+//! - the **fleet CA** and **host identities** (rcgen, ECDSA P-256), each key generated on the host
+//!   that uses it and never transmitted ([`Ca`], [`HostKey`], [`Identity`]);
+//! - the **state directory** and every file in it ([`StateDir`] is the one place that knows the
+//!   layout, the modes and the atomic writes; a key file that group or others can read is refused);
+//! - the source's ed25519 **flag key** and its binding to the source certificate;
+//! - **join tokens** and the QUIC **enrollment service** (`serve` / `enroll` / `renew`), plus the
+//!   offline path (`csr` / `sign` / `install`);
+//! - the signed **deny list** (revocation) and its distribution;
+//! - the **QUIC endpoint configs** both agents use ([`server_config`], [`client_config`]), the
+//!   peer's identity after the handshake ([`peer_identity`]) and the application-level
+//!   hello/ack ([`hello`] / [`admit`]).
+//!
+//! It does **not** decide which stacks a peer may push (that is the target's per-stack config),
+//! speak the sync protocol, or sign flags (the source agent does, with [`load_flag_key`]).
+//!
+//! # Certificate layout
+//!
+//! ```text
+//! subject  CN = <host name>, OU = <role: "source" | "target">, O = stackclone
+//! SAN      DNS:<host name>
+//! EKU      clientAuth + serverAuth   (either side may dial; the role is enforced by the
+//!                                     application: PeerIdentity::expect_role)
+//! ext      1.3.6.1.4.1.32473.5301.1  (non-critical, OCTET STRING, 32 bytes): the ed25519 flag
+//!          public key, present on source certificates only. See [`FLAG_KEY_OID`].
+//! ```
+//!
+//! The CA alone decides name, role and flag key: a CSR contributes only its public key.
+//!
+//! # Enrollment (kubeadm style)
+//!
+//! A token is `ID.SECRET`. The CA host stores only `blake3::derive_key(SECRET)` next to the ID,
+//! role and expiry. The joiner pins the CA by the SHA-256 of its SubjectPublicKeyInfo and checks the
+//! pin inside the TLS handshake, before a single application byte is sent. It then sends
+//! `ID`, its name, its CSR, its flag public key and a BLAKE3 keyed MAC over all of them *and* the
+//! TLS exporter of this very connection (channel binding) — the secret itself never leaves the
+//! joining host. Tokens are single-use and expire.
+//!
+//! # Revocation
+//!
+//! `revoke NAME` adds the fingerprints (SHA-256 of the DER) of every certificate issued to `NAME`
+//! to a [`DenyList`] that the CA signs with its own key, with a version that only grows. Every
+//! verifier built by this crate refuses, during the handshake, a peer certificate on the deny list
+//! it currently holds. A deny list reaches a host (a) from `serve` in every enrollment/renewal
+//! reply, (b) as a file with `install`, (c) from the peer: [`hello`] carries the dialer's signed
+//! list and [`admit`] answers with its own if newer, and the side that learns a newer list adopts
+//! it at once (it is shared with the verifiers) and persists it. So once the source agent carries
+//! the latest list, every target it talks to learns it on the next connection. A process running
+//! on the CA host picks up a `revoke` made beside it with [`Trust::reload`] (`serve` reloads on
+//! every connection). Revocation does not cut connections already open; the next handshake fails.
+//!
+//! # Using it from an agent
+//!
+//! ```no_run
+//! # async fn agent() -> Result<(), stackclone_certs::TrustError> {
+//! use stackclone_certs::{Identity, Role, StateDir, Trust};
+//! let dir = StateDir::new("/etc/stackclone");
+//! let identity = Identity::load(&dir)?;   // refuses a key file others can read
+//! let trust = Trust::load(&dir)?;         // fleet CA + deny list
+//! // target: accept sources only
+//! let endpoint = quinn::Endpoint::server(
+//!     stackclone_certs::server_config(&identity, &trust)?,
+//!     "0.0.0.0:7444".parse().expect("address"),
+//! ).expect("bind");
+//! while let Some(incoming) = endpoint.accept().await {
+//!     let (conn, admission) = stackclone_certs::accept(incoming, &trust, Role::Source).await?;
+//!     let flag_key = admission.peer.flag_key; // the one key this source's flags must verify with
+//!     # let _ = (conn, flag_key);
+//! }
+//! # Ok(()) }
+//! ```
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod ca;
+mod cmd;
+mod deny;
+mod enroll;
+mod error;
+mod files;
+mod identity;
+pub mod renewal;
+mod tls;
+mod token;
+
+pub use ca::{Ca, CertProfile, Csr, HostKey, NewHost};
+pub use cmd::{
+    CaStatus, HostStatus, Installed, IssuedStatus, Status, TokenStatus, init, install, make_csr,
+    renew_local, revoke, show, sign_request, token_create,
+};
+pub use deny::{DenyList, Revocation, SignedDenyList};
+pub use enroll::{
+    Bundle, EnrollOptions, EnrollServer, RenewOptions, ServeStats, enroll, fetch_deny_list, renew,
+    serve,
+};
+pub use error::{Refusal, TrustError};
+pub use files::{StateDir, load_flag_key, load_trusted_flag_keys};
+pub use identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, check_expiry};
+pub use tls::{
+    Admission, REFUSED, Trust, accept, admit, client_config, connect, hello, peer_identity,
+    server_config,
+};
+pub use token::{JoinToken, TokenSecret, parse_ttl};
+
+/// ALPN of the agents' sync protocol. Bump the version when the wire changes.
+pub const ALPN: &[u8] = b"stackclone/1";
+
+/// ALPN of the enrollment service (`stackclone-certs serve`).
+pub const ENROLL_ALPN: &[u8] = b"stackclone-enroll/1";
+
+/// Private X.509 extension carrying a source's ed25519 flag public key (32 bytes, DER OCTET
+/// STRING, non-critical so generic TLS stacks ignore it).
+///
+/// The arc is RFC 5612's documentation enterprise number (32473) until the project registers its
+/// own; only stackclone reads it. Changing it means re-issuing every source certificate.
+pub const FLAG_KEY_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 32473, 5301, 1];
+
+/// Default port of `stackclone-certs serve`.
+pub const DEFAULT_ENROLL_PORT: u16 = 7443;
+
+/// Default validity of a host certificate.
+pub const DEFAULT_CERT_DAYS: i64 = 90;
+
+/// Agents should warn (log + metric) when fewer days than this remain; see [`check_expiry`].
+pub const RENEW_WARN_DAYS: i64 = 30;
+
+/// Default state directory (`--dir`, env `STACKCLONE_DIR`).
+pub const DEFAULT_DIR: &str = "/etc/stackclone";

@@ -1,0 +1,751 @@
+//! QUIC endpoint configs (TLS 1.3, mutual auth, fleet CA only, deny list on every handshake),
+//! the peer's identity after the handshake, and the application-level hello/ack.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::ALPN;
+use crate::deny::{DenyList, SignedDenyList};
+use crate::error::TrustError;
+use crate::files::StateDir;
+use crate::identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, fmt_time};
+
+/// Application close code: the peer was refused after the TLS handshake (role, deny list, …).
+pub const REFUSED: quinn::VarInt = quinn::VarInt::from_u32(0x5c01);
+
+/// The SNI both agents send; not checked against certificates (names are checked by
+/// [`PeerIdentity::expect_name`], roles by [`PeerIdentity::expect_role`]).
+pub(crate) const SNI: &str = "stackclone";
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const HELLO_MAX: usize = 1 << 20;
+
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// What this host trusts: the fleet CA alone, minus the certificates on its deny list.
+///
+/// Cheap to clone; clones share the deny list, so a list adopted through one clone
+/// ([`Trust::adopt`], [`hello`], [`admit`]) applies to every endpoint built from any of them, on
+/// the next handshake.
+#[derive(Clone)]
+pub struct Trust {
+    inner: Arc<TrustInner>,
+}
+
+struct TrustInner {
+    ca: CertificateDer<'static>,
+    pin: CaPin,
+    roots: Arc<RootCertStore>,
+    deny: RwLock<DenyList>,
+    dir: Option<StateDir>,
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Trust")
+            .field("ca_pin", &self.inner.pin)
+            .field("deny_list_version", &self.deny_list().version())
+            .finish()
+    }
+}
+
+impl Trust {
+    /// Trust in `ca`, with a deny list; nothing is persisted.
+    pub fn new(ca: CertificateDer<'static>, deny: DenyList) -> Result<Trust, TrustError> {
+        Self::build(ca, deny, None)
+    }
+
+    /// `ca.crt` and `deny.json` from the state directory; deny lists adopted later are written
+    /// back there.
+    pub fn load(dir: &StateDir) -> Result<Trust, TrustError> {
+        let ca = dir.load_ca_cert()?;
+        let deny = DenyList::load(dir.root())?;
+        Self::build(ca, deny, Some(dir.clone()))
+    }
+
+    fn build(
+        ca: CertificateDer<'static>,
+        deny: DenyList,
+        dir: Option<StateDir>,
+    ) -> Result<Trust, TrustError> {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone())?;
+        Ok(Trust {
+            inner: Arc::new(TrustInner {
+                pin: CaPin::of_certificate(&ca)?,
+                ca,
+                roots: Arc::new(roots),
+                deny: RwLock::new(deny),
+                dir,
+            }),
+        })
+    }
+
+    /// The fleet CA certificate.
+    pub fn ca_certificate(&self) -> &CertificateDer<'static> {
+        &self.inner.ca
+    }
+
+    /// The fleet CA pin.
+    pub fn ca_pin(&self) -> CaPin {
+        self.inner.pin
+    }
+
+    /// A copy of the deny list in force.
+    pub fn deny_list(&self) -> DenyList {
+        match self.inner.deny.read() {
+            Ok(d) => d.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Verifies `signed` against the fleet CA and, if it is newer than the list in force,
+    /// replaces it (and writes it to `deny.json` when loaded from a directory). Returns whether
+    /// it was adopted.
+    pub fn adopt(&self, signed: &SignedDenyList) -> Result<bool, TrustError> {
+        self.adopt_list(DenyList::verify_signed(signed, &self.inner.ca)?, true)
+    }
+
+    /// Re-reads `deny.json` from the state directory this trust was loaded from and adopts it if
+    /// newer (without writing). A long-running process on the CA host calls this so that a
+    /// `stackclone-certs revoke` run beside it takes effect on the next handshake; `serve` does
+    /// it for every incoming connection.
+    pub fn reload(&self) -> Result<bool, TrustError> {
+        let Some(dir) = &self.inner.dir else {
+            return Ok(false);
+        };
+        let Some(signed) = dir.read_json::<SignedDenyList>(&dir.deny_list(), "signed deny list")?
+        else {
+            return Ok(false);
+        };
+        self.adopt_list(DenyList::verify_signed(&signed, &self.inner.ca)?, false)
+    }
+
+    fn adopt_list(&self, list: DenyList, persist: bool) -> Result<bool, TrustError> {
+        let mut current = match self.inner.deny.write() {
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if !list.newer_than(&current) {
+            return Ok(false);
+        }
+        if persist && let Some(dir) = &self.inner.dir {
+            list.save(dir)?;
+        }
+        tracing::info!(
+            version = list.version(),
+            revoked = list.entries().len(),
+            "adopted deny list"
+        );
+        *current = list;
+        Ok(true)
+    }
+
+    /// Refuses a certificate on the deny list.
+    pub fn check_not_revoked(&self, cert: &[u8]) -> Result<(), TrustError> {
+        let fingerprint = Fingerprint::of(cert);
+        let deny = self.deny_list();
+        if deny.contains(&fingerprint) {
+            let name = PeerIdentity::from_certificate(cert)
+                .map(|p| p.name)
+                .unwrap_or_else(|_| "<unparseable>".into());
+            return Err(TrustError::Revoked {
+                name,
+                fingerprint,
+                version: deny.version(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn roots(&self) -> Arc<RootCertStore> {
+        self.inner.roots.clone()
+    }
+}
+
+/// Turns webpki's terse errors into ones that name the certificate and what to do.
+fn explain(err: rustls::Error, cert: &[u8]) -> rustls::Error {
+    let info = PeerIdentity::from_certificate(cert).ok();
+    let name = info
+        .as_ref()
+        .map_or_else(|| "<unparseable>".to_owned(), |p| p.name.clone());
+    let friendly = match (&err, &info) {
+        (
+            rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            ),
+            Some(info),
+        ) => TrustError::CertificateExpired {
+            name,
+            not_after: fmt_time(info.not_after),
+        },
+        (
+            rustls::Error::InvalidCertificate(
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+            ),
+            Some(info),
+        ) => TrustError::CertificateNotYetValid {
+            name,
+            not_before: fmt_time(info.not_before),
+        },
+        (
+            rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer | CertificateError::BadSignature,
+            ),
+            _,
+        ) => TrustError::UnknownCa {
+            name,
+            detail: err.to_string(),
+        },
+        _ => return err,
+    };
+    other(friendly)
+}
+
+fn other(err: TrustError) -> rustls::Error {
+    rustls::Error::Other(OtherError(Arc::new(err)))
+}
+
+/// Verifies a server against the fleet CA and the deny list. The server name is not matched:
+/// see [`SNI`].
+#[derive(Debug)]
+struct FleetServerVerifier {
+    trust: Trust,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for FleetServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.trust.roots(),
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )
+        .map_err(|e| explain(e, end_entity))?;
+        self.trust.check_not_revoked(end_entity).map_err(other)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Verifies a client with webpki (fleet CA, clientAuth EKU, validity), then the deny list.
+#[derive(Debug)]
+struct FleetClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust: Trust,
+    mandatory: bool,
+}
+
+impl ClientCertVerifier for FleetClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|e| explain(e, end_entity))?;
+        self.trust.check_not_revoked(end_entity).map_err(other)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Whether a server demands a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientAuth {
+    Required,
+    /// The enrollment service: joiners have no certificate yet, renewals present theirs.
+    Optional,
+}
+
+pub(crate) fn rustls_server_config(
+    identity: &Identity,
+    trust: &Trust,
+    client_auth: ClientAuth,
+    alpn: &[u8],
+) -> Result<quinn::ServerConfig, TrustError> {
+    let provider = provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(trust.roots(), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let verifier = Arc::new(FleetClientVerifier {
+        inner,
+        trust: trust.clone(),
+        mandatory: client_auth == ClientAuth::Required,
+    });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![
+                identity.certificate().clone(),
+                identity.ca_certificate().clone(),
+            ],
+            identity.private_key(),
+        )?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config)
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+pub(crate) fn rustls_client_config(
+    identity: Option<&Identity>,
+    verifier: Arc<dyn ServerCertVerifier>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TrustError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(
+            vec![id.certificate().clone(), id.ca_certificate().clone()],
+            id.private_key(),
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config)
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+pub(crate) fn fleet_server_verifier(trust: &Trust) -> Arc<dyn ServerCertVerifier> {
+    Arc::new(FleetServerVerifier {
+        trust: trust.clone(),
+        provider: provider(),
+    })
+}
+
+/// The agents' server config: TLS 1.3 only, a fleet client certificate required and checked
+/// against the deny list on every handshake, ALPN [`ALPN`].
+pub fn server_config(
+    identity: &Identity,
+    trust: &Trust,
+) -> Result<quinn::ServerConfig, TrustError> {
+    let mut config = rustls_server_config(identity, trust, ClientAuth::Required, ALPN)?;
+    config.transport_config(agent_transport());
+    Ok(config)
+}
+
+/// How long a connection may go without a packet before it is considered dead.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// Keep-alive interval: a cycle can be quiet for a long time (a big signature being computed,
+/// a commit under way) while both peers are alive; keep-alives stop the idle timer from firing
+/// then, and a peer that really vanished is noticed after [`IDLE_TIMEOUT`].
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(4);
+
+fn agent_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("20 s fits a QUIC idle timeout"),
+    ));
+    Arc::new(t)
+}
+
+/// The agents' client config: TLS 1.3 only, presents `identity`, accepts only servers signed by
+/// the fleet CA and not on the deny list, ALPN [`ALPN`]. The server *name* is not checked in
+/// TLS: call [`hello`] with the role you expect, and [`PeerIdentity::expect_name`] if you dial a
+/// particular host.
+pub fn client_config(
+    identity: &Identity,
+    trust: &Trust,
+) -> Result<quinn::ClientConfig, TrustError> {
+    let mut config = rustls_client_config(Some(identity), fleet_server_verifier(trust), ALPN)?;
+    config.transport_config(agent_transport());
+    Ok(config)
+}
+
+/// The peer's identity, from the certificate it presented in this connection's handshake.
+pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, TrustError> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or(TrustError::NoPeerCertificate)?;
+    let leaf = certs.first().ok_or(TrustError::NoPeerCertificate)?;
+    PeerIdentity::from_certificate(leaf)
+}
+
+/// rustls's prefix for errors our verifiers return; our messages stand on their own.
+const RUSTLS_OTHER: &str = "other error: ";
+
+/// Maps a lost connection to what the person should read: the peer's refusal (its close reason,
+/// which carries the TLS verifier's message) or our own handshake failure.
+pub(crate) fn connection_error(
+    peer: SocketAddr,
+    phase: &'static str,
+    err: &quinn::ConnectionError,
+) -> TrustError {
+    use quinn::ConnectionError as E;
+    match err {
+        E::ConnectionClosed(close) => TrustError::Refused {
+            peer,
+            phase,
+            reason: if close.reason.is_empty() {
+                close.to_string()
+            } else {
+                format!(
+                    "{} ({})",
+                    String::from_utf8_lossy(&close.reason).replace(RUSTLS_OTHER, ""),
+                    close.error_code
+                )
+            },
+        },
+        E::ApplicationClosed(close) => TrustError::Refused {
+            peer,
+            phase,
+            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+        },
+        E::TransportError(e) => TrustError::Handshake {
+            peer,
+            reason: if e.reason.is_empty() {
+                e.to_string()
+            } else {
+                e.reason.replace(RUSTLS_OTHER, "")
+            },
+        },
+        other => TrustError::Handshake {
+            peer,
+            reason: other.to_string(),
+        },
+    }
+}
+
+pub(crate) fn read_error(
+    peer: SocketAddr,
+    phase: &'static str,
+    err: quinn::ReadToEndError,
+) -> TrustError {
+    match err {
+        quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(e)) => {
+            connection_error(peer, phase, &e)
+        }
+        other => TrustError::Protocol {
+            peer,
+            phase,
+            detail: other.to_string(),
+        },
+    }
+}
+
+pub(crate) fn write_error(
+    peer: SocketAddr,
+    phase: &'static str,
+    err: quinn::WriteError,
+) -> TrustError {
+    match err {
+        quinn::WriteError::ConnectionLost(e) => connection_error(peer, phase, &e),
+        other => TrustError::Protocol {
+            peer,
+            phase,
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// Sends `msg` as JSON on `send` and finishes the stream.
+pub(crate) async fn send_json<T: Serialize>(
+    peer: SocketAddr,
+    phase: &'static str,
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), TrustError> {
+    let bytes = serde_json::to_vec(msg).map_err(|e| TrustError::Protocol {
+        peer,
+        phase,
+        detail: e.to_string(),
+    })?;
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| write_error(peer, phase, e))?;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Reads one JSON message (the whole stream) within a time limit.
+pub(crate) async fn recv_json<T: serde::de::DeserializeOwned>(
+    peer: SocketAddr,
+    phase: &'static str,
+    recv: &mut quinn::RecvStream,
+) -> Result<T, TrustError> {
+    let bytes = tokio::time::timeout(HELLO_TIMEOUT, recv.read_to_end(HELLO_MAX))
+        .await
+        .map_err(|_| TrustError::Timeout {
+            peer,
+            phase,
+            secs: HELLO_TIMEOUT.as_secs(),
+        })?
+        .map_err(|e| read_error(peer, phase, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| TrustError::Protocol {
+        peer,
+        phase,
+        detail: format!("bad message: {e}"),
+    })
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    deny_list_version: u64,
+    deny_list: Option<SignedDenyList>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+enum HelloReply {
+    Admitted { deny_list: Option<SignedDenyList> },
+    Refused { reason: String },
+}
+
+/// The outcome of [`hello`] / [`admit`]: who the peer is, and whether it taught us a newer deny
+/// list.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// The authenticated peer; its role was checked.
+    pub peer: PeerIdentity,
+    /// Whether a newer deny list came from the peer and was adopted.
+    pub learned_deny_list: bool,
+}
+
+/// Client side of the hello/ack on the connection's first bi stream: checks the server's role,
+/// offers our deny list, and waits until the server admits or refuses us.
+///
+/// With TLS 1.3 client auth, `connect()` can succeed although the server rejected our
+/// certificate; that rejection (and a refusal after the handshake) comes back here as
+/// [`TrustError::Refused`] with the server's reason.
+pub async fn hello(
+    conn: &quinn::Connection,
+    trust: &Trust,
+    expect: Role,
+) -> Result<Admission, TrustError> {
+    let addr = conn.remote_address();
+    let phase = "hello";
+    let peer = peer_identity(conn)?;
+    if let Err(e) = peer.expect_role(expect) {
+        conn.close(REFUSED, e.to_string().as_bytes());
+        return Err(e);
+    }
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| connection_error(addr, phase, &e))?;
+    let deny = trust.deny_list();
+    let msg = Hello {
+        deny_list_version: deny.version(),
+        deny_list: deny.signed().cloned(),
+    };
+    send_json(addr, phase, &mut send, &msg).await?;
+    match recv_json::<HelloReply>(addr, phase, &mut recv).await? {
+        HelloReply::Admitted { deny_list } => {
+            let learned = match deny_list {
+                Some(signed) => trust.adopt(&signed)?,
+                None => false,
+            };
+            Ok(Admission {
+                peer,
+                learned_deny_list: learned,
+            })
+        }
+        HelloReply::Refused { reason } => Err(TrustError::Refused {
+            peer: addr,
+            phase,
+            reason,
+        }),
+    }
+}
+
+/// Server side of the hello/ack: reads the client's hello, checks its role (its certificate was
+/// already checked by [`server_config`]'s verifier), adopts a newer deny list it carries, and
+/// answers. On refusal the client is told why, the connection is closed with [`REFUSED`], and the
+/// error is returned.
+pub async fn admit(
+    conn: &quinn::Connection,
+    trust: &Trust,
+    expect: Role,
+) -> Result<Admission, TrustError> {
+    let addr = conn.remote_address();
+    let phase = "hello";
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| TrustError::Timeout {
+            peer: addr,
+            phase,
+            secs: HELLO_TIMEOUT.as_secs(),
+        })?
+        .map_err(|e| connection_error(addr, phase, &e))?;
+    let hello: Hello = recv_json(addr, phase, &mut recv).await?;
+    let verdict = (|| {
+        let learned = match &hello.deny_list {
+            Some(signed) => trust.adopt(signed)?,
+            None => false,
+        };
+        let peer = peer_identity(conn)?;
+        peer.expect_role(expect)?;
+        // The list the client just taught us may name the client itself.
+        if let Some(certs) = conn
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+            && let Some(leaf) = certs.first()
+        {
+            trust.check_not_revoked(leaf)?;
+        }
+        Ok::<_, TrustError>(Admission {
+            peer,
+            learned_deny_list: learned,
+        })
+    })();
+    match verdict {
+        Ok(admission) => {
+            let ours = trust.deny_list();
+            let reply = HelloReply::Admitted {
+                deny_list: (ours.version() > hello.deny_list_version)
+                    .then(|| ours.signed().cloned())
+                    .flatten(),
+            };
+            send_json(addr, phase, &mut send, &reply).await?;
+            Ok(admission)
+        }
+        Err(err) => {
+            let reason = err.to_string();
+            let reply = HelloReply::Refused {
+                reason: reason.clone(),
+            };
+            if send_json(addr, phase, &mut send, &reply).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            }
+            conn.close(REFUSED, reason.as_bytes());
+            Err(err)
+        }
+    }
+}
+
+/// Dials `addr` with `endpoint` (whose default client config should come from
+/// [`client_config`]) and runs [`hello`]; every failure, including a certificate the server
+/// rejected, comes back as a [`TrustError`] that names the reason.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    trust: &Trust,
+    expect: Role,
+) -> Result<(quinn::Connection, Admission), TrustError> {
+    let connecting = endpoint
+        .connect(addr, SNI)
+        .map_err(|e| TrustError::Handshake {
+            peer: addr,
+            reason: e.to_string(),
+        })?;
+    let conn = connecting
+        .await
+        .map_err(|e| connection_error(addr, "handshake", &e))?;
+    let admission = hello(&conn, trust, expect).await?;
+    Ok((conn, admission))
+}
+
+/// Completes an incoming connection's handshake and runs [`admit`].
+pub async fn accept(
+    incoming: quinn::Incoming,
+    trust: &Trust,
+    expect: Role,
+) -> Result<(quinn::Connection, Admission), TrustError> {
+    let addr = incoming.remote_address();
+    let conn = incoming
+        .await
+        .map_err(|e| connection_error(addr, "handshake", &e))?;
+    let admission = admit(&conn, trust, expect).await?;
+    Ok((conn, admission))
+}

@@ -1,0 +1,328 @@
+//! The agents' endpoint configs over real QUIC on 127.0.0.1: who gets in, who is refused, and
+//! what each side is told.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use stackclone_certs::{
+    Admission, Ca, CertProfile, DenyList, Identity, NewHost, Revocation, Role, Trust, TrustError,
+    accept, check_expiry, client_config, connect, server_config,
+};
+use time::{Duration, OffsetDateTime};
+
+fn fleet() -> (Ca, Trust) {
+    let ca = Ca::create("test", 30).unwrap();
+    let trust = Trust::new(ca.certificate().clone(), DenyList::empty()).unwrap();
+    (ca, trust)
+}
+
+fn host(ca: &Ca, name: &str, role: Role) -> NewHost {
+    ca.new_host(&CertProfile::new(name, role, None, 10))
+        .unwrap()
+}
+
+fn host_valid(ca: &Ca, name: &str, role: Role, from: Duration, to: Duration) -> Identity {
+    let now = OffsetDateTime::now_utc();
+    let profile = CertProfile {
+        not_before: now + from,
+        not_after: now + to,
+        ..CertProfile::new(name, role, None, 10)
+    };
+    ca.new_host(&profile).unwrap().identity
+}
+
+type ServerResult = Result<(quinn::Connection, Admission), TrustError>;
+
+/// A server that admits one connection expecting `expect`, and reports the outcome.
+fn listen(
+    identity: &Identity,
+    trust: &Trust,
+    expect: Role,
+) -> (SocketAddr, tokio::task::JoinHandle<ServerResult>) {
+    let endpoint = quinn::Endpoint::server(
+        server_config(identity, trust).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let trust = trust.clone();
+    let task = tokio::spawn(async move {
+        let incoming = endpoint.accept().await.expect("endpoint open");
+        let result = accept(incoming, &trust, expect).await;
+        if let Ok((conn, _)) = &result {
+            // Keep the connection until the client has read the ack.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
+        }
+        result
+    });
+    (addr, task)
+}
+
+async fn dial(
+    identity: &Identity,
+    trust: &Trust,
+    addr: SocketAddr,
+    expect: Role,
+) -> Result<(quinn::Connection, Admission), TrustError> {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_config(identity, trust).unwrap());
+    connect(&endpoint, addr, trust, expect).await
+}
+
+fn text<T>(r: Result<T, TrustError>) -> String {
+    match r {
+        Ok(_) => panic!("expected a refusal"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn pair_connects_and_both_sides_see_name_role_and_flag_key() {
+    let (ca, trust) = fleet();
+    let source = host(&ca, "primary", Role::Source);
+    let target = host(&ca, "standby", Role::Target);
+    let (addr, server) = listen(&target.identity, &trust, Role::Source);
+
+    let (conn, admitted) = dial(&source.identity, &trust, addr, Role::Target)
+        .await
+        .unwrap();
+    assert_eq!(admitted.peer.name, "standby");
+    assert_eq!(admitted.peer.role, Role::Target);
+    assert_eq!(admitted.peer.flag_key, None);
+    let peer = stackclone_certs::peer_identity(&conn).unwrap();
+    assert_eq!(peer.fingerprint, target.identity.info().fingerprint);
+    conn.close(0u32.into(), b"bye");
+
+    let (_, on_target) = server.await.unwrap().unwrap();
+    assert_eq!(on_target.peer.name, "primary");
+    assert_eq!(on_target.peer.role, Role::Source);
+    // The target learns the one flag key it accepts from this source from the certificate.
+    let flag = source.flag_key.as_ref().unwrap().verifying_key();
+    assert_eq!(on_target.peer.flag_key, Some(flag));
+}
+
+#[tokio::test]
+async fn client_from_another_ca_is_refused() {
+    let (ca, trust) = fleet();
+    let (other_ca, _) = fleet();
+    let target = host(&ca, "standby", Role::Target);
+    let intruder = host(&other_ca, "primary", Role::Source);
+    let (addr, server) = listen(&target.identity, &trust, Role::Source);
+
+    // The intruder trusts our CA, so only the server's verdict can stop it.
+    let err = text(dial(&intruder.identity, &trust, addr, Role::Target).await);
+    assert!(err.contains("refused by"), "{err}");
+    assert!(
+        err.contains("certificate for `primary` is not signed by this fleet's CA"),
+        "{err}"
+    );
+    let err = text(server.await.unwrap());
+    assert!(err.contains("not signed by this fleet's CA"), "{err}");
+}
+
+#[tokio::test]
+async fn server_from_another_ca_is_refused_by_the_client() {
+    let (ca, trust) = fleet();
+    let (other_ca, other_trust) = fleet();
+    let source = host(&ca, "primary", Role::Source);
+    let impostor = host(&other_ca, "standby", Role::Target);
+    let (addr, _server) = listen(&impostor.identity, &other_trust, Role::Source);
+
+    let err = text(dial(&source.identity, &trust, addr, Role::Target).await);
+    assert!(err.contains("handshake with"), "{err}");
+    assert!(
+        err.contains("certificate for `standby` is not signed by this fleet's CA"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn expired_certificate_is_refused() {
+    let (ca, trust) = fleet();
+    let target = host(&ca, "standby", Role::Target);
+    let old = host_valid(
+        &ca,
+        "primary",
+        Role::Source,
+        Duration::days(-10),
+        Duration::days(-1),
+    );
+    let (addr, server) = listen(&target.identity, &trust, Role::Source);
+
+    let err = text(dial(&old, &trust, addr, Role::Target).await);
+    assert!(
+        err.contains("certificate for `primary` expired on"),
+        "{err}"
+    );
+    let err = text(server.await.unwrap());
+    assert!(
+        err.contains("certificate for `primary` expired on"),
+        "{err}"
+    );
+    assert!(matches!(
+        check_expiry(old.info(), OffsetDateTime::now_utc()),
+        Err(TrustError::CertificateExpired { .. })
+    ));
+}
+
+#[tokio::test]
+async fn not_yet_valid_certificate_is_refused() {
+    let (ca, trust) = fleet();
+    let source = host(&ca, "primary", Role::Source);
+    let future = host_valid(
+        &ca,
+        "standby",
+        Role::Target,
+        Duration::days(1),
+        Duration::days(9),
+    );
+    let (addr, _server) = listen(&future, &trust, Role::Source);
+
+    // Here the server's certificate is the bad one: the client refuses it.
+    let err = text(dial(&source.identity, &trust, addr, Role::Target).await);
+    assert!(
+        err.contains("certificate for `standby` is not valid before"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn revoked_certificate_is_refused() {
+    let (ca, _) = fleet();
+    let source = host(&ca, "primary", Role::Source);
+    let target = host(&ca, "standby", Role::Target);
+    let revoked = DenyList::empty()
+        .revoke(
+            &ca,
+            vec![Revocation {
+                name: "primary".into(),
+                fingerprint: source.identity.info().fingerprint,
+                serial: source.identity.info().serial.clone(),
+                revoked_at: "now".into(),
+            }],
+        )
+        .unwrap();
+    let target_trust = Trust::new(ca.certificate().clone(), revoked).unwrap();
+    let source_trust = Trust::new(ca.certificate().clone(), DenyList::empty()).unwrap();
+    let (addr, server) = listen(&target.identity, &target_trust, Role::Source);
+
+    let err = text(dial(&source.identity, &source_trust, addr, Role::Target).await);
+    assert!(err.contains("certificate for `primary`"), "{err}");
+    assert!(err.contains("is revoked (deny list v1)"), "{err}");
+    let err = text(server.await.unwrap());
+    assert!(err.contains("is revoked"), "{err}");
+}
+
+#[tokio::test]
+async fn deny_list_carried_in_the_source_hello_reaches_the_target() {
+    let (ca, _) = fleet();
+    let source = host(&ca, "primary", Role::Source);
+    let target = host(&ca, "standby", Role::Target);
+    let stolen = host(&ca, "laptop", Role::Source);
+    let list = DenyList::empty()
+        .revoke(
+            &ca,
+            vec![Revocation {
+                name: "laptop".into(),
+                fingerprint: stolen.identity.info().fingerprint,
+                serial: stolen.identity.info().serial.clone(),
+                revoked_at: "now".into(),
+            }],
+        )
+        .unwrap();
+    let source_trust = Trust::new(ca.certificate().clone(), list).unwrap();
+    let target_trust = Trust::new(ca.certificate().clone(), DenyList::empty()).unwrap();
+
+    // Before it learns the list, the target would admit the stolen certificate.
+    let (addr, server) = listen(&target.identity, &target_trust, Role::Source);
+    let (conn, _) = dial(&source.identity, &source_trust, addr, Role::Target)
+        .await
+        .unwrap();
+    conn.close(0u32.into(), b"bye");
+    let (_, admitted) = server.await.unwrap().unwrap();
+    assert!(admitted.learned_deny_list);
+    assert_eq!(target_trust.deny_list().version(), 1);
+
+    // Now it refuses it at the handshake.
+    let (addr, server) = listen(&target.identity, &target_trust, Role::Source);
+    let stolen_trust = Trust::new(ca.certificate().clone(), DenyList::empty()).unwrap();
+    let err = text(dial(&stolen.identity, &stolen_trust, addr, Role::Target).await);
+    assert!(
+        err.contains("certificate for `laptop`") && err.contains("revoked"),
+        "{err}"
+    );
+    assert!(text(server.await.unwrap()).contains("revoked"));
+}
+
+#[tokio::test]
+async fn wrong_role_is_refused_on_both_sides() {
+    let (ca, trust) = fleet();
+    let target = host(&ca, "standby", Role::Target);
+    let other_target = host(&ca, "standby2", Role::Target);
+
+    // A target dialing a target that only admits sources.
+    let (addr, server) = listen(&target.identity, &trust, Role::Source);
+    let err = text(dial(&other_target.identity, &trust, addr, Role::Target).await);
+    assert!(
+        err.contains("peer `standby2` has role target, expected source"),
+        "{err}"
+    );
+    let err = server.await.unwrap().err().unwrap();
+    assert!(matches!(err, TrustError::WrongRole { .. }), "{err}");
+
+    // A dialer that expects a source but reaches a target.
+    let source = host(&ca, "primary", Role::Source);
+    let (addr, _server) = listen(&target.identity, &trust, Role::Source);
+    let err = dial(&source.identity, &trust, addr, Role::Source)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.to_string(),
+        "peer `standby` has role target, expected source"
+    );
+}
+
+#[tokio::test]
+async fn client_without_certificate_is_refused() {
+    let (ca, trust) = fleet();
+    let target = host(&ca, "standby", Role::Target);
+    let (addr, server) = listen(&target.identity, &trust, Role::Source);
+
+    // A well-behaved TLS client that trusts the fleet CA but has no certificate.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.certificate().clone()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![stackclone_certs::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let outcome = async {
+        let conn = endpoint.connect(addr, "standby")?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(b"{}").await?;
+        send.finish()?;
+        recv.read_to_end(1024).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let err = format!("{:#}", outcome.expect_err("refused"));
+    assert!(err.contains("peer sent no certificates"), "{err}");
+    let err = text(server.await.unwrap());
+    assert!(err.contains("peer sent no certificates"), "{err}");
+}
+
+#[test]
+fn check_expiry_counts_days_left() {
+    let (ca, _) = fleet();
+    let id = host(&ca, "standby", Role::Target).identity;
+    let days = check_expiry(id.info(), OffsetDateTime::now_utc()).unwrap();
+    assert!((9..=10).contains(&days), "{days}");
+    let later = OffsetDateTime::now_utc() + Duration::days(8);
+    assert!(check_expiry(id.info(), later).unwrap() < stackclone_certs::RENEW_WARN_DAYS);
+}
