@@ -1,0 +1,375 @@
+//! The persisted hash cache: what a file's BLAKE3 was the last time its stat looked like this.
+//!
+//! Like git's index, the cache lets an unchanged tree cost one `lstat` per file and no reads. A
+//! cached hash is trusted only when every part of the key still matches — path, size, mtime and
+//! ctime in nanoseconds, inode and device — and the entry is not *racily clean*: a file whose
+//! mtime or ctime is not older than the moment the scan that recorded it started may have been
+//! written again within the same timestamp tick after it was hashed, so it is hashed again.
+//! ctime is what catches a content change hidden behind a reset mtime (`touch -d`): any write or
+//! `utimensat` moves it, and it cannot be set back from user space.
+//!
+//! The scan start is read from the file system's own clock (the mtime of the temporary file the
+//! next cache is written to, created when the scan starts) and from the system clock, whichever
+//! is earlier, so a file system with coarse timestamps (1 s, 2 s) cannot make a racy entry look
+//! older than it is. The two must be on the same machine's clock: keep the cache file on a local
+//! file system. A file whose mtime lies in the future is never trusted, so it is hashed every time.
+//!
+//! On disk: `MAGIC`, a `u32` format version, the body length as `u64`, the body (serde + bincode,
+//! `standard()`), and the BLAKE3 of the body. A file that is missing, truncated, of another
+//! version, for another root or whose checksum fails is ignored (the scan hashes everything) and
+//! the reason is reported; it is never an error. A new cache is written atomically: temporary
+//! file in the same directory, `fsync`, rename, `fsync` of the directory.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use stackclone_proto::manifest::Hash;
+
+const MAGIC: &[u8; 8] = b"SCHCACHE";
+const VERSION: u32 = 1;
+const HEADER_LEN: usize = MAGIC.len() + 4 + 8;
+const TRAILER_LEN: usize = 32;
+/// Upper bound for decoding, so a corrupt length inside a body that passed its checksum (which
+/// would take a bug, not bit rot) still cannot make us allocate without limit.
+const DECODE_LIMIT: usize = 1 << 32;
+
+/// What the stat of a file looked like when its hash was computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StatKey {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+    pub dev: u64,
+}
+
+impl StatKey {
+    pub(crate) fn of(md: &fs::Metadata) -> Self {
+        Self {
+            size: md.size(),
+            mtime_ns: timestamp_ns(md.mtime(), md.mtime_nsec()),
+            ctime_ns: timestamp_ns(md.ctime(), md.ctime_nsec()),
+            ino: md.ino(),
+            dev: md.dev(),
+        }
+    }
+}
+
+/// Seconds and nanoseconds as one count of nanoseconds since the epoch (saturating far outside
+/// the years 1678–2262, where no real timestamp lies).
+pub(crate) fn timestamp_ns(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CachedHash {
+    key: StatKey,
+    hash: [u8; 32],
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Body {
+    /// The root the entries were recorded for, as bytes.
+    root: Vec<u8>,
+    /// When the scan that recorded the entries started, ns since the epoch.
+    scan_start_ns: i64,
+    entries: Vec<(Vec<u8>, CachedHash)>,
+}
+
+/// What happened to the cache file when the scan read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// No cache path was configured.
+    Disabled,
+    /// The cache was not consulted (`checksum` was set); a fresh one was written.
+    Bypassed,
+    /// The cache file did not exist yet (first scan).
+    Missing,
+    /// The cache file was read; this many entries were in it.
+    Loaded { entries: u64 },
+    /// The cache file existed but was unusable, so every file was hashed. Never an error.
+    Discarded { reason: String },
+}
+
+/// The previous scan's hashes, as loaded.
+#[derive(Debug, Default)]
+pub(crate) struct LoadedCache {
+    scan_start_ns: i64,
+    entries: HashMap<Vec<u8>, CachedHash>,
+}
+
+impl LoadedCache {
+    /// The cached hash for `path`, if the key matches and the entry is not racily clean.
+    pub(crate) fn lookup(&self, path: &[u8], key: &StatKey) -> Option<Hash> {
+        let cached = self.entries.get(path)?;
+        let trusted = cached.key == *key
+            && key.mtime_ns < self.scan_start_ns
+            && key.ctime_ns < self.scan_start_ns;
+        trusted.then_some(Hash(cached.hash))
+    }
+}
+
+/// Reads the cache at `path` for `root`. Every failure becomes a [`CacheStatus`], not an error.
+pub(crate) fn load(path: &Path, root: &Path) -> (LoadedCache, CacheStatus) {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return (LoadedCache::default(), CacheStatus::Missing);
+        }
+        Err(e) => return discarded(format!("reading {}: {e}", path.display())),
+    };
+    match parse(&bytes, root) {
+        Ok(cache) => {
+            let entries = cache.entries.len() as u64;
+            (cache, CacheStatus::Loaded { entries })
+        }
+        Err(reason) => discarded(reason),
+    }
+}
+
+fn discarded(reason: String) -> (LoadedCache, CacheStatus) {
+    (LoadedCache::default(), CacheStatus::Discarded { reason })
+}
+
+fn parse(bytes: &[u8], root: &Path) -> Result<LoadedCache, String> {
+    if bytes.len() < HEADER_LEN + TRAILER_LEN || &bytes[..MAGIC.len()] != MAGIC {
+        return Err("not a stackclone hash cache (bad magic or too short)".into());
+    }
+    let (version, rest) = bytes[MAGIC.len()..].split_at(4);
+    let version = u32::from_le_bytes(version.try_into().map_err(|_| "short header")?);
+    if version != VERSION {
+        return Err(format!(
+            "cache format version {version}, expected {VERSION}"
+        ));
+    }
+    let (len, rest) = rest.split_at(8);
+    let len = u64::from_le_bytes(len.try_into().map_err(|_| "short header")?);
+    if len != (rest.len() - TRAILER_LEN) as u64 {
+        return Err(format!(
+            "body length {len} does not match the file ({} bytes): truncated?",
+            rest.len() - TRAILER_LEN
+        ));
+    }
+    let (body, sum) = rest.split_at(rest.len() - TRAILER_LEN);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err("checksum mismatch: the cache file is corrupt".into());
+    }
+    let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
+    let (body, used): (Body, usize) = bincode::serde::decode_from_slice(body, config)
+        .map_err(|e| format!("undecodable body: {e}"))?;
+    if used != len as usize {
+        return Err("trailing bytes after the body".into());
+    }
+    if body.root != root.as_os_str().as_bytes() {
+        return Err(format!(
+            "recorded for root {}, not {}",
+            String::from_utf8_lossy(&body.root),
+            root.display()
+        ));
+    }
+    Ok(LoadedCache {
+        scan_start_ns: body.scan_start_ns,
+        entries: body.entries.into_iter().collect(),
+    })
+}
+
+/// The next cache file, begun when the scan starts: its temporary file is created first, so its
+/// mtime is the scan start on the file system's clock.
+#[derive(Debug)]
+pub(crate) struct PendingCache {
+    path: PathBuf,
+    tmp_path: PathBuf,
+    tmp: File,
+    scan_start_ns: i64,
+    entries: Vec<(Vec<u8>, CachedHash)>,
+}
+
+impl PendingCache {
+    pub(crate) fn begin(path: &Path) -> io::Result<Self> {
+        let system_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        // Unique per process and per scan, so two scans sharing a cache path never share a
+        // temporary file; the last rename wins.
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        name.push(format!(".tmp.{}.{seq}", std::process::id()));
+        let tmp_path = path.with_file_name(name);
+        let tmp = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp_path)?;
+        let md = tmp.metadata()?;
+        let fs_now = timestamp_ns(md.mtime(), md.mtime_nsec())
+            .min(timestamp_ns(md.ctime(), md.ctime_nsec()));
+        Ok(Self {
+            path: path.to_path_buf(),
+            tmp_path,
+            tmp,
+            scan_start_ns: system_now.min(fs_now),
+            entries: Vec::new(),
+        })
+    }
+
+    pub(crate) fn record(&mut self, path: &[u8], key: StatKey, hash: Hash) {
+        self.entries
+            .push((path.to_vec(), CachedHash { key, hash: hash.0 }));
+    }
+
+    /// Writes, syncs and renames into place. Only paths recorded in this scan are kept, so
+    /// entries for paths that no longer exist are dropped.
+    pub(crate) fn commit(mut self, root: &Path) -> io::Result<()> {
+        let body = Body {
+            root: root.as_os_str().as_bytes().to_vec(),
+            scan_start_ns: self.scan_start_ns,
+            entries: std::mem::take(&mut self.entries),
+        };
+        let body = bincode::serde::encode_to_vec(&body, bincode::config::standard())
+            .map_err(io::Error::other)?;
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TRAILER_LEN);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&body);
+        out.extend_from_slice(blake3::hash(&body).as_bytes());
+        self.tmp.write_all(&out)?;
+        self.tmp.sync_all()?;
+        fs::rename(&self.tmp_path, &self.path)?;
+        // The rename is durable only once the directory is synced.
+        if let Some(dir) = self.path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Removes the temporary file of a scan that failed.
+    pub(crate) fn abandon(self) {
+        // Best effort: a stale temporary file is harmless and replaced by the next scan.
+        let _ = fs::remove_file(&self.tmp_path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> StatKey {
+        StatKey {
+            size: 5,
+            mtime_ns: 100,
+            ctime_ns: 200,
+            ino: 7,
+            dev: 8,
+        }
+    }
+
+    fn write_cache(dir: &Path, root: &Path) -> PathBuf {
+        let path = dir.join("cache");
+        let mut p = PendingCache::begin(&path).unwrap();
+        p.record(b"a/b", key(), Hash::of(b"hello"));
+        p.commit(root).unwrap();
+        path
+    }
+
+    #[test]
+    fn round_trips_and_rejects_changed_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_cache(dir.path(), Path::new("/srv/stack"));
+        let (cache, status) = load(&path, Path::new("/srv/stack"));
+        assert_eq!(status, CacheStatus::Loaded { entries: 1 });
+        assert_eq!(cache.lookup(b"a/b", &key()), Some(Hash::of(b"hello")));
+        assert_eq!(cache.lookup(b"a/c", &key()), None);
+        for changed in [
+            StatKey { size: 6, ..key() },
+            StatKey {
+                mtime_ns: 101,
+                ..key()
+            },
+            StatKey {
+                ctime_ns: 201,
+                ..key()
+            },
+            StatKey { ino: 9, ..key() },
+            StatKey { dev: 9, ..key() },
+        ] {
+            assert_eq!(cache.lookup(b"a/b", &changed), None, "{changed:?}");
+        }
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "temporary file left behind");
+    }
+
+    #[test]
+    fn racily_clean_entries_are_not_trusted() {
+        let cache = LoadedCache {
+            scan_start_ns: 200,
+            entries: [(
+                b"f".to_vec(),
+                CachedHash {
+                    key: key(),
+                    hash: [1; 32],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        // ctime == scan start: written in the same tick the scan began.
+        assert_eq!(cache.lookup(b"f", &key()), None);
+        let older = LoadedCache {
+            scan_start_ns: 201,
+            ..cache
+        };
+        assert_eq!(older.lookup(b"f", &key()), Some(Hash([1; 32])));
+    }
+
+    #[test]
+    fn damaged_files_are_discarded_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new("/srv/stack");
+        let path = write_cache(dir.path(), root);
+        let good = fs::read(&path).unwrap();
+
+        let mut flipped = good.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x40;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("truncated", good[..good.len() - 3].to_vec()),
+            ("flipped", flipped),
+            ("empty", Vec::new()),
+            ("garbage", b"not a cache at all, just text".to_vec()),
+        ];
+        for (what, bytes) in cases {
+            fs::write(&path, bytes).unwrap();
+            let (cache, status) = load(&path, root);
+            assert!(
+                matches!(status, CacheStatus::Discarded { .. }),
+                "{what}: {status:?}"
+            );
+            assert_eq!(cache.lookup(b"a/b", &key()), None);
+        }
+
+        fs::write(&path, &good).unwrap();
+        let (_, status) = load(&path, Path::new("/srv/other"));
+        assert!(
+            matches!(status, CacheStatus::Discarded { .. }),
+            "{status:?}"
+        );
+        fs::remove_file(&path).unwrap();
+        assert_eq!(load(&path, root).1, CacheStatus::Missing);
+    }
+}

@@ -1,0 +1,46 @@
+//! What every stackclone binary's command line shares: shell completions and man pages made
+//! from its clap definition, so they never drift from the real flags.
+//!
+//! Each binary has `completions SHELL` (to stdout) and `man DIR` (one page per command and
+//! subcommand, e.g. `stackclone-source.1`, `stackclone-source-push.1`); `deploy/install.sh`
+//! and packagers call them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub use clap_complete::Shell;
+
+/// `completions SHELL`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell.
+    #[arg(value_enum)]
+    pub shell: Shell,
+}
+
+/// `man DIR`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ManArgs {
+    /// Directory to write the pages to (created if missing).
+    pub dir: PathBuf,
+}
+
+/// Writes the completion script for `cmd` to `out`.
+pub fn completions(mut cmd: clap::Command, shell: Shell, out: &mut dyn Write) {
+    let name = cmd.get_name().to_owned();
+    clap_complete::generate(shell, &mut cmd, name, out);
+}
+
+/// Writes one man page per command and visible subcommand of `cmd` into `dir`; returns the
+/// files written.
+pub fn man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    clap_mangen::generate_to(cmd, dir)?;
+    let mut written: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "1"))
+        .collect();
+    written.sort();
+    Ok(written)
+}

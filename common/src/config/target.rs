@@ -1,0 +1,267 @@
+//! `target.toml` and the target's stack files.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::alert::AlertConfig;
+
+use std::collections::BTreeMap;
+
+use super::value::{AbsPath, HostName, Secs, ServiceName, StackName};
+use super::{
+    Address, ConfigError, ConfigWarning, DEFAULT_IDENTITY_DIR, LoadOptions, Names, PathClaim,
+    PathClaims, Side, SkippedStack, check_stack_dir, is_dangerous_root, parse, read_files,
+};
+
+/// `max_skew` when the main file sets none: how far a source's signed timestamp may be from
+/// the target's clock.
+pub const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(600);
+/// `keep_generations` when a stack file sets none.
+pub const DEFAULT_KEEP_GENERATIONS: NonZeroU32 = NonZeroU32::new(3).expect("3 is not zero");
+/// `health_timeout` when a stack file sets none.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The target agent's config: `target.toml` plus `conf.d/*.toml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetConfig {
+    /// The main file it was loaded from.
+    pub file: PathBuf,
+    /// `listen = "HOST:PORT"`: the UDP address to serve QUIC on. Required; port 0 picks one.
+    pub listen: Address,
+    /// `name`: this target's name; `None` means the name in its certificate (the usual case).
+    pub name: Option<String>,
+    /// `identity_dir`, default [`DEFAULT_IDENTITY_DIR`]. A CLI's `--dir` / `STACKCLONE_DIR`
+    /// replaces it after loading.
+    pub identity_dir: PathBuf,
+    /// `metrics_listen = "HOST:PORT"`: serve Prometheus metrics there. Off when absent.
+    pub metrics_listen: Option<Address>,
+    /// `max_skew` (default 600 s): the largest clock difference accepted in a signed flag.
+    pub max_skew: Duration,
+    /// `[alerts]`: where failed commits and stale stacks (always) and commits (if asked) are
+    /// sent. No channel: off.
+    pub alerts: AlertConfig,
+    /// The stacks it serves, in `conf.d` file-name order.
+    pub stacks: Vec<TargetStack>,
+    /// Stacks whose file says `skip = true`: pushes for them are refused.
+    pub skipped: Vec<SkippedStack>,
+    /// Risky settings to log loudly (an overridden dangerous path).
+    pub warnings: Vec<ConfigWarning>,
+}
+
+/// One target stack file in `conf.d`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetStack {
+    /// `stack`: the stack's name, the same on both sides.
+    pub name: String,
+    /// The `conf.d` file it came from.
+    pub file: PathBuf,
+    /// `path`: the live copy, absolute. Created by the target if missing; if it exists it must
+    /// be a directory (when paths are checked).
+    pub path: PathBuf,
+    /// `allow = [source names]`: certificate names of the sources that may push this stack.
+    /// Never empty.
+    pub allow: Vec<String>,
+    /// `keep_generations` (default 3): how many generations' replaced data to keep for
+    /// rollback.
+    pub keep_generations: NonZeroU32,
+    /// `docker` (default true): stop, start and health-check the stack's containers around a
+    /// commit; `false` commits data only.
+    pub docker: bool,
+    /// `compose_project` (default the stack name): the `com.docker.compose.project` label.
+    pub compose_project: String,
+    /// `compose_dir` (default `path`): where the Compose file is, to create the stack's
+    /// containers the first time.
+    pub compose_dir: PathBuf,
+    /// `state_dir`: where the agent keeps this stack's journal and generations; `None` leaves
+    /// the choice to the agent.
+    pub state_dir: Option<PathBuf>,
+    /// `health_timeout` (default 120 s): how long a started stack has to become healthy.
+    pub health_timeout: Duration,
+    /// `auto_rollback` (default true): roll back to the previous generation when the stack
+    /// does not become healthy in time.
+    pub auto_rollback: bool,
+    /// `allow_dangerous_root` (default false): allow a `path` in [`super::DANGEROUS_ROOTS`].
+    pub allow_dangerous_root: bool,
+    /// `depends_on = { app = ["db"] }` and `order = ["db", "app"]`: the start order (stop is
+    /// the reverse) where the containers carry no `com.docker.compose.depends_on` label (Compose
+    /// v1). As on the source.
+    pub depends_on: BTreeMap<String, Vec<String>>,
+    pub order: Vec<String>,
+    /// `stop_timeout` (default 30 s): grace time before Docker kills a stopping container.
+    pub stop_timeout: Duration,
+    /// `max_age`, e.g. `"26h"`: the staleness watch. When no generation has been committed for
+    /// this long, `run` alerts once and exposes the stack as stale. `None`: no watch.
+    pub max_age: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMain {
+    listen: Address,
+    name: Option<HostName>,
+    identity_dir: Option<AbsPath>,
+    metrics_listen: Option<Address>,
+    max_skew: Option<Secs>,
+    #[serde(default)]
+    alerts: AlertConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStack {
+    stack: Spanned<StackName>,
+    path: Spanned<AbsPath>,
+    allow: Spanned<Vec<HostName>>,
+    #[serde(default)]
+    skip: bool,
+    keep_generations: Option<NonZeroU32>,
+    docker: Option<bool>,
+    compose_project: Option<StackName>,
+    compose_dir: Option<AbsPath>,
+    state_dir: Option<AbsPath>,
+    health_timeout: Option<Secs>,
+    auto_rollback: Option<bool>,
+    #[serde(default)]
+    allow_dangerous_root: bool,
+    #[serde(default)]
+    depends_on: BTreeMap<ServiceName, Vec<ServiceName>>,
+    order: Option<Spanned<Vec<ServiceName>>>,
+    stop_timeout: Option<Secs>,
+    max_age: Option<Spanned<Secs>>,
+}
+
+impl TargetConfig {
+    /// Loads `path` and `conf.d/*.toml` beside it, checking stack paths on disk.
+    pub fn load(path: impl AsRef<Path>) -> Result<TargetConfig, ConfigError> {
+        Self::load_with(path, &LoadOptions::default())
+    }
+
+    /// [`load`](Self::load) with options.
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        options: &LoadOptions,
+    ) -> Result<TargetConfig, ConfigError> {
+        let files = read_files(path.as_ref())?;
+        let main: RawMain = parse(&files.main)?;
+        let mut config = TargetConfig {
+            file: files.main.path.clone(),
+            listen: main.listen,
+            name: main.name.map(|n| n.0),
+            identity_dir: main
+                .identity_dir
+                .map_or_else(|| PathBuf::from(DEFAULT_IDENTITY_DIR), |p| p.0),
+            metrics_listen: main.metrics_listen,
+            alerts: main.alerts,
+            max_skew: main.max_skew.map_or(DEFAULT_MAX_SKEW, |s| s.0),
+            stacks: Vec::new(),
+            skipped: Vec::new(),
+            warnings: Vec::new(),
+        };
+
+        let mut names = Names::default();
+        let mut paths = PathClaims::default();
+        for file in &files.stacks {
+            let raw: RawStack = parse(file)?;
+            let name = raw.stack.get_ref().0.clone();
+            names.claim(&name, file.at(raw.stack.span().start))?;
+            if raw.skip {
+                config.skipped.push(SkippedStack {
+                    name,
+                    file: file.path.clone(),
+                });
+                continue;
+            }
+
+            if raw.allow.get_ref().is_empty() {
+                return Err(file.invalid(
+                    raw.allow.span(),
+                    "allow",
+                    "empty: name at least one source (its certificate name) that may push \
+                     this stack"
+                        .to_owned(),
+                ));
+            }
+
+            let path_at = file.at(raw.path.span().start);
+            let path = raw.path.get_ref().0.clone();
+            let key = if options.check_paths {
+                check_stack_dir(Side::Target, &name, &path, &path_at)?
+            } else {
+                path.clone()
+            };
+            if is_dangerous_root(&path) || is_dangerous_root(&key) {
+                if !raw.allow_dangerous_root {
+                    return Err(ConfigError::DangerousPath {
+                        at: path_at,
+                        stack: name,
+                        path,
+                    });
+                }
+                config.warnings.push(ConfigWarning {
+                    at: (*path_at).clone(),
+                    stack: name.clone(),
+                    message: format!(
+                        "allow_dangerous_root = true: the target may overwrite the system \
+                         directory {}",
+                        key.display()
+                    ),
+                });
+            }
+            paths.claim(PathClaim {
+                key,
+                path: path.clone(),
+                stack: name.clone(),
+                at: path_at,
+            })?;
+
+            let max_age = match raw.max_age {
+                Some(age) if age.get_ref().0.is_zero() => {
+                    return Err(file.invalid(
+                        age.span(),
+                        "max_age",
+                        "0 would make every stack stale at once; leave the key out to turn the \
+                         staleness watch off"
+                            .to_owned(),
+                    ));
+                }
+                Some(age) => Some(age.into_inner().0),
+                None => None,
+            };
+            config.stacks.push(TargetStack {
+                compose_project: raw.compose_project.map_or_else(|| name.clone(), |p| p.0),
+                compose_dir: raw.compose_dir.map_or_else(|| path.clone(), |p| p.0),
+                name,
+                file: file.path.clone(),
+                path,
+                allow: raw.allow.into_inner().into_iter().map(|n| n.0).collect(),
+                keep_generations: raw.keep_generations.unwrap_or(DEFAULT_KEEP_GENERATIONS),
+                docker: raw.docker.unwrap_or(true),
+                state_dir: raw.state_dir.map(|p| p.0),
+                health_timeout: raw.health_timeout.map_or(DEFAULT_HEALTH_TIMEOUT, |s| s.0),
+                auto_rollback: raw.auto_rollback.unwrap_or(true),
+                allow_dangerous_root: raw.allow_dangerous_root,
+                depends_on: raw
+                    .depends_on
+                    .into_iter()
+                    .map(|(k, v)| (k.0, v.into_iter().map(|s| s.0).collect()))
+                    .collect(),
+                order: super::source::order(file, raw.order)?,
+                stop_timeout: raw
+                    .stop_timeout
+                    .map_or(super::source::DEFAULT_STOP_TIMEOUT, |s| s.0),
+                max_age,
+            });
+        }
+        Ok(config)
+    }
+
+    /// The stack named `name`, if it is served (skipped stacks are in
+    /// [`skipped`](Self::skipped)).
+    pub fn stack(&self, name: &str) -> Option<&TargetStack> {
+        self.stacks.iter().find(|s| s.name == name)
+    }
+}

@@ -1,0 +1,48 @@
+//! Stopping and starting a stack, for both agents: the [`StackControl`] trait, implemented by
+//! [`ComposeStack`](crate::docker::ComposeStack) for a Compose project and by [`DataOnly`] for a
+//! stack with `docker = false`, which has nothing to stop (the source's final pass is still the
+//! pass the flag signs).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::docker::{Creation, DockerError, HealthReport, StartReport, StopReport};
+
+/// The future every [`StackControl`] method returns.
+pub type ControlFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DockerError>> + Send + 'a>>;
+
+/// What an agent does to its stack: the source around its final pass, the target around a
+/// commit.
+pub trait StackControl: Send + Sync + std::fmt::Debug {
+    /// Runs the `pre_stop` hooks, then stops the stack, remembering what was running. A failing
+    /// hook stops nothing. Call [`start`](Self::start) after it on every path, also when it
+    /// failed: a stop that fails part-way is undone by `start`.
+    fn stop(&self) -> ControlFuture<'_, StopReport>;
+    /// Starts exactly what `stop` stopped, in dependency order, then runs the `post_start`
+    /// hooks. Without a preceding `stop` it does nothing.
+    fn start(&self) -> ControlFuture<'_, StartReport>;
+    /// Waits, up to the stack's health timeout, until what `start` or `create_if_missing`
+    /// brought up is healthy; `unhealthy` or an exited container fails at once.
+    fn wait_healthy(&self) -> ControlFuture<'_, HealthReport>;
+    /// Creates the stack's containers if it has none at all (a target's first commit).
+    fn create_if_missing(&self) -> ControlFuture<'_, Creation>;
+}
+
+/// A data-only stack: nothing to stop or start.
+#[derive(Debug, Default)]
+pub struct DataOnly;
+
+impl StackControl for DataOnly {
+    fn stop(&self) -> ControlFuture<'_, StopReport> {
+        Box::pin(async { Ok(StopReport::default()) })
+    }
+    fn start(&self) -> ControlFuture<'_, StartReport> {
+        Box::pin(async { Ok(StartReport::default()) })
+    }
+    fn wait_healthy(&self) -> ControlFuture<'_, HealthReport> {
+        Box::pin(async { Ok(HealthReport::default()) })
+    }
+    fn create_if_missing(&self) -> ControlFuture<'_, Creation> {
+        Box::pin(async { Ok(Creation::Existed) })
+    }
+}

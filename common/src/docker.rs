@@ -1,0 +1,1068 @@
+//! Docker stack control for both agents: stop, start, health-check and create a Compose stack
+//! through the Docker API ([bollard]), with hooks run by exec.
+//!
+//! A stack is the set of containers labelled `com.docker.compose.project=<project>`, running or
+//! not, keyed by their `com.docker.compose.service` label — never by container names, which
+//! Compose v1 (`proj_svc_1`) and v2 (`proj-svc-1`) spell differently.
+//!
+//! ```text
+//! stop():   list by label ─ plan order ─ pre_stop hooks ─ remember running ─ stop, reverse order
+//! start():  start what stop remembered, in order ─ post_start hooks
+//! wait_healthy(): poll what start/create brought up until healthy, or fail fast
+//! create_if_missing(): no container at all → `docker compose -p P up -d` (else `docker-compose`)
+//! ```
+//!
+//! What it owns: [`ComposeStack`] (the [`StackControl`] for a Compose project),
+//! [`ComposeConfig`], the reports callers measure downtime with ([`StopReport`],
+//! [`StartReport`], [`HealthReport`]), and [`DockerError`].
+//!
+//! What it does not do: it never pulls or builds an image, never recreates a container (stop and
+//! start reuse the existing ones, so binds and volumes are untouched), and runs a CLI only in
+//! [`ComposeStack::create_if_missing`]. It does not decide *when* to stop: the sync sessions do.
+//!
+//! Decisions worth knowing:
+//! - **Order.** From Compose v2's `com.docker.compose.depends_on` labels when any container has
+//!   one, else the config's `depends_on` (Compose v1 writes no such label), with the config's
+//!   `order` breaking ties (alone it is the whole order), else service names. A cycle is a
+//!   [`DockerError::DependencyCycle`] before anything runs. Several containers of one service
+//!   (`scale`) go by name.
+//! - **What `start` starts** is exactly what `stop` saw running (`running` or `restarting`) when
+//!   it got past the `pre_stop` hooks — never a container that was already stopped. A stop that
+//!   fails part-way keeps that list, so `start` (which the agents call on every failure path)
+//!   restarts what was stopped; starting a container that is still running is a no-op. `start`
+//!   tries every container even when one fails, because the primary's availability matters more
+//!   than the order, and keeps the failed ones for the next `start`. A second `stop` before a
+//!   successful `start` adds to the list rather than forgetting it.
+//! - **`start` without a preceding `stop`** (or after a `pre_stop` hook failed, which stops
+//!   nothing) starts nothing and runs no `post_start` hook: the hooks pair with a real stop.
+//! - **One-off containers** (`docker-compose run`, label `com.docker.compose.oneoff=True`) are not
+//!   part of the stack, nor are containers without a service label.
+//! - **Paused** containers are left alone: they are neither stopped nor started.
+//! - **Health.** [`ComposeStack::wait_healthy_until`] checks the containers the last `start` or
+//!   `create_if_missing` brought up: `healthy`, or running without a health check, is ready;
+//!   `unhealthy` or a non-zero exit fails at once with the last health-log lines. A container that
+//!   exited with code 0 counts as done (a one-shot service, like Compose's
+//!   `service_completed_successfully`), since failing every cycle on a migration job that did its
+//!   work would roll the standby back for nothing.
+//! - **Hooks** run as argv (no shell unless the hook says `sh -c`), in the first running
+//!   container of the named service, with a timeout ([`ComposeConfig::hook_timeout`]). Each
+//!   output line is logged (`tracing`, target `stackclone::hook`) and the last 64 KiB are returned
+//!   in the report or the error. The Docker API cannot kill an exec, so a timed-out hook may go on
+//!   running in its container.
+//! - **Connecting** honours `DOCKER_HOST` and negotiates the API version (bollard speaks 1.53 by
+//!   default; Debian's engine 20.10 speaks 1.41). A missing socket is [`DockerError::Connect`].
+
+mod error;
+mod order;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use bollard::Docker;
+use bollard::exec::StartExecResults;
+use bollard::models::{ExecConfig, HealthStatusEnum};
+use bollard::query_parameters::{ListContainersOptionsBuilder, StopContainerOptionsBuilder};
+use futures_util::StreamExt;
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+pub use error::{DockerError, HookPhase, NotReady, StartFailure};
+pub use order::{OrderSource, parse_depends_on_label};
+
+use crate::config::{DEFAULT_HEALTH_TIMEOUT, DEFAULT_STOP_TIMEOUT, Hook, SourceStack, TargetStack};
+use crate::control::{ControlFuture, StackControl};
+
+/// The label naming a container's Compose project (the same in v1 and v2).
+pub const PROJECT_LABEL: &str = "com.docker.compose.project";
+/// The label naming a container's Compose service.
+pub const SERVICE_LABEL: &str = "com.docker.compose.service";
+/// Compose v2's dependency label: `svc:condition:restart,…`.
+pub const DEPENDS_ON_LABEL: &str = "com.docker.compose.depends_on";
+/// `True` on containers made by `docker compose run`, which are not part of the stack.
+pub const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
+
+/// How long a hook may run when the config says nothing.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long `docker compose up -d` may take when the config says nothing.
+pub const DEFAULT_CREATE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How often health is polled.
+const HEALTH_POLL: Duration = Duration::from_millis(250);
+/// How much of a hook's output is kept for the report or error (the tail).
+const HOOK_OUTPUT_MAX: usize = 64 * 1024;
+/// How many health-log entries an error quotes.
+const HEALTH_LOG_LINES: usize = 3;
+/// bollard's request timeout is for the whole call, and a stop call returns only when the
+/// container is down.
+const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What [`ComposeStack`] needs to know about a stack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComposeConfig {
+    /// The `com.docker.compose.project` label value. Compose v1 lowercases project names, so
+    /// use lowercase `a-z0-9_-` for a project this creates.
+    pub project: String,
+    /// Where the compose file is, for [`ComposeStack::create_if_missing`].
+    pub compose_dir: PathBuf,
+    /// Grace time before Docker kills a stopping container (whole seconds, rounded up).
+    pub stop_timeout: Duration,
+    /// Start order of services (stop is the reverse); ties broken by name.
+    pub order: Vec<String>,
+    /// Service → services it needs started first, for Compose v1 (no depends_on label).
+    pub depends_on: BTreeMap<String, Vec<String>>,
+    /// Run in order before stopping; a failure stops nothing.
+    pub pre_stop: Vec<Hook>,
+    /// Run in order after starting.
+    pub post_start: Vec<Hook>,
+    /// How long [`StackControl::wait_healthy`] waits.
+    pub health_timeout: Duration,
+    /// How long one hook may run.
+    pub hook_timeout: Duration,
+    /// How long `up -d` may run in [`ComposeStack::create_if_missing`].
+    pub create_timeout: Duration,
+}
+
+impl ComposeConfig {
+    /// A config with no order, no hooks and the default timeouts.
+    pub fn new(project: impl Into<String>, compose_dir: impl Into<PathBuf>) -> ComposeConfig {
+        ComposeConfig {
+            project: project.into(),
+            compose_dir: compose_dir.into(),
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
+            order: Vec::new(),
+            depends_on: BTreeMap::new(),
+            pre_stop: Vec::new(),
+            post_start: Vec::new(),
+            health_timeout: DEFAULT_HEALTH_TIMEOUT,
+            hook_timeout: DEFAULT_HOOK_TIMEOUT,
+            create_timeout: DEFAULT_CREATE_TIMEOUT,
+        }
+    }
+
+    /// The source side of a stack: its project, order, hooks and stop timeout. The source
+    /// never creates its stack; `compose_dir` is the data dir.
+    pub fn for_source(stack: &SourceStack) -> ComposeConfig {
+        ComposeConfig {
+            stop_timeout: stack.stop_timeout,
+            order: stack.order.clone(),
+            depends_on: stack.depends_on.clone(),
+            pre_stop: stack.pre_stop.clone(),
+            post_start: stack.post_start.clone(),
+            ..ComposeConfig::new(&stack.compose_project, &stack.path)
+        }
+    }
+
+    /// The target side of a stack: its project, compose dir, order, stop and health timeouts.
+    /// Hooks run on the source only (a target stack is stopped, committed and started; nothing
+    /// on it needs flushing).
+    pub fn for_target(stack: &TargetStack) -> ComposeConfig {
+        ComposeConfig {
+            health_timeout: stack.health_timeout,
+            stop_timeout: stack.stop_timeout,
+            order: stack.order.clone(),
+            depends_on: stack.depends_on.clone(),
+            ..ComposeConfig::new(&stack.compose_project, &stack.compose_dir)
+        }
+    }
+}
+
+/// One container of a stack, as reports and errors name it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ContainerRef {
+    /// Its `com.docker.compose.service` label.
+    pub service: String,
+    /// Its name, without the leading `/`.
+    pub name: String,
+    /// Its full id.
+    pub id: String,
+}
+
+/// A container of the stack as listed by label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackContainer {
+    /// Which container.
+    pub container: ContainerRef,
+    /// Its state: `running`, `exited`, `created`, `paused`, `restarting`, `dead`…
+    pub state: String,
+    /// The services of its `com.docker.compose.depends_on` label (Compose v2); `None` without
+    /// the label.
+    pub depends_on: Option<Vec<String>>,
+}
+
+impl StackContainer {
+    /// Whether `stop` stops it (and so `start` starts it again).
+    pub fn is_running(&self) -> bool {
+        matches!(self.state.as_str(), "running" | "restarting")
+    }
+}
+
+/// The order a stack is started in (stop is the reverse).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Where the order came from.
+    pub source: OrderSource,
+    /// Services in start order.
+    pub start_order: Vec<String>,
+}
+
+/// A container stopped or started: `began` when the call was made, `done` when the engine
+/// said it was done. A container's downtime runs from its stop's `began` (the signal) to its
+/// start's `done`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerEvent {
+    /// Which container.
+    pub container: ContainerRef,
+    /// When the call was made.
+    pub began: SystemTime,
+    /// When it returned.
+    pub done: SystemTime,
+}
+
+/// A hook that ran and exited 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookRun {
+    /// `pre_stop` or `post_start`.
+    pub phase: HookPhase,
+    /// Where it ran.
+    pub container: ContainerRef,
+    /// Its argv.
+    pub command: Vec<String>,
+    /// Its stdout and stderr as received (the last 64 KiB).
+    pub output: String,
+    /// How long it ran.
+    pub took: Duration,
+}
+
+/// What [`StackControl::stop`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StopReport {
+    /// The `pre_stop` hooks, in order.
+    pub hooks: Vec<HookRun>,
+    /// The containers stopped, in stop order.
+    pub stopped: Vec<ContainerEvent>,
+}
+
+impl StopReport {
+    /// When the first container was told to stop: the stack's downtime begins here.
+    pub fn first_stop(&self) -> Option<SystemTime> {
+        self.stopped.iter().map(|e| e.began).min()
+    }
+}
+
+/// What [`StackControl::start`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartReport {
+    /// The containers started, in start order.
+    pub started: Vec<ContainerEvent>,
+    /// The `post_start` hooks, in order.
+    pub hooks: Vec<HookRun>,
+}
+
+impl StartReport {
+    /// When the last container was running again: the stack's downtime ends here.
+    pub fn last_start(&self) -> Option<SystemTime> {
+        self.started.iter().map(|e| e.done).max()
+    }
+
+    /// From the first stop to the last start; `None` if either did nothing.
+    pub fn downtime_since(&self, stop: &StopReport) -> Option<Duration> {
+        self.last_start()?.duration_since(stop.first_stop()?).ok()
+    }
+}
+
+/// How a container passed [`StackControl::wait_healthy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Its health check says `healthy`.
+    Healthy,
+    /// It has no health check and is running.
+    Running,
+    /// It exited with code 0 (a one-shot service).
+    Completed,
+}
+
+/// One container's outcome in a [`HealthReport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerHealth {
+    /// Which container.
+    pub container: ContainerRef,
+    /// How it passed.
+    pub health: Health,
+}
+
+/// What [`StackControl::wait_healthy`] saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthReport {
+    /// Every container checked, in the order they became ready.
+    pub containers: Vec<ContainerHealth>,
+    /// How long it took.
+    pub waited: Duration,
+}
+
+/// What [`StackControl::create_if_missing`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Creation {
+    /// The project already had containers (running or not); nothing was run.
+    Existed,
+    /// The Compose CLI created (and started) these.
+    Created {
+        /// The command line that ran.
+        command: String,
+        /// The project's containers afterwards.
+        containers: Vec<ContainerRef>,
+    },
+}
+
+/// A Compose project, controlled through the Docker API. See the [module docs](self).
+///
+/// Keep one per stack for a whole cycle: it remembers between [`stop`](Self::stop) and
+/// [`start`](Self::start) what was running. `stop`, `start` and `create_if_missing` on one
+/// `ComposeStack` run one at a time: a `start` issued while a `stop` is still stopping waits for
+/// it and then restarts everything it stopped.
+#[derive(Debug)]
+pub struct ComposeStack {
+    docker: Docker,
+    config: ComposeConfig,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Set once `stop` got past its hooks; taken by a `start` that starts everything.
+    to_restart: Option<ToRestart>,
+    /// What the last `start` or `create_if_missing` brought up, for `wait_healthy`.
+    brought_up: Vec<ContainerRef>,
+}
+
+#[derive(Debug)]
+struct ToRestart {
+    containers: Vec<ContainerRef>,
+    start_order: Vec<String>,
+}
+
+impl ComposeStack {
+    /// Connects to the local engine (`DOCKER_HOST`, else `/var/run/docker.sock`) and
+    /// negotiates the API version.
+    pub async fn connect(config: ComposeConfig) -> Result<ComposeStack, DockerError> {
+        let host = std::env::var("DOCKER_HOST")
+            .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned());
+        let connect_error = |source| DockerError::Connect {
+            host: host.clone(),
+            source,
+        };
+        let timeout = MIN_REQUEST_TIMEOUT.max(config.stop_timeout + Duration::from_secs(60));
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(connect_error)?
+            .with_timeout(timeout)
+            .negotiate_version()
+            .await
+            .map_err(connect_error)?;
+        debug!(project = %config.project, host, version = ?docker.client_version(), "connected to Docker");
+        Ok(ComposeStack::with_docker(docker, config))
+    }
+
+    /// A stack on an engine connection the caller made (and negotiated). Its request timeout
+    /// must exceed `stop_timeout`.
+    pub fn with_docker(docker: Docker, config: ComposeConfig) -> ComposeStack {
+        ComposeStack {
+            docker,
+            config,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The config it runs with.
+    pub fn config(&self) -> &ComposeConfig {
+        &self.config
+    }
+
+    /// The project's containers, running or not, by label; sorted by service, then name.
+    pub async fn containers(&self) -> Result<Vec<StackContainer>, DockerError> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{PROJECT_LABEL}={}", self.config.project)],
+        )]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let listed = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| self.api("listing the project's containers", e))?;
+        let mut containers = Vec::with_capacity(listed.len());
+        for c in listed {
+            let labels = c.labels.unwrap_or_default();
+            let Some(id) = c.id else { continue };
+            if labels
+                .get(ONEOFF_LABEL)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            {
+                debug!(project = %self.config.project, id, "skipping a one-off container");
+                continue;
+            }
+            let Some(service) = labels.get(SERVICE_LABEL) else {
+                debug!(project = %self.config.project, id, "skipping a container without a service label");
+                continue;
+            };
+            let name = c
+                .names
+                .and_then(|n| n.into_iter().next())
+                .map(|n| n.trim_start_matches('/').to_owned())
+                .unwrap_or_else(|| id.chars().take(12).collect());
+            containers.push(StackContainer {
+                container: ContainerRef {
+                    service: service.clone(),
+                    name,
+                    id,
+                },
+                state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                depends_on: labels
+                    .get(DEPENDS_ON_LABEL)
+                    .map(|v| parse_depends_on_label(v)),
+            });
+        }
+        containers.sort_by(|a, b| {
+            (&a.container.service, &a.container.name)
+                .cmp(&(&b.container.service, &b.container.name))
+        });
+        Ok(containers)
+    }
+
+    /// The start order for these containers (see the module docs for where it comes from).
+    pub fn plan_for(&self, containers: &[StackContainer]) -> Result<Plan, DockerError> {
+        let services: BTreeSet<String> = containers
+            .iter()
+            .map(|c| c.container.service.clone())
+            .collect();
+        let (source, depends_on) = if containers.iter().any(|c| c.depends_on.is_some()) {
+            let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for c in containers {
+                let d = deps.entry(c.container.service.clone()).or_default();
+                for s in c.depends_on.iter().flatten() {
+                    if !d.contains(s) {
+                        d.push(s.clone());
+                    }
+                }
+            }
+            (OrderSource::Labels, deps)
+        } else if !self.config.depends_on.is_empty() {
+            (OrderSource::ConfigDependsOn, self.config.depends_on.clone())
+        } else if !self.config.order.is_empty() {
+            (OrderSource::ConfigOrder, BTreeMap::new())
+        } else {
+            (OrderSource::Names, BTreeMap::new())
+        };
+        let start_order =
+            order::start_order(&services, &depends_on, &self.config.order).map_err(|cycle| {
+                DockerError::DependencyCycle {
+                    project: self.config.project.clone(),
+                    cycle: cycle.0,
+                }
+            })?;
+        Ok(Plan {
+            source,
+            start_order,
+        })
+    }
+
+    /// Lists the project and plans its start order.
+    pub async fn plan(&self) -> Result<Plan, DockerError> {
+        let containers = self.containers().await?;
+        self.plan_for(&containers)
+    }
+
+    /// Runs the `pre_stop` hooks, remembers which containers are running, and stops them in
+    /// reverse start order with `stop_timeout`. A failing hook (or a dependency cycle) stops
+    /// nothing. If stopping one container fails, the error says so and [`start`](Self::start)
+    /// restarts what was stopped.
+    pub async fn stop(&self) -> Result<StopReport, DockerError> {
+        let mut state = self.state.lock().await;
+        let containers = self.containers().await?;
+        let plan = self.plan_for(&containers)?;
+        let hooks = self
+            .run_hooks(HookPhase::PreStop, &self.config.pre_stop, &containers)
+            .await?;
+
+        let mut running: Vec<ContainerRef> = containers
+            .iter()
+            .filter(|c| c.is_running())
+            .map(|c| c.container.clone())
+            .collect();
+        sort_in_start_order(&mut running, &plan.start_order);
+        running.reverse();
+        let restart = state.to_restart.get_or_insert_with(|| ToRestart {
+            containers: Vec::new(),
+            start_order: Vec::new(),
+        });
+        restart.start_order = plan.start_order.clone();
+        for c in &running {
+            if !restart.containers.iter().any(|r| r.id == c.id) {
+                restart.containers.push(c.clone());
+            }
+        }
+        state.brought_up.clear();
+
+        let seconds =
+            i32::try_from(self.config.stop_timeout.as_secs_f64().ceil() as i64).unwrap_or(i32::MAX);
+        let mut stopped = Vec::with_capacity(running.len());
+        for (i, c) in running.iter().enumerate() {
+            let began = SystemTime::now();
+            self.docker
+                .stop_container(
+                    &c.id,
+                    Some(StopContainerOptionsBuilder::default().t(seconds).build()),
+                )
+                .await
+                .map_err(|e| {
+                    self.api(
+                        &format!(
+                            "stopping container {} (service {}), after {i} of {} were stopped \
+                             (start restarts them)",
+                            c.name,
+                            c.service,
+                            running.len()
+                        ),
+                        e,
+                    )
+                })?;
+            let done = SystemTime::now();
+            info!(project = %self.config.project, service = %c.service, container = %c.name,
+                took_ms = elapsed_ms(began, done), "container stopped");
+            stopped.push(ContainerEvent {
+                container: c.clone(),
+                began,
+                done,
+            });
+        }
+        Ok(StopReport { hooks, stopped })
+    }
+
+    /// Starts exactly what [`stop`](Self::stop) stopped (nothing if it stopped nothing), in start
+    /// order, then runs the `post_start` hooks. Every container is tried even if one fails; the
+    /// failed ones stay remembered for the next `start`.
+    pub async fn start(&self) -> Result<StartReport, DockerError> {
+        let mut state = self.state.lock().await;
+        let Some(mut restart) = state.to_restart.take() else {
+            debug!(project = %self.config.project, "nothing was stopped, so nothing to start");
+            return Ok(StartReport::default());
+        };
+        sort_in_start_order(&mut restart.containers, &restart.start_order);
+        let mut report = StartReport::default();
+        let mut failures = Vec::new();
+        for c in restart.containers {
+            let began = SystemTime::now();
+            match self.docker.start_container(&c.id, None).await {
+                Ok(()) => {
+                    let done = SystemTime::now();
+                    info!(project = %self.config.project, service = %c.service,
+                        container = %c.name, took_ms = elapsed_ms(began, done), "container started");
+                    report.started.push(ContainerEvent {
+                        container: c,
+                        began,
+                        done,
+                    });
+                }
+                Err(e) => {
+                    warn!(project = %self.config.project, service = %c.service,
+                        container = %c.name, error = %e, "container did not start");
+                    failures.push(StartFailure {
+                        container: c,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        state.brought_up = report.started.iter().map(|e| e.container.clone()).collect();
+        if !failures.is_empty() {
+            state.to_restart = Some(ToRestart {
+                containers: failures.iter().map(|f| f.container.clone()).collect(),
+                start_order: restart.start_order,
+            });
+            return Err(DockerError::StartFailed {
+                project: self.config.project.clone(),
+                failures,
+            });
+        }
+        if !self.config.post_start.is_empty() {
+            let containers = self.containers().await?;
+            report.hooks = self
+                .run_hooks(HookPhase::PostStart, &self.config.post_start, &containers)
+                .await?;
+        }
+        Ok(report)
+    }
+
+    /// Waits until every container the last [`start`](Self::start) or
+    /// [`create_if_missing`](Self::create_if_missing) brought up is ready (healthy, or running
+    /// without a health check, or exited 0), failing at once on `unhealthy` or a non-zero exit.
+    pub async fn wait_healthy_until(&self, deadline: Instant) -> Result<HealthReport, DockerError> {
+        let began = Instant::now();
+        let mut pending = self.state.lock().await.brought_up.clone();
+        let mut ready = Vec::with_capacity(pending.len());
+        loop {
+            let mut not_ready = Vec::new();
+            for c in std::mem::take(&mut pending) {
+                match self.health_of(&c).await? {
+                    Some(health) => {
+                        debug!(project = %self.config.project, service = %c.service,
+                            container = %c.name, ?health, "container ready");
+                        ready.push(ContainerHealth {
+                            container: c,
+                            health,
+                        });
+                    }
+                    None => {
+                        pending.push(c);
+                    }
+                }
+            }
+            if pending.is_empty() {
+                let waited = began.elapsed();
+                info!(project = %self.config.project, containers = ready.len(),
+                    waited_ms = waited.as_millis() as u64, "stack healthy");
+                return Ok(HealthReport {
+                    containers: ready,
+                    waited,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                for c in &pending {
+                    not_ready.push(self.not_ready(c).await?);
+                }
+                return Err(DockerError::HealthTimeout {
+                    project: self.config.project.clone(),
+                    waited: began.elapsed(),
+                    pending: not_ready,
+                });
+            }
+            tokio::time::sleep(HEALTH_POLL.min(deadline - now)).await;
+        }
+    }
+
+    /// If the project has no containers at all, creates them with `docker compose -p P up -d`
+    /// in `compose_dir` (or `docker-compose` where the plugin is missing). Never pulls on
+    /// purpose: the images are expected to be local.
+    pub async fn create_if_missing(&self) -> Result<Creation, DockerError> {
+        let mut state = self.state.lock().await;
+        if !self.containers().await?.is_empty() {
+            return Ok(Creation::Existed);
+        }
+        let project = &self.config.project;
+        let dir = &self.config.compose_dir;
+        match tokio::fs::metadata(dir).await {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(DockerError::ComposeDirMissing {
+                    project: project.clone(),
+                    dir: dir.clone(),
+                    reason: "not a directory".to_owned(),
+                });
+            }
+            Err(e) => {
+                return Err(DockerError::ComposeDirMissing {
+                    project: project.clone(),
+                    dir: dir.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        let mut argv = self.compose_cli().await?;
+        argv.extend(["-p", project.as_str(), "up", "-d"].map(str::to_owned));
+        let command = argv.join(" ");
+        info!(project = %project, dir = %dir.display(), command, "the stack has no containers; creating it");
+        let failed = |status: String, output: String| DockerError::ComposeFailed {
+            project: project.clone(),
+            command: command.clone(),
+            dir: dir.clone(),
+            status,
+            output,
+        };
+        let run = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = match tokio::time::timeout(self.config.create_timeout, run).await {
+            Err(_) => {
+                return Err(failed(
+                    format!("timed out after {:?}", self.config.create_timeout),
+                    String::new(),
+                ));
+            }
+            Ok(Err(e)) => return Err(failed(format!("could not run it: {e}"), String::new())),
+            Ok(Ok(out)) => out,
+        };
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            return Err(failed(error::exit_status(out.status), output));
+        }
+        debug!(project = %project, output, "compose up finished");
+        let containers: Vec<ContainerRef> = self
+            .containers()
+            .await?
+            .into_iter()
+            .map(|c| c.container)
+            .collect();
+        if containers.is_empty() {
+            return Err(DockerError::ComposeCreatedNothing {
+                project: project.clone(),
+                command,
+                dir: dir.clone(),
+            });
+        }
+        state.brought_up = containers.clone();
+        Ok(Creation::Created {
+            command,
+            containers,
+        })
+    }
+
+    /// `docker compose` if `docker compose version` works, else `docker-compose`.
+    async fn compose_cli(&self) -> Result<Vec<String>, DockerError> {
+        let mut reasons = Vec::new();
+        for argv in [&["docker", "compose"][..], &["docker-compose"][..]] {
+            let probe = tokio::process::Command::new(argv[0])
+                .args(&argv[1..])
+                .arg("version")
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            match tokio::time::timeout(Duration::from_secs(30), probe).await {
+                Ok(Ok(out)) if out.status.success() => {
+                    return Ok(argv.iter().map(|s| (*s).to_owned()).collect());
+                }
+                Ok(Ok(out)) => reasons.push(format!(
+                    "`{} version`: {}: {}",
+                    argv.join(" "),
+                    error::exit_status(out.status),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+                Ok(Err(e)) => reasons.push(format!("`{} version`: {e}", argv.join(" "))),
+                Err(_) => reasons.push(format!("`{} version`: timed out", argv.join(" "))),
+            }
+        }
+        Err(DockerError::ComposeMissing {
+            project: self.config.project.clone(),
+            reason: reasons.join("; "),
+        })
+    }
+
+    /// `Some` when the container is ready, `None` while it may still become ready, an error
+    /// when it cannot.
+    async fn health_of(&self, c: &ContainerRef) -> Result<Option<Health>, DockerError> {
+        let inspected = self
+            .docker
+            .inspect_container(&c.id, None)
+            .await
+            .map_err(|e| self.api(&format!("inspecting container {}", c.name), e))?;
+        let state = inspected.state.unwrap_or_default();
+        let status = state.status.map(|s| s.to_string()).unwrap_or_default();
+        let health = state.health.as_ref();
+        let log = || health.map(last_health_log).unwrap_or_default();
+        match status.as_str() {
+            "running" => match health.and_then(|h| h.status) {
+                Some(HealthStatusEnum::HEALTHY) => Ok(Some(Health::Healthy)),
+                Some(HealthStatusEnum::UNHEALTHY) => Err(DockerError::Unhealthy {
+                    project: self.config.project.clone(),
+                    container: Box::new(c.clone()),
+                    health_log: log(),
+                }),
+                Some(HealthStatusEnum::STARTING) => Ok(None),
+                None | Some(HealthStatusEnum::NONE) | Some(HealthStatusEnum::EMPTY) => {
+                    Ok(Some(Health::Running))
+                }
+            },
+            "restarting" | "paused" => Ok(None),
+            _ => match state.exit_code.unwrap_or(-1) {
+                0 if status == "exited" => Ok(Some(Health::Completed)),
+                exit_code => Err(DockerError::NotRunning {
+                    project: self.config.project.clone(),
+                    container: Box::new(c.clone()),
+                    status,
+                    exit_code,
+                    health_log: log(),
+                }),
+            },
+        }
+    }
+
+    async fn not_ready(&self, c: &ContainerRef) -> Result<NotReady, DockerError> {
+        let inspected = self
+            .docker
+            .inspect_container(&c.id, None)
+            .await
+            .map_err(|e| self.api(&format!("inspecting container {}", c.name), e))?;
+        let state = inspected.state.unwrap_or_default();
+        let mut status = state.status.map(|s| s.to_string()).unwrap_or_default();
+        if let Some(h) = state.health.as_ref().and_then(|h| h.status) {
+            status.push_str(&format!(", health {h}"));
+        }
+        Ok(NotReady {
+            container: c.clone(),
+            status,
+            health_log: state
+                .health
+                .as_ref()
+                .map(last_health_log)
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn run_hooks(
+        &self,
+        phase: HookPhase,
+        hooks: &[Hook],
+        containers: &[StackContainer],
+    ) -> Result<Vec<HookRun>, DockerError> {
+        let mut runs = Vec::with_capacity(hooks.len());
+        for hook in hooks {
+            runs.push(self.run_hook(phase, hook, containers).await?);
+        }
+        Ok(runs)
+    }
+
+    async fn run_hook(
+        &self,
+        phase: HookPhase,
+        hook: &Hook,
+        containers: &[StackContainer],
+    ) -> Result<HookRun, DockerError> {
+        let project = &self.config.project;
+        let Some(target) = containers
+            .iter()
+            .find(|c| c.container.service == hook.service && c.is_running())
+        else {
+            let services: BTreeSet<&str> = containers
+                .iter()
+                .map(|c| c.container.service.as_str())
+                .collect();
+            return Err(DockerError::HookServiceNotRunning {
+                project: project.clone(),
+                phase,
+                service: hook.service.clone(),
+                command: hook.command.clone(),
+                services: services.into_iter().map(str::to_owned).collect(),
+            });
+        };
+        let container = target.container.clone();
+        info!(project = %project, %phase, service = %container.service, container = %container.name,
+            command = ?hook.command, "running hook");
+        let action =
+            |what: &str| format!("{what} the {phase} hook in container {}", container.name);
+        let exec = self
+            .docker
+            .create_exec(
+                &container.id,
+                ExecConfig {
+                    cmd: Some(hook.command.clone()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| self.api(&action("creating"), e))?;
+
+        let began = Instant::now();
+        let mut output = HookOutput::new(project, phase, &target.container.service);
+        let attached = async {
+            if let StartExecResults::Attached {
+                output: mut stream, ..
+            } = self.docker.start_exec(&exec.id, None).await?
+            {
+                while let Some(chunk) = stream.next().await {
+                    output.push(chunk?);
+                }
+            }
+            Ok::<(), bollard::errors::Error>(())
+        };
+        let ran = tokio::time::timeout(self.config.hook_timeout, attached).await;
+        output.flush();
+        match ran {
+            Err(_) => {
+                return Err(DockerError::HookTimedOut {
+                    project: project.clone(),
+                    phase,
+                    container: Box::new(container),
+                    command: hook.command.clone(),
+                    timeout: self.config.hook_timeout,
+                    output: output.text(),
+                });
+            }
+            Ok(Err(e)) => return Err(self.api(&action("running"), e)),
+            Ok(Ok(())) => {}
+        }
+        // The output stream can end a moment before the engine records the exit code.
+        let mut exit_code = None;
+        for _ in 0..50 {
+            let inspected = self
+                .docker
+                .inspect_exec(&exec.id)
+                .await
+                .map_err(|e| self.api(&action("inspecting"), e))?;
+            if inspected.running != Some(true) {
+                exit_code = inspected.exit_code;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let took = began.elapsed();
+        let exit_code = exit_code.unwrap_or(-1);
+        if exit_code != 0 {
+            warn!(project = %project, %phase, service = %container.service, exit_code,
+                "hook failed");
+            return Err(DockerError::HookFailed {
+                project: project.clone(),
+                phase,
+                container: Box::new(container),
+                command: hook.command.clone(),
+                exit_code,
+                output: output.text(),
+            });
+        }
+        info!(project = %project, %phase, service = %container.service,
+            took_ms = took.as_millis() as u64, "hook done");
+        Ok(HookRun {
+            phase,
+            container,
+            command: hook.command.clone(),
+            output: output.text(),
+            took,
+        })
+    }
+
+    fn api(&self, action: &str, source: bollard::errors::Error) -> DockerError {
+        DockerError::Api {
+            project: self.config.project.clone(),
+            action: action.to_owned(),
+            source,
+        }
+    }
+}
+
+impl StackControl for ComposeStack {
+    fn stop(&self) -> ControlFuture<'_, StopReport> {
+        Box::pin(ComposeStack::stop(self))
+    }
+    fn start(&self) -> ControlFuture<'_, StartReport> {
+        Box::pin(ComposeStack::start(self))
+    }
+    fn wait_healthy(&self) -> ControlFuture<'_, HealthReport> {
+        Box::pin(self.wait_healthy_until(Instant::now() + self.config.health_timeout))
+    }
+    fn create_if_missing(&self) -> ControlFuture<'_, Creation> {
+        Box::pin(ComposeStack::create_if_missing(self))
+    }
+}
+
+/// Sorts by the service's place in `start_order` (services not in it last), then by name.
+fn sort_in_start_order(containers: &mut [ContainerRef], start_order: &[String]) {
+    containers.sort_by_cached_key(|c| {
+        (
+            start_order
+                .iter()
+                .position(|s| *s == c.service)
+                .unwrap_or(usize::MAX),
+            c.name.clone(),
+        )
+    });
+}
+
+fn elapsed_ms(began: SystemTime, done: SystemTime) -> u64 {
+    done.duration_since(began)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn last_health_log(health: &bollard::models::Health) -> Vec<String> {
+    let log = health.log.as_deref().unwrap_or_default();
+    log[log.len().saturating_sub(HEALTH_LOG_LINES)..]
+        .iter()
+        .map(|r| {
+            let output = r.output.as_deref().unwrap_or("").trim();
+            let output: String = output.chars().take(500).collect();
+            format!(
+                "exit {} at {}: {}",
+                r.exit_code.unwrap_or(-1),
+                r.start.as_deref().unwrap_or("?"),
+                output.replace('\n', " | ")
+            )
+        })
+        .collect()
+}
+
+/// A hook's output: logged line by line as it arrives, the tail kept for the report.
+struct HookOutput<'a> {
+    project: &'a str,
+    phase: HookPhase,
+    service: &'a str,
+    kept: Vec<u8>,
+    partial: [Vec<u8>; 2],
+}
+
+impl<'a> HookOutput<'a> {
+    fn new(project: &'a str, phase: HookPhase, service: &'a str) -> HookOutput<'a> {
+        HookOutput {
+            project,
+            phase,
+            service,
+            kept: Vec::new(),
+            partial: [Vec::new(), Vec::new()],
+        }
+    }
+
+    fn push(&mut self, chunk: bollard::container::LogOutput) {
+        use bollard::container::LogOutput;
+        let (stream, bytes) = match chunk {
+            LogOutput::StdErr { message } => (1, message),
+            LogOutput::StdOut { message }
+            | LogOutput::Console { message }
+            | LogOutput::StdIn { message } => (0, message),
+        };
+        self.kept.extend_from_slice(&bytes);
+        if self.kept.len() > HOOK_OUTPUT_MAX {
+            self.kept.drain(..self.kept.len() - HOOK_OUTPUT_MAX);
+        }
+        let partial = &mut self.partial[stream];
+        partial.extend_from_slice(&bytes);
+        while let Some(nl) = partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=nl).collect();
+            Self::log(self.project, self.phase, self.service, stream, &line);
+        }
+        // A line without a newline is logged in pieces rather than held without bound.
+        if partial.len() > HOOK_OUTPUT_MAX {
+            let line = std::mem::take(partial);
+            Self::log(self.project, self.phase, self.service, stream, &line);
+        }
+    }
+
+    fn flush(&mut self) {
+        for stream in 0..2 {
+            let line = std::mem::take(&mut self.partial[stream]);
+            if !line.is_empty() {
+                Self::log(self.project, self.phase, self.service, stream, &line);
+            }
+        }
+    }
+
+    fn log(project: &str, phase: HookPhase, service: &str, stream: usize, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        let stream = if stream == 0 { "stdout" } else { "stderr" };
+        info!(target: "stackclone::hook", project, %phase, service, stream,
+            line = %line.trim_end_matches(['\n', '\r']), "hook output");
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.kept).into_owned()
+    }
+}

@@ -1,0 +1,283 @@
+//! What can go wrong controlling a stack. Every variant that concerns a stack names its Compose
+//! project; container-level variants name the service and container.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use super::ContainerRef;
+
+/// When a hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookPhase {
+    /// Before the stack is stopped (a database flush); a failure stops nothing.
+    PreStop,
+    /// After the stack was started again.
+    PostStart,
+}
+
+impl fmt::Display for HookPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HookPhase::PreStop => "pre_stop",
+            HookPhase::PostStart => "post_start",
+        })
+    }
+}
+
+/// One container that did not come up, for [`DockerError::StartFailed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartFailure {
+    /// The container.
+    pub container: ContainerRef,
+    /// What the engine said.
+    pub error: String,
+}
+
+/// One container that was not ready at the deadline, for [`DockerError::HealthTimeout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotReady {
+    /// The container.
+    pub container: ContainerRef,
+    /// Its state and health status, e.g. `running, health starting`.
+    pub status: String,
+    /// The last lines of its health log, oldest first.
+    pub health_log: Vec<String>,
+}
+
+/// Why stopping, starting, checking or creating a stack failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    /// No Docker engine at the socket (missing socket, daemon down, refused API version).
+    #[error(
+        "cannot reach the Docker engine at {host}: {source} \
+         (is dockerd running, may this user use its socket, and is DOCKER_HOST right?)"
+    )]
+    Connect {
+        /// `DOCKER_HOST`, or the default socket.
+        host: String,
+        /// bollard's error.
+        source: bollard::errors::Error,
+    },
+
+    /// An API call failed.
+    #[error("project {project}: {action} failed: {source}")]
+    Api {
+        /// The Compose project.
+        project: String,
+        /// What was being done, e.g. `stopping container app_db_1 (service db)`.
+        action: String,
+        /// bollard's error.
+        source: bollard::errors::Error,
+    },
+
+    /// The services' dependencies go round in a circle, so there is no start order.
+    #[error(
+        "project {project}: the services depend on each other in a circle ({}), \
+         so there is no order to start them in; fix depends_on",
+        cycle.join(" -> ")
+    )]
+    DependencyCycle {
+        /// The Compose project.
+        project: String,
+        /// The cycle, first service repeated at the end.
+        cycle: Vec<String>,
+    },
+
+    /// A hook names a service that has no running container.
+    #[error(
+        "project {project}: {phase} hook {command:?} names service {service:?}, \
+         which has no running container (services seen: {})",
+        if services.is_empty() { "none".to_owned() } else { services.join(", ") }
+    )]
+    HookServiceNotRunning {
+        /// The Compose project.
+        project: String,
+        /// When the hook was to run.
+        phase: HookPhase,
+        /// The service named by the hook.
+        service: String,
+        /// The hook's argv.
+        command: Vec<String>,
+        /// The services of the project, running or not.
+        services: Vec<String>,
+    },
+
+    /// A hook exited non-zero.
+    #[error(
+        "project {project}: {phase} hook {command:?} in service {} ({}) exited with {exit_code}{}; \
+         output:\n{output}",
+        container.service, container.name,
+        if *phase == HookPhase::PreStop { ", so nothing was stopped" } else { "" }
+    )]
+    HookFailed {
+        /// The Compose project.
+        project: String,
+        /// When the hook ran.
+        phase: HookPhase,
+        /// Where it ran.
+        container: Box<ContainerRef>,
+        /// The hook's argv.
+        command: Vec<String>,
+        /// Its exit code.
+        exit_code: i64,
+        /// Its stdout and stderr as received (the last 64 KiB).
+        output: String,
+    },
+
+    /// A hook ran longer than the hook timeout. The process may still run in the container:
+    /// the Docker API cannot kill an exec.
+    #[error(
+        "project {project}: {phase} hook {command:?} in service {} ({}) did not finish within \
+         {timeout:?}; output so far:\n{output}",
+        container.service, container.name
+    )]
+    HookTimedOut {
+        /// The Compose project.
+        project: String,
+        /// When the hook ran.
+        phase: HookPhase,
+        /// Where it ran.
+        container: Box<ContainerRef>,
+        /// The hook's argv.
+        command: Vec<String>,
+        /// The hook timeout.
+        timeout: Duration,
+        /// What it printed until then.
+        output: String,
+    },
+
+    /// Some containers did not start. The others were started; `start` again retries these.
+    #[error(
+        "project {project}: {} container(s) did not start: {}",
+        failures.len(),
+        failures.iter().map(|f| format!("{} ({}): {}", f.container.name, f.container.service, f.error))
+            .collect::<Vec<_>>().join("; ")
+    )]
+    StartFailed {
+        /// The Compose project.
+        project: String,
+        /// The containers that failed.
+        failures: Vec<StartFailure>,
+    },
+
+    /// A container's health check reports `unhealthy`.
+    #[error(
+        "project {project}: service {} ({}) is unhealthy; last health checks:\n{}",
+        container.service, container.name, health_log.join("\n")
+    )]
+    Unhealthy {
+        /// The Compose project.
+        project: String,
+        /// The container.
+        container: Box<ContainerRef>,
+        /// The last lines of its health log, oldest first.
+        health_log: Vec<String>,
+    },
+
+    /// A container that should be up has exited (or is dead, or was never started).
+    #[error(
+        "project {project}: service {} ({}) is not running: {status}, exit code {exit_code}{}",
+        container.service, container.name,
+        if health_log.is_empty() { String::new() } else { format!("; last health checks:\n{}", health_log.join("\n")) }
+    )]
+    NotRunning {
+        /// The Compose project.
+        project: String,
+        /// The container.
+        container: Box<ContainerRef>,
+        /// Its state (`exited`, `dead`, `created`).
+        status: String,
+        /// Its last exit code.
+        exit_code: i64,
+        /// The last lines of its health log, oldest first.
+        health_log: Vec<String>,
+    },
+
+    /// Not every container was ready by the deadline.
+    #[error(
+        "project {project}: not healthy after {waited:?}: {}",
+        pending.iter().map(|p| format!(
+            "{} ({}) {}{}", p.container.service, p.container.name, p.status,
+            if p.health_log.is_empty() { String::new() } else { format!(", last check: {}", p.health_log[p.health_log.len() - 1]) }
+        )).collect::<Vec<_>>().join("; ")
+    )]
+    HealthTimeout {
+        /// The Compose project.
+        project: String,
+        /// How long it waited.
+        waited: Duration,
+        /// The containers that were not ready.
+        pending: Vec<NotReady>,
+    },
+
+    /// `compose_dir` is not a directory, so there is no compose file to create the stack from.
+    #[error(
+        "project {project}: has no containers, and compose_dir {} is not a directory: {reason}",
+        dir.display()
+    )]
+    ComposeDirMissing {
+        /// The Compose project.
+        project: String,
+        /// The configured `compose_dir`.
+        dir: PathBuf,
+        /// Why it is not usable.
+        reason: String,
+    },
+
+    /// Neither `docker compose` nor `docker-compose` runs.
+    #[error(
+        "project {project}: has no containers, and neither `docker compose` nor `docker-compose` \
+         is available to create them ({reason}); install the Compose plugin or docker-compose"
+    )]
+    ComposeMissing {
+        /// The Compose project.
+        project: String,
+        /// What running them said.
+        reason: String,
+    },
+
+    /// The Compose CLI failed.
+    #[error(
+        "project {project}: `{command}` in {} failed ({status}); output:\n{output}",
+        dir.display()
+    )]
+    ComposeFailed {
+        /// The Compose project.
+        project: String,
+        /// The command line.
+        command: String,
+        /// Where it ran.
+        dir: PathBuf,
+        /// How it ended (exit status, or `timed out after …`).
+        status: String,
+        /// Its stdout and stderr.
+        output: String,
+    },
+
+    /// The Compose CLI succeeded but no container carries the project's label: Compose
+    /// normalised the project name (v1 lowercases it and drops characters other than
+    /// `a-z0-9_-`), or the compose file names another project.
+    #[error(
+        "project {project}: `{command}` in {} succeeded but no container has the label \
+         com.docker.compose.project={project}; use a lowercase project name of a-z, 0-9, - and _ \
+         (Compose normalises others)",
+        dir.display()
+    )]
+    ComposeCreatedNothing {
+        /// The Compose project.
+        project: String,
+        /// The command line.
+        command: String,
+        /// Where it ran.
+        dir: PathBuf,
+    },
+}
+
+pub(super) fn exit_status(status: ExitStatus) -> String {
+    match status.code() {
+        Some(code) => format!("exit code {code}"),
+        None => status.to_string(),
+    }
+}

@@ -1,0 +1,764 @@
+//! The tree scanner: a stack's data dir on disk becomes a [`Manifest`].
+//!
+//! [`scan`] walks the tree below [`ScanConfig::root`] without following a symlink anywhere below
+//! the root, stays on the root's file system, leaves out what the exclude patterns match, and
+//! hashes file content with BLAKE3 unless the [hash cache](crate::cache) vouches for it. What it
+//! could not represent (sockets, fifos, devices) or did not descend into (other file systems) is
+//! listed in [`ScanStats::skipped`]; what it could not read is an error, never a hole in the tree.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::io::{self, Read, Seek};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use stackclone_proto::manifest::{Entry, EntryKind, Hash, Manifest, ManifestError, Meta, Xattr};
+use stackclone_proto::path::{PathError, StackPath};
+
+use crate::cache::{self, CacheStatus, LoadedCache, PendingCache, StatKey};
+
+/// Bytes read per `read` call while hashing; memory stays flat whatever the file size.
+const HASH_BUF: usize = 1 << 20;
+/// How often a path that changes identity under the scanner is looked at again before the scan
+/// gives up on it.
+const ATTEMPTS: usize = 3;
+
+/// What to scan and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanConfig {
+    /// The stack's data dir. It may itself be reached through symlinks; nothing below it is.
+    pub root: PathBuf,
+    /// Exclude patterns with `.gitignore` semantics, relative to the root: `@eaDir/`,
+    /// `.DS_Store`, `/cache` (anchored), `*.tmp`, `!keep.tmp`, `**/logs`. An excluded directory
+    /// is not descended into, so a negation cannot bring back something below it (as in git).
+    pub exclude: Vec<String>,
+    /// Where the hash cache lives; `None` hashes every file every time. Its directory must exist
+    /// and be writable (the scan fails otherwise, naming the path). A cache file inside the root
+    /// is left out of the manifest, but outside is cleaner.
+    pub cache: Option<PathBuf>,
+    /// Ignore the cache and hash every file (`--checksum`); the cache is still rewritten.
+    pub checksum: bool,
+    /// Record `user.*` extended attributes.
+    pub xattrs: bool,
+}
+
+impl ScanConfig {
+    /// Defaults: no excludes, no cache, trust the cache, record xattrs.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            exclude: Vec::new(),
+            cache: None,
+            checksum: false,
+            xattrs: true,
+        }
+    }
+}
+
+/// The result of a scan: the manifest, what it cost, and the local facts behind each entry.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    pub manifest: Manifest,
+    pub stats: ScanStats,
+    /// `local[i]` belongs to `manifest.entries()[i]`.
+    local: Vec<LocalFacts>,
+}
+
+impl Scan {
+    /// What the scan saw on disk for `path`: device, inode, size, mtime and ctime.
+    pub fn local(&self, path: &StackPath) -> Option<&LocalFacts> {
+        let i = self
+            .manifest
+            .entries()
+            .binary_search_by(|e| e.path.cmp(path))
+            .ok()?;
+        self.local.get(i)
+    }
+
+    /// Entries paired with their local facts, in manifest order.
+    pub fn entries_with_facts(&self) -> impl Iterator<Item = (&Entry, &LocalFacts)> {
+        self.manifest.entries().iter().zip(&self.local)
+    }
+}
+
+/// The stat facts of one path that are not in the manifest but tell whether the path changed
+/// since it was scanned: a later write moves ctime, a replacement changes the inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LocalFacts {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl LocalFacts {
+    /// The facts in `md` (from `lstat` or `fstat`).
+    pub fn of(md: &Metadata) -> Self {
+        let key = StatKey::of(md);
+        Self {
+            dev: key.dev,
+            ino: key.ino,
+            size: key.size,
+            mtime_ns: key.mtime_ns,
+            ctime_ns: key.ctime_ns,
+        }
+    }
+
+    /// True if `root/path` still `lstat`s exactly as when these facts were taken. A missing path
+    /// is `Ok(false)`. One `lstat`, no reads; like the hash cache, it cannot see a write that
+    /// landed in the same timestamp tick as the scan's `stat`.
+    pub fn still_match(&self, root: &Path, path: &StackPath) -> io::Result<bool> {
+        match fs::symlink_metadata(root.join(OsStr::from_bytes(path.as_bytes()))) {
+            Ok(md) => Ok(Self::of(&md) == *self),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// What a scan did, for logs, metrics and the summary a person reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanStats {
+    /// Entries in the manifest.
+    pub entries: u64,
+    /// Inodes whose content was read and hashed (a hardlinked inode counts once).
+    pub files_hashed: u64,
+    /// Files whose hash came from the cache without a read.
+    pub files_from_cache: u64,
+    /// Content bytes read for hashing.
+    pub bytes_hashed: u64,
+    /// Paths the exclude patterns matched (an excluded directory counts once).
+    pub excluded: u64,
+    /// Paths that are not entries (or, for another file system, not descended into), and why.
+    pub skipped: Vec<Skipped>,
+    /// Files whose content kept changing while they were hashed (only on a live stack). Their
+    /// entry holds what was read, and their hash is not cached.
+    pub changed_during_scan: Vec<StackPath>,
+    /// What happened to the hash cache file.
+    pub cache: CacheStatus,
+}
+
+/// A path the scan did not turn into a (complete) entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub path: StackPath,
+    pub reason: SkipReason,
+}
+
+/// Why a path is in [`ScanStats::skipped`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    Socket,
+    Fifo,
+    BlockDevice,
+    CharDevice,
+    /// A directory on another file system (a mount point): it is an empty directory entry, its
+    /// content is not scanned (`rsync -x`).
+    OtherFilesystem,
+    /// Listed by its directory but gone before it could be looked at.
+    Vanished,
+}
+
+/// Why a scan failed. Every variant names the path and what was being done to it.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("stack root {root} does not exist")]
+    RootMissing { root: PathBuf },
+    #[error("stack root {root} is not a directory")]
+    RootNotDir { root: PathBuf },
+    #[error("resolving stack root {root}: {source}")]
+    Root { root: PathBuf, source: io::Error },
+    #[error("invalid exclude pattern {pattern:?}: {source}")]
+    BadExclude {
+        pattern: String,
+        source: ignore::Error,
+    },
+    #[error("lstat {path}: {source}")]
+    Stat { path: PathBuf, source: io::Error },
+    #[error("reading directory {path}: {source}")]
+    ReadDir { path: PathBuf, source: io::Error },
+    #[error("opening {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("reading symlink {path}: {source}")]
+    ReadLink { path: PathBuf, source: io::Error },
+    #[error("reading extended attributes of {path}: {source}")]
+    Xattr { path: PathBuf, source: io::Error },
+    #[error("{path} was replaced while it was scanned, {ATTEMPTS} times; stop what writes there")]
+    Changed { path: PathBuf },
+    #[error("{path} cannot be a stack path: {source}")]
+    BadPath { path: PathBuf, source: PathError },
+    #[error("writing hash cache {path}: {source}")]
+    CacheWrite { path: PathBuf, source: io::Error },
+    #[error("scanned tree is not a valid manifest: {0}")]
+    Manifest(#[from] ManifestError),
+}
+
+/// Scans `cfg.root` into a manifest, using and then rewriting the hash cache if one is set.
+pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
+    let root = resolve_root(&cfg.root)?;
+    let excludes = build_excludes(&root, &cfg.exclude)?;
+
+    let (loaded, status) = match &cfg.cache {
+        None => (LoadedCache::default(), CacheStatus::Disabled),
+        Some(_) if cfg.checksum => (LoadedCache::default(), CacheStatus::Bypassed),
+        Some(path) => cache::load(path, &root),
+    };
+    let (pending, cache_names) = match &cfg.cache {
+        None => (None, None),
+        Some(path) => {
+            let pending = PendingCache::begin(path).map_err(|source| ScanError::CacheWrite {
+                path: path.clone(),
+                source,
+            })?;
+            (Some(pending), cache_location(path))
+        }
+    };
+
+    let mut walker = Walker {
+        cfg,
+        root_dev: 0,
+        excludes,
+        loaded,
+        pending,
+        cache_names,
+        raws: Vec::new(),
+        inodes: HashMap::new(),
+        buf: vec![0; HASH_BUF],
+        stats: ScanStats {
+            entries: 0,
+            files_hashed: 0,
+            files_from_cache: 0,
+            bytes_hashed: 0,
+            excluded: 0,
+            skipped: Vec::new(),
+            changed_during_scan: Vec::new(),
+            cache: status,
+        },
+    };
+    let walked = walker.walk(&root);
+    let Walker {
+        pending,
+        raws,
+        mut stats,
+        ..
+    } = walker;
+    let manifest = walked.and_then(|()| {
+        let (entries, local) = assign_link_groups(raws);
+        Ok((Manifest::new(entries)?, local))
+    });
+    let (manifest, local) = match manifest {
+        Ok(m) => m,
+        Err(e) => {
+            if let Some(p) = pending {
+                p.abandon();
+            }
+            return Err(e);
+        }
+    };
+    if let (Some(p), Some(path)) = (pending, &cfg.cache) {
+        p.commit(&root).map_err(|source| ScanError::CacheWrite {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    stats.entries = manifest.len() as u64;
+    Ok(Scan {
+        manifest,
+        stats,
+        local,
+    })
+}
+
+fn resolve_root(root: &Path) -> Result<PathBuf, ScanError> {
+    let resolved = fs::canonicalize(root).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => ScanError::RootMissing {
+            root: root.to_path_buf(),
+        },
+        _ => ScanError::Root {
+            root: root.to_path_buf(),
+            source,
+        },
+    })?;
+    let md = fs::metadata(&resolved).map_err(|source| ScanError::Root {
+        root: root.to_path_buf(),
+        source,
+    })?;
+    if !md.is_dir() {
+        return Err(ScanError::RootNotDir {
+            root: root.to_path_buf(),
+        });
+    }
+    Ok(resolved)
+}
+
+fn build_excludes(root: &Path, patterns: &[String]) -> Result<Gitignore, ScanError> {
+    let mut builder = GitignoreBuilder::new(root);
+    // A typo like `[abc` is an error rather than a literal that silently matches nothing.
+    builder.allow_unclosed_class(false);
+    for pattern in patterns {
+        builder
+            .add_line(None, pattern)
+            .map_err(|source| ScanError::BadExclude {
+                pattern: pattern.clone(),
+                source,
+            })?;
+    }
+    builder.build().map_err(|source| ScanError::BadExclude {
+        pattern: patterns.join(" "),
+        source,
+    })
+}
+
+/// The cache file's resolved directory and name, so the walk can leave it (and its temporary
+/// file) out if it lies inside the root.
+fn cache_location(path: &Path) -> Option<(PathBuf, Vec<u8>)> {
+    let name = path.file_name()?.as_bytes().to_vec();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    Some((fs::canonicalize(dir).ok()?, name))
+}
+
+/// An entry before hardlink groups are assigned.
+struct Raw {
+    entry: Entry,
+    facts: LocalFacts,
+    /// `(dev, ino)` of a file with more than one link.
+    inode: Option<(u64, u64)>,
+}
+
+struct Walker<'a> {
+    cfg: &'a ScanConfig,
+    root_dev: u64,
+    excludes: Gitignore,
+    loaded: LoadedCache,
+    pending: Option<PendingCache>,
+    cache_names: Option<(PathBuf, Vec<u8>)>,
+    raws: Vec<Raw>,
+    /// Size and hash of each multiply-linked inode already resolved, so it is hashed once.
+    inodes: HashMap<(u64, u64), (u64, Hash)>,
+    buf: Vec<u8>,
+    stats: ScanStats,
+}
+
+/// A directory still to be read: where it is and which inode `lstat` saw there.
+struct PendingDir {
+    abs: PathBuf,
+    rel: Option<StackPath>,
+    id: (u64, u64),
+}
+
+enum Visit {
+    Done,
+    /// The path changed type or inode between `lstat` and `open`: look again.
+    Retry,
+}
+
+impl Walker<'_> {
+    fn walk(&mut self, root: &Path) -> Result<(), ScanError> {
+        let md = lstat(root)?;
+        self.root_dev = md.dev();
+        let mut stack = vec![PendingDir {
+            abs: root.to_path_buf(),
+            rel: None,
+            id: (md.dev(), md.ino()),
+        }];
+        while let Some(dir) = stack.pop() {
+            for name in self.read_dir(&dir)? {
+                let abs = dir.abs.join(OsStr::from_bytes(&name));
+                if self.is_cache_file(&dir.abs, &name) {
+                    continue;
+                }
+                let rel = match &dir.rel {
+                    Some(parent) => parent.join(&name),
+                    None => StackPath::new(name),
+                }
+                .map_err(|source| ScanError::BadPath {
+                    path: abs.clone(),
+                    source,
+                })?;
+                self.visit_child(abs, rel, &mut stack)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The names in `dir`, read from a descriptor opened without following a symlink and checked
+    /// to be the directory `lstat` saw.
+    fn read_dir(&self, dir: &PendingDir) -> Result<Vec<Vec<u8>>, ScanError> {
+        let err = |source: io::Error| ScanError::ReadDir {
+            path: dir.abs.clone(),
+            source,
+        };
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = match rustix::fs::open(&dir.abs, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::LOOP | Errno::NOTDIR | Errno::NOENT) => {
+                return Err(ScanError::Changed {
+                    path: dir.abs.clone(),
+                });
+            }
+            Err(e) => return Err(err(e.into())),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| err(e.into()))?;
+        if (st.st_dev, st.st_ino) != dir.id {
+            return Err(ScanError::Changed {
+                path: dir.abs.clone(),
+            });
+        }
+        let mut names = Vec::new();
+        for item in rustix::fs::Dir::new(fd).map_err(|e| err(e.into()))? {
+            let item = item.map_err(|e| err(e.into()))?;
+            let name = item.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                names.push(name.to_vec());
+            }
+        }
+        Ok(names)
+    }
+
+    fn is_cache_file(&self, dir: &Path, name: &[u8]) -> bool {
+        let Some((cache_dir, cache_name)) = &self.cache_names else {
+            return false;
+        };
+        dir == cache_dir
+            && name.starts_with(cache_name)
+            && (name.len() == cache_name.len() || name[cache_name.len()..].starts_with(b".tmp."))
+    }
+
+    fn visit_child(
+        &mut self,
+        abs: PathBuf,
+        rel: StackPath,
+        stack: &mut Vec<PendingDir>,
+    ) -> Result<(), ScanError> {
+        for _ in 0..ATTEMPTS {
+            let md = match fs::symlink_metadata(&abs) {
+                Ok(md) => md,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.skip(rel, SkipReason::Vanished);
+                    return Ok(());
+                }
+                Err(source) => return Err(ScanError::Stat { path: abs, source }),
+            };
+            let ft = md.file_type();
+            let rel_os = Path::new(OsStr::from_bytes(rel.as_bytes()));
+            if self.excludes.matched(rel_os, ft.is_dir()).is_ignore() {
+                self.stats.excluded += 1;
+                return Ok(());
+            }
+            if ft.is_dir() {
+                let entry = self.entry(&abs, rel.clone(), EntryKind::Dir, &md)?;
+                self.push(entry, &md, None);
+                if md.dev() == self.root_dev {
+                    stack.push(PendingDir {
+                        abs,
+                        rel: Some(rel),
+                        id: (md.dev(), md.ino()),
+                    });
+                } else {
+                    self.skip(rel, SkipReason::OtherFilesystem);
+                }
+                return Ok(());
+            } else if ft.is_symlink() {
+                let target = match fs::read_link(&abs) {
+                    Ok(t) => t.into_os_string().into_vec(),
+                    // Replaced by something else since the lstat: look again.
+                    Err(e) if e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(ScanError::ReadLink { path: abs, source }),
+                };
+                let entry = Entry {
+                    path: rel,
+                    kind: EntryKind::Symlink { target },
+                    meta: meta(&md),
+                    // Linux does not allow user.* xattrs on symlinks.
+                    xattrs: Vec::new(),
+                };
+                self.push(entry, &md, None);
+                return Ok(());
+            } else if ft.is_file() {
+                match self.visit_file(&abs, &rel, &md)? {
+                    Visit::Done => return Ok(()),
+                    Visit::Retry => continue,
+                }
+            } else {
+                let reason = if ft.is_socket() {
+                    SkipReason::Socket
+                } else if ft.is_fifo() {
+                    SkipReason::Fifo
+                } else if ft.is_block_device() {
+                    SkipReason::BlockDevice
+                } else {
+                    SkipReason::CharDevice
+                };
+                self.skip(rel, reason);
+                return Ok(());
+            }
+        }
+        Err(ScanError::Changed { path: abs })
+    }
+
+    fn visit_file(
+        &mut self,
+        abs: &Path,
+        rel: &StackPath,
+        md: &Metadata,
+    ) -> Result<Visit, ScanError> {
+        let inode = (md.nlink() > 1).then(|| (md.dev(), md.ino()));
+        let key = StatKey::of(md);
+        let known = inode.and_then(|i| self.inodes.get(&i).copied());
+        let cached = || {
+            if self.cfg.checksum {
+                None
+            } else {
+                self.loaded.lookup(rel.as_bytes(), &key)
+            }
+        };
+        let (size, hash, stat, stable) = if let Some((size, hash)) = known {
+            (size, hash, md.clone(), true)
+        } else if let Some(hash) = cached() {
+            self.stats.files_from_cache += 1;
+            (md.size(), hash, md.clone(), true)
+        } else {
+            let Some(hashed) = self.hash_file(abs, md)? else {
+                return Ok(Visit::Retry);
+            };
+            self.stats.files_hashed += 1;
+            self.stats.bytes_hashed += hashed.size;
+            if !hashed.stable {
+                self.stats.changed_during_scan.push(rel.clone());
+            }
+            (hashed.size, hashed.hash, hashed.stat, hashed.stable)
+        };
+        if let Some(i) = inode {
+            self.inodes.insert(i, (size, hash));
+        }
+        if let (Some(p), true) = (&mut self.pending, stable) {
+            p.record(rel.as_bytes(), StatKey::of(&stat), hash);
+        }
+        let kind = EntryKind::File {
+            size,
+            hash,
+            link_group: None,
+        };
+        let entry = self.entry(abs, rel.clone(), kind, &stat)?;
+        self.push(entry, &stat, inode);
+        Ok(Visit::Done)
+    }
+
+    /// Hashes the file at `abs`, opened without following a symlink and checked (by `fstat`) to
+    /// be the inode `md` describes. `None` if it is not: the caller looks again.
+    fn hash_file(&mut self, abs: &Path, md: &Metadata) -> Result<Option<Hashed>, ScanError> {
+        // NONBLOCK: if a fifo took the file's place, `open` must not wait for a writer.
+        let flags = OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
+        let mut file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(flags.bits() as i32)
+            .open(abs)
+        {
+            Ok(f) => f,
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(Errno::LOOP.raw_os_error()) =>
+            {
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(ScanError::Open {
+                    path: abs.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let fstat = |file: &File| {
+            file.metadata().map_err(|source| ScanError::Stat {
+                path: abs.to_path_buf(),
+                source,
+            })
+        };
+        let mut before = fstat(&file)?;
+        if !before.is_file() || (before.dev(), before.ino()) != (md.dev(), md.ino()) {
+            return Ok(None);
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (size, hash) = self.hash_content(&mut file, abs)?;
+            let after = fstat(&file)?;
+            let stable = StatKey::of(&before) == StatKey::of(&after);
+            if stable || attempt == ATTEMPTS {
+                return Ok(Some(Hashed {
+                    size,
+                    hash,
+                    stat: before,
+                    stable,
+                }));
+            }
+            before = after;
+        }
+    }
+
+    fn hash_content(&mut self, file: &mut File, abs: &Path) -> Result<(u64, Hash), ScanError> {
+        let err = |source| ScanError::Read {
+            path: abs.to_path_buf(),
+            source,
+        };
+        file.rewind().map_err(err)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        loop {
+            match file.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update(&self.buf[..n]);
+                    size += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        Ok((size, hasher.finalize().into()))
+    }
+
+    fn entry(
+        &self,
+        abs: &Path,
+        path: StackPath,
+        kind: EntryKind,
+        md: &Metadata,
+    ) -> Result<Entry, ScanError> {
+        let xattrs = if self.cfg.xattrs {
+            user_xattrs(abs)?
+        } else {
+            Vec::new()
+        };
+        Ok(Entry {
+            path,
+            kind,
+            meta: meta(md),
+            xattrs,
+        })
+    }
+
+    fn push(&mut self, entry: Entry, md: &Metadata, inode: Option<(u64, u64)>) {
+        self.raws.push(Raw {
+            entry,
+            facts: LocalFacts::of(md),
+            inode,
+        });
+    }
+
+    fn skip(&mut self, path: StackPath, reason: SkipReason) {
+        self.stats.skipped.push(Skipped { path, reason });
+    }
+}
+
+struct Hashed {
+    size: u64,
+    hash: Hash,
+    /// The `fstat` the hash belongs to.
+    stat: Metadata,
+    /// False if the file kept changing while it was read.
+    stable: bool,
+}
+
+fn lstat(path: &Path) -> Result<Metadata, ScanError> {
+    fs::symlink_metadata(path).map_err(|source| ScanError::Stat {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn meta(md: &Metadata) -> Meta {
+    Meta {
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime_ns: cache::timestamp_ns(md.mtime(), md.mtime_nsec()),
+    }
+}
+
+/// The `user.*` extended attributes of `path` (not following a symlink), sorted by name. A file
+/// system without xattr support has none.
+fn user_xattrs(path: &Path) -> Result<Vec<Xattr>, ScanError> {
+    let err = |e: Errno| ScanError::Xattr {
+        path: path.to_path_buf(),
+        source: e.into(),
+    };
+    let names = match read_sized(|buf| rustix::fs::llistxattr(path, buf)) {
+        Ok(names) => names,
+        Err(Errno::NOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(err(e)),
+    };
+    let mut xattrs = Vec::new();
+    for name in names.split(|&b| b == 0) {
+        if !name.starts_with(b"user.") {
+            continue;
+        }
+        let value = match read_sized(|buf| rustix::fs::lgetxattr(path, name, buf)) {
+            Ok(v) => v,
+            // Removed between list and get.
+            Err(Errno::NODATA) => continue,
+            Err(e) => return Err(err(e)),
+        };
+        xattrs.push(Xattr {
+            name: name.to_vec(),
+            value,
+        });
+    }
+    xattrs.sort();
+    Ok(xattrs)
+}
+
+/// Calls `f` with a growing buffer until what it returns fits (`ERANGE` means it did not).
+fn read_sized(
+    mut f: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
+) -> rustix::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        match f(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            // The kernel's xattr limit is 64 KiB per value and per list; past that, give up.
+            Err(Errno::RANGE) if buf.len() < (1 << 17) => buf.resize(buf.len() * 4, 0),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sorts entries by path and numbers hardlink groups: inodes with at least two paths in the tree
+/// get ids 0, 1, 2… in the order of their first path; a lone path of a multiply-linked inode
+/// (its other links are outside the tree or excluded) gets none.
+fn assign_link_groups(mut raws: Vec<Raw>) -> (Vec<Entry>, Vec<LocalFacts>) {
+    raws.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
+    let mut members: HashMap<(u64, u64), u32> = HashMap::new();
+    for inode in raws.iter().filter_map(|r| r.inode) {
+        *members.entry(inode).or_default() += 1;
+    }
+    let mut ids: HashMap<(u64, u64), u32> = HashMap::new();
+    let mut entries = Vec::with_capacity(raws.len());
+    let mut local = Vec::with_capacity(raws.len());
+    for mut raw in raws {
+        if let (Some(inode), EntryKind::File { link_group, .. }) = (raw.inode, &mut raw.entry.kind)
+            && members.get(&inode).is_some_and(|&n| n >= 2)
+        {
+            let next = ids.len() as u32;
+            *link_group = Some(*ids.entry(inode).or_insert(next));
+        }
+        entries.push(raw.entry);
+        local.push(raw.facts);
+    }
+    (entries, local)
+}

@@ -1,0 +1,846 @@
+//! `ComposeStack` against the real Docker engine: Compose v1 (`docker-compose`) on an API 1.41
+//! engine here, images built locally by `deploy/image/build.sh` (nothing can be pulled).
+//!
+//! Each test brings up its own project (a name unique to the test and the run) from its own
+//! temp dir, and a guard removes the project's containers and network however the test ends.
+//! If the daemon does not answer, these tests fail: CI guarantees the daemon.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::models::ContainerState;
+use stackclone_common::config::Hook;
+use stackclone_common::control::StackControl;
+use stackclone_common::docker::{
+    ComposeConfig, ComposeStack, Creation, DockerError, Health, HookPhase, OrderSource,
+    StackContainer,
+};
+use tempfile::TempDir;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+mod support;
+
+use support::LogCapture;
+
+const IMAGE: &str = "stackclone-test/busybox:1";
+
+/// Sleeps in the background and `wait`s, so the TERM trap runs at once (PID 1 ignores TERM
+/// without a handler, and a foreground `sleep` would delay the trap).
+const IDLE: &str = "while :; do sleep 1 & wait $$!; done";
+
+/// `db` (health: a file it touches) and `app` (depends on db, writes to the bind-mounted
+/// `./data`, health: that it wrote).
+fn two_services() -> String {
+    format!(
+        r#"version: "2.4"
+services:
+  db:
+    image: {IMAGE}
+    command: ["sh", "-c", "trap 'exit 0' TERM; touch /tmp/ready; {IDLE}"]
+    healthcheck:
+      test: ["CMD-SHELL", "test -f /tmp/ready"]
+      interval: 1s
+      timeout: 2s
+      retries: 30
+  app:
+    image: {IMAGE}
+    depends_on: [db]
+    volumes: ["./data:/data"]
+    command: ["sh", "-c", "trap 'exit 0' TERM; while :; do date >> /data/log; sleep 1 & wait $$!; done"]
+    healthcheck:
+      test: ["CMD-SHELL", "test -s /data/log"]
+      interval: 1s
+      timeout: 2s
+      retries: 30
+"#
+    )
+}
+
+/// A service that stops on TERM at once and has no health check.
+fn idle_service(name: &str, extra: &str) -> String {
+    format!(
+        r#"  {name}:
+    image: {IMAGE}
+    command: ["sh", "-c", "trap 'exit 0' TERM; {IDLE}"]
+{extra}"#
+    )
+}
+
+fn ensure_image() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/image/build.sh");
+        let out = Command::new(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed ({}):\n{}{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// A Compose project in a temp dir; dropping it removes its containers, volumes and network.
+struct Project {
+    name: String,
+    dir: TempDir,
+}
+
+impl Project {
+    fn new(tag: &str, compose: &str) -> Project {
+        ensure_image();
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .subsec_nanos();
+        // Lowercase a-z0-9 only: Compose v1 normalises anything else.
+        let name = format!(
+            "sct{}x{}x{nanos}{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("docker-compose.yml"), compose).expect("compose file");
+        std::fs::create_dir(dir.path().join("data")).expect("data dir");
+        Project { name, dir }
+    }
+
+    fn config(&self) -> ComposeConfig {
+        ComposeConfig {
+            stop_timeout: Duration::from_secs(5),
+            health_timeout: Duration::from_secs(60),
+            ..ComposeConfig::new(&self.name, self.dir.path())
+        }
+    }
+
+    fn data(&self, rel: &str) -> PathBuf {
+        self.dir.path().join("data").join(rel)
+    }
+
+    async fn stack(&self, config: ComposeConfig) -> ComposeStack {
+        ComposeStack::connect(config)
+            .await
+            .expect("the Docker daemon must answer (CI guarantees it)")
+    }
+
+    /// A stack with the default config whose containers exist and run.
+    async fn up(&self) -> ComposeStack {
+        let stack = self.stack(self.config()).await;
+        match stack.create_if_missing().await {
+            Ok(Creation::Created { .. }) => {}
+            other => panic!("creating {}: {other:?}", self.name),
+        }
+        stack
+    }
+}
+
+impl Drop for Project {
+    /// What `docker-compose down -v` does, by label and without its two seconds of Python:
+    /// containers (also those made outside Compose, labelled `stackclone.test`), then the
+    /// project's networks and volumes.
+    fn drop(&mut self) {
+        let by_label = |what: &[&str], label: &str| -> Vec<String> {
+            Command::new("docker")
+                .args(what)
+                .args(["-q", "--filter", &format!("label={label}={}", self.name)])
+                .output()
+                .map(|out| {
+                    String::from_utf8_lossy(&out.stdout)
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let remove = |what: &[&str], ids: Vec<String>| {
+            if !ids.is_empty() {
+                let _ = Command::new("docker").args(what).args(&ids).output();
+            }
+        };
+        let project = "com.docker.compose.project";
+        let mut containers = by_label(&["ps", "-a"], project);
+        containers.extend(by_label(&["ps", "-a"], "stackclone.test"));
+        remove(&["rm", "-f", "-v"], containers);
+        remove(&["network", "rm"], by_label(&["network", "ls"], project));
+        remove(
+            &["volume", "rm", "-f"],
+            by_label(&["volume", "ls"], project),
+        );
+    }
+}
+
+async fn engine() -> Docker {
+    Docker::connect_with_local_defaults()
+        .expect("docker socket")
+        .negotiate_version()
+        .await
+        .expect("the Docker daemon must answer")
+}
+
+async fn state(docker: &Docker, id: &str) -> ContainerState {
+    docker
+        .inspect_container(id, None)
+        .await
+        .expect("inspect")
+        .state
+        .expect("state")
+}
+
+fn parse_time(s: &str) -> OffsetDateTime {
+    OffsetDateTime::parse(s, &Rfc3339).unwrap_or_else(|e| panic!("time {s:?}: {e}"))
+}
+
+async fn started_at(docker: &Docker, id: &str) -> OffsetDateTime {
+    parse_time(&state(docker, id).await.started_at.expect("StartedAt"))
+}
+
+async fn finished_at(docker: &Docker, id: &str) -> OffsetDateTime {
+    parse_time(&state(docker, id).await.finished_at.expect("FinishedAt"))
+}
+
+async fn is_running(docker: &Docker, id: &str) -> bool {
+    state(docker, id).await.running == Some(true)
+}
+
+/// service → id of its (single) container.
+fn ids(containers: &[StackContainer]) -> HashMap<String, String> {
+    containers
+        .iter()
+        .map(|c| (c.container.service.clone(), c.container.id.clone()))
+        .collect()
+}
+
+fn hook(service: &str, command: &[&str]) -> Hook {
+    Hook {
+        service: service.to_owned(),
+        command: command.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+fn strings(s: &[&str]) -> Vec<String> {
+    s.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_if_missing_brings_up_the_project_with_the_compose_cli() {
+    let p = Project::new("create", &two_services());
+    let stack = p.stack(p.config()).await;
+    assert!(stack.containers().await.expect("list").is_empty());
+
+    let created = stack.create_if_missing().await.expect("create");
+    let Creation::Created {
+        command,
+        containers,
+    } = created
+    else {
+        panic!("expected Created, got {created:?}");
+    };
+    assert!(
+        command.ends_with(&format!("-p {} up -d", p.name)),
+        "command: {command}"
+    );
+    let mut services: Vec<&str> = containers.iter().map(|c| c.service.as_str()).collect();
+    services.sort();
+    assert_eq!(services, ["app", "db"]);
+
+    // Things that look like the stack but are not: a container named like one of it without
+    // the labels, and a one-off `docker-compose run` container of the project.
+    let docker = engine().await;
+    let decoy = format!("{}_db_2", p.name);
+    let out = Command::new("docker")
+        .args(["run", "-d", "--name", &decoy, "--label"])
+        .arg(format!("stackclone.test={}", p.name))
+        .args([IMAGE, "sleep", "300"])
+        .output()
+        .expect("docker run");
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new("docker-compose")
+        .args(["-p", &p.name, "run", "-d", "db", "sleep", "300"])
+        .current_dir(p.dir.path())
+        .output()
+        .expect("docker-compose run");
+    assert!(out.status.success(), "{out:?}");
+
+    let listed = stack.containers().await.expect("list");
+    let by_service: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|c| (c.container.service.as_str(), c.state.as_str()))
+        .collect();
+    assert_eq!(by_service, [("app", "running"), ("db", "running")]);
+    for c in &listed {
+        assert!(is_running(&docker, &c.container.id).await);
+        assert!(c.container.name.starts_with(&p.name), "{c:?}");
+        assert_eq!(c.depends_on, None, "Compose v1 writes no depends_on label");
+    }
+    assert!(!listed.iter().any(|c| c.container.name == decoy));
+
+    // The project exists now (even stopped): no second `up`.
+    let app = &ids(&listed)["app"];
+    docker.stop_container(app, None).await.expect("stop app");
+    assert_eq!(
+        stack.create_if_missing().await.expect("again"),
+        Creation::Existed
+    );
+    assert!(
+        !is_running(&docker, app).await,
+        "create_if_missing started an existing stack"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_then_start_restores_exactly_the_running_containers() {
+    let compose = format!("{}{}", two_services(), idle_service("extra", ""));
+    let p = Project::new("restore", &compose);
+    let stack = Arc::new(p.up().await);
+    // The agents hold the stack as a trait object.
+    let control: Arc<dyn StackControl> = stack.clone();
+    let docker = engine().await;
+    let before = ids(&stack.containers().await.expect("list"));
+    assert_eq!(before.len(), 3);
+    docker
+        .stop_container(&before["extra"], None)
+        .await
+        .expect("stop extra beforehand");
+
+    let stopped = control.stop().await.expect("stop");
+    let mut services: Vec<&str> = stopped
+        .stopped
+        .iter()
+        .map(|e| e.container.service.as_str())
+        .collect();
+    services.sort();
+    assert_eq!(services, ["app", "db"], "only what was running is stopped");
+    for id in before.values() {
+        assert!(!is_running(&docker, id).await, "{id} still runs after stop");
+    }
+
+    let started = control.start().await.expect("start");
+    let mut services: Vec<&str> = started
+        .started
+        .iter()
+        .map(|e| e.container.service.as_str())
+        .collect();
+    services.sort();
+    assert_eq!(services, ["app", "db"]);
+    assert!(is_running(&docker, &before["db"]).await);
+    assert!(is_running(&docker, &before["app"]).await);
+    assert!(
+        !is_running(&docker, &before["extra"]).await,
+        "a container stopped before the cycle was started"
+    );
+    // The same containers, not new ones.
+    assert_eq!(ids(&stack.containers().await.expect("list")), before);
+
+    let downtime = started.downtime_since(&stopped).expect("downtime");
+    assert!(
+        downtime > Duration::ZERO && downtime < Duration::from_secs(30),
+        "{downtime:?}"
+    );
+    for e in stopped.stopped.iter().chain(&started.started) {
+        assert!(e.began <= e.done);
+    }
+
+    // A start with nothing stopped starts nothing.
+    docker
+        .stop_container(&before["app"], None)
+        .await
+        .expect("stop app");
+    let again = control.start().await.expect("second start");
+    assert!(again.started.is_empty(), "{again:?}");
+    assert!(!is_running(&docker, &before["app"]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_start_follow_dependency_order() {
+    // Name order (app, mid, zdb) is the reverse of the dependency order, so a sort by name
+    // cannot pass by accident.
+    let compose = format!(
+        "version: \"2.4\"\nservices:\n{}{}{}",
+        idle_service("app", "    depends_on: [mid]\n"),
+        idle_service("mid", "    depends_on: [zdb]\n"),
+        idle_service("zdb", "")
+    );
+    let p = Project::new("order", &compose);
+    p.up().await;
+    let docker = engine().await;
+
+    let by_depends_on = ComposeConfig {
+        depends_on: [
+            ("app".to_owned(), strings(&["mid"])),
+            ("mid".to_owned(), strings(&["zdb"])),
+        ]
+        .into(),
+        ..p.config()
+    };
+    let by_order = ComposeConfig {
+        order: strings(&["zdb", "mid", "app"]),
+        ..p.config()
+    };
+    for (config, source) in [
+        (by_depends_on, OrderSource::ConfigDependsOn),
+        (by_order, OrderSource::ConfigOrder),
+    ] {
+        let stack = p.stack(config).await;
+        let plan = stack.plan().await.expect("plan");
+        assert_eq!(plan.source, source);
+        assert_eq!(plan.start_order, ["zdb", "mid", "app"]);
+        let id = ids(&stack.containers().await.expect("list"));
+
+        let stopped = stack.stop().await.expect("stop");
+        let order: Vec<&str> = stopped
+            .stopped
+            .iter()
+            .map(|e| e.container.service.as_str())
+            .collect();
+        assert_eq!(order, ["app", "mid", "zdb"], "{source:?}");
+        let (app, mid, zdb) = (
+            finished_at(&docker, &id["app"]).await,
+            finished_at(&docker, &id["mid"]).await,
+            finished_at(&docker, &id["zdb"]).await,
+        );
+        assert!(
+            app < mid && mid < zdb,
+            "{source:?}: stopped at app {app}, mid {mid}, zdb {zdb}"
+        );
+
+        stack.start().await.expect("start");
+        let (app, mid, zdb) = (
+            started_at(&docker, &id["app"]).await,
+            started_at(&docker, &id["mid"]).await,
+            started_at(&docker, &id["zdb"]).await,
+        );
+        assert!(
+            zdb < mid && mid < app,
+            "{source:?}: started at zdb {zdb}, mid {mid}, app {app}"
+        );
+    }
+
+    // Without any order in the config, Compose v1 leaves nothing but the names.
+    let plan = p.stack(p.config()).await.plan().await.expect("plan");
+    assert_eq!(plan.source, OrderSource::Names);
+    assert_eq!(plan.start_order, ["app", "mid", "zdb"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_cycle_is_an_error_and_stops_nothing() {
+    let p = Project::new("cycle", &two_services());
+    let running = p.up().await.containers().await.expect("list");
+    let docker = engine().await;
+    let stack = p
+        .stack(ComposeConfig {
+            depends_on: [
+                ("app".to_owned(), strings(&["db"])),
+                ("db".to_owned(), strings(&["app"])),
+            ]
+            .into(),
+            pre_stop: vec![hook("app", &["touch", "/data/pre_stop_ran"])],
+            ..p.config()
+        })
+        .await;
+    let err = stack.stop().await.expect_err("a cycle must fail");
+    assert!(
+        matches!(&err, DockerError::DependencyCycle { cycle, .. } if cycle == &strings(&["app", "db", "app"])),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("app -> db -> app"), "{err}");
+    for c in &running {
+        assert!(is_running(&docker, &c.container.id).await);
+    }
+    assert!(
+        !p.data("pre_stop_ran").exists(),
+        "a hook ran although the order was invalid"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_pre_stop_hook_stops_nothing_and_reports_its_output() {
+    let p = Project::new("hookfail", &two_services());
+    let running = p.up().await.containers().await.expect("list");
+    let docker = engine().await;
+    let mut started_before = Vec::new();
+    for c in &running {
+        started_before.push(started_at(&docker, &c.container.id).await);
+    }
+
+    let stack = p
+        .stack(ComposeConfig {
+            pre_stop: vec![hook(
+                "db",
+                &["sh", "-c", "echo flushing; echo disk full >&2; exit 3"],
+            )],
+            post_start: vec![hook("app", &["touch", "/data/post_start_ran"])],
+            ..p.config()
+        })
+        .await;
+    let err = stack.stop().await.expect_err("the hook fails");
+    match &err {
+        DockerError::HookFailed {
+            phase,
+            container,
+            exit_code,
+            output,
+            ..
+        } => {
+            assert_eq!(*phase, HookPhase::PreStop);
+            assert_eq!(container.service, "db");
+            assert_eq!(*exit_code, 3);
+            assert!(
+                output.contains("flushing") && output.contains("disk full"),
+                "{output:?}"
+            );
+        }
+        other => panic!("expected HookFailed, got {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(message.contains("disk full"), "{message}");
+    assert!(message.contains("nothing was stopped"), "{message}");
+    assert!(
+        message.contains(&p.name),
+        "the error names the project: {message}"
+    );
+
+    for (c, before) in running.iter().zip(&started_before) {
+        assert!(
+            is_running(&docker, &c.container.id).await,
+            "{} was stopped",
+            c.container.name
+        );
+        assert_eq!(
+            started_at(&docker, &c.container.id).await,
+            *before,
+            "{} restarted",
+            c.container.name
+        );
+    }
+    // The agent calls start on its failure path: nothing to start, and no post_start hook for
+    // a stop that never happened.
+    let started = stack.start().await.expect("start after a failed stop");
+    assert!(
+        started.started.is_empty() && started.hooks.is_empty(),
+        "{started:?}"
+    );
+    assert!(!p.data("post_start_ran").exists());
+
+    // A hook naming a service without a running container fails the same way.
+    let stack = p
+        .stack(ComposeConfig {
+            pre_stop: vec![hook("cache", &["true"])],
+            ..p.config()
+        })
+        .await;
+    let err = stack.stop().await.expect_err("no such service");
+    assert!(
+        matches!(&err, DockerError::HookServiceNotRunning { service, .. } if service == "cache"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("app, db"), "{err}");
+    for c in &running {
+        assert!(is_running(&docker, &c.container.id).await);
+    }
+}
+
+// current_thread: the log capture is per thread, and the hooks must log on it.
+#[tokio::test(flavor = "current_thread")]
+async fn hooks_run_in_the_named_service_and_their_output_is_logged_or_returned() {
+    let captured = LogCapture::start();
+
+    let p = Project::new("hooks", &two_services());
+    let id = ids(&p.up().await.containers().await.expect("list"));
+    // Docker's default hostname is the first 12 hex digits of the container id.
+    let (app_host, db_host) = (&id["app"][..12], &id["db"][..12]);
+    let docker = engine().await;
+
+    let stack = p
+        .stack(ComposeConfig {
+            pre_stop: vec![
+                // Only app has ./data mounted: the file proves where it ran.
+                hook("app", &["sh", "-c", "hostname | tee /data/pre_stop_host"]),
+                hook("db", &["sh", "-c", "echo line-one; echo line-two"]),
+            ],
+            post_start: vec![hook(
+                "db",
+                &[
+                    "sh",
+                    "-c",
+                    "echo post-start in $(hostname); echo to-stderr >&2",
+                ],
+            )],
+            ..p.config()
+        })
+        .await;
+    let stopped = stack.stop().await.expect("stop");
+    assert_eq!(stopped.hooks.len(), 2);
+    assert_eq!(stopped.hooks[0].container.service, "app");
+    assert_eq!(stopped.hooks[0].container.id, id["app"]);
+    assert_eq!(stopped.hooks[0].output.trim(), app_host);
+    assert_eq!(
+        std::fs::read_to_string(p.data("pre_stop_host"))
+            .expect("written by the hook")
+            .trim(),
+        app_host
+    );
+    assert_eq!(stopped.hooks[1].container.service, "db");
+    assert_eq!(stopped.hooks[1].output, "line-one\nline-two\n");
+    assert!(!is_running(&docker, &id["app"]).await && !is_running(&docker, &id["db"]).await);
+
+    let started = stack.start().await.expect("start");
+    assert_eq!(started.hooks.len(), 1);
+    let post = &started.hooks[0];
+    assert_eq!(post.phase, HookPhase::PostStart);
+    assert_eq!(post.container.service, "db");
+    assert!(
+        post.output.contains(&format!("post-start in {db_host}")),
+        "{:?}",
+        post.output
+    );
+    assert!(post.output.contains("to-stderr"), "{:?}", post.output);
+
+    let log = captured.text();
+    for line in [
+        "line=line-one",
+        "line=line-two",
+        &format!("line=post-start in {db_host}"),
+        "line=to-stderr",
+    ] {
+        assert!(log.contains(line), "{line:?} not logged:\n{log}");
+    }
+    assert!(
+        log.contains("stream=\"stderr\"") || log.contains("stream=stderr"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_healthy_succeeds_and_an_unhealthy_stack_fails_with_the_health_log() {
+    // Healthy: db has a health check, plain has none.
+    let healthy = Project::new(
+        "healthy",
+        &format!(
+            "version: \"2.4\"\nservices:\n{}{}",
+            idle_service(
+                "db",
+                "    healthcheck:\n      test: [\"CMD-SHELL\", \"test -d /tmp\"]\n      interval: 1s\n"
+            ),
+            idle_service("plain", "")
+        ),
+    );
+    // Unhealthy: fails as soon as Docker says so, with the check's output.
+    let sick = Project::new(
+        "sick",
+        &format!(
+            "version: \"2.4\"\nservices:\n{}",
+            idle_service(
+                "db",
+                "    healthcheck:\n      test: [\"CMD-SHELL\", \"echo sick-marker; exit 1\"]\n      interval: 1s\n      retries: 2\n"
+            )
+        ),
+    );
+    // Exited non-zero: fails at once with the exit code.
+    let crash = Project::new(
+        "crash",
+        &format!(
+            "version: \"2.4\"\nservices:\n  job:\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", \"exit 7\"]\n"
+        ),
+    );
+    // Still starting at the deadline (the first check is an hour away).
+    let slow = Project::new(
+        "slow",
+        &format!(
+            "version: \"2.4\"\nservices:\n{}",
+            idle_service(
+                "db",
+                "    healthcheck:\n      test: [\"CMD-SHELL\", \"true\"]\n      interval: 1h\n"
+            )
+        ),
+    );
+    let (healthy_stack, sick_stack, crash_stack, slow_stack) =
+        tokio::join!(healthy.up(), sick.up(), crash.up(), slow.up());
+
+    // Through the trait, with the config's health_timeout.
+    let report = StackControl::wait_healthy(&healthy_stack)
+        .await
+        .expect("healthy");
+    let mut got: Vec<(&str, Health)> = report
+        .containers
+        .iter()
+        .map(|c| (c.container.service.as_str(), c.health))
+        .collect();
+    got.sort_by_key(|(s, _)| *s);
+    assert_eq!(got, [("db", Health::Healthy), ("plain", Health::Running)]);
+    // After a stop and start, the same.
+    healthy_stack.stop().await.expect("stop");
+    healthy_stack.start().await.expect("start");
+    let report = healthy_stack
+        .wait_healthy_until(Instant::now() + Duration::from_secs(60))
+        .await
+        .expect("healthy after restart");
+    assert_eq!(report.containers.len(), 2);
+
+    let t = Instant::now();
+    let err = sick_stack
+        .wait_healthy_until(Instant::now() + Duration::from_secs(60))
+        .await
+        .expect_err("unhealthy");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "did not fail fast: {:?}",
+        t.elapsed()
+    );
+    match &err {
+        DockerError::Unhealthy {
+            container,
+            health_log,
+            ..
+        } => {
+            assert_eq!(container.service, "db");
+            assert!(!health_log.is_empty());
+            assert!(
+                health_log.iter().all(|l| l.contains("sick-marker")),
+                "{health_log:?}"
+            );
+        }
+        other => panic!("expected Unhealthy, got {other:?}"),
+    }
+    assert!(err.to_string().contains("sick-marker"), "{err}");
+
+    let err = crash_stack
+        .wait_healthy_until(Instant::now() + Duration::from_secs(60))
+        .await
+        .expect_err("exited");
+    assert!(
+        matches!(&err, DockerError::NotRunning { exit_code: 7, container, .. } if container.service == "job"),
+        "{err:?}"
+    );
+
+    let t = Instant::now();
+    let err = slow_stack
+        .wait_healthy_until(Instant::now() + Duration::from_secs(2))
+        .await
+        .expect_err("times out");
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "gave up early: {:?}",
+        t.elapsed()
+    );
+    match &err {
+        DockerError::HealthTimeout { pending, .. } => {
+            assert_eq!(pending.len(), 1);
+            assert_eq!(pending[0].container.service, "db");
+            assert!(pending[0].status.contains("starting"), "{:?}", pending[0]);
+        }
+        other => panic!("expected HealthTimeout, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_fails_part_way_is_undone_by_start() {
+    // app ignores TERM (a shell as PID 1 without a trap), so its stop takes the whole
+    // stop_timeout; meanwhile db is removed behind our back, so stopping it fails.
+    let compose = format!(
+        "version: \"2.4\"\nservices:\n{}  app:\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", \"while :; do sleep 1; done\"]\n",
+        idle_service("db", "")
+    );
+    let p = Project::new("partial", &compose);
+    p.up().await;
+    let docker = engine().await;
+    let stack = Arc::new(
+        p.stack(ComposeConfig {
+            order: strings(&["db", "app"]),
+            stop_timeout: Duration::from_secs(3),
+            ..p.config()
+        })
+        .await,
+    );
+    let id = ids(&stack.containers().await.expect("list"));
+
+    let stopping = tokio::spawn({
+        let stack = stack.clone();
+        async move { stack.stop().await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let out = Command::new("docker")
+        .args(["rm", "-f", &id["db"]])
+        .output()
+        .expect("docker rm");
+    assert!(out.status.success(), "{out:?}");
+    let err = stopping
+        .await
+        .expect("join")
+        .expect_err("stopping db must fail");
+    assert!(
+        matches!(&err, DockerError::Api { action, .. } if action.contains("service db") && action.contains("after 1 of 2")),
+        "{err:?}"
+    );
+    assert!(
+        !is_running(&docker, &id["app"]).await,
+        "app should have been stopped first"
+    );
+
+    let err = stack.start().await.expect_err("db is gone");
+    match &err {
+        DockerError::StartFailed { failures, .. } => {
+            assert_eq!(failures.len(), 1);
+            assert_eq!(failures[0].container.service, "db");
+        }
+        other => panic!("expected StartFailed, got {other:?}"),
+    }
+    assert!(
+        is_running(&docker, &id["app"]).await,
+        "start did not restart app"
+    );
+}
+
+/// Runs `connect_with_docker_host_from_env` in a child process with `DOCKER_HOST` pointing
+/// nowhere, so this process's environment stays as it is.
+#[test]
+fn a_missing_docker_socket_is_a_clear_error() {
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "connect_with_docker_host_from_env",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .expect("run the child test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the child test did not run:\n{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "CONNECT ERROR: cannot reach the Docker engine at unix:///nonexistent/docker.sock: \
+             Socket not found: /nonexistent/docker.sock"
+        ),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "run by a_missing_docker_socket_is_a_clear_error with DOCKER_HOST set"]
+async fn connect_with_docker_host_from_env() {
+    let err = ComposeStack::connect(ComposeConfig::new("nothing", "/nonexistent"))
+        .await
+        .expect_err("there is no socket");
+    assert!(matches!(err, DockerError::Connect { .. }), "{err:?}");
+    println!("CONNECT ERROR: {err}");
+}

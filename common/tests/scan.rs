@@ -1,0 +1,564 @@
+//! The scanner against real trees in temporary directories.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::fs::{self, File, FileTimes};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, UNIX_EPOCH};
+
+use rustix::fs::{FileType, Mode, XattrFlags};
+use stackclone_common::{CacheStatus, ScanConfig, ScanError, SkipReason, scan};
+use stackclone_proto::manifest::{Entry, EntryKind, Hash, Manifest, Xattr};
+use stackclone_proto::path::StackPath;
+
+fn sp(p: impl AsRef<[u8]>) -> StackPath {
+    StackPath::new(p.as_ref()).unwrap()
+}
+
+fn os(p: &[u8]) -> &Path {
+    Path::new(OsStr::from_bytes(p))
+}
+
+fn write(root: &Path, rel: impl AsRef<[u8]>, data: &[u8]) -> PathBuf {
+    let path = root.join(os(rel.as_ref()));
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, data).unwrap();
+    path
+}
+
+fn set_mtime(path: &Path, secs: u64, nanos: u32) {
+    let t = UNIX_EPOCH + Duration::new(secs, nanos);
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_times(FileTimes::new().set_modified(t).set_accessed(t))
+        .unwrap();
+}
+
+fn paths(m: &Manifest) -> BTreeSet<Vec<u8>> {
+    m.entries()
+        .iter()
+        .map(|e| e.path.as_bytes().to_vec())
+        .collect()
+}
+
+fn entry(m: &Manifest, p: impl AsRef<[u8]>) -> &Entry {
+    let p = p.as_ref();
+    m.get(&sp(p))
+        .unwrap_or_else(|| panic!("no entry {}", String::from_utf8_lossy(p)))
+}
+
+fn file_kind(e: &Entry) -> (u64, Hash, Option<u32>) {
+    match e.kind {
+        EntryKind::File {
+            size,
+            hash,
+            link_group,
+        } => (size, hash, link_group),
+        ref k => panic!("{:?} is {k:?}, not a file", e.path),
+    }
+}
+
+/// Lets the file system clock move past every timestamp written so far, so the next scan's start
+/// is strictly later and its cache entries are not racily clean.
+fn tick() {
+    std::thread::sleep(Duration::from_millis(50));
+}
+
+#[test]
+fn captures_types_metadata_names_links_and_xattrs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stack");
+    fs::create_dir(&root).unwrap();
+
+    write(&root, "a/b/c.txt", b"nested");
+    fs::create_dir(root.join("empty")).unwrap();
+    let suid = write(&root, "suid-bin", b"#!/bin/sh\n");
+    fs::set_permissions(&suid, fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::create_dir(root.join("sticky")).unwrap();
+    fs::set_permissions(root.join("sticky"), fs::Permissions::from_mode(0o1777)).unwrap();
+    write(&root, b"bad-\xff\xfe.bin", b"not utf-8 name");
+    write(&root, b"new\nline", b"newline name");
+    symlink("does/not/exist", root.join("dangling")).unwrap();
+    symlink("/etc/passwd", root.join("absolute")).unwrap();
+    let h1 = write(&root, "hard1", b"shared inode");
+    fs::hard_link(&h1, root.join("a/hard2")).unwrap();
+    // A link whose other path is outside the tree is not a group.
+    let lone = write(&root, "lone", b"other link outside");
+    fs::hard_link(&lone, dir.path().join("outside-link")).unwrap();
+    let timed = write(&root, "timed", b"t");
+    set_mtime(&timed, 1_600_000_000, 123_456_789);
+    let owned = write(&root, "owned", b"postgres");
+    let big: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i| (i % 251) as u8).collect();
+    write(&root, "big.bin", &big);
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("a/fifo"),
+        FileType::Fifo,
+        Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let xattr_file = write(&root, "tagged", b"x");
+    let xattrs_supported =
+        match rustix::fs::lsetxattr(&xattr_file, "user.comment", b"hello", XattrFlags::empty()) {
+            Ok(()) => {
+                rustix::fs::lsetxattr(&xattr_file, "user.a", b"first", XattrFlags::empty())
+                    .unwrap();
+                true
+            }
+            Err(rustix::io::Errno::NOTSUP) => {
+                println!("SKIPPED xattr assertions: this file system does not support user xattrs");
+                false
+            }
+            Err(e) => panic!("setting xattr: {e}"),
+        };
+    // Only root may give a file away; elsewhere the numbers are just our own.
+    let chowned = std::os::unix::fs::chown(&owned, Some(999), Some(999)).is_ok();
+
+    let scan = scan(&ScanConfig::new(&root)).unwrap();
+    let m = &scan.manifest;
+
+    let expected: BTreeSet<Vec<u8>> = [
+        &b"a"[..],
+        b"a/b",
+        b"a/b/c.txt",
+        b"a/hard2",
+        b"absolute",
+        b"bad-\xff\xfe.bin",
+        b"big.bin",
+        b"dangling",
+        b"empty",
+        b"hard1",
+        b"lone",
+        b"new\nline",
+        b"owned",
+        b"sticky",
+        b"suid-bin",
+        b"tagged",
+        b"timed",
+    ]
+    .iter()
+    .map(|p| p.to_vec())
+    .collect();
+    assert_eq!(paths(m), expected, "root is not an entry, fifo is not one");
+    assert_eq!(scan.stats.entries, expected.len() as u64);
+    assert_eq!(
+        scan.stats.skipped,
+        vec![stackclone_common::Skipped {
+            path: sp("a/fifo"),
+            reason: SkipReason::Fifo
+        }]
+    );
+
+    assert_eq!(
+        file_kind(entry(m, "a/b/c.txt")),
+        (6, Hash::of(b"nested"), None)
+    );
+    assert!(entry(m, "empty").is_dir());
+    assert_eq!(entry(m, "suid-bin").meta.mode, 0o4755);
+    assert!(entry(m, "sticky").is_dir());
+    assert_eq!(entry(m, "sticky").meta.mode, 0o1777);
+    assert_eq!(
+        file_kind(entry(m, b"bad-\xff\xfe.bin")).1,
+        Hash::of(b"not utf-8 name")
+    );
+    assert_eq!(
+        file_kind(entry(m, b"new\nline")).1,
+        Hash::of(b"newline name")
+    );
+    assert_eq!(
+        entry(m, "dangling").kind,
+        EntryKind::Symlink {
+            target: b"does/not/exist".to_vec()
+        }
+    );
+    assert_eq!(
+        entry(m, "absolute").kind,
+        EntryKind::Symlink {
+            target: b"/etc/passwd".to_vec()
+        }
+    );
+
+    let (size1, hash1, g1) = file_kind(entry(m, "hard1"));
+    let (size2, hash2, g2) = file_kind(entry(m, "a/hard2"));
+    // "a/hard2" sorts before "hard1", so the group is numbered from it; it is the only group.
+    assert_eq!((g1, g2), (Some(0), Some(0)));
+    assert_eq!((size1, hash1), (size2, hash2));
+    assert_eq!(hash1, Hash::of(b"shared inode"));
+    assert_eq!(file_kind(entry(m, "lone")).2, None);
+    assert_eq!(file_kind(entry(m, "timed")).2, None);
+    // One read for the shared inode.
+    assert_eq!(scan.stats.files_hashed, 10);
+
+    assert_eq!(entry(m, "timed").meta.mtime_ns, 1_600_000_000_123_456_789);
+    let md = fs::symlink_metadata(&owned).unwrap();
+    let meta = entry(m, "owned").meta;
+    assert_eq!((meta.uid, meta.gid), (md.uid(), md.gid()));
+    if chowned {
+        assert_eq!((meta.uid, meta.gid), (999, 999));
+    }
+    assert_eq!(meta.mode, md.mode() & 0o7777);
+    assert_eq!(
+        file_kind(entry(m, "big.bin")),
+        (big.len() as u64, Hash::of(&big), None)
+    );
+
+    if xattrs_supported {
+        assert_eq!(
+            entry(m, "tagged").xattrs,
+            vec![
+                Xattr {
+                    name: b"user.a".to_vec(),
+                    value: b"first".to_vec()
+                },
+                Xattr {
+                    name: b"user.comment".to_vec(),
+                    value: b"hello".to_vec()
+                },
+            ]
+        );
+        let no_xattrs = scan_with(&root, |c| c.xattrs = false);
+        assert!(entry(&no_xattrs.manifest, "tagged").xattrs.is_empty());
+    }
+    assert!(entry(m, "timed").xattrs.is_empty());
+
+    // Local facts are recorded for every entry and detect a change with one lstat.
+    let facts = *scan.local(&sp("timed")).unwrap();
+    assert_eq!(facts.ino, fs::symlink_metadata(&timed).unwrap().ino());
+    assert_eq!(scan.entries_with_facts().count(), expected.len());
+    assert!(facts.still_match(&root, &sp("timed")).unwrap());
+    fs::write(&timed, b"u").unwrap();
+    assert!(!facts.still_match(&root, &sp("timed")).unwrap());
+    fs::remove_file(&timed).unwrap();
+    assert!(!facts.still_match(&root, &sp("timed")).unwrap());
+}
+
+fn scan_with(root: &Path, f: impl FnOnce(&mut ScanConfig)) -> stackclone_common::Scan {
+    let mut cfg = ScanConfig::new(root);
+    f(&mut cfg);
+    scan(&cfg).unwrap()
+}
+
+#[test]
+fn symlinks_to_directories_outside_are_never_descended() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    write(&outside, "secret", b"do not sync");
+    let root = dir.path().join("stack");
+    write(&root, "inside", b"ok");
+    symlink(&outside, root.join("abs-link")).unwrap();
+    symlink("../outside", root.join("rel-link")).unwrap();
+    symlink("..", root.join("up")).unwrap();
+
+    let scan = scan(&ScanConfig::new(&root)).unwrap();
+    let m = &scan.manifest;
+    assert_eq!(
+        paths(m),
+        [&b"abs-link"[..], b"inside", b"rel-link", b"up"]
+            .iter()
+            .map(|p| p.to_vec())
+            .collect()
+    );
+    assert!(
+        matches!(entry(m, "rel-link").kind, EntryKind::Symlink { ref target } if target == b"../outside")
+    );
+    assert_eq!(scan.stats.files_hashed, 1);
+}
+
+#[test]
+fn the_root_may_be_a_symlink_but_must_be_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    write(&real, "f", b"1");
+    symlink(&real, dir.path().join("via-link")).unwrap();
+    let m = scan(&ScanConfig::new(dir.path().join("via-link")))
+        .unwrap()
+        .manifest;
+    assert_eq!(paths(&m), [b"f".to_vec()].into_iter().collect());
+
+    let missing = dir.path().join("nope");
+    match scan(&ScanConfig::new(&missing)) {
+        Err(ScanError::RootMissing { root }) => assert_eq!(root, missing),
+        other => panic!("{other:?}"),
+    }
+    let file = real.join("f");
+    match scan(&ScanConfig::new(&file)) {
+        Err(ScanError::RootNotDir { root }) => assert_eq!(root, file),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn excludes_follow_gitignore_semantics() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for p in [
+        "@eaDir/thumb.jpg",
+        "photos/@eaDir/thumb.jpg",
+        "photos/img.jpg",
+        ".DS_Store",
+        "photos/.DS_Store",
+        "x.tmp",
+        "photos/y.tmp",
+        "keep.tmp",
+        "photos/keep.tmp",
+        "cache/blob",
+        "photos/cache/blob",
+        "app/logs/today.log",
+        "logs/old.log",
+        "notes/@eaDir",
+    ] {
+        write(root, p, p.as_bytes());
+    }
+    let mut cfg = ScanConfig::new(root);
+    cfg.exclude = [
+        "@eaDir/",
+        ".DS_Store",
+        "*.tmp",
+        "!keep.tmp",
+        "/cache",
+        "**/logs",
+    ]
+    .map(String::from)
+    .to_vec();
+    let scan = scan(&cfg).unwrap();
+    let expected: BTreeSet<Vec<u8>> = [
+        "app",
+        "keep.tmp",
+        "notes",
+        // `@eaDir/` matches directories only; this one is a file.
+        "notes/@eaDir",
+        "photos",
+        // `/cache` is anchored at the root.
+        "photos/cache",
+        "photos/cache/blob",
+        "photos/img.jpg",
+        "photos/keep.tmp",
+    ]
+    .iter()
+    .map(|p| p.as_bytes().to_vec())
+    .collect();
+    assert_eq!(paths(&scan.manifest), expected);
+    // @eaDir x2, .DS_Store x2, x.tmp, y.tmp, cache, app/logs, logs.
+    assert_eq!(scan.stats.excluded, 9);
+    // Excluded directories are not descended: nothing below them was hashed.
+    assert_eq!(scan.stats.files_hashed, 5);
+}
+
+#[test]
+fn an_invalid_exclude_pattern_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ScanConfig::new(dir.path());
+    cfg.exclude = vec!["ok.txt".into(), "data/[abc".into()];
+    match scan(&cfg) {
+        Err(e @ ScanError::BadExclude { .. }) => {
+            let ScanError::BadExclude { ref pattern, .. } = e else {
+                unreachable!()
+            };
+            assert_eq!(pattern, "data/[abc");
+            assert!(e.to_string().contains("data/[abc"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn cache_tree(root: &Path) -> u64 {
+    write(root, "a.txt", b"alpha");
+    write(root, "d/b.txt", b"bravo");
+    write(root, "d/e/c.txt", b"charlie");
+    let h = write(root, "h1", b"hard");
+    fs::hard_link(&h, root.join("d/h2")).unwrap();
+    // Inodes to hash: a, b, c, h.
+    4
+}
+
+fn cached_cfg(dir: &Path) -> ScanConfig {
+    let mut cfg = ScanConfig::new(dir.join("stack"));
+    cfg.cache = Some(dir.join("state/hash-cache"));
+    fs::create_dir_all(dir.join("state")).unwrap();
+    cfg
+}
+
+#[test]
+fn second_scan_of_an_unchanged_tree_reads_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cached_cfg(dir.path());
+    let inodes = cache_tree(&cfg.root);
+    tick();
+
+    let first = scan(&cfg).unwrap();
+    assert_eq!(first.stats.cache, CacheStatus::Missing);
+    assert_eq!(first.stats.files_hashed, inodes);
+    assert_eq!(first.stats.files_from_cache, 0);
+
+    let second = scan(&cfg).unwrap();
+    assert_eq!(second.stats.cache, CacheStatus::Loaded { entries: 5 });
+    assert_eq!(second.stats.files_hashed, 0);
+    assert_eq!(second.stats.bytes_hashed, 0);
+    assert_eq!(second.stats.files_from_cache, inodes);
+    assert_eq!(second.manifest, first.manifest);
+    assert_eq!(second.manifest.root(), first.manifest.root());
+
+    // No temporary file is left next to the cache.
+    let names: Vec<_> = fs::read_dir(dir.path().join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![OsStr::new("hash-cache").to_os_string()]);
+}
+
+#[test]
+fn same_size_rewrite_with_reset_mtime_is_rehashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cached_cfg(dir.path());
+    cache_tree(&cfg.root);
+    let path = cfg.root.join("d/b.txt");
+    set_mtime(&path, 1_700_000_000, 5);
+    tick();
+    let first = scan(&cfg).unwrap();
+    let before = entry(&first.manifest, "d/b.txt").clone();
+    tick();
+
+    // Same size, same mtime afterwards: only ctime and inode-level facts tell.
+    fs::write(&path, b"BRAVO").unwrap();
+    set_mtime(&path, 1_700_000_000, 5);
+    tick();
+    let second = scan(&cfg).unwrap();
+    let after = entry(&second.manifest, "d/b.txt");
+    assert_eq!(after.meta.mtime_ns, before.meta.mtime_ns);
+    assert_eq!(file_kind(after).0, file_kind(&before).0);
+    assert_eq!(file_kind(after).1, Hash::of(b"BRAVO"));
+    assert_eq!(second.stats.files_hashed, 1);
+    assert_eq!(second.stats.files_from_cache, 3);
+}
+
+#[test]
+fn a_corrupt_or_truncated_cache_means_a_full_rehash_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cached_cfg(dir.path());
+    let inodes = cache_tree(&cfg.root);
+    tick();
+    let first = scan(&cfg).unwrap();
+    let cache_path = cfg.cache.clone().unwrap();
+    let good = fs::read(&cache_path).unwrap();
+
+    for damaged in [
+        good[..good.len() / 2].to_vec(),
+        {
+            let mut b = good.clone();
+            let i = b.len() - 40;
+            b[i] ^= 1;
+            b
+        },
+        b"garbage".to_vec(),
+    ] {
+        fs::write(&cache_path, &damaged).unwrap();
+        let rescan = scan(&cfg).unwrap();
+        assert!(
+            matches!(rescan.stats.cache, CacheStatus::Discarded { .. }),
+            "{:?}",
+            rescan.stats.cache
+        );
+        assert_eq!(rescan.stats.files_hashed, inodes);
+        assert_eq!(rescan.manifest, first.manifest);
+    }
+    // The rescan rewrote a good cache.
+    assert_eq!(scan(&cfg).unwrap().stats.files_hashed, 0);
+}
+
+#[test]
+fn checksum_mode_hashes_everything_and_refreshes_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = cached_cfg(dir.path());
+    let inodes = cache_tree(&cfg.root);
+    tick();
+    scan(&cfg).unwrap();
+    cfg.checksum = true;
+    let forced = scan(&cfg).unwrap();
+    assert_eq!(forced.stats.cache, CacheStatus::Bypassed);
+    assert_eq!(forced.stats.files_hashed, inodes);
+    assert_eq!(forced.stats.files_from_cache, 0);
+    cfg.checksum = false;
+    assert_eq!(scan(&cfg).unwrap().stats.files_hashed, 0);
+}
+
+#[test]
+fn deleted_paths_leave_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cached_cfg(dir.path());
+    cache_tree(&cfg.root);
+    tick();
+    scan(&cfg).unwrap();
+    fs::remove_dir_all(cfg.root.join("d/e")).unwrap();
+    let after_delete = scan(&cfg).unwrap();
+    assert_eq!(after_delete.stats.cache, CacheStatus::Loaded { entries: 5 });
+    assert!(after_delete.manifest.get(&sp("d/e/c.txt")).is_none());
+    assert_eq!(
+        scan(&cfg).unwrap().stats.cache,
+        CacheStatus::Loaded { entries: 4 }
+    );
+}
+
+#[test]
+fn a_cache_file_inside_the_root_is_not_an_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(root, "data", b"1");
+    let mut cfg = ScanConfig::new(root);
+    cfg.cache = Some(root.join(".stackclone-cache"));
+    tick();
+    scan(&cfg).unwrap();
+    let second = scan(&cfg).unwrap();
+    assert_eq!(
+        paths(&second.manifest),
+        [b"data".to_vec()].into_iter().collect()
+    );
+    assert_eq!(second.stats.files_hashed, 0);
+}
+
+/// Unmounts on drop, so a failing assertion does not leave a mount behind.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn other_filesystems_are_an_empty_dir_and_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(root, "local", b"1");
+    let mnt = root.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "stackclone-test", mnt.to_str().unwrap()])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("SKIPPED other_filesystems_are_an_empty_dir_and_listed: cannot mount tmpfs here");
+        return;
+    }
+    let _guard = Mount(mnt.clone());
+    write(&mnt, "elsewhere", b"not ours");
+
+    let scan = scan(&ScanConfig::new(root)).unwrap();
+    assert_eq!(
+        paths(&scan.manifest),
+        [b"local".to_vec(), b"mnt".to_vec()].into_iter().collect()
+    );
+    assert!(entry(&scan.manifest, "mnt").is_dir());
+    assert_eq!(
+        scan.stats.skipped,
+        vec![stackclone_common::Skipped {
+            path: sp("mnt"),
+            reason: SkipReason::OtherFilesystem
+        }]
+    );
+}
