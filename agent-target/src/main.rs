@@ -1,0 +1,179 @@
+//! `stackclone-target`: parses flags, calls the library, maps the result to an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use stackclone_common::cli::{self, CompletionsArgs, ManArgs};
+use stackclone_target::app::{self, Common};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "stackclone-target",
+    version,
+    about = "stackclone target agent: keeps a standby copy of compose stacks"
+)]
+struct Cli {
+    /// Main config file; conf.d/*.toml beside it holds one stack each.
+    #[arg(long, global = true, default_value = "/etc/stackclone/target.toml")]
+    config: PathBuf,
+    /// Identity dir (keys, certificates); replaces the config's identity_dir.
+    #[arg(long, global = true, env = "STACKCLONE_DIR")]
+    dir: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve pushes until SIGTERM; SIGHUP reloads the config.
+    Run,
+    /// Show each stack's last committed generation and whether it is stale.
+    Status {
+        stack: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash the live dir against the last committed manifest; exit 1 on any drift.
+    Verify { stack: String },
+    /// Restore the previous generation (or generation G) exactly.
+    Rollback {
+        stack: String,
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+    /// Write man pages into a directory.
+    Man(ManArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let common = Common {
+        config: cli.config,
+        identity_dir: cli.dir,
+    };
+    let result = match cli.command {
+        Command::Run => run(&common),
+        Command::Status { stack, json } => status(&common, stack.as_deref(), json),
+        Command::Verify { stack } => verify(&common, &stack),
+        Command::Rollback { stack, to } => rollback(&common, &stack, to),
+        Command::Completions(args) => {
+            cli::completions(Cli::command(), args.shell, &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man(args) => man(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    stackclone_common::logging::init(match format {
+        LogFormat::Text => stackclone_common::logging::LogFormat::Text,
+        LogFormat::Json => stackclone_common::logging::LogFormat::Json,
+    });
+}
+
+fn run(common: &Common) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(app::run(common))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(common: &Common, stack: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let all = app::status(common, stack)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        println!(
+            "{:<20} {:>5} {:<20} {:>10} {:>14} {:>10} {:<12}  last error",
+            "STACK", "GEN", "COMMITTED (UTC)", "FILES", "BYTES", "TGT-DOWN", "STALE"
+        );
+        for s in &all {
+            let st = &s.state;
+            let stale = match s.max_age_secs {
+                None => "-".to_string(),
+                Some(max) => format!(
+                    "{} (>{})",
+                    if s.stale { "yes" } else { "no" },
+                    stackclone_target::staleness::human(std::time::Duration::from_secs(max))
+                ),
+            };
+            println!(
+                "{:<20} {:>5} {:<20} {:>10} {:>14} {:>8}ms {:<12}  {}",
+                st.stack,
+                st.generation,
+                st.committed_at.map_or("-".to_string(), utc),
+                st.files,
+                st.bytes,
+                st.target_downtime_ms,
+                stale,
+                if s.busy {
+                    "(busy: a cycle is running)"
+                } else {
+                    st.last_error.as_deref().unwrap_or("-")
+                }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn man(args: &ManArgs) -> anyhow::Result<ExitCode> {
+    for page in cli::man_pages(Cli::command(), &args.dir)? {
+        println!("{}", page.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(common: &Common, stack: &str) -> anyhow::Result<ExitCode> {
+    let drift = app::verify(common, stack)?;
+    for d in &drift {
+        println!("{}: {:?}", d.path, d.what);
+    }
+    if drift.is_empty() {
+        println!("{stack}: live dir matches the last committed generation");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{stack}: {} path(s) drifted", drift.len());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn rollback(common: &Common, stack: &str, to: Option<u64>) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let r = rt.block_on(app::rollback(common, stack, to))?;
+    println!(
+        "{stack}: rolled back from generation {} to {}",
+        r.from, r.to
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Unix seconds as `2026-11-22T01:29:10Z`.
+fn utc(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}

@@ -1,0 +1,969 @@
+//! The target's network side: accepts sources over mutual-TLS QUIC and drives one
+//! [`TargetSession`] per connection against the stack's [`StackStore`].
+//!
+//! The session decides; this module does what it asks. Control messages travel on the first
+//! bidirectional stream after the hello; each file arrives on its own unidirectional stream
+//! (`FileBegin`, `FileData`…, `FileEnd` or `FileAbort`) and is rebuilt in staging on a blocking
+//! thread. A connection lost before the flag leaves staging in place (the next cycle resumes);
+//! once the flag verified, the commit runs to the end even if the source is gone.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use stackclone_certs::{Identity, Role, Trust};
+use stackclone_common::alert::Alert;
+use stackclone_common::control::{DataOnly, StackControl};
+use stackclone_common::docker::{ComposeConfig, ComposeStack, Creation};
+use stackclone_common::metrics::CycleStats;
+use stackclone_common::net::{self, ControlEnd};
+use stackclone_common::ops::Ops;
+use stackclone_proto::delta::{FileReceiver, SignatureBuilder, Verified};
+use stackclone_proto::msg::{Phase, Refusal, SourceMsg};
+use stackclone_proto::path::StackPath;
+use stackclone_proto::session::{
+    Cause, Commit, CycleError, StackPolicy, StackState, StageOutcome, TargetAction, TargetConfig,
+    TargetReport, TargetSession,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::staleness::Staleness;
+use crate::store::{
+    BasisFile, LocalStage, PatchFile, StackStore, StagingFile, StoreConfig, StoreError,
+};
+
+/// A cycle whose source sends nothing (no control message, no file data) for this long is ended:
+/// an authenticated peer must not hold a stack's lock forever. A commit under way is exempt.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Bytes read at a time to compute a basis signature.
+const SIGNATURE_READ: usize = 1 << 20;
+/// Signatures computed at once per cycle: the session may ask for many; each holds a read
+/// buffer and reads a whole basis file.
+const PARALLEL_SIGNATURES: usize = 4;
+
+/// What the target serves for one stack (from its config file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackServe {
+    pub stack: String,
+    pub store: StoreConfig,
+    pub allow: Vec<String>,
+    /// The Compose project to stop, start and health-check around a commit; `None` for a
+    /// data-only stack.
+    pub compose: Option<ComposeConfig>,
+    /// Roll back to the previous generation when the stack does not come up healthy.
+    pub auto_rollback: bool,
+    /// The staleness watch: alert when no generation was committed for this long.
+    pub max_age: Option<Duration>,
+}
+
+/// The stacks a target serves, by name: one immutable snapshot, replaced whole on reload.
+pub type Stacks = HashMap<String, StackServe>;
+
+/// Agent-wide state of a running target.
+///
+/// The stack set is a snapshot behind a lock: a config reload swaps in a new one
+/// ([`replace_stacks`](Self::replace_stacks)), new pushes see it at once, and a cycle keeps the
+/// [`StackServe`] it loaded its stack with until it ends, whatever reloads happen meanwhile.
+#[derive(Debug)]
+pub struct TargetCtx {
+    pub name: String,
+    pub trust: Trust,
+    /// Alerts and metrics.
+    pub ops: Arc<Ops>,
+    /// When each stack last committed; the staleness watch.
+    pub staleness: Staleness,
+    max_skew_secs: AtomicI64,
+    stacks: RwLock<Arc<Stacks>>,
+    /// Stacks with a cycle under way (one at a time per stack).
+    busy: Mutex<HashSet<String>>,
+    /// Set once the target is shutting down: cycles still receiving end without a commit.
+    shutdown: watch::Sender<bool>,
+}
+
+impl TargetCtx {
+    pub fn new(
+        identity: &Identity,
+        trust: Trust,
+        max_skew_secs: i64,
+        stacks: Vec<StackServe>,
+        ops: Arc<Ops>,
+    ) -> Self {
+        Self {
+            name: identity.name().to_string(),
+            trust,
+            ops,
+            staleness: Staleness::new(SystemTime::now()),
+            max_skew_secs: AtomicI64::new(max_skew_secs),
+            stacks: RwLock::new(Arc::new(by_name(stacks))),
+            busy: Mutex::new(Default::default()),
+            shutdown: watch::Sender::new(false),
+        }
+    }
+
+    /// The stacks served right now (a snapshot; a reload does not change it).
+    pub fn stacks(&self) -> Arc<Stacks> {
+        self.stacks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The settings of `stack`, if it is served right now.
+    pub fn stack(&self, stack: &str) -> Option<StackServe> {
+        self.stacks().get(stack).cloned()
+    }
+
+    /// Serves `stacks` from now on (a reload); returns the set it replaced. Cycles under way
+    /// keep the settings they started with.
+    pub fn replace_stacks(&self, stacks: Vec<StackServe>) -> Arc<Stacks> {
+        let mut current = self.stacks.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *current, Arc::new(by_name(stacks)))
+    }
+
+    /// The largest clock difference accepted in a flag, for cycles starting now.
+    pub fn max_skew_secs(&self) -> i64 {
+        self.max_skew_secs.load(Ordering::Relaxed)
+    }
+
+    pub fn set_max_skew_secs(&self, secs: i64) {
+        self.max_skew_secs.store(secs, Ordering::Relaxed);
+    }
+
+    /// Stacks with a cycle under way.
+    pub fn busy_stacks(&self) -> Vec<String> {
+        let mut busy: Vec<String> = self
+            .busy
+            .lock()
+            .map(|b| b.iter().cloned().collect())
+            .unwrap_or_default();
+        busy.sort();
+        busy
+    }
+
+    /// Whether the target is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Resolves once the target starts shutting down (at once if it already is, or if the
+    /// context is gone).
+    pub fn shutting_down(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutdown.subscribe();
+        async move {
+            let _ = rx.wait_for(|down| *down).await;
+        }
+    }
+
+    fn claim(self: &Arc<Self>, stack: &str) -> Option<BusyGuard> {
+        let mut busy = self.busy.lock().ok()?;
+        busy.insert(stack.to_string()).then(|| BusyGuard {
+            ctx: self.clone(),
+            stack: stack.to_string(),
+        })
+    }
+}
+
+fn by_name(stacks: Vec<StackServe>) -> Stacks {
+    stacks.into_iter().map(|s| (s.stack.clone(), s)).collect()
+}
+
+/// Marks a stack busy until dropped.
+#[derive(Debug)]
+struct BusyGuard {
+    ctx: Arc<TargetCtx>,
+    stack: String,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.ctx.busy.lock() {
+            busy.remove(&self.stack);
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` resolves, then waits for cycles that are committing.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<TargetCtx>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let ctx = ctx.clone();
+                let remote = incoming.remote_address();
+                tasks.spawn(
+                    async move {
+                        if let Err(e) = handle_connection(ctx, incoming).await {
+                            warn!(error = %e, "connection ended with an error");
+                        }
+                    }
+                    .instrument(info_span!("peer", %remote)),
+                );
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            () = &mut shutdown => break,
+        }
+    }
+    // Stop taking connections; cycles not yet committing end without touching live data
+    // (their staging stays for the next cycle); a commit under way runs to its end.
+    let busy = ctx.busy_stacks();
+    if busy.is_empty() {
+        info!("shutting down: no cycle under way");
+    } else {
+        info!(
+            stacks = ?busy,
+            "shutting down: cycles still receiving end without touching live data; a commit \
+             under way finishes first"
+        );
+    }
+    ctx.shutdown.send_replace(true);
+    endpoint.close(0u32.into(), b"target shutting down");
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Events from helper tasks back to the session loop.
+enum Event {
+    Stack(Result<(StackStore, StackState), Refusal>),
+    Signature {
+        id: u32,
+        result: Result<Vec<u8>, String>,
+    },
+    Staged {
+        id: u32,
+        outcome: StageOutcome,
+    },
+    Committed {
+        result: Result<u64, (Phase, String)>,
+        store: StackStore,
+    },
+}
+
+async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> anyhow::Result<()> {
+    let (conn, admission) = stackclone_certs::accept(incoming, &ctx.trust, Role::Source).await?;
+    let started = Instant::now();
+    let peer = admission.peer.name.clone();
+    let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await?;
+    let mut session = TargetSession::new(TargetConfig {
+        target_id: ctx.name.clone(),
+        peer: peer.clone(),
+        peer_flag_key: admission.peer.flag_key,
+        max_skew_secs: ctx.max_skew_secs(),
+    });
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Result<SourceMsg, ControlEnd>>();
+    let reader = tokio::spawn(async move {
+        loop {
+            let msg = match net::recv::<SourceMsg>(&mut ctl_recv).await {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err(ControlEnd::of(Ok(()))),
+                Err(e) => Err(ControlEnd::of(Err(e))),
+            };
+            let end = msg.is_err();
+            if ctl_tx.send(msg).is_err() || end {
+                return;
+            }
+        }
+    });
+
+    // Set once the stack is loaded: the store (shared with the data streams) and what the
+    // session asked to receive, by id.
+    let store: Arc<Mutex<Option<StackStore>>> = Arc::new(Mutex::new(None));
+    let wanted: Arc<Mutex<HashMap<u32, Wanted>>> = Arc::default();
+    let mut guard: Option<BusyGuard> = None;
+    // The stack's settings as the cycle loaded it: a reload meanwhile changes the next cycle.
+    let mut served: Option<StackServe> = None;
+    // The generation handed to a commit, once one was.
+    let mut committing: Option<u64> = None;
+    let received = Arc::new(AtomicU64::new(0));
+    let data = tokio::spawn(accept_files(
+        conn.clone(),
+        store.clone(),
+        wanted.clone(),
+        events_tx.clone(),
+        received.clone(),
+    ));
+    let signatures = Arc::new(tokio::sync::Semaphore::new(PARALLEL_SIGNATURES));
+    let mut watchdog = tokio::time::interval(Duration::from_secs(5));
+    let mut last_progress = (Instant::now(), 0u64);
+
+    let mut link_up = true;
+    let mut reading = true;
+    let stop = ctx.shutting_down();
+    tokio::pin!(stop);
+    let mut stopping = false;
+    let outcome: Result<TargetReport, CycleError> = loop {
+        let mut done = None;
+        while let Some(action) = session.poll_action() {
+            match action {
+                TargetAction::LookupStack { stack } => match ctx.stacks().get(&stack) {
+                    None => session.handle_policy(Err(Refusal::UnknownStack { stack })),
+                    Some(serve) => session.handle_policy(Ok(StackPolicy {
+                        allow: serve.allow.clone(),
+                    })),
+                },
+                TargetAction::LoadStack { stack } => {
+                    let tx = events_tx.clone();
+                    match ctx.stack(&stack) {
+                        None => session.handle_stack(Err(Refusal::UnknownStack { stack })),
+                        Some(serve) => match ctx.claim(&stack) {
+                            None => session.handle_stack(Err(Refusal::Busy { stack })),
+                            Some(g) => {
+                                guard = Some(g);
+                                served = Some(serve.clone());
+                                tokio::task::spawn_blocking(move || {
+                                    let _ = tx.send(Event::Stack(load_stack(&serve)));
+                                });
+                            }
+                        },
+                    }
+                }
+                TargetAction::Signature { id, basis } => {
+                    let (store, tx) = (store.clone(), events_tx.clone());
+                    let permits = signatures.clone();
+                    tokio::spawn(async move {
+                        let _permit = permits.acquire_owned().await;
+                        let result = tokio::task::spawn_blocking(move || signature(&store, &basis))
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string()));
+                        let _ = tx.send(Event::Signature { id, result });
+                    });
+                }
+                TargetAction::StageLocal { id, from, hash } => {
+                    let (store, tx) = (store.clone(), events_tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let outcome = match with_store(&store, |s| s.stage_local(&from, hash)) {
+                            Ok(LocalStage::Staged(v)) => StageOutcome::Staged(v),
+                            Ok(LocalStage::Mismatch) => StageOutcome::Mismatch,
+                            Err(e) => StageOutcome::Failed(e.to_string()),
+                        };
+                        let _ = tx.send(Event::Staged { id, outcome });
+                    });
+                }
+                TargetAction::Receive {
+                    id,
+                    path,
+                    basis,
+                    in_place,
+                } => {
+                    if let Ok(mut w) = wanted.lock() {
+                        w.insert(
+                            id,
+                            Wanted {
+                                path,
+                                basis,
+                                in_place,
+                            },
+                        );
+                    }
+                }
+                TargetAction::Commit(commit) => {
+                    let taken = store.lock().ok().and_then(|mut s| s.take());
+                    let tx = events_tx.clone();
+                    match taken {
+                        None => session.handle_committed(Err((
+                            Phase::Commit,
+                            "the stack store is not open".into(),
+                        ))),
+                        Some(st) => {
+                            committing = Some(commit.generation());
+                            let serve = served.clone();
+                            let bytes_received = received.load(Ordering::Relaxed);
+                            tokio::spawn(async move {
+                                let (result, store) = match serve {
+                                    Some(serve) => {
+                                        commit_stack(st, commit, &serve, bytes_received).await
+                                    }
+                                    None => (
+                                        Err((Phase::Commit, "stack no longer configured".into())),
+                                        st,
+                                    ),
+                                };
+                                let _ = tx.send(Event::Committed { result, store });
+                            });
+                        }
+                    }
+                }
+                TargetAction::Done(result) => done = Some(result),
+            }
+        }
+        // Messages after actions: a `Want` must never reach the source before its `Receive`
+        // is registered here, or the file's stream could arrive unrecognised.
+        while let Some(msg) = session.poll_message() {
+            if link_up && let Err(e) = net::send(&mut ctl_send, &msg).await {
+                link_up = false;
+                session.handle_connection_lost(&e.to_string());
+            }
+        }
+        if let Some(result) = done {
+            while let Some(msg) = session.poll_message() {
+                if link_up {
+                    let _ = net::send(&mut ctl_send, &msg).await;
+                }
+            }
+            break result;
+        }
+        tokio::select! {
+            Some(ev) = events.recv() => match ev {
+                Event::Stack(Ok((st, state))) => {
+                    if let Ok(mut s) = store.lock() {
+                        *s = Some(st);
+                    }
+                    session.handle_stack(Ok(state));
+                }
+                Event::Stack(Err(refusal)) => session.handle_stack(Err(refusal)),
+                Event::Signature { id, result } => session.handle_signature(id, result),
+                Event::Staged { id, outcome } => session.handle_staged(id, outcome),
+                Event::Committed { result, store: st } => {
+                    if let Ok(mut s) = store.lock() {
+                        *s = Some(st);
+                    }
+                    session.handle_committed(result);
+                }
+            },
+            Some(msg) = ctl_rx.recv(), if link_up && reading => {
+                last_progress.0 = Instant::now();
+                match msg {
+                    Ok(m) => session.handle_message(m, unix_now()),
+                    // The peer is still there to be told why its cycle ended.
+                    Err(ControlEnd::Malformed(e)) => {
+                        reading = false;
+                        session.handle_malformed(&e);
+                    }
+                    Err(ControlEnd::Lost(e)) => {
+                        link_up = false;
+                        // Our own shutdown closed it: say so rather than "connection closed".
+                        let e = if ctx.is_shutting_down() {
+                            "the target is shutting down".to_string()
+                        } else {
+                            e
+                        };
+                        session.handle_connection_lost(&e);
+                    }
+                }
+            },
+            () = &mut stop, if !stopping => {
+                // A commit under way goes on (the session ignores this then); anything earlier
+                // ends here, before live data was touched.
+                stopping = true;
+                session.handle_connection_lost("the target is shutting down");
+            },
+            _ = watchdog.tick() => {
+                let bytes = received.load(Ordering::Relaxed);
+                if bytes != last_progress.1 {
+                    last_progress = (Instant::now(), bytes);
+                } else if !session.is_committing() && last_progress.0.elapsed() > STALL_TIMEOUT {
+                    session.handle_connection_lost(&format!(
+                        "no progress from the source for {} s",
+                        STALL_TIMEOUT.as_secs()
+                    ));
+                }
+            },
+        }
+    };
+    reader.abort();
+    data.abort();
+    let _ = ctl_send.finish();
+    // Give the last message (the result) a moment to leave before the connection closes.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), ctl_send.stopped()).await;
+    conn.close(0u32.into(), b"cycle over");
+    let stack = session.stack().to_string();
+    let record_error = |e: &str| {
+        if let Ok(mut s) = store.lock()
+            && let Some(st) = s.as_mut()
+        {
+            let _ = st.record_cycle(|r| r.last_error = Some(e.to_string()));
+        }
+    };
+    match &outcome {
+        Ok(report) => info!(
+            %stack, %peer,
+            generation = report.generation,
+            files = report.files,
+            files_received = report.files_received,
+            target_downtime_ms = report.target_downtime_ms,
+            dry_run = report.dry_run,
+            "cycle done"
+        ),
+        Err(e) if ctx.is_shutting_down() && committing.is_none() => {
+            info!(%stack, %peer, phase = %e.phase, "cycle ended by shutdown before its commit; live data untouched, staging kept for the next cycle");
+            record_error(&e.to_string());
+        }
+        Err(e) => {
+            warn!(%stack, %peer, phase = %e.phase, error = %e.cause, "cycle failed");
+            record_error(&e.to_string());
+        }
+    }
+    report_cycle(
+        &ctx,
+        &peer,
+        served.as_ref(),
+        committing,
+        &outcome,
+        CycleStats {
+            duration: started.elapsed(),
+            bytes_sent: received.load(Ordering::Relaxed),
+            ..CycleStats::default()
+        },
+    );
+    drop(guard);
+    Ok(())
+}
+
+/// Tells metrics, the staleness watch and the alert channels how a cycle ended. `measured`
+/// holds what the driver measured (duration, bytes received); the rest comes from the report.
+fn report_cycle(
+    ctx: &TargetCtx,
+    peer: &str,
+    served: Option<&StackServe>,
+    committing: Option<u64>,
+    outcome: &Result<TargetReport, CycleError>,
+    measured: CycleStats,
+) {
+    let ops = &ctx.ops;
+    match outcome {
+        Ok(report) if report.dry_run => {}
+        Ok(report) => {
+            let now = SystemTime::now();
+            ops.metrics.record_cycle(
+                &report.stack,
+                now,
+                &CycleStats {
+                    generation: report.generation,
+                    target_downtime: Duration::from_millis(report.target_downtime_ms),
+                    files_changed: report.upserts + report.deletes,
+                    ..measured
+                },
+            );
+            if ctx
+                .staleness
+                .committed(&report.stack, report.generation, now)
+            {
+                info!(stack = %report.stack, generation = report.generation, "stack no longer stale");
+            }
+            let message = format!(
+                "{} file(s), {} bytes; {} received, {} copied locally; target stack down {} ms",
+                report.files,
+                report.bytes,
+                report.files_received,
+                report.files_copied_locally,
+                report.target_downtime_ms
+            );
+            ops.alert_in_background(
+                Alert::success(&ops.host, &report.stack, report.generation, &message)
+                    .with_peer(peer),
+            );
+        }
+        // Interrupted by our own shutdown: not a failure of the stack.
+        Err(_) if ctx.is_shutting_down() && committing.is_none() => {}
+        Err(e) => {
+            // Only stacks this target serves get series: a peer must not be able to mint
+            // label values by naming stacks that do not exist.
+            if served.is_none() && ctx.stack(&e.stack).is_none() {
+                return;
+            }
+            ops.metrics
+                .record_failure(&e.stack, &e.phase.to_string().to_lowercase());
+            if alerts_on(&e.cause) {
+                let mut alert = Alert::failure(
+                    &ops.host,
+                    &e.stack,
+                    &e.phase.to_string(),
+                    &e.cause.to_string(),
+                )
+                .with_peer(peer);
+                if let Some(generation) = committing {
+                    alert = alert.with_generation(generation);
+                }
+                ops.alert_in_background(alert);
+            }
+        }
+    }
+}
+
+/// Failures a person on the target side must hear about: a commit that failed (including an
+/// unhealthy stack and an automatic rollback), a flag that did not verify, and a local failure
+/// (a full disk while staging). What the source did wrong or gave up on (a refusal, a lost
+/// connection, a too-large deletion) is the source's to report.
+fn alerts_on(cause: &Cause) -> bool {
+    matches!(
+        cause,
+        Cause::CommitFailed(_) | Cause::Flag(_) | Cause::Local(_)
+    )
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn with_store<T>(
+    store: &Mutex<Option<StackStore>>,
+    f: impl FnOnce(&StackStore) -> Result<T, StoreError>,
+) -> Result<T, String> {
+    let guard = store
+        .lock()
+        .map_err(|_| "stack store lock poisoned".to_string())?;
+    let st = guard.as_ref().ok_or("the stack store is not open")?;
+    f(st).map_err(|e| e.to_string())
+}
+
+/// Opens the stack's store (recovering an interrupted commit), scans the live dir and lists
+/// what is staged.
+fn load_stack(serve: &StackServe) -> Result<(StackStore, StackState), Refusal> {
+    let unavailable = |reason: String| Refusal::Unavailable {
+        stack: serve.stack.clone(),
+        reason,
+    };
+    let store = StackStore::open(serve.store.clone()).map_err(|e| unavailable(e.to_string()))?;
+    let live = store
+        .scan_live(false)
+        .map_err(|e| unavailable(e.to_string()))?
+        .manifest;
+    let staged = store.staged().map_err(|e| unavailable(e.to_string()))?;
+    let state = StackState {
+        last_generation: store.last_generation(),
+        live,
+        staged,
+        staged_in_place: store
+            .staged_in_place()
+            .map_err(|e| unavailable(e.to_string()))?,
+    };
+    Ok((store, state))
+}
+
+/// The delta signature of a live file, read in chunks (memory: the signature only).
+fn signature(store: &Mutex<Option<StackStore>>, path: &StackPath) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let basis = with_store(store, |s| s.open_basis(path))?;
+    let mut builder = SignatureBuilder::new(basis.len());
+    // Whole blocks, about 1 MiB at a time, and never more than the file.
+    let block = builder.block_size() as usize;
+    let chunk = (SIGNATURE_READ / block).max(1) * block;
+    let mut buf = vec![0u8; chunk.min(basis.len() as usize)];
+    let mut at = 0u64;
+    while at < basis.len() {
+        let n = ((basis.len() - at) as usize).min(chunk);
+        basis
+            .file()
+            .read_exact_at(&mut buf[..n], at)
+            .map_err(|e| format!("{path}: {e}"))?;
+        builder.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(builder.finish())
+}
+
+/// Accepts the source's file streams for the whole connection.
+async fn accept_files(
+    conn: quinn::Connection,
+    store: Arc<Mutex<Option<StackStore>>>,
+    wanted: Arc<Mutex<HashMap<u32, Wanted>>>,
+    events: mpsc::UnboundedSender<Event>,
+    received: Arc<AtomicU64>,
+) {
+    while let Ok(stream) = conn.accept_uni().await {
+        let (store, wanted, events) = (store.clone(), wanted.clone(), events.clone());
+        let received = received.clone();
+        tokio::spawn(async move {
+            if let Some((id, outcome)) = receive_file(stream, store, wanted, received).await {
+                let _ = events.send(Event::Staged { id, outcome });
+            }
+        });
+    }
+}
+
+/// Receives one file stream into staging. `None` if the stream died before naming its file
+/// (the session then sees the connection end).
+async fn receive_file(
+    mut stream: quinn::RecvStream,
+    store: Arc<Mutex<Option<StackStore>>>,
+    wanted: Arc<Mutex<HashMap<u32, Wanted>>>,
+    received: Arc<AtomicU64>,
+) -> Option<(u32, StageOutcome)> {
+    let first = net::recv::<SourceMsg>(&mut stream).await.ok()??;
+    let SourceMsg::FileBegin { id, len } = first else {
+        debug!("file stream did not start with FileBegin");
+        return None;
+    };
+    let Some(wanted) = wanted.lock().ok()?.remove(&id) else {
+        // Not wanted: the session treats a result for an unknown id as a protocol violation.
+        return Some((id, StageOutcome::Mismatch));
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<SourceMsg>(4);
+    let worker = tokio::task::spawn_blocking(move || rebuild(&store, wanted, len, rx));
+    let mut outcome = None;
+    loop {
+        match net::recv::<SourceMsg>(&mut stream).await {
+            Ok(Some(msg)) => {
+                let stream_id = match &msg {
+                    SourceMsg::FileData { id, chunk } => {
+                        received.fetch_add(chunk.wire_len() as u64 + 1, Ordering::Relaxed);
+                        Some(*id)
+                    }
+                    SourceMsg::FileEnd { id, .. } | SourceMsg::FileAbort { id, .. } => Some(*id),
+                    _ => None,
+                };
+                if stream_id != Some(id) {
+                    // Another file's message, or a control message, on this file's stream: the
+                    // rebuild is not to be trusted. The session re-requests once, then fails.
+                    debug!(id, ?stream_id, "foreign message on a file stream");
+                    outcome = Some(StageOutcome::Mismatch);
+                    break;
+                }
+                let last = !matches!(msg, SourceMsg::FileData { .. });
+                if tx.send(msg).is_err() {
+                    break;
+                }
+                if last {
+                    break;
+                }
+            }
+            Ok(None) | Err(_) => {
+                outcome = Some(StageOutcome::SourceAborted(
+                    "the file stream ended early".into(),
+                ));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let rebuilt = worker
+        .await
+        .unwrap_or_else(|e| StageOutcome::Failed(e.to_string()));
+    Some((
+        id,
+        outcome
+            .filter(|_| !matches!(rebuilt, StageOutcome::Failed(_)))
+            .unwrap_or(rebuilt),
+    ))
+}
+
+/// What a rebuild writes into: a whole file in staging, or a patch of the live file.
+trait Staged: stackclone_proto::delta::Sink {
+    fn persist(self, v: &Verified) -> Result<stackclone_proto::manifest::Hash, StoreError>;
+    fn discard(self) -> Option<StoreError>;
+}
+
+impl Staged for StagingFile {
+    fn persist(self, v: &Verified) -> Result<stackclone_proto::manifest::Hash, StoreError> {
+        StagingFile::persist(self, v)
+    }
+    fn discard(self) -> Option<StoreError> {
+        StagingFile::discard(self)
+    }
+}
+
+impl Staged for PatchFile {
+    fn persist(self, v: &Verified) -> Result<stackclone_proto::manifest::Hash, StoreError> {
+        PatchFile::persist(self, v)
+    }
+    fn discard(self) -> Option<StoreError> {
+        PatchFile::discard(self)
+    }
+}
+
+/// Where one wanted file goes, as the session asked.
+#[derive(Debug, Clone)]
+struct Wanted {
+    path: StackPath,
+    basis: Option<StackPath>,
+    in_place: bool,
+}
+
+/// Applies a file's chunks into staging (a new file, or a patch of the live file) and verifies
+/// it.
+fn rebuild(
+    store: &Mutex<Option<StackStore>>,
+    wanted: Wanted,
+    len: u64,
+    rx: std::sync::mpsc::Receiver<SourceMsg>,
+) -> StageOutcome {
+    let opened = with_store(store, |s| match (&wanted.basis, wanted.in_place) {
+        (Some(_), true) => {
+            let (basis, patch) = s.create_patch_file(&wanted.path)?;
+            Ok((Some(basis), Err(patch)))
+        }
+        (basis, _) => {
+            let basis = basis.as_ref().map(|b| s.open_basis(b)).transpose()?;
+            Ok((basis, Ok(s.create_staging_file()?)))
+        }
+    });
+    match opened {
+        Ok((basis, Ok(file))) => apply(basis, file, len, rx),
+        Ok((basis, Err(patch))) => apply(basis, patch, len, rx),
+        Err(e) => StageOutcome::Failed(e),
+    }
+}
+
+fn apply(
+    mut basis: Option<BasisFile>,
+    mut sink: impl Staged,
+    len: u64,
+    rx: std::sync::mpsc::Receiver<SourceMsg>,
+) -> StageOutcome {
+    let mut receiver = FileReceiver::new(basis.as_ref().map(|b| b.len()), len);
+    let mut no_basis = NoBasis;
+    for msg in rx {
+        let chunk = match msg {
+            SourceMsg::FileData { chunk, .. } => chunk,
+            SourceMsg::FileEnd { hash, .. } => {
+                return match receiver.finish(&mut sink, hash) {
+                    Ok(v) => match sink.persist(&v) {
+                        Ok(_) => StageOutcome::Staged(v),
+                        Err(e) => StageOutcome::Failed(e.to_string()),
+                    },
+                    Err(_) => match sink.discard() {
+                        Some(local) => StageOutcome::Failed(local.to_string()),
+                        None => StageOutcome::Mismatch,
+                    },
+                };
+            }
+            SourceMsg::FileAbort { reason, .. } => return StageOutcome::SourceAborted(reason),
+            _ => return StageOutcome::Mismatch,
+        };
+        let applied = match basis.as_mut() {
+            Some(b) => receiver.handle_chunk(chunk, b, &mut sink),
+            None => receiver.handle_chunk(chunk, &mut no_basis, &mut sink),
+        };
+        if applied.is_err() {
+            return match sink.discard() {
+                Some(local) => StageOutcome::Failed(local.to_string()),
+                None => StageOutcome::Mismatch,
+            };
+        }
+    }
+    StageOutcome::SourceAborted("the file stream ended early".into())
+}
+
+/// The stack's control: Docker for a compose stack, nothing for a data-only one.
+async fn control_for(serve: &StackServe) -> Result<Arc<dyn StackControl>, String> {
+    match &serve.compose {
+        None => Ok(Arc::new(DataOnly)),
+        Some(cfg) => ComposeStack::connect(cfg.clone())
+            .await
+            .map(|c| Arc::new(c) as Arc<dyn StackControl>)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Prepares while the stack runs; then stops it, commits, creates it if it has no containers
+/// yet, starts it and waits for it to be healthy. An unhealthy stack is rolled back to the
+/// previous generation (with `auto_rollback`) and started again, and the cycle is reported
+/// failed. Returns the downtime: from the stop to the stack running again.
+///
+/// The store work runs with `block_in_place`: it owns the store, and a commit must not be torn
+/// apart by task cancellation.
+async fn commit_stack(
+    mut store: StackStore,
+    commit: Commit,
+    serve: &StackServe,
+    bytes_received: u64,
+) -> (Result<u64, (Phase, String)>, StackStore) {
+    let generation = commit.generation();
+    let control = match control_for(serve).await {
+        Ok(c) => c,
+        Err(e) => return (Err((Phase::Commit, format!("docker: {e}"))), store),
+    };
+    let prepared = match tokio::task::block_in_place(|| store.prepare(&commit)) {
+        Ok(p) => p,
+        Err(e) => return (Err((Phase::Commit, e.to_string())), store),
+    };
+    let down = Instant::now();
+    if let Err(e) = control.stop().await {
+        // A stop that failed part-way: start what it stopped; live data is untouched.
+        let restarted = control.start().await.map(drop).map_err(|e| e.to_string());
+        let again = restarted
+            .err()
+            .map(|e| format!("; starting it again failed too: {e}"));
+        return (
+            Err((
+                Phase::Commit,
+                format!(
+                    "stopping the stack failed: {e}{}",
+                    again.unwrap_or_default()
+                ),
+            )),
+            store,
+        );
+    }
+    let applied = tokio::task::block_in_place(|| store.commit(prepared, unix_now()));
+    if let Err(e) = applied {
+        // The journal guarantees the live dir is still the old generation: start it again.
+        let _ = control.start().await;
+        return (Err((Phase::Commit, e.to_string())), store);
+    }
+    // A stack with no containers yet is created by Compose, which also starts it (and health
+    // then covers what it created); an existing one is started as it was stopped.
+    let up = match control.create_if_missing().await {
+        Err(e) => Err(format!("creating the stack failed: {e}")),
+        Ok(Creation::Created { .. }) => Ok(()),
+        Ok(Creation::Existed) => control
+            .start()
+            .await
+            .map(drop)
+            .map_err(|e| format!("starting the stack failed: {e}")),
+    };
+    let downtime_ms = down.elapsed().as_millis() as u64;
+    let healthy = match up {
+        Err(e) => Err(e),
+        Ok(()) => control
+            .wait_healthy()
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
+    };
+    let _ = store.record_cycle(|r| {
+        r.target_downtime_ms = downtime_ms;
+        r.bytes_sent = bytes_received;
+    });
+    match healthy {
+        Ok(()) => {
+            let _ = store.record_cycle(|r| r.last_error = None);
+            info!(generation, downtime_ms, "generation committed");
+            (Ok(downtime_ms), store)
+        }
+        Err(why) if serve.auto_rollback && generation > 1 => {
+            warn!(generation, error = %why, "stack not healthy on the new generation; rolling back");
+            let back = roll_back(&mut store, &*control).await;
+            let reason = match back {
+                Ok(to) => format!("{why}; rolled back to generation {to}, which is running"),
+                Err(e) => format!("{why}; rolling back failed: {e}"),
+            };
+            (Err((Phase::Health, reason)), store)
+        }
+        Err(why) => (Err((Phase::Health, why)), store),
+    }
+}
+
+/// Stops the stack, restores the previous generation, starts it and waits for health.
+async fn roll_back(store: &mut StackStore, control: &dyn StackControl) -> Result<u64, String> {
+    control.stop().await.map_err(|e| format!("stopping: {e}"))?;
+    let rolled = tokio::task::block_in_place(|| store.rollback(None)).map_err(|e| e.to_string());
+    let started = control.start().await.map_err(|e| format!("starting: {e}"));
+    let report = rolled?;
+    started?;
+    control
+        .wait_healthy()
+        .await
+        .map_err(|e| format!("generation {} not healthy either: {e}", report.to))?;
+    Ok(report.to)
+}
+
+/// A literal-only transfer never reads a basis.
+struct NoBasis;
+
+impl stackclone_proto::delta::Basis for NoBasis {
+    fn read_at(&mut self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no basis",
+        ))
+    }
+}

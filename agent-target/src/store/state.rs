@@ -1,0 +1,164 @@
+//! The small files of the state dir: `state` (JSON), `manifests/<G>` (wire frames) and the
+//! atomic write they share.
+
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
+use stackclone_proto::manifest::{Entry, Hash, Manifest};
+use stackclone_proto::wire::{self, FrameDecoder, MAX_FRAME};
+
+/// What the target knows about a stack's last commit; the `state` file, as JSON (what
+/// `stackclone-target status --json` prints, plus the manifest root).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreState {
+    pub stack: String,
+    /// Last committed generation; 0 before the first commit.
+    pub generation: u64,
+    /// Unix seconds of the commit, target clock.
+    pub committed_at: Option<i64>,
+    /// Root hash of the committed manifest, hex.
+    pub manifest_root: Option<String>,
+    /// Regular files and their bytes in the committed generation.
+    pub files: u64,
+    pub bytes: u64,
+    /// Filled in by the driver ([`super::StackStore::record_cycle`]).
+    pub bytes_sent: u64,
+    pub source_downtime_ms: u64,
+    pub target_downtime_ms: u64,
+    /// How long the journaled apply of the last commit took: the store's share of the target
+    /// downtime (the rest is stopping and starting the stack).
+    pub commit_ms: u64,
+    /// The generation this one was rolled back from, if the last change was a rollback.
+    pub rolled_back_from: Option<u64>,
+    /// The last failed cycle's error, cleared by the next commit.
+    pub last_error: Option<String>,
+}
+
+/// The header frame of a manifest file.
+#[derive(Debug, Serialize, Deserialize)]
+struct ManifestHeader {
+    generation: u64,
+    entries: u64,
+    root: Hash,
+}
+
+/// Entries per frame are cut at this many encoded bytes, well under [`MAX_FRAME`].
+const FRAME_BUDGET: usize = 4 << 20;
+
+/// Encodes a manifest as wire frames: a header, then entry batches.
+pub(crate) fn encode_manifest(generation: u64, m: &Manifest) -> Result<Vec<u8>, String> {
+    let header = ManifestHeader {
+        generation,
+        entries: m.len() as u64,
+        root: m.root(),
+    };
+    let mut out = wire::encode_frame(&header).map_err(|e| e.to_string())?;
+    let mut batch: Vec<&Entry> = Vec::new();
+    let mut size = 0usize;
+    for e in m.entries() {
+        let len = wire::canonical(e).len();
+        if !batch.is_empty() && size + len > FRAME_BUDGET {
+            out.extend(wire::encode_frame(&batch).map_err(|e| e.to_string())?);
+            batch.clear();
+            size = 0;
+        }
+        batch.push(e);
+        size += len;
+    }
+    if !batch.is_empty() {
+        out.extend(wire::encode_frame(&batch).map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+/// Decodes and checks a manifest file: frame bounds, entry count, manifest rules, root.
+pub(crate) fn decode_manifest(bytes: &[u8]) -> Result<(u64, Manifest), String> {
+    let mut dec = FrameDecoder::new(MAX_FRAME);
+    let mut frames = Vec::new();
+    for piece in bytes.chunks(1 << 20) {
+        dec.push(piece).map_err(|e| e.to_string())?;
+        while let Some(f) = dec.next_frame().map_err(|e| e.to_string())? {
+            frames.push(f);
+        }
+    }
+    if dec.buffered() != 0 {
+        return Err(format!(
+            "{} bytes of a truncated frame at the end",
+            dec.buffered()
+        ));
+    }
+    let mut frames = frames.into_iter();
+    let header: ManifestHeader = match frames.next() {
+        Some(f) => wire::decode(&f).map_err(|e| e.to_string())?,
+        None => return Err("empty file".into()),
+    };
+    let mut entries = Vec::new();
+    for f in frames {
+        let batch: Vec<Entry> = wire::decode(&f).map_err(|e| e.to_string())?;
+        entries.extend(batch);
+    }
+    if entries.len() as u64 != header.entries {
+        return Err(format!(
+            "{} entries, header says {}",
+            entries.len(),
+            header.entries
+        ));
+    }
+    let m = Manifest::new(entries).map_err(|e| e.to_string())?;
+    if m.root() != header.root {
+        return Err("entries do not hash to the recorded root".into());
+    }
+    Ok((header.generation, m))
+}
+
+/// Writes `name` in `dir` atomically: `name.tmp`, fsync, rename, fsync of the directory.
+pub(crate) fn write_atomic(dir: BorrowedFd<'_>, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let tmp = format!("{name}.tmp");
+    write_synced(dir, &tmp, data)?;
+    rustix::fs::renameat(dir, tmp.as_str(), dir, name)?;
+    rustix::fs::fsync(dir)?;
+    Ok(())
+}
+
+/// Creates (or truncates) `name` in `dir` with `data`, fsynced.
+pub(crate) fn write_synced(dir: BorrowedFd<'_>, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::CREATE | OFlags::TRUNC | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Reads `name` in `dir` (not following a symlink); `Ok(None)` if it does not exist.
+pub(crate) fn read_file(dir: BorrowedFd<'_>, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let fd = match rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut data = Vec::new();
+    std::fs::File::from(fd).read_to_end(&mut data)?;
+    Ok(Some(data))
+}
+
+/// Removes `name` in `dir` if it exists.
+pub(crate) fn remove_file(dir: impl AsFd, name: &str) -> std::io::Result<()> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
