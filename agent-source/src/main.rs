@@ -1,0 +1,229 @@
+//! `stackclone-source`: parses flags, calls the library, maps the result to an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use stackclone_common::cli::{self, CompletionsArgs, ManArgs};
+use stackclone_proto::msg::Mode;
+use stackclone_source::app::{self, Common, PushOptions};
+use stackclone_source::progress::{self, Style};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "stackclone-source",
+    version,
+    about = "stackclone source agent: push compose stacks to a standby"
+)]
+struct Cli {
+    /// Main config file; conf.d/*.toml beside it holds one stack each.
+    #[arg(long, global = true, default_value = "/etc/stackclone/source.toml")]
+    config: PathBuf,
+    /// Identity dir (keys, certificates); replaces the config's identity_dir.
+    #[arg(long, global = true, env = "STACKCLONE_DIR")]
+    dir: Option<PathBuf>,
+    /// Where status files and hash caches live.
+    #[arg(long, global = true, env = "STACKCLONE_STATE_DIR", default_value = app::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon: each stack's cycles on its `schedule`; SIGHUP reloads the config,
+    /// SIGTERM ends cycles under way cleanly and exits.
+    Run,
+    /// Run one cycle of each named stack now; exit 0 only if every one committed on its target.
+    /// A stack whose cycle is already running (the daemon's or another push) is refused unless
+    /// --wait is given.
+    Push {
+        #[arg(required = true)]
+        stacks: Vec<String>,
+        /// List what would be sent and deleted; change nothing anywhere.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print one JSON document instead of progress and a table.
+        #[arg(long)]
+        json: bool,
+        /// Wait for a running cycle of the same stack to end instead of refusing.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show each stack's last cycle.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script to stdout.
+    Completions(CompletionsArgs),
+    /// Write man pages (one per command) into a directory.
+    Man(ManArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let common = Common {
+        config: cli.config,
+        identity_dir: cli.dir,
+        state_dir: cli.state_dir,
+    };
+    let result = match cli.command {
+        Command::Run => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(stackclone_source::daemon::run(&common)))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Push {
+            stacks,
+            dry_run,
+            json,
+            wait,
+        } => push(&common, &stacks, dry_run, json, wait),
+        Command::Status { json } => status(&common, json),
+        Command::Completions(args) => {
+            cli::completions(Cli::command(), args.shell, &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man(args) => cli::man_pages(Cli::command(), &args.dir)
+            .map(|pages| {
+                for p in pages {
+                    println!("{}", p.display());
+                }
+                ExitCode::SUCCESS
+            })
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    stackclone_common::logging::init(match format {
+        LogFormat::Text => stackclone_common::logging::LogFormat::Text,
+        LogFormat::Json => stackclone_common::logging::LogFormat::Json,
+    });
+}
+
+fn push(
+    common: &Common,
+    stacks: &[String],
+    dry_run: bool,
+    json: bool,
+    wait: bool,
+) -> anyhow::Result<ExitCode> {
+    let mode = if dry_run { Mode::DryRun } else { Mode::Sync };
+    let opts = PushOptions {
+        mode,
+        wait,
+        style: Style::detect(json),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let outcomes = rt.block_on(app::push(common, stacks, opts))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+    } else {
+        for o in &outcomes {
+            match (&o.error, &o.plan) {
+                (Some(e), _) if dry_run => println!("{}: FAILED: {e}", o.stack),
+                (None, Some(plan)) => {
+                    println!(
+                        "{}: dry run: would transfer {} file(s) ({} bytes before delta); copy {} locally; delete {}; change metadata of {}; leave {} unchanged",
+                        o.stack,
+                        plan["send_count"],
+                        plan["send_bytes"],
+                        plan["copy_local"],
+                        plan["delete_count"],
+                        plan["meta_only"],
+                        plan["unchanged"]
+                    );
+                    for s in plan["send"].as_array().into_iter().flatten() {
+                        println!(
+                            "  send   {} ({} bytes)",
+                            s["path"].as_str().unwrap_or("?"),
+                            s["bytes"]
+                        );
+                    }
+                    for d in plan["delete"].as_array().into_iter().flatten() {
+                        println!("  delete {}", d.as_str().unwrap_or("?"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !dry_run {
+            let rows: Vec<progress::Row> = outcomes.iter().map(row).collect();
+            print!("{}", progress::table(&rows));
+        }
+    }
+    Ok(if outcomes.iter().all(|o| o.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn row(o: &app::PushOutcome) -> progress::Row {
+    let ms = |v: Option<u64>| v.map(std::time::Duration::from_millis);
+    progress::Row {
+        stack: o.stack.clone(),
+        result: if o.ok { "committed" } else { "FAILED" }.to_owned(),
+        generation: o.ok.then_some(o.generation),
+        files_sent: o.files_sent,
+        bytes_sent: o.bytes_sent,
+        source_down: ms(o.source_downtime_ms),
+        target_down: ms(o.target_downtime_ms),
+        took: std::time::Duration::from_millis(o.duration_ms),
+        error: o.error.clone(),
+    }
+}
+
+fn status(common: &Common, json: bool) -> anyhow::Result<ExitCode> {
+    let all = app::status(common)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        println!(
+            "{:<20} {:<14} {:>5} {:<20} {:>10} {:>14} {:>10} {:>10}  last error",
+            "STACK", "TARGET", "GEN", "COMMITTED (UTC)", "FILES", "BYTES", "SRC-DOWN", "TGT-DOWN"
+        );
+        for s in &all {
+            let when = s
+                .committed_at
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .map(|t| t.replace('T', " ").trim_end_matches('Z').to_owned())
+                .unwrap_or_else(|| "never".to_owned());
+            println!(
+                "{:<20} {:<14} {:>5} {:<20} {:>10} {:>14} {:>8}ms {:>8}ms  {}",
+                s.stack,
+                s.target,
+                s.generation,
+                when,
+                s.files,
+                s.bytes,
+                s.source_downtime_ms.unwrap_or(0),
+                s.target_downtime_ms.unwrap_or(0),
+                s.last_error.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,552 @@
+//! One cycle of one stack against one target: the driver around [`SourceSession`].
+//!
+//! The session decides; this module does what it asks: scans (on a blocking thread, with the
+//! stack's hash cache), stops and starts the stack through a [`StackControl`], streams each wanted
+//! file on its own QUIC unidirectional stream (a few at once, windows read with `pread`, deltas
+//! made on blocking threads), and carries control messages on one bidirectional stream.
+//!
+//! Files are opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` relative to the stack
+//! root, so a path the target asks for can never lead out of the stack, even if a symlink
+//! appeared in the tree after the scan.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use stackclone_common::net::ControlEnd;
+use stackclone_common::{ScanConfig, net};
+use stackclone_proto::delta::{CheckedSignature, FileSender, SenderConfig};
+use stackclone_proto::manifest::Manifest;
+use stackclone_proto::msg::{Mode, Pass, SourceMsg, TargetMsg};
+use stackclone_proto::path::StackPath;
+use stackclone_proto::session::{
+    CycleError, SourceAction, SourceConfig, SourceReport, SourceSession,
+};
+use stackclone_proto::wire;
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{debug, info, warn};
+
+use crate::progress::{CycleProgress, Stage};
+use crate::rate::RateLimit;
+use stackclone_common::control::StackControl;
+use stackclone_common::docker::{StartReport, StopReport};
+
+/// Files streamed at once. Enough to keep a LAN link busy with small files; each holds at most
+/// a couple of windows of memory.
+const PARALLEL_FILES: usize = 8;
+
+/// Everything one cycle needs to know about its stack.
+#[derive(Debug, Clone)]
+pub struct StackJob {
+    pub stack: String,
+    pub path: PathBuf,
+    pub exclude: Vec<String>,
+    pub precopy: bool,
+    pub stop: bool,
+    pub allow_empty: bool,
+    pub max_delete: f64,
+    pub checksum: bool,
+    pub compress: bool,
+    /// Bytes per second, or `None` for no limit.
+    pub bandwidth_limit: Option<u64>,
+    /// Where the stack's hash cache lives.
+    pub cache: Option<PathBuf>,
+    /// The Compose project to stop and start around the final pass; `None` for data only.
+    pub compose: Option<stackclone_common::docker::ComposeConfig>,
+    /// The target's certificate name and address.
+    pub target_name: String,
+    pub target_addr: std::net::SocketAddr,
+}
+
+/// What one cycle came to, with what the driver measured.
+#[derive(Debug, Clone, Default)]
+pub struct CycleStats {
+    pub report: SourceReport,
+    /// Payload bytes of file data sent (after compression).
+    pub bytes_sent: u64,
+    /// From the stop request to the stack running again, when it was stopped.
+    pub source_downtime: Option<Duration>,
+    pub duration: Duration,
+}
+
+/// Why a cycle could not even start, or how it ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("stack `{stack}`: cannot reach target `{target}` at {addr}: {source}")]
+    Connect {
+        stack: String,
+        target: String,
+        addr: std::net::SocketAddr,
+        source: stackclone_certs::TrustError,
+    },
+    #[error("stack `{stack}`: target at {addr} is `{got}`, expected `{expected}`")]
+    WrongTarget {
+        stack: String,
+        addr: std::net::SocketAddr,
+        got: String,
+        expected: String,
+    },
+    #[error("stack `{stack}`, peer `{peer}`: connection failed: {source}")]
+    Connection {
+        stack: String,
+        peer: String,
+        source: quinn::ConnectionError,
+    },
+    #[error("stack `{stack}`: cannot control its containers: {cause}")]
+    Docker { stack: String, cause: String },
+    #[error(transparent)]
+    Cycle(#[from] CycleError),
+}
+
+impl PushError {
+    /// The phase the cycle failed in, for metrics and alerts: `connect`, `docker`, or the
+    /// protocol phase (`scan`, `transfer`, `commit`, `health`, …).
+    pub fn phase(&self) -> String {
+        match self {
+            PushError::Connect { .. } | PushError::WrongTarget { .. } => "connect".into(),
+            PushError::Connection { .. } => "transfer".into(),
+            PushError::Docker { .. } => "docker".into(),
+            PushError::Cycle(e) => e.phase.to_string(),
+        }
+    }
+}
+
+/// Events from helper tasks back to the session loop.
+enum Event {
+    Scanned(Pass, Result<Manifest, String>),
+    Stopped(Result<StopReport, String>),
+    Started(Result<StartReport, String>),
+    FileSent {
+        id: u32,
+        size: u64,
+        result: Result<u64, String>,
+    },
+}
+
+/// The agent-wide things a cycle uses.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub endpoint: quinn::Endpoint,
+    /// The client TLS config new connections use; replaced when the certificate is renewed.
+    pub client_config: Arc<std::sync::RwLock<quinn::ClientConfig>>,
+    pub trust: stackclone_certs::Trust,
+    pub source_name: String,
+    pub flag_key: SigningKey,
+}
+
+impl Ctx {
+    /// Makes new connections use `config` (a renewed certificate).
+    pub fn set_client_config(&self, config: quinn::ClientConfig) {
+        *self
+            .client_config
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
+    /// An endpoint handle whose connections use the current client config.
+    fn endpoint(&self) -> quinn::Endpoint {
+        let mut endpoint = self.endpoint.clone();
+        endpoint.set_default_client_config(
+            self.client_config
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        );
+        endpoint
+    }
+}
+
+/// Runs one cycle of `job` in `mode`, keeping `progress` up to date.
+pub async fn run_cycle(
+    ctx: &Ctx,
+    job: &StackJob,
+    mode: Mode,
+    control: Arc<dyn StackControl>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    progress: &Arc<CycleProgress>,
+) -> Result<CycleStats, PushError> {
+    let started = Instant::now();
+    progress.set_stage(Stage::Connect);
+    let (conn, admission) = stackclone_certs::connect(
+        &ctx.endpoint(),
+        job.target_addr,
+        &ctx.trust,
+        stackclone_certs::Role::Target,
+    )
+    .await
+    .map_err(|source| PushError::Connect {
+        stack: job.stack.clone(),
+        target: job.target_name.clone(),
+        addr: job.target_addr,
+        source,
+    })?;
+    if admission.peer.name != job.target_name {
+        conn.close(0u32.into(), b"wrong target");
+        return Err(PushError::WrongTarget {
+            stack: job.stack.clone(),
+            addr: job.target_addr,
+            got: admission.peer.name,
+            expected: job.target_name.clone(),
+        });
+    }
+    let connection_error = |source| PushError::Connection {
+        stack: job.stack.clone(),
+        peer: job.target_name.clone(),
+        source,
+    };
+    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(connection_error)?;
+
+    let mut session = SourceSession::new(
+        SourceConfig {
+            stack: job.stack.clone(),
+            source_id: ctx.source_name.clone(),
+            target_id: job.target_name.clone(),
+            mode,
+            precopy: job.precopy,
+            stop_stack: job.stop,
+            allow_empty: job.allow_empty,
+            max_delete: job.max_delete,
+        },
+        ctx.flag_key.clone(),
+    );
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Result<TargetMsg, ControlEnd>>();
+    // Control messages from the target, read in their own task so the loop can select on them.
+    let reader = tokio::spawn(async move {
+        loop {
+            match net::recv::<TargetMsg>(&mut ctl_recv).await {
+                Ok(Some(m)) => {
+                    if ctl_tx.send(Ok(m)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    let _ = ctl_tx.send(Err(ControlEnd::of(Ok(()))));
+                    return;
+                }
+                Err(e) => {
+                    let _ = ctl_tx.send(Err(ControlEnd::of(Err(e))));
+                    return;
+                }
+            }
+        }
+    });
+
+    let files = Arc::new(Semaphore::new(PARALLEL_FILES));
+    let rate = job.bandwidth_limit.map(|bps| Arc::new(RateLimit::new(bps)));
+    let mut stats = CycleStats::default();
+    let mut stopped_at: Option<Instant> = None;
+    let mut stop_report: Option<StopReport> = None;
+    let mut link_up = true;
+    let mut reading = true;
+    let mut current_pass = Pass::Precopy;
+    let mut shutting_down = *shutdown.borrow();
+    if shutting_down {
+        session.handle_shutdown();
+    }
+    let outcome = loop {
+        while let Some(msg) = session.poll_message() {
+            if link_up && let Err(e) = net::send(&mut ctl_send, &msg).await {
+                link_up = false;
+                session.handle_connection_lost(&e.to_string());
+            }
+        }
+        let mut done = None;
+        while let Some(action) = session.poll_action() {
+            match action {
+                SourceAction::Scan { pass } => {
+                    progress.set_stage(match pass {
+                        Pass::Precopy => Stage::Scan,
+                        Pass::Final => Stage::FinalScan,
+                    });
+                    current_pass = pass;
+                    let cfg = ScanConfig {
+                        root: job.path.clone(),
+                        exclude: job.exclude.clone(),
+                        cache: job.cache.clone(),
+                        checksum: job.checksum,
+                        xattrs: true,
+                    };
+                    let tx = events_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let result = stackclone_common::scan(&cfg)
+                            .map(|s| s.manifest)
+                            .map_err(|e| e.to_string());
+                        let _ = tx.send(Event::Scanned(pass, result));
+                    });
+                }
+                SourceAction::StopStack => {
+                    progress.set_stage(Stage::Stop);
+                    stopped_at = Some(Instant::now());
+                    let (tx, control) = (events_tx.clone(), control.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send(Event::Stopped(
+                            control.stop().await.map_err(|e| e.to_string()),
+                        ));
+                    });
+                }
+                SourceAction::StartStack => {
+                    progress.set_stage(Stage::Start);
+                    let (tx, control) = (events_tx.clone(), control.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send(Event::Started(
+                            control.start().await.map_err(|e| e.to_string()),
+                        ));
+                    });
+                }
+                SourceAction::SendFile {
+                    id,
+                    path,
+                    basis,
+                    size,
+                    ..
+                } => {
+                    progress.set_stage(match current_pass {
+                        Pass::Precopy => Stage::Transfer,
+                        Pass::Final => Stage::FinalTransfer,
+                    });
+                    progress.file_queued(size);
+                    let ctx = FileCtx {
+                        conn: conn.clone(),
+                        root: job.path.clone(),
+                        compress: job.compress,
+                        rate: rate.clone(),
+                        permits: files.clone(),
+                        progress: progress.clone(),
+                    };
+                    let tx = events_tx.clone();
+                    tokio::spawn(async move {
+                        let result = send_file(ctx, id, path, basis).await;
+                        let _ = tx.send(Event::FileSent { id, size, result });
+                    });
+                }
+                SourceAction::Done(result) => done = Some(result),
+            }
+        }
+        if let Some(result) = done {
+            // Flush whatever the session queued last (an Abort, say).
+            while let Some(msg) = session.poll_message() {
+                if link_up {
+                    let _ = net::send(&mut ctl_send, &msg).await;
+                }
+            }
+            break result;
+        }
+        tokio::select! {
+            Some(ev) = events.recv() => match ev {
+                Event::Scanned(pass, r) => session.handle_scanned(pass, r),
+                Event::Stopped(r) => {
+                    stop_report = r.as_ref().ok().cloned();
+                    session.handle_stack_stopped(r.map(drop))
+                }
+                Event::Started(r) => {
+                    // The containers' own stop and start times where there are containers;
+                    // otherwise the final-pass window.
+                    let measured = match (&r, &stop_report) {
+                        (Ok(start), Some(stop)) => start.downtime_since(stop),
+                        _ => None,
+                    };
+                    if let Some(at) = stopped_at.take() {
+                        stats.source_downtime = Some(measured.unwrap_or_else(|| at.elapsed()));
+                    }
+                    // The stack is back; what is left is the target's commit.
+                    progress.set_stage(Stage::Commit);
+                    session.handle_stack_started(r.map(drop))
+                }
+                Event::FileSent { id, size, result } => {
+                    if let Ok(n) = &result {
+                        stats.bytes_sent += n;
+                        progress.file_done(size);
+                    }
+                    session.handle_file_sent(id, result.map(|_| ()))
+                }
+            },
+            Ok(()) = shutdown.changed(), if !shutting_down => {
+                // SIGTERM or Ctrl-C: end the cycle through the session, which restarts the
+                // stack if it is down and tells the target (which commits nothing).
+                shutting_down = true;
+                session.handle_shutdown();
+            },
+            Some(msg) = ctl_rx.recv(), if link_up && reading => match msg {
+                Ok(m) => session.handle_message(m, unix_now()),
+                Err(ControlEnd::Malformed(e)) => {
+                    reading = false;
+                    session.handle_malformed(&e);
+                }
+                Err(ControlEnd::Lost(e)) => {
+                    link_up = false;
+                    session.handle_connection_lost(&e);
+                }
+            },
+        }
+    };
+    progress.set_stage(Stage::Done);
+    reader.abort();
+    let _ = ctl_send.finish();
+    conn.close(0u32.into(), b"cycle over");
+    stats.duration = started.elapsed();
+    match outcome {
+        Ok(report) if mode == Mode::DryRun => {
+            info!(stack = %job.stack, "dry run done");
+            stats.report = report;
+            Ok(stats)
+        }
+        Ok(report) => {
+            info!(
+                stack = %job.stack,
+                generation = report.generation,
+                files = report.files,
+                files_sent = report.files_sent,
+                bytes_sent = stats.bytes_sent,
+                source_downtime_ms = stats.source_downtime.map(|d| d.as_millis() as u64),
+                target_downtime_ms = report.target_downtime_ms,
+                "cycle committed"
+            );
+            stats.report = report;
+            Ok(stats)
+        }
+        Err(e) => {
+            warn!(stack = %job.stack, error = %e, "cycle failed");
+            Err(e.into())
+        }
+    }
+}
+
+pub(crate) fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+struct FileCtx {
+    conn: quinn::Connection,
+    root: PathBuf,
+    compress: bool,
+    rate: Option<Arc<RateLimit>>,
+    permits: Arc<Semaphore>,
+    progress: Arc<CycleProgress>,
+}
+
+/// Streams one file: `FileBegin`, `FileData`…, `FileEnd` (or `FileAbort`) on a new uni stream.
+/// Returns the payload bytes sent.
+async fn send_file(
+    ctx: FileCtx,
+    id: u32,
+    path: StackPath,
+    basis: Option<CheckedSignature>,
+) -> Result<u64, String> {
+    let _permit = ctx.permits.acquire().await.map_err(|e| e.to_string())?;
+    let mut stream = ctx.conn.open_uni().await.map_err(|e| e.to_string())?;
+    let (tx, mut rx) = mpsc::channel::<SourceMsg>(4);
+    let (root, compress) = (ctx.root.clone(), ctx.compress);
+    let reader =
+        tokio::task::spawn_blocking(move || read_and_diff(&root, &path, basis, compress, id, &tx));
+    let mut sent = 0u64;
+    while let Some(msg) = rx.recv().await {
+        let frame = wire::encode_frame(&msg).map_err(|e| e.to_string())?;
+        if let Some(rate) = &ctx.rate {
+            rate.acquire(frame.len() as u64).await;
+        }
+        sent += frame.len() as u64;
+        ctx.progress.wire_bytes(frame.len() as u64);
+        stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+    }
+    let read_result = reader.await.map_err(|e| e.to_string())?;
+    stream.finish().map_err(|e| e.to_string())?;
+    // Wait until the target has everything, so "sent" means sent.
+    let _ = stream.stopped().await;
+    read_result.map(|()| sent)
+}
+
+/// Reads `path` in windows and turns them into messages. On a read error it sends `FileAbort`
+/// (the session decides whether that ends the cycle) and reports the error.
+fn read_and_diff(
+    root: &Path,
+    path: &StackPath,
+    basis: Option<CheckedSignature>,
+    compress: bool,
+    id: u32,
+    tx: &mpsc::Sender<SourceMsg>,
+) -> Result<(), String> {
+    let result = (|| -> Result<(), String> {
+        let file = open_beneath(root, path).map_err(|e| format!("{path}: {e}"))?;
+        let len = file.metadata().map_err(|e| format!("{path}: {e}"))?.len();
+        let cfg = SenderConfig {
+            zstd_level: compress.then_some(3),
+            ..SenderConfig::default()
+        };
+        let mut sender = FileSender::new(basis.as_ref(), cfg).map_err(|e| e.to_string())?;
+        let send = |m| {
+            tx.blocking_send(m)
+                .map_err(|_| "the stream writer stopped".to_string())
+        };
+        send(SourceMsg::FileBegin { id, len })?;
+        // Never more than the file needs: a 16 MiB buffer per small file is mostly memset.
+        let mut window = vec![0u8; (len as usize).min(cfg.window)];
+        let mut offset = 0u64;
+        while offset < len {
+            let want = ((len - offset) as usize).min(cfg.window);
+            let n = read_full_at(&file, &mut window[..want], offset)
+                .map_err(|e| format!("{path}: {e}"))?;
+            if n == 0 {
+                break; // The file shrank while we read it; the hash says what was sent.
+            }
+            for chunk in sender
+                .send_window(&window[..n])
+                .map_err(|e| e.to_string())?
+            {
+                send(SourceMsg::FileData { id, chunk })?;
+            }
+            offset += n as u64;
+        }
+        let sent = sender.finish();
+        debug!(%path, mode = ?sent.mode, literal = sent.stats.literal, matched = sent.stats.matched, "file sent");
+        send(SourceMsg::FileEnd {
+            id,
+            hash: sent.hash,
+            len: sent.len,
+        })
+    })();
+    if let Err(reason) = &result {
+        let _ = tx.blocking_send(SourceMsg::FileAbort {
+            id,
+            reason: reason.clone(),
+        });
+    }
+    result
+}
+
+fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Opens `path` for reading strictly beneath `root`: no symlink anywhere on the way, no `..`.
+pub fn open_beneath(root: &Path, path: &StackPath) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode as FsMode, OFlags, ResolveFlags};
+    let dir = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        FsMode::empty(),
+    )?;
+    let fd = rustix::fs::openat2(
+        &dir,
+        path.as_bytes(),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        FsMode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    let file = std::fs::File::from(fd);
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}

@@ -1,0 +1,73 @@
+//! The source's record of each stack's last cycle: one small JSON file per stack in the state
+//! dir, written atomically, read by `stackclone-source status`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What `status --json` prints per stack.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackStatus {
+    pub stack: String,
+    pub target: String,
+    /// Last committed generation (0: none yet).
+    pub generation: u64,
+    /// Unix seconds of the last commit.
+    pub committed_at: Option<i64>,
+    pub files: u64,
+    pub bytes: u64,
+    /// File data sent by the last successful cycle, in bytes on the wire.
+    pub bytes_sent: u64,
+    pub source_downtime_ms: Option<u64>,
+    pub target_downtime_ms: Option<u64>,
+    /// Unix seconds of the last attempt, successful or not.
+    pub last_attempt_at: Option<i64>,
+    /// The last failure, cleared by the next success.
+    pub last_error: Option<String>,
+}
+
+fn file_of(dir: &Path, stack: &str) -> PathBuf {
+    dir.join(format!("{stack}.status.json"))
+}
+
+/// Reads a stack's status; a missing file is a stack that never ran.
+pub fn load(dir: &Path, stack: &str) -> std::io::Result<Option<StackStatus>> {
+    match std::fs::read(file_of(dir, stack)) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(std::io::Error::other),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a stack's status atomically (temp file, fsync, rename).
+pub fn store(dir: &Path, status: &StackStatus) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = file_of(dir, &status.stack);
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_missing_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path(), "web").unwrap(), None);
+        let st = StackStatus {
+            stack: "web".into(),
+            generation: 4,
+            last_error: Some("x".into()),
+            ..Default::default()
+        };
+        store(dir.path(), &st).unwrap();
+        assert_eq!(load(dir.path(), "web").unwrap(), Some(st));
+    }
+}
