@@ -1,0 +1,753 @@
+//! Compose stacks end to end: real `stackclone-source push` against a real `stackclone-target
+//! run`, both driving real containers on the local Docker engine (Compose v1, API 1.41, the
+//! image built locally by `deploy/image/build.sh`).
+//!
+//! Each test has its own pair of Compose projects (names unique to the test and the run); a
+//! guard removes their containers and networks by label however the test ends. If the Docker
+//! daemon does not answer, the tests fail: CI guarantees the daemon.
+//!
+//! Container state is read with `docker inspect` (the CLI), independently of the agents' own
+//! bollard code.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use stackclone_tests::fsx::{self, Rng};
+use stackclone_tests::{Pair, PairOptions};
+
+const IMAGE: &str = "stackclone-test/busybox:1";
+const MIB: usize = 1 << 20;
+
+/// The stack: `db` and an `app` that depends on it and writes the bind-mounted `./data`.
+///
+/// The app writes `data/first` (its hostname) only if it does not exist yet, so on the target
+/// that file is exactly what the source's app wrote; and it appends to `data/log` on each start.
+///
+/// Poison (test 3): the compose file is synced with the data, so both sides run the same
+/// definition. The app's health check fails when `/data/poison` exists *unless* the container's
+/// `STACKCLONE_ROLE` is `primary`. Compose substitutes `${STACKCLONE_ROLE:-standby}` when it
+/// creates the containers: the tests run `docker-compose up` for the source with
+/// `STACKCLONE_ROLE=primary`, while the target agent creates its copy with Compose in an
+/// environment without the variable, so the standby gets `standby`. Poisoned data therefore
+/// leaves the source healthy and makes only the standby unhealthy. (`$$` is Compose's escape
+/// for a `$` the container's shell sees.)
+const COMPOSE: &str = r#"version: "2.4"
+services:
+  db:
+    image: IMAGE
+    command: ["sh", "-c", "trap 'exit 0' TERM; touch /tmp/ready; while :; do sleep 1 & wait $$!; done"]
+    healthcheck:
+      test: ["CMD-SHELL", "test -f /tmp/ready"]
+      interval: 1s
+      timeout: 2s
+      retries: 3
+  app:
+    image: IMAGE
+    depends_on: [db]
+    volumes: ["./data:/data"]
+    environment:
+      STACKCLONE_ROLE: "${STACKCLONE_ROLE:-standby}"
+    command: ["sh", "-c", "trap 'exit 0' TERM; [ -f /data/first ] || hostname > /data/first; echo \"started $$(hostname)\" >> /data/log; touch /tmp/ready; while :; do sleep 1 & wait $$!; done"]
+    healthcheck:
+      test: ["CMD-SHELL", "test -f /tmp/ready && { test \"$$STACKCLONE_ROLE\" = primary || test ! -f /data/poison; }"]
+      interval: 1s
+      timeout: 2s
+      retries: 3
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// Docker helpers (CLI).
+
+fn ensure_image() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = Command::new("docker")
+            .args(["version", "--format", "{{.Server.APIVersion}}"])
+            .output()
+            .expect("running `docker version`");
+        assert!(
+            out.status.success(),
+            "the Docker daemon must answer (CI guarantees it):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/image/build.sh");
+        let out = Command::new(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed ({}):\n{}{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// `docker ARGS…`, which must succeed; its stdout.
+#[track_caller]
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running docker");
+    assert!(
+        out.status.success(),
+        "`docker {}` failed ({}):\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A unique Compose project name: lowercase a-z0-9 only (Compose v1 normalises the rest).
+fn project_name(tag: &str, side: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .subsec_nanos();
+    format!(
+        "scdk{}x{}x{nanos}{tag}{side}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Removes the projects' containers and networks by label when dropped (also on panic).
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let by_label = |what: &[&str], project: &str| -> Vec<String> {
+            Command::new("docker")
+                .args(what)
+                .args([
+                    "-q",
+                    "--filter",
+                    &format!("label=com.docker.compose.project={project}"),
+                ])
+                .output()
+                .map(|out| {
+                    String::from_utf8_lossy(&out.stdout)
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for project in &self.0 {
+            let containers = by_label(&["ps", "-a"], project);
+            if !containers.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f", "-v"])
+                    .args(&containers)
+                    .output();
+            }
+            let mut networks = by_label(&["network", "ls"], project);
+            networks.push(format!("{project}_default"));
+            for n in networks {
+                let _ = Command::new("docker").args(["network", "rm", &n]).output();
+            }
+        }
+    }
+}
+
+/// One container's state from `docker inspect`.
+#[derive(Debug, Clone)]
+struct State {
+    id: String,
+    running: bool,
+    /// `healthy`, `unhealthy`, `starting`, or empty without a health check.
+    health: String,
+    started_at: i128,
+    finished_at: i128,
+}
+
+fn inspect(id: &str) -> State {
+    let out = docker(&["inspect", id]);
+    let j: serde_json::Value = serde_json::from_str(&out).expect("docker inspect JSON");
+    let s = &j[0]["State"];
+    State {
+        id: id.to_owned(),
+        running: s["Running"].as_bool().expect("State.Running"),
+        health: s["Health"]["Status"].as_str().unwrap_or("").to_owned(),
+        started_at: parse_time(s["StartedAt"].as_str().expect("StartedAt")),
+        finished_at: parse_time(s["FinishedAt"].as_str().expect("FinishedAt")),
+    }
+}
+
+/// service → state of the project's (single, non-one-off) container of that service.
+fn stack(project: &str) -> HashMap<String, State> {
+    let ids = docker(&[
+        "ps",
+        "-a",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={project}"),
+    ]);
+    let mut out = HashMap::new();
+    for id in ids.split_whitespace() {
+        let service = docker(&[
+            "inspect",
+            "--format",
+            "{{index .Config.Labels \"com.docker.compose.service\"}}",
+            id,
+        ])
+        .trim()
+        .to_owned();
+        let prev = out.insert(service.clone(), inspect(id));
+        assert!(prev.is_none(), "{project}: two containers of {service}");
+    }
+    out
+}
+
+/// Asserts that `project` has exactly db and app, both running and healthy, right now.
+#[track_caller]
+fn assert_healthy(project: &str, what: &str) -> HashMap<String, State> {
+    let s = stack(project);
+    let mut services: Vec<&String> = s.keys().collect();
+    services.sort();
+    assert_eq!(services, ["app", "db"], "{what}: services of {project}");
+    for (name, c) in &s {
+        assert!(
+            c.running && c.health == "healthy",
+            "{what}: {project}/{name} is not running healthy: {c:?}"
+        );
+    }
+    s
+}
+
+/// Waits (up to `limit`) for `project`'s db and app to run healthy.
+#[track_caller]
+fn wait_healthy(project: &str, limit: Duration, what: &str) -> HashMap<String, State> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = stack(project);
+        if s.len() == 2 && s.values().all(|c| c.running && c.health == "healthy") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: {project} not running healthy within {limit:?}: {s:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An RFC 3339 UTC time as Docker writes it (`2026-11-22T02:58:59.123456789Z`), in ns since
+/// the epoch.
+fn parse_time(s: &str) -> i128 {
+    let bad = format!("unexpected time format {s:?}");
+    let s2 = s.strip_suffix('Z').expect(&bad);
+    let (date, time) = s2.split_once('T').expect(&bad);
+    let d: Vec<i64> = date.split('-').map(|x| x.parse().unwrap()).collect();
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let t: Vec<i64> = hms.split(':').map(|x| x.parse().unwrap()).collect();
+    let (y, m, day) = (d[0], d[1], d[2]);
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2];
+    let mut frac = frac.to_owned();
+    frac.truncate(9);
+    while frac.len() < 9 {
+        frac.push('0');
+    }
+    i128::from(secs) * 1_000_000_000 + i128::from(frac.parse::<i64>().unwrap())
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as i128
+}
+
+fn ms(ns: i128) -> i128 {
+    ns / 1_000_000
+}
+
+// ---------------------------------------------------------------------------------------------
+// The world: a pair whose stack is a compose project on each side.
+
+struct World {
+    p: Pair,
+    /// The source's (primary's) Compose project.
+    src_proj: String,
+    /// The target's (standby's) Compose project.
+    tgt_proj: String,
+    // Last: the target agent is killed (Pair's drop) before the containers go.
+    _cleanup: Cleanup,
+}
+
+impl World {
+    /// A pair with `docker = true` on both sides, the source's project up and healthy with
+    /// `data/catalog.db` of `catalog` random bytes, and the target agent running.
+    fn new(tag: &str, source_extra: &str, target_extra: &str, catalog: usize) -> World {
+        ensure_image();
+        let src_proj = project_name(tag, "src");
+        let tgt_proj = project_name(tag, "tgt");
+        let cleanup = Cleanup(vec![src_proj.clone(), tgt_proj.clone()]);
+        let mut p = Pair::with(PairOptions {
+            docker: true,
+            source_extra: format!(
+                "compose_project = \"{src_proj}\"\norder = [\"db\", \"app\"]\n\
+                 stop_timeout = \"5s\"\n{source_extra}"
+            ),
+            target_extra: format!(
+                "compose_project = \"{tgt_proj}\"\norder = [\"db\", \"app\"]\n\
+                 stop_timeout = \"5s\"\nhealth_timeout = \"30s\"\n{target_extra}"
+            ),
+            ..Default::default()
+        });
+        fsx::write(
+            p.src.join("docker-compose.yml"),
+            COMPOSE.replace("IMAGE", IMAGE),
+        );
+        fsx::mkdir(p.src.join("data"));
+        fsx::write(p.src.join("data/catalog.db"), Rng::new(7).bytes(catalog));
+        let out = Command::new("docker-compose")
+            .args(["-p", &src_proj, "up", "-d"])
+            .current_dir(&p.src)
+            .env("STACKCLONE_ROLE", "primary")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running docker-compose");
+        assert!(
+            out.status.success(),
+            "docker-compose up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_healthy(&src_proj, Duration::from_secs(60), "the source's stack");
+        assert!(
+            p.src.join("data/first").is_file(),
+            "the app wrote data/first"
+        );
+        p.start_target();
+        World {
+            p,
+            src_proj,
+            tgt_proj,
+            _cleanup: cleanup,
+        }
+    }
+
+    /// Generation 2: `marker` changed and 64 new files of 128 KiB.
+    fn write_generation_2(&self, seed: u64) {
+        let mut rng = Rng::new(seed);
+        for i in 0..64 {
+            fsx::write(
+                self.src_data(&format!("many/f{i:02}")),
+                rng.bytes(128 * 1024),
+            );
+        }
+        fsx::write(self.src_data("marker"), "generation 2\n");
+    }
+
+    /// Spawns `stackclone-source ARGS…` (a push or the daemon) and returns once its cycle's
+    /// transfer is under way: a few objects staged on the target and no journal yet, so what
+    /// happens next lands before the commit.
+    fn start_slow_cycle(&self, args: &[&str]) -> std::process::Child {
+        let staged =
+            |p: &Pair| std::fs::read_dir(p.state.join("staging/objects")).map_or(0, |d| d.count());
+        let base = staged(&self.p);
+        let mut child = stackclone_tests::spawn(
+            self.p
+                .source_cmd(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while staged(&self.p) < base + 4 {
+            assert!(
+                child.try_wait().expect("try_wait").is_none(),
+                "`{}` ended before the transfer was under way",
+                args.join(" ")
+            );
+            assert!(Instant::now() < deadline, "nothing staged in 60 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            !self.p.state.join("journal").exists(),
+            "the journal exists already: the cycle is committing"
+        );
+        child
+    }
+
+    fn src_data(&self, rel: &str) -> PathBuf {
+        self.p.src.join("data").join(rel)
+    }
+
+    fn live_data(&self, rel: &str) -> PathBuf {
+        self.p.live.join("data").join(rel)
+    }
+
+    /// A push with `--json`, to its end: (exit ok, the stack's outcome, run dump, start ns,
+    /// end ns).
+    fn push(&self) -> (bool, serde_json::Value, String, i128, i128) {
+        let t0 = now_ns();
+        let r = self.p.push(&["--json"]);
+        let t1 = now_ns();
+        let dump = format!("{}\n--- target log\n{}", r.dump(), self.p.target_log());
+        let outcome = serde_json::from_str::<serde_json::Value>(&r.stdout)
+            .map(|j| j[0].clone())
+            .unwrap_or(serde_json::Value::Null);
+        (r.status.success(), outcome, dump, t0, t1)
+    }
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+#[track_caller]
+fn assert_same_file(a: &Path, b: &Path) {
+    assert!(
+        read(a) == read(b),
+        "{} and {} differ",
+        a.display(),
+        b.display()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_compose_stack_is_pushed_and_the_standby_runs_healthy_on_the_same_data() {
+    // 16 MiB at 8 MiB/s: the pre-copy takes two seconds or more while the source runs.
+    let w = World::new(
+        "push",
+        "precopy = true\nbandwidth_limit = \"8MiB/s\"\n",
+        "",
+        16 * MIB,
+    );
+    fsx::write(w.src_data("marker"), "written before the push\n");
+    let before = stack(&w.src_proj);
+
+    let (ok, o, dump, t0, t1) = w.push();
+    assert!(ok, "push failed:\n{dump}");
+    assert_eq!(o["ok"], true, "{dump}");
+    assert_eq!(o["generation"], 1, "{dump}");
+
+    // The standby: running and healthy when the push reports success, on the same data.
+    let tgt = assert_healthy(&w.tgt_proj, "the target after the push");
+    for rel in ["marker", "first", "catalog.db"] {
+        assert_same_file(&w.src_data(rel), &w.live_data(rel));
+    }
+    let seen = docker(&["exec", &tgt["app"].id, "cat", "/data/marker", "/data/first"]);
+    let want = format!(
+        "{}{}",
+        String::from_utf8_lossy(&read(&w.src_data("marker"))),
+        String::from_utf8_lossy(&read(&w.src_data("first")))
+    );
+    assert_eq!(seen, want, "what the standby's app sees in /data");
+
+    // The source runs again (the agent does not wait for its health: poll for it).
+    let after = wait_healthy(&w.src_proj, Duration::from_secs(30), "the source after");
+    let downtime_ms = o["source_downtime_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no source_downtime_ms: {o}")) as i128;
+    let duration_ms = o["duration_ms"].as_u64().expect("duration_ms") as i128;
+    assert!(
+        downtime_ms < duration_ms,
+        "source downtime {downtime_ms} ms is not shorter than the push ({duration_ms} ms)"
+    );
+    let mut first_stop = i128::MAX;
+    let mut last_start = i128::MIN;
+    for (service, c) in &after {
+        assert_eq!(c.id, before[service].id, "{service} was re-created");
+        assert!(
+            c.finished_at > t0 && c.started_at < t1 && c.finished_at < c.started_at,
+            "{service}: stopped at {} ms and started at {} ms after the push began; the push \
+             ended at {} ms",
+            ms(c.finished_at - t0),
+            ms(c.started_at - t0),
+            ms(t1 - t0)
+        );
+        // Pre-copy of 16 MiB at 8 MiB/s ran with the stack up: the stop came well after the
+        // push started.
+        assert!(
+            c.finished_at - t0 > 1_000_000_000,
+            "{service} stopped {} ms into the push, before the pre-copy could have run",
+            ms(c.finished_at - t0)
+        );
+        let gap = c.started_at - c.finished_at;
+        assert!(
+            gap < t1 - t0,
+            "{service}: down {} ms, the whole push took {} ms",
+            ms(gap),
+            ms(t1 - t0)
+        );
+        first_stop = first_stop.min(c.finished_at);
+        last_start = last_start.max(c.started_at);
+    }
+    // The stack's downtime from the containers' own times agrees with what the push reports.
+    let span_ms = ms(last_start - first_stop);
+    assert!(
+        span_ms <= downtime_ms + 500 && downtime_ms <= span_ms + 2_000,
+        "containers were down {span_ms} ms (first stop to last start), the push reports \
+         source_downtime_ms = {downtime_ms}"
+    );
+}
+
+#[test]
+fn start_order_follows_dependencies_on_both_sides() {
+    let w = World::new("order", "precopy = true\n", "", MIB);
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "first push failed:\n{dump}");
+    let created = assert_healthy(&w.tgt_proj, "the target after the first push");
+
+    // Second push: the target's stack exists, so the agent stops and starts it itself.
+    fsx::write(w.src_data("marker"), "second\n");
+    let (ok, _, dump, t0, t1) = w.push();
+    assert!(ok, "second push failed:\n{dump}");
+
+    let tgt = assert_healthy(&w.tgt_proj, "the target after the second push");
+    for (service, c) in &tgt {
+        assert_eq!(c.id, created[service].id, "target {service} was re-created");
+        assert!(
+            c.finished_at > t0 && c.started_at > c.finished_at && c.started_at < t1,
+            "target {service} was not stopped and started by the second push: {c:?}"
+        );
+    }
+    assert!(
+        tgt["db"].started_at < tgt["app"].started_at,
+        "target: app started {} ms before db",
+        ms(tgt["db"].started_at - tgt["app"].started_at)
+    );
+    assert!(
+        tgt["app"].finished_at <= tgt["db"].finished_at,
+        "target: db stopped before app"
+    );
+    assert_eq!(
+        read(&w.live_data("marker")),
+        b"second\n",
+        "the target's data is the second generation"
+    );
+
+    let src = wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+    for (service, c) in &src {
+        assert!(
+            c.finished_at > t0 && c.started_at < t1,
+            "source {service} was not stopped and started by the second push: {c:?}"
+        );
+    }
+    assert!(
+        src["db"].started_at < src["app"].started_at,
+        "source: app started {} ms before db",
+        ms(src["db"].started_at - src["app"].started_at)
+    );
+    assert!(
+        src["app"].finished_at <= src["db"].finished_at,
+        "source: db stopped before app"
+    );
+}
+
+#[test]
+fn an_unhealthy_stack_on_the_target_is_rolled_back_and_restarted_healthy() {
+    let w = World::new("health", "precopy = true\n", "auto_rollback = true\n", MIB);
+    fsx::write(w.src_data("marker"), "generation 1\n");
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "first push failed:\n{dump}");
+    assert_healthy(&w.tgt_proj, "the target on generation 1");
+    assert_eq!(w.p.target_generation(), 1);
+
+    // Generation 2 poisons the standby (see COMPOSE): the source stays healthy.
+    fsx::write(w.src_data("poison"), "makes the standby's app unhealthy\n");
+    fsx::write(w.src_data("marker"), "generation 2\n");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_healthy(&w.src_proj, "the source with poison (its role is primary)");
+
+    let (ok, o, dump, ..) = w.push();
+    assert!(!ok, "a push onto an unhealthy stack succeeded:\n{dump}");
+    assert_eq!(o["ok"], false, "{dump}");
+    let error = o["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("health") && error.contains("rolled back to generation 1"),
+        "the error does not name the health phase and the rollback: {error:?}\n{dump}"
+    );
+
+    // Rolled back: generation 1's data, running and healthy again.
+    assert!(
+        !w.live_data("poison").exists(),
+        "the poison is still in the target's live dir"
+    );
+    assert_eq!(read(&w.live_data("marker")), b"generation 1\n");
+    assert_healthy(&w.tgt_proj, "the target after the rollback");
+    assert_eq!(w.p.target_generation(), 1, "{dump}");
+    wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+}
+
+#[test]
+fn a_peer_killed_mid_cycle_leaves_both_stacks_running_on_the_old_data() {
+    // Without pre-copy the source stops its stack before the transfer, so a lost peer during
+    // the transfer finds it down; the bandwidth limit stretches the transfer to seconds.
+    let mut w = World::new(
+        "kill",
+        "precopy = false\nbandwidth_limit = \"2MiB/s\"\n",
+        "",
+        MIB / 4,
+    );
+    fsx::write(w.src_data("marker"), "generation 1\n");
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "first push failed:\n{dump}");
+    let tgt_before = assert_healthy(&w.tgt_proj, "the target on generation 1");
+    wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+
+    // Generation 2: 64 files of 128 KiB, about 4 s at 2 MiB/s.
+    w.write_generation_2(42);
+    let t0 = now_ns();
+    let mut push = w.start_slow_cycle(&["push", "web", "--json"]);
+    w.p.kill_target();
+    let killed = Instant::now();
+
+    // The push notices the lost peer and fails; the source restarts its stack.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = push.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = push.kill();
+            panic!("the push did not end within 120 s of the target's death");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "the push ended {:?} after the target was killed",
+        killed.elapsed()
+    );
+    let out = push.wait_with_output().expect("push output");
+    let dump = format!(
+        "--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !status.success(),
+        "the push succeeded with a dead target:\n{dump}"
+    );
+    let src = stack(&w.src_proj);
+    for (service, c) in &src {
+        assert!(
+            c.finished_at > t0,
+            "source {service} was not stopped for the pass, the kill proves nothing: {c:?}"
+        );
+        assert!(
+            c.running,
+            "source {service} is not running after the failed push: {c:?}\n{dump}"
+        );
+    }
+
+    // The target's stack never stopped: it runs on generation 1.
+    let tgt = assert_healthy(&w.tgt_proj, "the target after its agent was killed");
+    for (service, c) in &tgt {
+        assert_eq!(c.id, tgt_before[service].id);
+        assert_eq!(
+            c.started_at, tgt_before[service].started_at,
+            "target {service} was restarted"
+        );
+    }
+    assert_eq!(read(&w.live_data("marker")), b"generation 1\n");
+    assert!(
+        !w.live_data("many").exists(),
+        "generation 2 leaked into live"
+    );
+
+    // A restarted target converges on the next push.
+    w.p.start_target();
+    assert_eq!(w.p.target_generation(), 1);
+    wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "the push after the restart failed:\n{dump}");
+    assert_eq!(w.p.target_generation(), 2);
+    assert_healthy(&w.tgt_proj, "the target on generation 2");
+    for rel in ["marker", "first", "catalog.db", "many/f00", "many/f63"] {
+        assert_same_file(&w.src_data(rel), &w.live_data(rel));
+    }
+    wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+}
+
+#[test]
+fn sigterm_to_the_source_daemon_mid_cycle_leaves_both_sides_consistent_and_the_stack_running() {
+    // As above: no pre-copy and a bandwidth limit, so the daemon's cycle spends seconds in the
+    // transfer with the source stack stopped. The schedule fires every second.
+    let w = World::new(
+        "term",
+        "precopy = false\nbandwidth_limit = \"2MiB/s\"\nschedule = \"* * * * * *\"\n",
+        "",
+        MIB / 4,
+    );
+    fsx::write(w.src_data("marker"), "generation 1\n");
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "first push failed:\n{dump}");
+    let tgt_before = assert_healthy(&w.tgt_proj, "the target on generation 1");
+    wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+
+    w.write_generation_2(43);
+    let t0 = now_ns();
+    let mut daemon = w.start_slow_cycle(&["run"]);
+    stackclone_tests::signal(daemon.id(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = daemon.kill();
+            panic!("the daemon did not exit within 120 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = daemon.wait_with_output().expect("daemon output");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(status.success(), "the daemon exited with {status}:\n{log}");
+
+    // The source stack was stopped for the cycle and runs again.
+    let src = wait_healthy(
+        &w.src_proj,
+        Duration::from_secs(30),
+        "the source after SIGTERM",
+    );
+    for (service, c) in &src {
+        assert!(
+            c.finished_at > t0,
+            "source {service} was not stopped for the cycle, SIGTERM proves nothing: {c:?}"
+        );
+        assert!(c.running, "source {service} is not running: {c:?}\n{log}");
+    }
+    // The target stays on generation 1, whole and untouched, its stack never stopped.
+    assert_eq!(w.p.target_generation(), 1, "{log}");
+    assert_eq!(read(&w.live_data("marker")), b"generation 1\n");
+    assert!(
+        !w.live_data("many").exists(),
+        "generation 2 leaked into live"
+    );
+    let tgt = assert_healthy(&w.tgt_proj, "the target after the interrupted cycle");
+    for (service, c) in &tgt {
+        assert_eq!(
+            c.started_at, tgt_before[service].started_at,
+            "target {service} was restarted for a cycle that never committed"
+        );
+    }
+    // And the next cycle converges.
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "the push after SIGTERM failed:\n{dump}");
+    assert_eq!(w.p.target_generation(), 2);
+    for rel in ["marker", "first", "many/f00", "many/f63"] {
+        assert_same_file(&w.src_data(rel), &w.live_data(rel));
+    }
+    wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+}
