@@ -1,0 +1,799 @@
+#!/usr/bin/env python3
+"""Push benchmark: stackclone against rsync over ssh, rclone over sftp and `cp -a`, in one run.
+
+Called by bench/push/run.sh, which installs the tools and builds the release binaries first.
+See the "Push" section of bench/README.md for what is measured and how.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+sys.dont_write_bytecode = True  # keep bench/push free of __pycache__
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dataset import Dataset  # noqa: E402
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+SSH_PORT = 2222
+NFT_TABLE = "stackclone_bench_push"
+MIB = 1024 * 1024
+TOOLS = ["stackclone", "stackclone-precopy", "rsync", "rclone", "cp"]
+SCENARIOS = ["first", "nochange", "changed"]
+SCEN_TITLE = {"first": "first copy", "nochange": "no-change re-sync", "changed": "1 % changed"}
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.w = os.path.abspath(a.dir)
+        self.bin = os.path.join(self.w, "bin")
+        self.data = os.path.join(self.w, "data")
+        self.tgt = os.path.join(self.w, "tgt")
+        self.sc = os.path.join(self.w, "sc")
+        self.ssh = os.path.join(self.w, "ssh")
+        self.logs = os.path.join(self.w, "logs")
+        self.tmp = os.path.join(self.w, "tmp")
+        self.results_path = os.path.join(self.w, "results.jsonl")
+        self.quic_port = a.quic_port
+        self.sshd = None
+        self.nft = False
+        self.records = []
+        self.meta = {}
+        self.verify_results = {}
+        self.notes = []  # anomalies seen during the run, for the report
+
+    # ---- set-up -------------------------------------------------------------------------
+    def setup(self):
+        for d in (self.w, self.bin, self.data, self.tgt, self.sc, self.ssh, self.logs, self.tmp):
+            os.makedirs(d, exist_ok=True)
+        # A snapshot of the binaries: others may rebuild target/release during the run.
+        for b in ("stackclone-source", "stackclone-target", "stackclone-certs"):
+            shutil.copy2(os.path.join(self.a.target_dir, b), os.path.join(self.bin, b))
+        self.setup_ssh()
+        self.setup_rclone()
+        self.setup_stackclone()
+        self.setup_nft()
+
+    def setup_ssh(self):
+        s = self.ssh
+        for key in ("host_ed25519", "id_ed25519"):
+            if not os.path.exists(os.path.join(s, key)):
+                sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "stackclone-bench",
+                    "-f", os.path.join(s, key)])
+        shutil.copy(os.path.join(s, "id_ed25519.pub"), os.path.join(s, "authorized_keys"))
+        with open(os.path.join(s, "host_ed25519.pub")) as f:
+            hostkey = " ".join(f.read().split()[:2])
+        with open(os.path.join(s, "known_hosts"), "w") as f:
+            f.write(f"[127.0.0.1]:{SSH_PORT} {hostkey}\n")
+        # sftp-server under /usr/bin/time, appending one peak-RSS line per session.
+        wrap = os.path.join(s, "sftp-server-timed")
+        with open(wrap, "w") as f:
+            f.write("#!/bin/sh\n"
+                    f"exec /usr/bin/time -a -f %M -o {s}/sftp_rss /usr/lib/openssh/sftp-server \"$@\"\n")
+        os.chmod(wrap, 0o755)
+        conf = os.path.join(s, "sshd_config")
+        with open(conf, "w") as f:
+            f.write(f"""# Throwaway sshd for bench/push; the system's sshd config is not used.
+Port {SSH_PORT}
+ListenAddress 127.0.0.1
+HostKey {s}/host_ed25519
+PidFile {s}/sshd.pid
+AuthorizedKeysFile {s}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+UseDNS no
+MaxSessions 64
+MaxStartups 64:30:128
+Subsystem sftp {wrap}
+LogLevel ERROR
+""")
+        os.makedirs("/run/sshd", exist_ok=True)  # privilege separation dir sshd insists on
+        sh(["/usr/sbin/sshd", "-t", "-f", conf])
+        errlog = open(os.path.join(self.logs, "sshd.log"), "ab")
+        # Debian's bash sources ~/.bashrc for every command run over ssh. Root's .bashrc on a
+        # dev box can be slow (here: `pyenv init`, 0.1-0.3 s), which would bill every rsync
+        # run and every one of rclone's md5sum calls. So sshd runs in its own mount namespace
+        # with an empty file over ~/.bashrc, like a plain server; the real file is untouched.
+        cmd = ["/usr/sbin/sshd", "-f", conf, "-D", "-e"]
+        bashrc = os.path.expanduser("~root/.bashrc")
+        if os.path.exists(bashrc) and shutil.which("unshare"):
+            empty = os.path.join(s, "empty_bashrc")
+            open(empty, "w").close()
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f'mount --bind "{empty}" "{bashrc}" && exec "$@"', "sh"] + cmd
+        self.sshd = subprocess.Popen(cmd, stderr=errlog)
+        self.ssh_cmd = (f"ssh -p {SSH_PORT} -i {s}/id_ed25519 -o IdentitiesOnly=yes "
+                        f"-o UserKnownHostsFile={s}/known_hosts -o StrictHostKeyChecking=yes "
+                        f"-o BatchMode=yes")
+        for _ in range(50):
+            r = subprocess.run(self.ssh_cmd.split() + ["root@127.0.0.1", "true"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if r.returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            raise SystemExit("the bench sshd on 127.0.0.1:%d does not answer" % SSH_PORT)
+        log(f"sshd on 127.0.0.1:{SSH_PORT} (pid {self.sshd.pid})")
+
+    def setup_rclone(self):
+        self.rclone_conf = os.path.join(self.ssh, "rclone.conf")
+        with open(self.rclone_conf, "w") as f:
+            f.write(f"""[bench]
+type = sftp
+host = 127.0.0.1
+port = {SSH_PORT}
+user = root
+key_file = {self.ssh}/id_ed25519
+known_hosts_file = {self.ssh}/known_hosts
+shell_type = unix
+""")
+
+    def certs(self, d, *args):
+        sh([os.path.join(self.bin, "stackclone-certs"), "--dir", d, *args],
+           stdout=subprocess.DEVNULL, cwd=self.sc)
+
+    def setup_stackclone(self):
+        src_id, tgt_id = os.path.join(self.sc, "src_id"), os.path.join(self.sc, "tgt_id")
+        if not os.path.exists(os.path.join(tgt_id, "host.crt")):
+            for d in (src_id, tgt_id):
+                if os.path.exists(d):
+                    shutil.rmtree(d)
+            # Offline enrollment (certs/README.md): init on the CA host, csr -> sign -> install.
+            self.certs(src_id, "init", "--name", "primary")
+            csr, bundle = os.path.join(self.sc, "standby.csr.json"), os.path.join(self.sc, "standby.bundle.json")
+            self.certs(tgt_id, "csr", "--name", "standby", "--out", csr)
+            self.certs(src_id, "sign", csr, "--role", "target", "--out", bundle)
+            self.certs(tgt_id, "install", bundle)
+        self.src_id, self.tgt_id = src_id, tgt_id
+
+    def write_stackclone_configs(self, datasets):
+        q = self.quic_port
+        tdir = os.path.join(self.sc, "target")
+        os.makedirs(os.path.join(tdir, "conf.d"), exist_ok=True)
+        with open(os.path.join(tdir, "target.toml"), "w") as f:
+            f.write(f'listen = "127.0.0.1:{q}"\nidentity_dir = "{self.tgt_id}"\n')
+        for variant, suffix, precopy in (("src", "", "false"), ("srcpc", "-pc", "true")):
+            d = os.path.join(self.sc, variant)
+            os.makedirs(os.path.join(d, "conf.d"), exist_ok=True)
+            with open(os.path.join(d, "source.toml"), "w") as f:
+                f.write(f'identity_dir = "{self.src_id}"\n\n[targets.standby]\naddress = "127.0.0.1:{q}"\n')
+            for old in os.listdir(os.path.join(d, "conf.d")):
+                os.unlink(os.path.join(d, "conf.d", old))
+            for ds in datasets:
+                with open(os.path.join(d, "conf.d", f"{ds.name}.toml"), "w") as f:
+                    f.write(f'stack = "{ds.name}{suffix}"\npath = "{ds.root}"\ntarget = "standby"\n'
+                            f'docker = false\nprecopy = {precopy}\n')
+        for old in os.listdir(os.path.join(tdir, "conf.d")):
+            os.unlink(os.path.join(tdir, "conf.d", old))
+        for ds in datasets:
+            for tool, suffix in (("stackclone", ""), ("stackclone-precopy", "-pc")):
+                with open(os.path.join(tdir, "conf.d", f"{ds.name}{suffix}.toml"), "w") as f:
+                    f.write(f'stack = "{ds.name}{suffix}"\npath = "{self.tpath(tool, ds)}"\n'
+                            f'allow = ["primary"]\ndocker = false\n'
+                            f'state_dir = "{self.sc_state(tool, ds)}"\n')
+
+    def setup_nft(self):
+        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rules = f"""table inet {NFT_TABLE} {{
+  counter ssh {{ }}
+  counter quic {{ }}
+  chain out {{
+    type filter hook output priority 0; policy accept;
+    oif "lo" tcp dport {SSH_PORT} counter name "ssh"
+    oif "lo" tcp sport {SSH_PORT} counter name "ssh"
+    oif "lo" udp dport {self.quic_port} counter name "quic"
+    oif "lo" udp sport {self.quic_port} counter name "quic"
+  }}
+}}
+"""
+        r = subprocess.run(["nft", "-f", "-"], input=rules.encode(), capture_output=True)
+        self.nft = r.returncode == 0
+        if self.nft:
+            log(f"nft counters on lo: tcp/{SSH_PORT}, udp/{self.quic_port}")
+        else:
+            self.notes.append("nft unavailable; wire bytes are /proc/net/dev `lo` deltas "
+                              f"({r.stderr.decode().strip()})")
+            log(self.notes[-1])
+
+    def wire_counter(self, name):
+        if self.nft:
+            out = subprocess.run(["nft", "-j", "list", "counter", "inet", NFT_TABLE, name],
+                                 capture_output=True, check=True).stdout
+            for obj in json.loads(out)["nftables"]:
+                if "counter" in obj:
+                    return obj["counter"]["bytes"]
+            raise RuntimeError("no counter in nft output")
+        with open("/proc/net/dev") as f:
+            for line in f:
+                if line.strip().startswith("lo:"):
+                    return int(line.split(":")[1].split()[8])  # tx bytes
+        return 0
+
+    def teardown(self):
+        self.stop_target()
+        if self.sshd and self.sshd.poll() is None:
+            self.sshd.terminate()
+            try:
+                self.sshd.wait(10)
+            except subprocess.TimeoutExpired:
+                self.sshd.kill()
+        if self.nft:
+            subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE])
+
+    # ---- paths --------------------------------------------------------------------------
+    def tpath(self, tool, ds):
+        return os.path.join(self.tgt, tool, ds.name)
+
+    def sc_state(self, tool, ds):
+        return os.path.join(self.tgt, tool + "-state", ds.name)
+
+    def src_state(self, tool, ds):
+        return os.path.join(self.sc, "srcstate", f"{ds.name}-{tool}")
+
+    # ---- stackclone target daemon ---------------------------------------------------------
+    target_proc = None
+
+    def start_target(self):
+        self.stop_target()
+        logf = os.path.join(self.logs, "target.log")
+        start = os.path.getsize(logf) if os.path.exists(logf) else 0
+        env = dict(os.environ, STACKCLONE_LOG="warn,stackclone=info")
+        self.target_proc = subprocess.Popen(
+            [os.path.join(self.bin, "stackclone-target"), "--config",
+             os.path.join(self.sc, "target", "target.toml"), "run"],
+            stdout=subprocess.DEVNULL, stderr=open(logf, "ab"), env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with open(logf, "rb") as f:
+                f.seek(start)
+                if b"target listening" in f.read():
+                    return
+            if self.target_proc.poll() is not None:
+                raise RuntimeError(f"stackclone-target exited with {self.target_proc.returncode}; see {logf}")
+            time.sleep(0.02)
+        raise RuntimeError(f"stackclone-target did not start listening in 120 s; see {logf}")
+
+    def target_hwm_kib(self):
+        try:
+            with open(f"/proc/{self.target_proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def stop_target(self):
+        p = self.target_proc
+        if p is None:
+            return
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                self.notes.append("stackclone-target did not stop within 60 s of SIGTERM (killed)")
+        self.target_proc = None
+
+    # ---- resets -------------------------------------------------------------------------
+    def reset_empty(self, tool, ds):
+        p = self.tpath(tool, ds)
+        if os.path.lexists(p):
+            shutil.rmtree(p)
+        if tool.startswith("stackclone"):
+            self.stop_target()
+            for q in (self.sc_state(tool, ds), self.src_state(tool, ds)):
+                if os.path.lexists(q):
+                    shutil.rmtree(q)
+        else:
+            os.makedirs(p)
+        # Let the disk absorb the deletes so they do not bill the next tool.
+        os.sync()
+
+    # ---- one run of one tool --------------------------------------------------------------
+    def run_tool(self, tool, ds, measured=True):
+        tf = os.path.join(self.tmp, "time_client")
+        tr = os.path.join(self.tmp, "time_remote")
+        for f in (tf, tr, os.path.join(self.ssh, "sftp_rss")):
+            if os.path.exists(f):
+                os.unlink(f)
+        rec = {"tool": tool}
+        src = ds.root
+        dst = self.tpath(tool, ds)
+        counter = None
+        if tool.startswith("stackclone"):
+            self.start_target()
+            variant = "srcpc" if tool == "stackclone-precopy" else "src"
+            stack = ds.name + ("-pc" if tool == "stackclone-precopy" else "")
+            cmd = [os.path.join(self.bin, "stackclone-source"), "--config",
+                   os.path.join(self.sc, variant, "source.toml"), "--state-dir",
+                   self.src_state(tool, ds), "push", stack, "--json"]
+            counter = "quic"
+        elif tool == "rsync":
+            cmd = ["rsync", "-aHAXS", "--numeric-ids", "--delete", "--stats", "-e", self.ssh_cmd,
+                   f"--rsync-path=/usr/bin/time -f %M -o {tr} rsync", src + "/",
+                   f"root@127.0.0.1:{dst}/"]
+            counter = "ssh"
+        elif tool == "rclone":
+            cmd = ["rclone", "--config", self.rclone_conf, "sync", src, f"bench:{dst}",
+                   "--sftp-md5sum-command=/usr/bin/md5sum", "--skip-links",
+                   "--use-json-log", "-v", "--stats", "1h", "--stats-log-level", "NOTICE"]
+            counter = "ssh"
+        elif tool == "cp":
+            cmd = ["cp", "-a", src + "/.", dst + "/"]
+        else:
+            raise ValueError(tool)
+        full = ["/usr/bin/time", "-f", "%M", "-o", tf] + cmd
+        # Write back what the previous run left dirty, so it is not billed to this one.
+        os.sync()
+        before = self.wire_counter(counter) if counter else None
+        t0 = time.monotonic()
+        r = subprocess.run(full, capture_output=True, timeout=self.a.timeout)
+        wall = time.monotonic() - t0
+        after = self.wire_counter(counter) if counter else None
+        rec["wall_s"] = wall
+        rec["rc"] = r.returncode
+        rec["wire_bytes"] = (after - before) if counter else None
+        rec["rss_client_kib"] = _read_int(tf)
+        out, err = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+        with open(os.path.join(self.logs, f"{tool}.log"), "a") as f:
+            f.write(f"==== {time.strftime('%H:%M:%S')} {ds.name} {' '.join(cmd)}\n"
+                    f"rc={r.returncode} wall={wall:.3f}s\n--- stdout\n{out[-20000:]}\n--- stderr\n{err[-20000:]}\n")
+        if tool.startswith("stackclone"):
+            rec["rss_server_kib"] = self.target_hwm_kib()
+            self.stop_target()
+            try:
+                o = json.loads(out)[0]
+            except (ValueError, IndexError, KeyError):
+                o = {"ok": False, "error": f"unparsable output: {out[:300]} {err[-300:]}"}
+            if not o.get("ok"):
+                rec["rc"] = rec["rc"] or 1
+                rec["error"] = o.get("error")
+            rec["tool_bytes"] = o.get("bytes_sent")
+            rec["src_down_ms"] = o.get("source_downtime_ms")
+            rec["tgt_down_ms"] = o.get("target_downtime_ms")
+            rec["duration_ms"] = o.get("duration_ms")
+            rec["files_sent"] = o.get("files_sent")
+            rec["generation"] = o.get("generation")
+        elif tool == "rsync":
+            rec["rss_server_kib"] = _read_int(tr)
+            sent = re.search(r"Total bytes sent: ([\d,.]+)", out)
+            recv = re.search(r"Total bytes received: ([\d,.]+)", out)
+            if sent and recv:
+                rec["tool_bytes"] = _num(sent.group(1)) + _num(recv.group(1))
+            rec["src_down_ms"] = rec["tgt_down_ms"] = wall * 1000
+        elif tool == "rclone":
+            rss = _read_ints(os.path.join(self.ssh, "sftp_rss"))
+            rec["rss_server_kib"] = max(rss) if rss else None
+            rec["sftp_sessions"] = len(rss)
+            stats = None
+            for line in err.splitlines():
+                try:
+                    j = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(j, dict) and "stats" in j:
+                    stats = j["stats"]
+            if stats:
+                rec["tool_bytes"] = stats.get("bytes")
+                rec["transfers"] = stats.get("transfers")
+                rec["checks"] = stats.get("checks")
+            rec["src_down_ms"] = rec["tgt_down_ms"] = wall * 1000
+        elif tool == "cp":
+            rec["src_down_ms"] = rec["tgt_down_ms"] = wall * 1000
+        if rec["rc"] != 0:
+            msg = (f"{tool} on {ds.name} exited {rec['rc']}: "
+                   f"{rec.get('error') or err.strip()[-500:]}")
+            log("!! " + msg)
+            self.notes.append(msg)
+        return rec
+
+    # ---- verification ---------------------------------------------------------------------
+    def verify(self, tool, ds):
+        """Compare the tool's target with the source: every entry, its type, size, content,
+        mtime (seconds for rclone: SFTP v3 carries whole seconds) and mode (not rclone)."""
+        src, dst = ds.root, self.tpath(tool, ds)
+        diffs = []
+        seen = set()
+        for d, dirs, files in os.walk(src):
+            rel_d = os.path.relpath(d, src)
+            for name in dirs + files:
+                rel = os.path.normpath(os.path.join(rel_d, name))
+                seen.add(rel)
+                a, b = os.path.join(src, rel), os.path.join(dst, rel)
+                try:
+                    sb = os.lstat(b)
+                except FileNotFoundError:
+                    diffs.append(f"missing {rel}")
+                    continue
+                sa = os.lstat(a)
+                if (sa.st_mode >> 12) != (sb.st_mode >> 12):
+                    diffs.append(f"type {rel}")
+                    continue
+                if tool != "rclone" and sa.st_mode != sb.st_mode:
+                    diffs.append(f"mode {rel}")
+                is_dir = os.path.isdir(a)
+                if tool == "rclone":
+                    if not is_dir and sa.st_mtime_ns // 10**9 != sb.st_mtime_ns // 10**9:
+                        diffs.append(f"mtime {rel}")
+                elif sa.st_mtime_ns != sb.st_mtime_ns:
+                    diffs.append(f"mtime {rel}{'/' if is_dir else ''}")
+                if not is_dir:
+                    if sa.st_size != sb.st_size:
+                        diffs.append(f"size {rel}")
+                    elif not _same_content(a, b):
+                        diffs.append(f"content {rel}")
+        for d, dirs, files in os.walk(dst):
+            rel_d = os.path.relpath(d, dst)
+            for name in dirs + files:
+                rel = os.path.normpath(os.path.join(rel_d, name))
+                if rel not in seen:
+                    diffs.append(f"extra {rel}")
+        return diffs
+
+    # ---- the run --------------------------------------------------------------------------
+    def record(self, ds, scen, rep, rec):
+        rec.update({"dataset": ds.name, "scenario": scen, "rep": rep, "load": loadavg(),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.records.append(rec)
+        with open(self.results_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        extra = ""
+        if rec.get("src_down_ms") is not None and rec["tool"].startswith("stackclone"):
+            extra = f" src-down {rec['src_down_ms']} ms tgt-down {rec.get('tgt_down_ms')} ms"
+        log(f"  {ds.name:5} {scen:8} rep {rep} {rec['tool']:18} {rec['wall_s']:8.2f} s  "
+            f"wire {_mib(rec.get('wire_bytes'))} MiB  tool {_mib(rec.get('tool_bytes'))} MiB  "
+            f"rss {_kib_mib(rec.get('rss_client_kib'))}/{_kib_mib(rec.get('rss_server_kib'))} MiB{extra}"
+            f"{'' if rec['rc'] == 0 else '  FAILED rc=%s' % rec['rc']}")
+
+    def run(self):
+        a = self.a
+        datasets = [Dataset(os.path.join(self.data, k), k, a.scale, a.seed) for k in a.datasets]
+        for ds in datasets:
+            t0 = time.monotonic()
+            if ds.ensure(log=log):
+                log(f"{ds.name}: generated in {time.monotonic() - t0:.1f} s")
+        self.write_stackclone_configs(datasets)
+        if os.path.exists(self.results_path):
+            os.rename(self.results_path, self.results_path + ".prev")
+        self.meta = machine_info()
+        self.meta.update({"command": a.command_line, "scale": a.scale, "reps": a.reps,
+                          "rclone_reps": a.rclone_reps, "seed": a.seed, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                          "load_start": loadavg(), "datasets": {d.name: d.describe() for d in datasets},
+                          "wire": "nft" if self.nft else "/proc/net/dev lo"})
+        self.meta["versions"] = tool_versions(self.bin)
+        with open(os.path.join(self.w, "meta.json"), "w") as f:
+            json.dump(self.meta, f, indent=1)
+        self.verify_results = {}
+        for ds in datasets:
+            for scen in SCENARIOS:
+                tools = [t for t in a.tools if not (t == "cp" and scen != "first")]
+                for rep in range(a.reps):
+                    # Alternate the order so no tool always runs first (warm page cache, load).
+                    k = rep % len(tools)
+                    order = tools[k:] + tools[:k]
+                    order = [t for t in order if not (t == "rclone" and rep >= a.rclone_reps)]
+                    if scen == "changed":
+                        ds.mutate()
+                        os.sync()
+                    for tool in order:
+                        if scen == "first":
+                            self.reset_empty(tool, ds)
+                        rec = self.run_tool(tool, ds)
+                        self.record(ds, scen, rep, rec)
+                        last = rep == min(a.reps, a.rclone_reps if tool == "rclone" else a.reps) - 1
+                        if last and a.verify:
+                            diffs = self.verify(tool, ds)
+                            self.verify_results[(ds.name, scen, tool)] = diffs
+                            if diffs:
+                                msg = (f"verify {tool} {ds.name} {scen}: {len(diffs)} difference(s), "
+                                       f"e.g. {diffs[:5]}")
+                                log("!! " + msg)
+                                self.notes.append(msg)
+                            else:
+                                log(f"  verify {tool} {ds.name} {scen}: identical")
+                    if scen == "changed":
+                        ds.revert()
+                        if rep < a.reps - 1:
+                            for tool in order:  # back to the base set, untimed
+                                rec = self.run_tool(tool, ds, measured=False)
+                                if rec["rc"] != 0:
+                                    self.notes.append(f"untimed reset of {tool} on {ds.name} failed")
+            if not a.keep:
+                self.stop_target()
+                for tool in a.tools:
+                    for p in (self.tpath(tool, ds), self.sc_state(tool, ds), self.src_state(tool, ds)):
+                        if os.path.lexists(p):
+                            shutil.rmtree(p)
+        self.meta["load_end"] = loadavg()
+        self.meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ---- report -------------------------------------------------------------------------------
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def report(b, records, meta, verify_results, notes):
+    a = b.a
+    lines = []
+    P = lines.append
+    P("# stackclone push benchmark")
+    P("")
+    P(f"Command: `{meta['command']}`  ")
+    P(f"Started {meta['started']}, finished {meta.get('finished', '?')}. "
+      f"Load average at start {meta['load_start']}, at end {meta.get('load_end', '?')}.  ")
+    P(f"Machine: {meta['nproc']} CPUs ({meta['cpu']}), {meta['ram_gib']:.1f} GiB RAM, "
+      f"{meta['disk']}; kernel {meta['kernel']}.  ")
+    P(f"Tools: {meta['versions']}.  ")
+    P(f"Scale {meta['scale']}, seed {meta['seed']}, {meta['reps']} repetitions "
+      f"({meta['rclone_reps']} for rclone); wire bytes from {meta['wire']}.")
+    P("")
+    P("Datasets: " + "; ".join(
+        f"`{n}` {d['files']} files, {d['bytes'] / MIB:.1f} MiB" for n, d in meta["datasets"].items()))
+    P("")
+    P("Each cell is the median over the repetitions (n = number of successful runs). "
+      "wire = IP bytes on loopback both ways (nft counter on the tool's port); "
+      "tool = what the tool reports (stackclone: `bytes_sent`, file payload after zstd; "
+      "rsync: --stats total bytes sent + received; rclone: stats.bytes, file bytes uploaded). "
+      "RSS = peak resident set, client / server side. src-down / tgt-down: stackclone's "
+      "`source_downtime_ms` / `target_downtime_ms`; for the other tools the whole run "
+      "(stop the stack, sync, start it; the target dir changes during the whole run).")
+    P("")
+    P("| dataset | scenario | tool | n | wall s (min-max) | wire MiB | tool MiB | RSS client MiB | RSS server MiB | src-down s | tgt-down s | verify |")
+    P("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    groups = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["scenario"], r["tool"]), []).append(r)
+    summary = {}
+    for dsn in a.datasets:
+        for scen in SCENARIOS:
+            for tool in a.tools:
+                rs = groups.get((dsn, scen, tool))
+                if not rs:
+                    continue
+                ok = [r for r in rs if r["rc"] == 0]
+                s = {
+                    "n": len(ok), "failed": len(rs) - len(ok),
+                    "wall": med(r["wall_s"] for r in ok),
+                    "wmin": min((r["wall_s"] for r in ok), default=None),
+                    "wmax": max((r["wall_s"] for r in ok), default=None),
+                    "wire": med(r.get("wire_bytes") for r in ok),
+                    "tool_bytes": med(r.get("tool_bytes") for r in ok),
+                    "rss_c": max((r["rss_client_kib"] for r in ok if r.get("rss_client_kib")), default=None),
+                    "rss_s": max((r["rss_server_kib"] for r in ok if r.get("rss_server_kib")), default=None),
+                    "src_down": med(r.get("src_down_ms") for r in ok),
+                    "tgt_down": med(r.get("tgt_down_ms") for r in ok),
+                }
+                summary[(dsn, scen, tool)] = s
+                v = verify_results.get((dsn, scen, tool))
+                vs = "-" if v is None else ("identical" if not v else f"{len(v)} diffs")
+                P(f"| {dsn} | {SCEN_TITLE[scen]} | {tool} | {s['n']}{' (+%d failed)' % s['failed'] if s['failed'] else ''} "
+                  f"| {_f(s['wall'])} ({_f(s['wmin'])}-{_f(s['wmax'])}) | {_mib(s['wire'])} | {_mib(s['tool_bytes'])} "
+                  f"| {_kib_mib(s['rss_c'])} | {_kib_mib(s['rss_s'])} | {_f(_div(s['src_down'], 1000))} "
+                  f"| {_f(_div(s['tgt_down'], 1000))} | {vs} |")
+    P("")
+    P("RSS columns are the maximum over the repetitions, not the median.")
+    P("")
+    P("## Against the targets (stackclone ÷ rsync over ssh, same run)")
+    P("")
+    P("| dataset | scenario | time ratio | target | met | wire bytes ratio | vs `cp -a` | peak RSS src / tgt MiB (≤ 256) |")
+    P("|---|---|---:|---|---|---:|---|---|")
+    limits = {"first": 0.65, "nochange": 0.5, "changed": 0.33}
+    for dsn in a.datasets:
+        for scen in SCENARIOS:
+            sc, rs = summary.get((dsn, scen, "stackclone")), summary.get((dsn, scen, "rsync"))
+            if not sc or not rs or not sc["wall"] or not rs["wall"]:
+                continue
+            ratio = sc["wall"] / rs["wall"]
+            met = ratio <= limits[scen]
+            wr = _div(sc["wire"], rs["wire"])
+            extra = ""
+            if scen == "changed" and wr is not None:
+                extra = " (bytes: " + ("met" if wr <= 1 else "missed") + ")"
+            cpc = ""
+            cp = summary.get((dsn, scen, "cp"))
+            if scen == "first" and cp and cp["wall"]:
+                cpc = f"{sc['wall'] / cp['wall']:.2f}× cp ({'met' if sc['wall'] <= cp['wall'] else 'missed'})"
+            rssm = max(sc["rss_c"] or 0, sc["rss_s"] or 0) / 1024
+            P(f"| {dsn} | {SCEN_TITLE[scen]} | {ratio:.2f} | ≤ {limits[scen]} | "
+              f"{'met' if met else 'missed'}{extra} | {_f(wr)} | {cpc} | "
+              f"{_kib_mib(sc['rss_c'])} / {_kib_mib(sc['rss_s'])} ({'met' if rssm <= 256 else 'missed'}) |")
+    P("")
+    P("## Source downtime (median, s)")
+    P("")
+    P("| dataset | scenario | stackclone | stackclone, pre-copy | rsync (stop, sync, start) | rclone (stop, sync, start) |")
+    P("|---|---|---:|---:|---:|---:|")
+    for dsn in a.datasets:
+        for scen in SCENARIOS:
+            row = []
+            for tool in ("stackclone", "stackclone-precopy", "rsync", "rclone"):
+                s = summary.get((dsn, scen, tool))
+                row.append(_f(_div(s["src_down"], 1000)) if s else "-")
+            P(f"| {dsn} | {SCEN_TITLE[scen]} | " + " | ".join(row) + " |")
+    if notes:
+        P("")
+        P("## Notes from the run")
+        P("")
+        for n in notes:
+            P(f"- {n}")
+    return "\n".join(lines) + "\n", summary
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def _same_content(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(4 * MIB), fb.read(4 * MIB)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _read_int(path):
+    v = _read_ints(path)
+    return v[-1] if v else None
+
+
+def _read_ints(path):
+    try:
+        with open(path) as f:
+            return [int(x) for x in f.read().split() if x.isdigit()]
+    except OSError:
+        return []
+
+
+def _num(s):
+    return int(re.sub(r"[^\d]", "", s))
+
+
+def _div(x, y):
+    if x is None or y in (None, 0):
+        return None
+    return x / y
+
+
+def _f(x):
+    if x is None:
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def _mib(x):
+    return "-" if x is None else (f"{x / MIB:.2f}" if x < 10 * MIB else f"{x / MIB:.1f}")
+
+
+def _kib_mib(x):
+    return "-" if x is None else f"{x / 1024:.0f}"
+
+
+def machine_info():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        ram = int(f.readline().split()[1]) / 1024 / 1024
+    disk = "?"
+    try:
+        out = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", REPO],
+                             capture_output=True, text=True).stdout.split()
+        dev = os.path.basename(out[0])
+        rot = open(f"/sys/block/{dev}/queue/rotational").read().strip() if os.path.exists(
+            f"/sys/block/{dev}/queue/rotational") else "?"
+        disk = f"{out[1]} on {out[0]} (rotational={rot})"
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": ram, "disk": disk,
+            "kernel": platform.release()}
+
+
+def tool_versions(bindir):
+    def first(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            return (r.stdout or r.stderr).splitlines()[0].strip()
+        except Exception:  # noqa: BLE001
+            return "?"
+    git = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return ", ".join([
+        f"stackclone {git}{' + uncommitted changes' if dirty else ''}",
+        first(["rsync", "--version"]).replace("  ", " "),
+        first(["rclone", "version"]),
+        first(["ssh", "-V"]),
+        first(["cp", "--version"]),
+    ])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dir", default=os.path.join(REPO, "bench", "work", "push"),
+                    help="work dir (data, targets, logs, results); default bench/work/push")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="dataset size factor: 20000*S small files, 4 files of 256 MiB*S")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per scenario and tool")
+    ap.add_argument("--rclone-reps", type=int, default=None,
+                    help="repetitions for rclone (default: --reps); it is by far the slowest")
+    ap.add_argument("--datasets", default="small,big,both")
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--quic-port", type=int, default=47443)
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per tool run")
+    ap.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="skip comparing each target with the source after the last repetition")
+    ap.add_argument("--keep", action="store_true", help="keep the target trees at the end")
+    ap.add_argument("--target-dir", default=os.path.join(REPO, "target", "release"))
+    ap.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.datasets = [d for d in a.datasets.split(",") if d]
+    a.tools = [t for t in a.tools.split(",") if t]
+    for t in a.tools:
+        if t not in TOOLS:
+            ap.error(f"unknown tool {t}; known: {', '.join(TOOLS)}")
+    if a.rclone_reps is None:
+        a.rclone_reps = a.reps
+    a.command_line = a.command_line or " ".join(sys.argv)
+    b = Bench(a)
+    failed = None
+    try:
+        b.setup()
+        b.run()
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - report what was measured
+        import traceback
+        traceback.print_exc()
+        failed = e
+        b.notes.append(f"the run stopped early: {e!r}")
+    finally:
+        b.teardown()
+    if not b.records:
+        raise SystemExit(f"nothing measured ({failed!r})")
+    text, _ = report(b, b.records, b.meta, b.verify_results, b.notes)
+    out = os.path.join(b.w, "results.md")
+    with open(out, "w") as f:
+        f.write(text)
+    print()
+    print(text)
+    log(f"written to {out} (raw records: {b.results_path})")
+    if failed is not None:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
