@@ -133,6 +133,15 @@ impl Agent {
             Ok(control) => run_cycle(&self.ctx, job, mode, control, shutdown, progress).await,
             Err(e) => Err(e),
         };
+        if let Err(e) = &result {
+            warn!(
+                stack = %job.stack,
+                peer = %job.target_name,
+                phase = %e.phase(),
+                error = %e,
+                "cycle failed"
+            );
+        }
         if mode == Mode::DryRun {
             return result;
         }

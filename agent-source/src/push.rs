@@ -26,7 +26,7 @@ use stackclone_proto::session::{
 };
 use stackclone_proto::wire;
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::progress::{CycleProgress, Stage};
 use crate::rate::RateLimit;
@@ -396,6 +396,7 @@ pub async fn run_cycle(
         Ok(report) => {
             info!(
                 stack = %job.stack,
+                peer = %job.target_name,
                 generation = report.generation,
                 files = report.files,
                 files_sent = report.files_sent,
@@ -408,7 +409,7 @@ pub async fn run_cycle(
             Ok(stats)
         }
         Err(e) => {
-            warn!(stack = %job.stack, error = %e, "cycle failed");
+            // Logged by the caller, with every other way a cycle can fail.
             Err(e.into())
         }
     }
