@@ -1,7 +1,6 @@
 //! The commands of `stackclone-source`, as library calls: `main.rs` parses flags and calls
 //! these, tests call them too.
 
-use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -288,16 +287,10 @@ pub(crate) fn job_for(cfg: &SourceConfig, common: &Common, name: &str) -> anyhow
             stack.target
         )
     })?;
-    let addr = (target.address.host.as_str(), target.address.port)
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {}:{}", target.address.host, target.address.port))?
-        .next()
-        .with_context(|| {
-            format!(
-                "{}:{} resolves to nothing",
-                target.address.host, target.address.port
-            )
-        })?;
+    let addr = target
+        .address
+        .resolve()
+        .with_context(|| format!("target `{}`", target.name))?;
     Ok(job_from(stack, target.name.clone(), addr, common))
 }
 

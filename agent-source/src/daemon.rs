@@ -21,7 +21,6 @@
 //!   and alerted once per process.
 
 use std::collections::BTreeMap;
-use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -187,11 +186,7 @@ pub async fn run(common: &Common) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
     let mut daemon = Daemon::start(common, &cfg, shutdown.clone())?;
     if let Some(addr) = &cfg.metrics_listen {
-        let addr = (addr.host.as_str(), addr.port)
-            .to_socket_addrs()
-            .with_context(|| format!("resolving metrics_listen {}:{}", addr.host, addr.port))?
-            .next()
-            .context("metrics_listen resolves to nothing")?;
+        let addr = addr.resolve().context("metrics_listen")?;
         let mut stop = shutdown.clone();
         metrics::serve(addr, daemon.agent().ops.metrics.clone(), async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -1,7 +1,6 @@
 //! The commands of `stackclone-target`, as library calls: `main.rs` parses flags and calls
 //! these, tests call them too.
 
-use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -94,16 +93,7 @@ pub fn bind(common: &Common) -> anyhow::Result<Bound> {
             identity.name()
         );
     }
-    let addr = (cfg.listen.host.as_str(), cfg.listen.port)
-        .to_socket_addrs()
-        .with_context(|| {
-            format!(
-                "resolving listen address {}:{}",
-                cfg.listen.host, cfg.listen.port
-            )
-        })?
-        .next()
-        .context("the listen address resolves to nothing")?;
+    let addr = cfg.listen.resolve().context("the listen address")?;
     let server = stackclone_certs::server_config(&identity, &trust)?;
     let endpoint =
         quinn::Endpoint::server(server, addr).with_context(|| format!("binding UDP {addr}"))?;

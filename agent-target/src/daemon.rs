@@ -21,7 +21,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,7 +30,7 @@ use anyhow::Context;
 use stackclone_certs::StateDir;
 use stackclone_certs::renewal::{self, Renewal};
 use stackclone_common::alert::Alert;
-use stackclone_common::config::{Address, TargetConfig};
+use stackclone_common::config::TargetConfig;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
@@ -100,7 +100,7 @@ impl Daemon {
         let metrics_addr = match &config.metrics_listen {
             None => None,
             Some(listen) => {
-                let addr = resolve(listen).context("metrics_listen")?;
+                let addr = listen.resolve().context("metrics_listen")?;
                 let bound = stackclone_common::metrics::serve(
                     addr,
                     ctx.ops.metrics.clone(),
@@ -414,14 +414,6 @@ fn unix_time(secs: i64) -> Option<SystemTime> {
     u64::try_from(secs)
         .ok()
         .map(|s| UNIX_EPOCH + Duration::from_secs(s))
-}
-
-fn resolve(addr: &Address) -> anyhow::Result<SocketAddr> {
-    (addr.host.as_str(), addr.port)
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {addr}"))?
-        .next()
-        .with_context(|| format!("{addr} resolves to nothing"))
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {

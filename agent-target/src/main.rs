@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use stackclone_common::cli::{self, CompletionsArgs, ManArgs};
+use stackclone_common::logging::LogFormat;
 use stackclone_target::app::{self, Common};
 
 #[derive(Parser, Debug)]
@@ -25,12 +26,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -59,7 +54,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    stackclone_common::logging::init(cli.log_format);
     let common = Common {
         config: cli.config,
         identity_dir: cli.dir,
@@ -82,13 +77,6 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-fn init_logging(format: LogFormat) {
-    stackclone_common::logging::init(match format {
-        LogFormat::Text => stackclone_common::logging::LogFormat::Text,
-        LogFormat::Json => stackclone_common::logging::LogFormat::Json,
-    });
 }
 
 fn run(common: &Common) -> anyhow::Result<ExitCode> {

@@ -2,8 +2,8 @@
 //! by default (`warn`, and `info` for stackclone itself: one line per cycle), `STACKCLONE_LOG`
 //! to change that with `tracing_subscriber::EnvFilter` syntax.
 
-/// How log lines look.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How log lines look (`--log-format` of both agents).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,

@@ -74,6 +74,22 @@ impl fmt::Display for Address {
     }
 }
 
+impl Address {
+    /// The first address the host resolves to (a DNS name may give several; the first is what
+    /// the system prefers). An error names the address.
+    pub fn resolve(&self) -> io::Result<SocketAddr> {
+        self.to_socket_addrs()
+            .map_err(|e| io::Error::new(e.kind(), format!("resolving {self}: {e}")))?
+            .next()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{self} resolves to no address"),
+                )
+            })
+    }
+}
+
 impl ToSocketAddrs for Address {
     type Iter = std::vec::IntoIter<SocketAddr>;
 
