@@ -16,7 +16,7 @@ use stackclone_common::ops::Ops;
 use stackclone_proto::msg::Mode;
 use tracing::warn;
 
-use crate::lock::StackLock;
+use crate::lock::{LockError, StackLock};
 use crate::progress::{CycleProgress, Style, Viewer};
 use crate::push::{Ctx, CycleStats, PushError, StackJob, run_cycle};
 use crate::status::{self, StackStatus};
@@ -312,7 +312,10 @@ fn job_from(
         compress: stack.compress,
         bandwidth_limit: stack.bandwidth_limit.map(|b| b.get()),
         cache: Some(common.state_dir.join(format!("{}.hashcache", stack.name))),
-        compose: stack.docker.then(|| ComposeConfig::for_source(stack)),
+        compose: stack.docker.then(|| {
+            ComposeConfig::for_source(stack)
+                .with_restart_record(restart_record(&common.state_dir, &stack.name))
+        }),
         target_name,
         target_addr,
     }
@@ -421,17 +424,52 @@ pub fn shutdown_on_signal() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
+/// Where a source records what its stop of `stack` stopped, until the start brought it back.
+pub fn restart_record(state_dir: &Path, stack: &str) -> PathBuf {
+    state_dir.join(format!("{stack}.stopped.json"))
+}
+
 /// Docker control for a compose stack in a real cycle; nothing to control for a data-only stack
-/// or a dry run (which never stops anything).
+/// or a dry run (which never stops anything). A stack that a killed cycle left stopped is
+/// started again first (the caller holds the stack's lock, so that cycle is over).
 async fn control_for(job: &StackJob, mode: Mode) -> Result<Arc<dyn StackControl>, PushError> {
+    let docker_error = |e: stackclone_common::docker::DockerError| PushError::Docker {
+        stack: job.stack.clone(),
+        cause: e.to_string(),
+    };
     match (&job.compose, mode) {
-        (Some(cfg), Mode::Sync) => ComposeStack::connect(cfg.clone())
-            .await
-            .map(|c| Arc::new(c) as Arc<dyn StackControl>)
-            .map_err(|e| PushError::Docker {
-                stack: job.stack.clone(),
-                cause: e.to_string(),
-            }),
+        (Some(cfg), Mode::Sync) => {
+            let control = ComposeStack::connect(cfg.clone())
+                .await
+                .map_err(docker_error)?;
+            control.recover().await.map_err(docker_error)?;
+            Ok(Arc::new(control))
+        }
         _ => Ok(Arc::new(DataOnly)),
+    }
+}
+
+/// Starts what a killed cycle of `job` left stopped, unless a cycle of it is running (which
+/// recovers it itself). The daemon does this when a stack's task starts, so a stack is not
+/// left down until its next firing.
+pub async fn recover_stopped(job: &StackJob, state_dir: &Path) {
+    let Some(cfg) = &job.compose else { return };
+    if !cfg.restart_record.as_ref().is_some_and(|p| p.exists()) {
+        return;
+    }
+    let _lock = match StackLock::try_acquire(state_dir, &job.stack) {
+        Ok(lock) => lock,
+        Err(LockError::Busy { .. }) => return,
+        Err(e) => {
+            warn!(stack = %job.stack, error = %e, "cannot take the stack lock to recover it");
+            return;
+        }
+    };
+    let recovered = match ComposeStack::connect(cfg.clone()).await {
+        Ok(control) => control.recover().await.map(drop),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = recovered {
+        warn!(stack = %job.stack, error = %e, "could not start what a killed cycle left stopped");
     }
 }

@@ -245,6 +245,10 @@ async fn stack_loop(
     mut spec_rx: watch::Receiver<Arc<Spec>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    {
+        let spec = spec_rx.borrow().clone();
+        crate::app::recover_stopped(&spec.job, &agent.state_dir).await;
+    }
     'firing: loop {
         if *shutdown.borrow() {
             return;

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use stackclone_certs::{Identity, StateDir, Trust};
 use stackclone_common::config::{LoadOptions, TargetConfig, TargetStack};
 use stackclone_common::control::StackControl;
-use stackclone_common::docker::{ComposeConfig, ComposeStack};
+use stackclone_common::docker::{ComposeConfig, ComposeStack, RESTART_RECORD};
 use stackclone_common::metrics::Metrics;
 use stackclone_common::ops::Ops;
 use tracing::{info, warn};
@@ -205,11 +205,13 @@ pub fn status(common: &Common, only: Option<&str>) -> anyhow::Result<Vec<StackSt
                 stack.max_age,
                 now,
             )),
-            Err(StoreError::Busy { .. }) => out.push(StackStatus::new(
-                StoreState {
-                    stack: stack.name.clone(),
-                    ..Default::default()
-                },
+            Err(StoreError::Busy { path, .. }) => out.push(StackStatus::new(
+                StackStore::peek_state(&path)
+                    .filter(|st| st.stack == stack.name)
+                    .unwrap_or_else(|| StoreState {
+                        stack: stack.name.clone(),
+                        ..Default::default()
+                    }),
                 true,
                 stack.max_age,
                 now,
@@ -245,9 +247,18 @@ pub async fn rollback(
     if !stack.docker {
         return Ok(store.rollback(to)?);
     }
-    let control = ComposeStack::connect(ComposeConfig::for_target(stack))
-        .await
-        .with_context(|| format!("stack `{}`: connecting to Docker", stack.name))?;
+    let control = ComposeStack::connect(
+        ComposeConfig::for_target(stack)
+            .with_restart_record(store.state_path().join(RESTART_RECORD)),
+    )
+    .await
+    .with_context(|| format!("stack `{}`: connecting to Docker", stack.name))?;
+    control.recover().await.with_context(|| {
+        format!(
+            "stack `{}`: starting what a killed cycle left stopped",
+            stack.name
+        )
+    })?;
     control
         .stop()
         .await

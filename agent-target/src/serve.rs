@@ -8,6 +8,7 @@
 //! once the flag verified, the commit runs to the end even if the source is gone.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use stackclone_certs::{Identity, Role, Trust};
 use stackclone_common::alert::Alert;
 use stackclone_common::control::{DataOnly, StackControl};
-use stackclone_common::docker::{ComposeConfig, ComposeStack, Creation};
+use stackclone_common::docker::{ComposeConfig, ComposeStack, Creation, RESTART_RECORD};
 use stackclone_common::metrics::CycleStats;
 use stackclone_common::net::{self, ControlEnd};
 use stackclone_common::ops::Ops;
@@ -842,15 +843,27 @@ fn apply(
     StageOutcome::SourceAborted("the file stream ended early".into())
 }
 
-/// The stack's control: Docker for a compose stack, nothing for a data-only one.
-async fn control_for(serve: &StackServe) -> Result<Arc<dyn StackControl>, String> {
-    match &serve.compose {
-        None => Ok(Arc::new(DataOnly)),
-        Some(cfg) => ComposeStack::connect(cfg.clone())
-            .await
-            .map(|c| Arc::new(c) as Arc<dyn StackControl>)
-            .map_err(|e| e.to_string()),
-    }
+/// The stack's control: Docker for a compose stack, nothing for a data-only one. What a stop
+/// stopped is recorded in the store's state dir, and a stack a killed target left stopped is
+/// started again here, before anything else touches it.
+async fn control_for(
+    serve: &StackServe,
+    state_path: &Path,
+) -> Result<Arc<dyn StackControl>, String> {
+    let Some(cfg) = &serve.compose else {
+        return Ok(Arc::new(DataOnly));
+    };
+    let cfg = cfg
+        .clone()
+        .with_restart_record(state_path.join(RESTART_RECORD));
+    let control = ComposeStack::connect(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    control
+        .recover()
+        .await
+        .map_err(|e| format!("starting what a killed cycle left stopped: {e}"))?;
+    Ok(Arc::new(control))
 }
 
 /// Prepares while the stack runs; then stops it, commits, creates it if it has no containers
@@ -867,7 +880,7 @@ async fn commit_stack(
     bytes_received: u64,
 ) -> (Result<u64, (Phase, String)>, StackStore) {
     let generation = commit.generation();
-    let control = match control_for(serve).await {
+    let control = match control_for(serve, store.state_path()).await {
         Ok(c) => c,
         Err(e) => return (Err((Phase::Commit, format!("docker: {e}"))), store),
     };

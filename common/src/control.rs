@@ -26,6 +26,10 @@ pub trait StackControl: Send + Sync + std::fmt::Debug {
     fn wait_healthy(&self) -> ControlFuture<'_, HealthReport>;
     /// Creates the stack's containers if it has none at all (a target's first commit).
     fn create_if_missing(&self) -> ControlFuture<'_, Creation>;
+    /// Starts what a process that died between `stop` and `start` left stopped (see
+    /// [`ComposeStack::recover`](crate::docker::ComposeStack::recover)); `None` if nothing was.
+    /// Call it before the first `stop` of a process.
+    fn recover(&self) -> ControlFuture<'_, Option<StartReport>>;
 }
 
 /// A data-only stack: nothing to stop or start.
@@ -44,5 +48,8 @@ impl StackControl for DataOnly {
     }
     fn create_if_missing(&self) -> ControlFuture<'_, Creation> {
         Box::pin(async { Ok(Creation::Existed) })
+    }
+    fn recover(&self) -> ControlFuture<'_, Option<StartReport>> {
+        Box::pin(async { Ok(None) })
     }
 }

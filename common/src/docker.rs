@@ -33,6 +33,14 @@
 //!   tries every container even when one fails, because the primary's availability matters more
 //!   than the order, and keeps the failed ones for the next `start`. A second `stop` before a
 //!   successful `start` adds to the list rather than forgetting it.
+//! - **A process killed between `stop` and `start`** (SIGKILL, OOM, power loss) must not leave
+//!   the stack down for good. With [`ComposeConfig::restart_record`] set, `stop` writes the list
+//!   of what it is about to stop to that file (atomically and durably) before it stops the first
+//!   container, a `start` that brought everything up removes it, and the next process calls
+//!   [`ComposeStack::recover`] before anything else: it starts the recorded containers that
+//!   still exist (a no-op for one already running) and removes the record. The agents keep the
+//!   record in their state dir, one per stack, and recover when a cycle begins and when the
+//!   daemon starts.
 //! - **`start` without a preceding `stop`** (or after a `pre_stop` hook failed, which stops
 //!   nothing) starts nothing and runs no `post_start` hook: the hooks pair with a real stop.
 //! - **One-off containers** (`docker-compose run`, label `com.docker.compose.oneoff=True`) are not
@@ -83,6 +91,10 @@ pub const DEPENDS_ON_LABEL: &str = "com.docker.compose.depends_on";
 /// `True` on containers made by `docker compose run`, which are not part of the stack.
 pub const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
 
+/// The name the agents give the [restart record](ComposeConfig::restart_record) in a target
+/// stack's state dir; the source's is `<state-dir>/<stack>.stopped.json`.
+pub const RESTART_RECORD: &str = "stopped-containers.json";
+
 /// How long a hook may run when the config says nothing.
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long `docker compose up -d` may take when the config says nothing.
@@ -122,6 +134,10 @@ pub struct ComposeConfig {
     pub hook_timeout: Duration,
     /// How long `up -d` may run in [`ComposeStack::create_if_missing`].
     pub create_timeout: Duration,
+    /// Where `stop` records what it stopped until `start` brought it all back, so that a
+    /// process killed in between can be undone by [`ComposeStack::recover`]. `None`: nothing
+    /// is recorded (what was stopped lives in memory only).
+    pub restart_record: Option<PathBuf>,
 }
 
 impl ComposeConfig {
@@ -138,6 +154,16 @@ impl ComposeConfig {
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             hook_timeout: DEFAULT_HOOK_TIMEOUT,
             create_timeout: DEFAULT_CREATE_TIMEOUT,
+            restart_record: None,
+        }
+    }
+
+    /// The same config, recording what `stop` stopped at `path` (see
+    /// [`restart_record`](Self::restart_record)).
+    pub fn with_restart_record(self, path: impl Into<PathBuf>) -> ComposeConfig {
+        ComposeConfig {
+            restart_record: Some(path.into()),
+            ..self
         }
     }
 
@@ -169,7 +195,7 @@ impl ComposeConfig {
 }
 
 /// One container of a stack, as reports and errors name it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ContainerRef {
     /// Its `com.docker.compose.service` label.
     pub service: String,
@@ -336,10 +362,22 @@ struct State {
     brought_up: Vec<ContainerRef>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct ToRestart {
     containers: Vec<ContainerRef>,
     start_order: Vec<String>,
+}
+
+/// The file [`ComposeConfig::restart_record`] names: what to start if the process that
+/// stopped it died.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct RestartRecord {
+    /// The process that stopped the stack.
+    pid: u32,
+    /// When it began stopping, in ms since the Unix epoch.
+    stopped_at_ms: u64,
+    #[serde(flatten)]
+    restart: ToRestart,
 }
 
 impl ComposeStack {
@@ -505,6 +543,13 @@ impl ComposeStack {
             }
         }
         state.brought_up.clear();
+        if let Some(record) = state
+            .to_restart
+            .clone()
+            .filter(|r| !r.containers.is_empty())
+        {
+            self.write_restart_record(record).await?;
+        }
 
         let seconds =
             i32::try_from(self.config.stop_timeout.as_secs_f64().ceil() as i64).unwrap_or(i32::MAX);
@@ -578,15 +623,22 @@ impl ComposeStack {
         }
         state.brought_up = report.started.iter().map(|e| e.container.clone()).collect();
         if !failures.is_empty() {
-            state.to_restart = Some(ToRestart {
+            let left = ToRestart {
                 containers: failures.iter().map(|f| f.container.clone()).collect(),
                 start_order: restart.start_order,
-            });
+            };
+            // Best effort: the old record (a superset) stays if this fails, which only means
+            // the next process starts a few running containers again (a no-op).
+            if let Err(e) = self.write_restart_record(left.clone()).await {
+                warn!(project = %self.config.project, error = %e, "could not update the restart record");
+            }
+            state.to_restart = Some(left);
             return Err(DockerError::StartFailed {
                 project: self.config.project.clone(),
                 failures,
             });
         }
+        self.remove_restart_record().await?;
         if !self.config.post_start.is_empty() {
             let containers = self.containers().await?;
             report.hooks = self
@@ -594,6 +646,100 @@ impl ComposeStack {
                 .await?;
         }
         Ok(report)
+    }
+
+    /// Undoes a stop whose process died before its `start`: if the
+    /// [restart record](ComposeConfig::restart_record) exists, starts the recorded containers
+    /// that still exist, in order, runs the `post_start` hooks and removes the record.
+    /// `Ok(None)` when there was nothing to recover. A record that cannot be parsed is an error
+    /// naming the file (it is left for a person to look at), never silently ignored.
+    pub async fn recover(&self) -> Result<Option<StartReport>, DockerError> {
+        let Some(path) = self.config.restart_record.clone() else {
+            return Ok(None);
+        };
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.record_error(&path, "reading", e.to_string())),
+        };
+        let record: RestartRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| self.record_error(&path, "parsing", e.to_string()))?;
+        let existing: BTreeSet<String> = self
+            .containers()
+            .await?
+            .into_iter()
+            .map(|c| c.container.id)
+            .collect();
+        let (keep, gone): (Vec<ContainerRef>, Vec<ContainerRef>) = record
+            .restart
+            .containers
+            .into_iter()
+            .partition(|c| existing.contains(&c.id));
+        for c in &gone {
+            warn!(project = %self.config.project, service = %c.service, container = %c.name,
+                "a container recorded as stopped no longer exists; not starting it");
+        }
+        warn!(project = %self.config.project, pid = record.pid, stopped_at_ms = record.stopped_at_ms,
+            containers = keep.len(), record = %path.display(),
+            "the stack was left stopped by a process that died before starting it again; starting it now");
+        {
+            let mut state = self.state.lock().await;
+            let restart = state.to_restart.get_or_insert_with(|| ToRestart {
+                containers: Vec::new(),
+                start_order: record.restart.start_order.clone(),
+            });
+            for c in keep {
+                if !restart.containers.iter().any(|r| r.id == c.id) {
+                    restart.containers.push(c);
+                }
+            }
+        }
+        // `start` removes the record once everything is up (or nothing was left to start).
+        let report = self.start().await?;
+        self.remove_restart_record().await?;
+        Ok(Some(report))
+    }
+
+    /// Writes the restart record: temporary file, fsync, rename, fsync of the directory, so
+    /// that it is on disk before the first container stops.
+    async fn write_restart_record(&self, restart: ToRestart) -> Result<(), DockerError> {
+        let Some(path) = self.config.restart_record.clone() else {
+            return Ok(());
+        };
+        let record = RestartRecord {
+            pid: std::process::id(),
+            stopped_at_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            restart,
+        };
+        let json = serde_json::to_vec_pretty(&record).expect("a restart record serialises");
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || write_durably(&p, &json))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r)
+            .map_err(|e| self.record_error(&path, "writing", e.to_string()))
+    }
+
+    async fn remove_restart_record(&self) -> Result<(), DockerError> {
+        let Some(path) = &self.config.restart_record else {
+            return Ok(());
+        };
+        match tokio::fs::remove_file(path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.record_error(path, "removing", e.to_string())),
+        }
+    }
+
+    fn record_error(&self, path: &std::path::Path, action: &str, reason: String) -> DockerError {
+        DockerError::RestartRecord {
+            project: self.config.project.clone(),
+            action: action.to_owned(),
+            path: path.to_owned(),
+            reason,
+        }
     }
 
     /// Waits until every container the last [`start`](Self::start) or
@@ -963,6 +1109,23 @@ impl StackControl for ComposeStack {
     fn create_if_missing(&self) -> ControlFuture<'_, Creation> {
         Box::pin(ComposeStack::create_if_missing(self))
     }
+    fn recover(&self) -> ControlFuture<'_, Option<StartReport>> {
+        Box::pin(ComposeStack::recover(self))
+    }
+}
+
+/// `path` with `bytes`, durably: temporary file beside it, fsync, rename, fsync of the dir.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Sorts by the service's place in `start_order` (services not in it last), then by name.

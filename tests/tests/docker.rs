@@ -371,11 +371,15 @@ impl World {
         );
         let deadline = Instant::now() + Duration::from_secs(60);
         while staged(&self.p) < base + 4 {
-            assert!(
-                child.try_wait().expect("try_wait").is_none(),
-                "`{}` ended before the transfer was under way",
-                args.join(" ")
-            );
+            if child.try_wait().expect("try_wait").is_some() {
+                let out = child.wait_with_output().expect("output");
+                panic!(
+                    "`{}` ended before the transfer was under way:\n{}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             assert!(Instant::now() < deadline, "nothing staged in 60 s");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -750,4 +754,110 @@ fn sigterm_to_the_source_daemon_mid_cycle_leaves_both_sides_consistent_and_the_s
         assert_same_file(&w.src_data(rel), &w.live_data(rel));
     }
     wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+}
+
+/// SIGKILLs the source process `child` while its cycle has the source stack stopped, and
+/// checks that it is left stopped, with the restart record naming what to start.
+fn kill_source_with_the_stack_down(w: &World, mut child: std::process::Child, t0: i128) {
+    let _ = child.kill();
+    let _ = child.wait();
+    let record = w.p.src_state.join("web.stopped.json");
+    let text = std::fs::read_to_string(&record)
+        .unwrap_or_else(|e| panic!("no restart record {} after SIGKILL: {e}", record.display()));
+    for (service, c) in &stack(&w.src_proj) {
+        assert!(
+            c.finished_at > t0 && !c.running,
+            "source {service} should be down after SIGKILL mid-cycle: {c:?}"
+        );
+        assert!(
+            text.contains(&c.id),
+            "the restart record does not name {service} ({}):\n{text}",
+            c.id
+        );
+    }
+}
+
+#[test]
+fn a_source_killed_with_its_stack_stopped_is_restarted_by_the_next_daemon_or_push() {
+    let mut w = World::new(
+        "sigkill",
+        "precopy = false\nbandwidth_limit = \"2MiB/s\"\n",
+        "",
+        MIB / 4,
+    );
+    fsx::write(w.src_data("marker"), "generation 1\n");
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "first push failed:\n{dump}");
+    assert!(
+        !w.p.src_state.join("web.stopped.json").exists(),
+        "a finished cycle left its restart record behind"
+    );
+    let tgt_before = assert_healthy(&w.tgt_proj, "the target on generation 1");
+    wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+
+    // 1. A push killed mid-transfer; the daemon's start brings the stack back at once (it has
+    //    no schedule, so it runs no cycle).
+    w.write_generation_2(44);
+    let t0 = now_ns();
+    let push = w.start_slow_cycle(&["push", "web", "--json"]);
+    kill_source_with_the_stack_down(&w, push, t0);
+    let daemon = stackclone_tests::spawn(
+        w.p.source_cmd(&["run"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let src = wait_healthy(
+        &w.src_proj,
+        Duration::from_secs(60),
+        "the source after the daemon started",
+    );
+    assert!(src.values().all(|c| c.running));
+    stackclone_tests::signal(daemon.id(), "TERM");
+    let out = daemon.wait_with_output().expect("daemon output");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("left stopped by a process that died"),
+        "the daemon did not say it recovered the stack:\n{log}"
+    );
+    assert!(!w.p.src_state.join("web.stopped.json").exists(), "{log}");
+
+    // 2. Killed again; this time the next push recovers the stack before its own cycle, and
+    //    converges. (The target holds the stack for the dead source's session until QUIC's
+    //    idle timeout; a restart ends that session at once.)
+    w.p.stop_target();
+    w.p.start_target();
+    w.write_generation_2(45);
+    let t0 = now_ns();
+    let push = w.start_slow_cycle(&["push", "web", "--json"]);
+    kill_source_with_the_stack_down(&w, push, t0);
+    // The target never committed anything and its stack was never stopped.
+    assert_eq!(
+        w.p.target_generation(),
+        1,
+        "{}\n{}",
+        w.p.target_status(),
+        w.p.target_log()
+    );
+    assert_eq!(read(&w.live_data("marker")), b"generation 1\n");
+    for (service, c) in &assert_healthy(&w.tgt_proj, "the target after the kills") {
+        assert_eq!(c.started_at, tgt_before[service].started_at);
+    }
+    w.p.stop_target();
+    w.p.start_target();
+    let (ok, o, dump, ..) = w.push();
+    assert!(ok, "the push after the kill failed:\n{dump}");
+    assert!(
+        dump.contains("left stopped by a process that died"),
+        "the push did not say it recovered the stack:\n{dump}"
+    );
+    assert_eq!(o["generation"], 2, "{o}");
+    for rel in ["marker", "first", "many/f00", "many/f63"] {
+        assert_same_file(&w.src_data(rel), &w.live_data(rel));
+    }
+    wait_healthy(
+        &w.src_proj,
+        Duration::from_secs(30),
+        "the source after the push",
+    );
+    assert!(!w.p.src_state.join("web.stopped.json").exists());
 }

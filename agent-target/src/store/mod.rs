@@ -624,6 +624,14 @@ impl StackStore {
         self.state_dir.path().join(name).display().to_string()
     }
 
+    /// The state a busy store (one a cycle holds) last wrote, read without its lock: the file
+    /// is replaced atomically, so this is one whole state, if perhaps one commit old. `None` if
+    /// it cannot be read. For `status` while a cycle runs.
+    pub fn peek_state(state_path: &Path) -> Option<StoreState> {
+        let bytes = fs::read(state_path.join(STATE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     fn load_state(&mut self) -> Result<(), StoreError> {
         let path = self.state_dir.path().join(STATE);
         let corrupt = |reason: String| StoreError::StateCorrupt {

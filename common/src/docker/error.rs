@@ -238,6 +238,23 @@ pub enum DockerError {
         reason: String,
     },
 
+    /// The file that records what a stop stopped could not be written, read or removed.
+    #[error(
+        "project {project}: {action} the restart record {} failed: {reason} (it lists the \
+         containers a stop stopped, so that they are started again if this process dies)",
+        path.display()
+    )]
+    RestartRecord {
+        /// The Compose project.
+        project: String,
+        /// `writing`, `reading`, `parsing` or `removing`.
+        action: String,
+        /// The record.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+
     /// The Compose CLI failed.
     #[error(
         "project {project}: `{command}` in {} failed ({status}); output:\n{output}",
