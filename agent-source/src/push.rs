@@ -385,6 +385,12 @@ pub async fn run_cycle(
     progress.set_stage(Stage::Done);
     reader.abort();
     let _ = ctl_send.finish();
+    // Give the last message (an Abort that tells the target why) a moment to be delivered:
+    // closing the connection at once discards what is still unsent. `stopped` resolves when
+    // the target has read the stream to its end, or at once if the link is gone.
+    if link_up {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ctl_send.stopped()).await;
+    }
     conn.close(0u32.into(), b"cycle over");
     stats.duration = started.elapsed();
     match outcome {

@@ -175,6 +175,8 @@ enum State {
 struct Need {
     path: StackPath,
     hash: Hash,
+    /// The size the manifest declares; what arrives must have it.
+    size: u64,
     /// Live file at the same path, as a delta basis.
     basis: Option<StackPath>,
     /// Live file elsewhere with the same content.
@@ -510,6 +512,13 @@ impl TargetSession {
     /// A file was staged (or not). Every `StageLocal` and `Receive` gets exactly one answer.
     pub fn handle_staged(&mut self, id: u32, outcome: StageOutcome) {
         if !matches!(self.state, State::Transfer(_)) {
+            // Outside a transfer nothing is in flight: a file stream now was never wanted. (An
+            // ended session ignores late answers.)
+            if !matches!(self.state, State::Committing | State::Finished) {
+                return self.misbehaved(format!(
+                    "data for file id {id} outside a transfer (nothing was wanted)"
+                ));
+            }
             return;
         }
         let Some(need) = self.in_flight.remove(&id) else {
@@ -520,6 +529,14 @@ impl TargetSession {
                 let hash = verified.hash();
                 if let Some(s) = self.stack_state.as_mut() {
                     s.staged.insert(hash);
+                }
+                if hash == need.hash && verified.len() != need.size {
+                    return self.misbehaved(format!(
+                        "{} is declared as {} bytes, but the content with its hash has {}",
+                        need.path,
+                        need.size,
+                        verified.len()
+                    ));
                 }
                 if hash == need.hash {
                     if need.local.is_some() {
@@ -719,6 +736,7 @@ fn needs(live: &Manifest, stack: &StackState, want: &Manifest) -> Vec<Need> {
         out.push(Need {
             path: e.path.clone(),
             hash,
+            size,
             basis: basis.map(|l| l.path.clone()),
             local,
             in_place,
@@ -740,7 +758,7 @@ fn plan_summary(changes: &Changes, needs: &VecDeque<Need>, want: &Manifest) -> P
             .get(&need.path)
             .and_then(Entry::file)
             .map_or(0, |(s, _)| s);
-        plan.send_bytes += size;
+        plan.send_bytes = plan.send_bytes.saturating_add(size);
         if plan.send.len() < PlanSummary::MAX_LISTED {
             plan.send.push((need.path.clone(), size));
         }
