@@ -82,7 +82,7 @@ impl Daemon {
         } = bind(common)?;
         let mut stacks: Vec<StackServe> = ctx.stacks().values().cloned().collect();
         stacks.sort_by(|a, b| a.stack.cmp(&b.stack));
-        let opened = open_stores(stacks).await?;
+        let opened = open_stores(stacks, true).await?;
         let now = SystemTime::now();
         for (serve, state) in &opened {
             ctx.ops.metrics.register_stack(&serve.stack);
@@ -217,7 +217,7 @@ impl Daemon {
             .cloned()
             .collect();
         let now = SystemTime::now();
-        for (serve, state) in open_stores(to_open).await? {
+        for (serve, state) in open_stores(to_open, false).await? {
             match state {
                 Ok(state) => note_state(&self.ctx, &state, now),
                 // A cycle with the old settings holds it: what the watch knows stays.
@@ -379,15 +379,25 @@ impl Daemon {
 }
 
 /// Opens each stack's store on a blocking thread (replaying an interrupted commit) and reads
-/// its state.
+/// its state. With `scrub` (when the daemon starts, after whatever stopped the last one), staged
+/// objects are re-hashed and the damaged ones removed, see [`StackStore::scrub_staging`].
 async fn open_stores(
     stacks: Vec<StackServe>,
+    scrub: bool,
 ) -> anyhow::Result<Vec<(StackServe, Result<StoreState, StoreError>)>> {
     tokio::task::spawn_blocking(move || {
         stacks
             .into_iter()
             .map(|s| {
-                let state = StackStore::open(s.store.clone()).map(|st| st.state().clone());
+                let state = StackStore::open(s.store.clone()).and_then(|st| {
+                    if scrub {
+                        let (kept, removed) = st.scrub_staging()?;
+                        if kept + removed > 0 {
+                            info!(stack = %s.stack, kept, removed, "staging checked");
+                        }
+                    }
+                    Ok(st.state().clone())
+                });
                 (s, state)
             })
             .collect()

@@ -99,8 +99,8 @@ pub use error::{Refusal, TrustError};
 pub use files::{StateDir, load_flag_key, load_trusted_flag_keys};
 pub use identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, check_expiry};
 pub use tls::{
-    Admission, REFUSED, Trust, accept, admit, client_config, connect, hello, peer_identity,
-    server_config,
+    Admission, IDLE_TIMEOUT, IDLE_TIMEOUT_ENV, KEEP_ALIVE, REFUSED, Trust, accept, admit,
+    client_config, connect, hello, idle_timeout, peer_identity, server_config,
 };
 pub use token::{JoinToken, TokenSecret, parse_ttl};
 

@@ -430,11 +430,32 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20)
 /// then, and a peer that really vanished is noticed after [`IDLE_TIMEOUT`].
 pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(4);
 
+/// The environment variable that overrides [`IDLE_TIMEOUT`], in milliseconds (at least 500;
+/// the keep-alive becomes a fifth of it). QUIC uses the smaller of both peers' values. For links
+/// where 20 s is wrong, and for the fault tests, which cut connections by the dozen.
+pub const IDLE_TIMEOUT_ENV: &str = "STACKCLONE_IDLE_TIMEOUT_MS";
+
+/// The idle timeout and keep-alive interval in force: [`IDLE_TIMEOUT`] and [`KEEP_ALIVE`] unless
+/// [`IDLE_TIMEOUT_ENV`] holds a number of milliseconds.
+pub fn idle_timeout() -> (std::time::Duration, std::time::Duration) {
+    match std::env::var(IDLE_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(ms) => {
+            let idle = std::time::Duration::from_millis(ms.clamp(500, 600_000));
+            (idle, idle / 5)
+        }
+        None => (IDLE_TIMEOUT, KEEP_ALIVE),
+    }
+}
+
 fn agent_transport() -> Arc<quinn::TransportConfig> {
+    let (idle, keep_alive) = idle_timeout();
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.keep_alive_interval(Some(keep_alive));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("20 s fits a QUIC idle timeout"),
+        quinn::IdleTimeout::try_from(idle).expect("at most 600 s fits a QUIC idle timeout"),
     ));
     Arc::new(t)
 }

@@ -9,7 +9,9 @@
 //! are fresh) and resolves them next to the test executable (`target/debug/`). Set
 //! `STACKCLONE_TESTS_NO_BUILD=1` to skip that build and use whatever binaries are there.
 
+pub mod faults;
 pub mod fsx;
+pub mod proxy;
 pub mod tree;
 
 use std::io::{BufRead, BufReader};
@@ -186,6 +188,8 @@ pub struct PairOptions {
     /// `docker` of both stack files (default false: the stack is only a directory). With
     /// true, the stack files' Compose settings go into `target_extra` / `source_extra`.
     pub docker: bool,
+    /// Environment variables for every agent process the pair starts.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for PairOptions {
@@ -197,6 +201,7 @@ impl Default for PairOptions {
             source_extra: String::new(),
             target_base: None,
             docker: false,
+            env: Vec::new(),
         }
     }
 }
@@ -430,6 +435,7 @@ impl Pair {
                     .arg("run")
                     .env("STACKCLONE_LOG", "warn,stackclone=debug")
                     .env("NO_COLOR", "1")
+                    .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped()),
@@ -572,6 +578,7 @@ impl Pair {
             .args(args)
             .env_remove("STACKCLONE_DIR")
             .env_remove("STACKCLONE_STATE_DIR")
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         c
     }

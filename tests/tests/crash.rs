@@ -1,90 +1,14 @@
 //! SIGKILL at random points: the target's live dir is always exactly one generation.
 
-use std::path::Path;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
-use stackclone_tests::fsx::{self, Rng};
-use stackclone_tests::tree::{Tree, diff, snapshot};
+use stackclone_tests::faults::{
+    self, kill, one_generation, spawn_push, staged, version, wait_until,
+};
+use stackclone_tests::fsx::Rng;
+use stackclone_tests::tree::{diff, snapshot};
 use stackclone_tests::{Pair, PairOptions, STACK, run};
-
-const KILLS: usize = 20;
-
-/// Writes version `seed` of a tree: `files` small files and a `blob` of random bytes, all with
-/// content that differs from every other seed.
-fn version(root: &Path, seed: u64, files: usize, blob: usize) {
-    let mut rng = Rng::new(seed);
-    for i in 0..files {
-        let mut content = format!("file {i} of version {seed}\n").into_bytes();
-        content.extend(rng.bytes(64 + (i % 7) * 50));
-        fsx::write(root.join(format!("many/d{}/f{i:04}", i % 10)), content);
-    }
-    if blob > 0 {
-        fsx::write(root.join("blob.bin"), rng.bytes(blob));
-    }
-    fsx::write(root.join("version"), format!("{seed}\n"));
-}
-
-fn spawn_push(p: &Pair) -> Child {
-    stackclone_tests::spawn(
-        p.push_cmd(&["--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
-}
-
-/// SIGKILLs `child` (if it still runs) and says whether it had already exited.
-fn kill(mut child: Child) -> bool {
-    let done = child.try_wait().expect("try_wait").is_some();
-    let _ = child.kill();
-    let _ = child.wait_with_output();
-    done
-}
-
-/// Checks that the live dir is exactly the generation the target's state says is committed,
-/// and that this is `old` (unchanged generation) or `new` (one more). Returns whether it
-/// advanced.
-#[track_caller]
-fn one_generation(p: &Pair, gen_before: u64, old: &Tree, new: &Tree, what: &str) -> bool {
-    let live = snapshot(&p.live);
-    let generation = p.target_generation();
-    let (want, name) = match generation {
-        g if g == gen_before => (old, "the old generation"),
-        g if g == gen_before + 1 => (new, "the new generation"),
-        g => panic!("{what}: generation went from {gen_before} to {g}"),
-    };
-    let d = diff(want, &live);
-    assert!(
-        d.is_empty(),
-        "{what}: target says generation {generation} ({name}), but its live dir differs from it in {} way(s) \
-         ({} from the other one):\n  {}\n--- target log\n{}",
-        d.len(),
-        diff(if generation == gen_before { new } else { old }, &live).len(),
-        d.join("\n  "),
-        p.target_log()
-    );
-    generation == gen_before + 1
-}
-
-/// Polls `cond` until it holds, `child` exits or `limit` passes; true if `cond` held.
-fn wait_until(child: &mut Child, limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        if child.try_wait().expect("try_wait").is_some() {
-            return cond();
-        }
-        std::thread::sleep(Duration::from_micros(300));
-    }
-    false
-}
-
-/// Contents staged (verified) on the target so far.
-fn staged(p: &Pair) -> usize {
-    std::fs::read_dir(p.state.join("staging/objects")).map_or(0, |d| d.count())
-}
 
 /// Where a kill lands. Anchored on what the target's state dir shows rather than on wall-clock
 /// guesses, so the spread holds on a loaded machine.
@@ -150,7 +74,8 @@ fn killed_source_leaves_the_target_at_the_old_generation() {
     let mut rng = Rng::new(0x5eed_0003);
     let (mut stayed, mut advanced, mut finished, mut after_flag) = (0, 0, 0, 0);
     let journal = p.state.join("journal");
-    for k in 0..KILLS {
+    let kills = faults::points();
+    for k in 0..kills {
         version(&p.src, 100 + k as u64, files, blob);
         let new = snapshot(&p.src);
         // `files` small files and the blob are the contents to stage.
@@ -181,12 +106,17 @@ fn killed_source_leaves_the_target_at_the_old_generation() {
         }
         p.start_target();
     }
-    eprintln!(
-        "{KILLS} source kills: {stayed} left the old generation, {advanced} the new one \
-         ({after_flag} after the commit began, {finished} pushes had already ended)"
+    faults::report(
+        "source SIGKILL",
+        kills,
+        kills,
+        &format!(
+            "{stayed} left the old generation, {advanced} the new one; {after_flag} after the \
+             commit began, {finished} pushes had already ended"
+        ),
     );
     assert!(
-        stayed >= KILLS / 2,
+        stayed >= kills / 2,
         "only {stayed} kills landed before the flag"
     );
     assert!(
@@ -224,7 +154,8 @@ fn killed_target_repairs_itself_to_one_generation() {
     let mut rng = Rng::new(0x5eed_0004);
     let (mut stayed, mut advanced, mut in_commit) = (0, 0, 0);
     let journal = p.state.join("journal");
-    for k in 0..KILLS {
+    let kills = faults::points();
+    for k in 0..kills {
         version(&p.src, 100 + k as u64, files, 0);
         let new = snapshot(&p.src);
         let point = KillPoint::pick(k, &mut rng, files, commit_ms);
@@ -266,16 +197,21 @@ fn killed_target_repairs_itself_to_one_generation() {
             stayed += 1;
         }
     }
-    eprintln!(
-        "{KILLS} target kills (commit {commit_ms} ms): {stayed} recovered to the old generation, \
-         {advanced} to the new one; {in_commit} landed inside a commit (journal published)"
+    faults::report(
+        "target SIGKILL",
+        kills,
+        kills,
+        &format!(
+            "commit {commit_ms} ms: {stayed} recovered to the old generation, {advanced} to the \
+             new one; {in_commit} landed inside a commit (journal published)"
+        ),
     );
     assert!(
         in_commit >= 2,
         "only {in_commit} kills landed inside a commit"
     );
     assert!(
-        stayed >= KILLS / 2,
+        stayed >= kills / 2,
         "only {stayed} kills landed before a commit"
     );
     version(&p.src, 999, files, 0);

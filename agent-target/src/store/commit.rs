@@ -363,6 +363,58 @@ impl StackStore {
         Ok(prepared)
     }
 
+    /// Re-hashes the staged object `hash` before a commit uses it. Objects were verified as
+    /// they arrived, but they may have sat on disk since (an earlier cycle's staging, a disk
+    /// error, someone's hands): a commit must never publish content that is not what the
+    /// source's manifest says. A corrupt object is removed, so the next cycle fetches it again,
+    /// and the commit is refused before anything in the live dir changed. The cost is one read
+    /// of the staged bytes while the stack still runs (usually from the page cache).
+    /// The object's length must be the manifest's `size` too: a manifest whose size and hash
+    /// disagree is refused here whatever route its content took.
+    fn check_object(&self, hash: &Hash, size: u64, path: &StackPath) -> Result<(), StoreError> {
+        let hex = hash.to_hex();
+        let obj_show = show(&self.staging.objects_path.join(&hex));
+        let fd = rustix::fs::openat(
+            &self.staging.objects,
+            hex.as_str(),
+            READ_FLAGS,
+            Mode::empty(),
+        )
+        .map_err(|err| self.io_err("open staged object", obj_show.clone(), err.into()))?;
+        let file = std::fs::File::from(fd);
+        let len = file
+            .metadata()
+            .map_err(|err| self.io_err("stat staged object", obj_show.clone(), err))?
+            .len();
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_reader(file)
+            .map_err(|err| self.io_err("read staged object", obj_show.clone(), err))?;
+        let found: Hash = hasher.finalize().into();
+        if found == *hash && len == size {
+            return Ok(());
+        }
+        if found == *hash {
+            // The content is what its name says: the manifest is what is wrong.
+            return Err(StoreError::NotPrepared {
+                stack: self.stack.clone(),
+                what: format!(
+                    "{} is declared as {size} bytes, but its content ({hash}) has {len}: the \
+                     manifest contradicts itself",
+                    self.live.show(path)
+                ),
+            });
+        }
+        let removed = state::remove_file(&self.staging.objects, &hex);
+        Err(StoreError::StagedCorrupt {
+            stack: self.stack.clone(),
+            path: self.live.show(path),
+            object: obj_show,
+            found,
+            removed: removed.is_ok(),
+        })
+    }
+
     /// Makes `staging/prep/<n>` for the file entry `e`: a hardlink of its object for the first
     /// path that uses the content, a sparse copy for the others; then its metadata.
     fn prepare_file(
@@ -394,6 +446,7 @@ impl StackStore {
             }
         }
         if used.insert(hash) {
+            self.check_object(&hash, size, &e.path)?;
             rustix::fs::linkat(
                 &self.staging.objects,
                 hex.as_str(),

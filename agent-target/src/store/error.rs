@@ -98,6 +98,22 @@ pub enum StoreError {
         hash: Hash,
         path: String,
     },
+    #[error(
+        "stack `{stack}`: the staged content for {path} is corrupt on disk ({object} now hashes to \
+         {found}); the commit was refused before the live dir changed{}",
+        if *removed {
+            ", and the object was removed so the next cycle fetches it again"
+        } else {
+            "; removing the object failed too, remove it by hand"
+        }
+    )]
+    StagedCorrupt {
+        stack: String,
+        path: String,
+        object: String,
+        found: Hash,
+        removed: bool,
+    },
     #[error("stack `{stack}`: the staged file has {actual} bytes but was verified as {expected}")]
     StagedLengthMismatch {
         stack: String,

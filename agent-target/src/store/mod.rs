@@ -697,6 +697,44 @@ impl StackStore {
         self.prune()
     }
 
+    /// Re-hashes every staged object and removes those whose content is not what their name
+    /// says (a torn write, a disk error, a hand), and anything in `objects/` that is not named
+    /// by a hash. The target daemon runs this once when it starts, since a crash or a power
+    /// loss is what leaves a half-written staging area behind; what is removed is fetched again
+    /// by the next cycle. Returns (objects kept, entries removed).
+    pub fn scrub_staging(&self) -> Result<(u64, u64), StoreError> {
+        let dir = &self.staging.objects_path;
+        let err = |e: io::Error| self.io_err("scrub", dir.display().to_string(), e);
+        let (mut kept, mut removed) = (0, 0);
+        for item in fs::read_dir(dir).map_err(err)? {
+            let item = item.map_err(err)?;
+            let name = item.file_name();
+            let good = name
+                .to_str()
+                .and_then(Hash::from_hex)
+                .filter(|_| item.file_type().is_ok_and(|t| t.is_file()))
+                .is_some_and(|want| {
+                    let mut hasher = blake3::Hasher::new();
+                    fs::File::open(item.path())
+                        .and_then(|f| hasher.update_reader(f).map(drop))
+                        .is_ok()
+                        && Hash::from(hasher.finalize()) == want
+                });
+            if good {
+                kept += 1;
+                continue;
+            }
+            tracing::warn!(stack = %self.stack, object = %item.path().display(),
+                "removing a staged object whose content does not match its name");
+            match fs::remove_file(item.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => remove_tree(&item.path()).map_err(err)?,
+            }
+        }
+        Ok((kept, removed))
+    }
+
     /// Removes every entry of the directory `fd` (at `path`, under the state dir).
     fn clear_dir(&self, fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<(), StoreError> {
         let err = |e: io::Error| self.io_err("clear", path.display().to_string(), e);
