@@ -472,9 +472,6 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
     reader.abort();
     data.abort();
     let _ = ctl_send.finish();
-    // Give the last message (the result) a moment to leave before the connection closes.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), ctl_send.stopped()).await;
-    conn.close(0u32.into(), b"cycle over");
     let stack = session.stack().to_string();
     let record_error = |e: &str| {
         if let Ok(mut s) = store.lock()
@@ -514,6 +511,10 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
             ..CycleStats::default()
         },
     );
+    // Metrics and the staleness watch are up to date before the source can see the connection
+    // end. Give the last message (the result) a moment to leave before the connection closes.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), ctl_send.stopped()).await;
+    conn.close(0u32.into(), b"cycle over");
     drop(guard);
     Ok(())
 }

@@ -265,6 +265,19 @@ fn the_raw_manifest_twin_encodes_like_the_real_one() {
     assert_eq!(a, b);
 }
 
+/// The target still serves the stack after the attacks (not left busy by a failed or crashed
+/// cycle): a normal push commits and the live dir equals the source. Stops the target.
+fn still_serves(p: &mut Pair) {
+    fsx::write(p.src.join("data/g"), "after the attacks\n");
+    p.push_ok();
+    assert_same(
+        &snapshot(&p.src),
+        &snapshot(&p.live),
+        "a normal push after the attacks",
+    );
+    p.stop_target();
+}
+
 /// A pair with generation 1 committed and the target running.
 fn attacked_pair() -> Pair {
     let mut p = Pair::new();
@@ -375,14 +388,7 @@ fn a_hostile_client_cannot_write_outside_the_stack() {
         }
     }
     // The target is still serving and the stack is not left busy.
-    fsx::write(p.src.join("data/g"), "after the attack\n");
-    p.push_ok();
-    assert_same(
-        &snapshot(&p.src),
-        &snapshot(&p.live),
-        "a normal push after the attacks",
-    );
-    p.stop_target();
+    still_serves(&mut p);
 }
 
 #[test]
@@ -1111,14 +1117,7 @@ fn out_of_order_messages_end_the_cycle() {
     ];
     run_cases(&p, cases);
     let mut p = p;
-    fsx::write(p.src.join("data/g"), "after the attacks\n");
-    p.push_ok();
-    assert_same(
-        &snapshot(&p.src),
-        &snapshot(&p.live),
-        "a normal push after the attacks",
-    );
-    p.stop_target();
+    still_serves(&mut p);
 }
 
 /// A second fleet's source identity, named like ours: its flag key is a random one.
@@ -1336,14 +1335,7 @@ fn a_file_that_rebuilds_the_wrong_content_is_refused() {
         .may_stage(),
     ];
     run_cases(&p, cases);
-    fsx::write(p.src.join("data/g"), "after the attacks\n");
-    p.push_ok();
-    assert_same(
-        &snapshot(&p.src),
-        &snapshot(&p.live),
-        "a normal push after the attacks",
-    );
-    p.stop_target();
+    still_serves(&mut p);
 }
 
 #[test]
@@ -1515,14 +1507,7 @@ fn huge_declared_lengths_allocate_nothing_and_end_the_cycle() {
         ));
     }
     // The target still serves the stack (not left busy by a failed or crashed cycle).
-    fsx::write(p.src.join("data/g"), "after the attacks\n");
-    p.push_ok();
-    assert_same(
-        &snapshot(&p.src),
-        &snapshot(&p.live),
-        "a normal push after the attacks",
-    );
-    p.stop_target();
+    still_serves(&mut p);
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 

@@ -355,8 +355,11 @@ impl StackStore {
             prepared.files_staged_locally,
         ) = counts;
         self.validate(&prepared.journal.ops)?;
-        rustix::fs::fsync(prep.fd())
-            .map_err(|e| self.io_err("fsync", show(&prep_path), e.into()))?;
+        // One flush of the whole file system makes every staged object, prepared file and their
+        // metadata durable before a journal can point at them (staged files are not fsynced one
+        // by one; the state dir and the live dir are on this same file system).
+        rustix::fs::syncfs(prep.fd())
+            .map_err(|e| self.io_err("syncfs", show(&prep_path), e.into()))?;
         self.next_token += 1;
         prepared.token = self.next_token;
         self.prepared = Some(prepared.token);

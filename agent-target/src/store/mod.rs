@@ -58,8 +58,8 @@
 //!
 //! A crash after the state was written but before the journal was removed replays the journal
 //! once more, harmlessly. Recovery (in [`StackStore::open`]) finishes the commit exactly as the
-//! original run would have. Durability across power loss: prepared files are fsynced before the
-//! journal; touched directories, the backup dir and the state are fsynced before the journal is
+//! original run would have. Durability across power loss: prepared files are made durable
+//! before the journal (one `syncfs` at the end of the prepare); touched directories, the backup dir and the state are fsynced before the journal is
 //! removed; the ordering of metadata operations in between is the file system's (ext4 and XFS
 //! commit them in order).
 //!
