@@ -98,7 +98,21 @@ pub fn staged(p: &Pair) -> usize {
 }
 
 /// One line of the campaign's summary, as RELIABILITY.md quotes it: `FAULTS kind: tried N,
-/// survived N, data lost 0 (...)`.
+/// survived N, data lost 0 (...)`. Printed, and appended to `<target>/<profile>/faults.txt`,
+/// which `.ci/run` shows after the tests (cargo hides a passing test's output).
 pub fn report(kind: &str, tried: usize, survived: usize, detail: &str) {
-    eprintln!("FAULTS {kind}: tried {tried}, survived {survived}, data lost 0 ({detail})");
+    use std::io::Write;
+    let line = format!("FAULTS {kind}: tried {tried}, survived {survived}, data lost 0 ({detail})");
+    eprintln!("{line}");
+    let file = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("faults.txt")));
+    if let Some(file) = file
+        && let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+    {
+        let _ = writeln!(f, "{line}");
+    }
 }
