@@ -679,6 +679,11 @@ impl ComposeStack {
             warn!(project = %self.config.project, service = %c.service, container = %c.name,
                 "a container recorded as stopped no longer exists; not starting it");
         }
+        if keep.is_empty() {
+            // Nothing left to start (and no stop for post_start hooks to pair with).
+            self.remove_restart_record().await?;
+            return Ok(None);
+        }
         warn!(project = %self.config.project, pid = record.pid, stopped_at_ms = record.stopped_at_ms,
             containers = keep.len(), record = %path.display(),
             "the stack was left stopped by a process that died before starting it again; starting it now");
