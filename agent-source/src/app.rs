@@ -442,7 +442,7 @@ async fn control_for(job: &StackJob, mode: Mode) -> Result<Arc<dyn StackControl>
             let control = ComposeStack::connect(cfg.clone())
                 .await
                 .map_err(docker_error)?;
-            control.recover().await.map_err(docker_error)?;
+            control.recover_for_cycle().await.map_err(docker_error)?;
             Ok(Arc::new(control))
         }
         _ => Ok(Arc::new(DataOnly)),
@@ -466,7 +466,7 @@ pub async fn recover_stopped(job: &StackJob, state_dir: &Path) {
         }
     };
     let recovered = match ComposeStack::connect(cfg.clone()).await {
-        Ok(control) => control.recover().await.map(drop),
+        Ok(control) => control.recover_for_cycle().await,
         Err(e) => Err(e),
     };
     if let Err(e) = recovered {

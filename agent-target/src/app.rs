@@ -253,16 +253,19 @@ pub async fn rollback(
     )
     .await
     .with_context(|| format!("stack `{}`: connecting to Docker", stack.name))?;
-    control.recover().await.with_context(|| {
+    control.recover_for_cycle().await.with_context(|| {
         format!(
             "stack `{}`: starting what a killed cycle left stopped",
             stack.name
         )
     })?;
-    control
-        .stop()
-        .await
-        .with_context(|| format!("stack `{}`: stopping it", stack.name))?;
+    if let Err(e) = control.stop().await {
+        // A stop that failed part-way: start what it stopped; the data is untouched.
+        if let Err(again) = control.start().await {
+            warn!(stack = %stack.name, error = %again, "starting the stack again failed too");
+        }
+        return Err(anyhow::Error::new(e).context(format!("stack `{}`: stopping it", stack.name)));
+    }
     let rolled = tokio::task::block_in_place(|| store.rollback(to));
     // Whatever the restore did, the stack runs again (on the restored or the unchanged data).
     let started = control.start().await;

@@ -22,6 +22,7 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,11 +32,12 @@ use stackclone_certs::StateDir;
 use stackclone_certs::renewal::{self, Renewal};
 use stackclone_common::alert::Alert;
 use stackclone_common::config::TargetConfig;
+use stackclone_common::docker::RESTART_RECORD;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 use crate::app::{Bound, Common, bind, load_config, stack_serve};
-use crate::serve::{StackServe, TargetCtx, serve};
+use crate::serve::{StackServe, TargetCtx, recover_left_stopped, serve};
 use crate::staleness::{Change, check_period, human};
 use crate::store::{StackStore, StoreError, StoreState};
 
@@ -84,7 +86,7 @@ impl Daemon {
         stacks.sort_by(|a, b| a.stack.cmp(&b.stack));
         let opened = open_stores(stacks, true).await?;
         let now = SystemTime::now();
-        for (serve, state) in &opened {
+        for Opened { serve, state, .. } in &opened {
             ctx.ops.metrics.register_stack(&serve.stack);
             match state {
                 Ok(state) => {
@@ -97,6 +99,7 @@ impl Daemon {
                 }
             }
         }
+        recover_stopped(&ctx, &opened);
         let metrics_addr = match &config.metrics_listen {
             None => None,
             Some(listen) => {
@@ -217,9 +220,10 @@ impl Daemon {
             .cloned()
             .collect();
         let now = SystemTime::now();
-        for (serve, state) in open_stores(to_open, false).await? {
+        let opened = open_stores(to_open, false).await?;
+        for Opened { serve, state, .. } in &opened {
             match state {
-                Ok(state) => note_state(&self.ctx, &state, now),
+                Ok(state) => note_state(&self.ctx, state, now),
                 // A cycle with the old settings holds it: what the watch knows stays.
                 Err(StoreError::Busy { .. }) if self.ctx.staleness.get(&serve.stack).is_some() => {}
                 Err(e) => {
@@ -232,6 +236,7 @@ impl Daemon {
         }
 
         self.ctx.replace_stacks(stacks);
+        recover_stopped(&self.ctx, &opened);
         self.ctx.staleness.retain(|n| names.contains(n));
         let metrics = &self.ctx.ops.metrics;
         for removed in &report.removed {
@@ -378,32 +383,70 @@ impl Daemon {
     }
 }
 
+/// One stack's store, opened: its state, and the restart record a killed target left if the
+/// stack is still stopped because of it.
+struct Opened {
+    serve: StackServe,
+    state: Result<StoreState, StoreError>,
+    left_stopped: Option<PathBuf>,
+}
+
 /// Opens each stack's store on a blocking thread (replaying an interrupted commit) and reads
 /// its state. With `scrub` (when the daemon starts, after whatever stopped the last one), staged
-/// objects are re-hashed and the damaged ones removed, see [`StackStore::scrub_staging`].
-async fn open_stores(
-    stacks: Vec<StackServe>,
-    scrub: bool,
-) -> anyhow::Result<Vec<(StackServe, Result<StoreState, StoreError>)>> {
+/// objects are re-hashed and the damaged ones removed, see [`StackStore::scrub_staging`]; a
+/// scrub that fails is logged (the commit checks every object again anyway).
+async fn open_stores(stacks: Vec<StackServe>, scrub: bool) -> anyhow::Result<Vec<Opened>> {
     tokio::task::spawn_blocking(move || {
         stacks
             .into_iter()
-            .map(|s| {
-                let state = StackStore::open(s.store.clone()).and_then(|st| {
-                    if scrub {
-                        let (kept, removed) = st.scrub_staging()?;
-                        if kept + removed > 0 {
-                            info!(stack = %s.stack, kept, removed, "staging checked");
+            .map(|serve| {
+                let store = match StackStore::open(serve.store.clone()) {
+                    Ok(store) => store,
+                    Err(e) => {
+                        return Opened {
+                            serve,
+                            state: Err(e),
+                            left_stopped: None,
+                        };
+                    }
+                };
+                if scrub {
+                    match store.scrub_staging() {
+                        Ok((kept, removed)) if kept + removed > 0 => {
+                            info!(stack = %serve.stack, kept, removed, "staging checked");
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            warn!(stack = %serve.stack, error = %e, "could not check the staging area; the commit checks every object it uses");
                         }
                     }
-                    Ok(st.state().clone())
-                });
-                (s, state)
+                }
+                let record = store.state_path().join(RESTART_RECORD);
+                Opened {
+                    left_stopped: (serve.compose.is_some() && record.exists()).then_some(record),
+                    state: Ok(store.state().clone()),
+                    serve,
+                }
             })
             .collect()
     })
     .await
     .context("opening the stack stores")
+}
+
+/// Starts, in the background, every stack a killed target left stopped (each holds its stack
+/// as a cycle would, so a push meanwhile is refused as busy rather than racing it).
+fn recover_stopped(ctx: &Arc<TargetCtx>, opened: &[Opened]) {
+    for o in opened {
+        if let Some(record) = &o.left_stopped {
+            info!(stack = %o.serve.stack, record = %record.display(), "the stack was left stopped by a killed target; starting it");
+            tokio::spawn(recover_left_stopped(
+                ctx.clone(),
+                o.serve.clone(),
+                record.clone(),
+            ));
+        }
+    }
 }
 
 /// Tells the staleness watch and the metrics what a store holds.

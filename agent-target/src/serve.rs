@@ -8,7 +8,7 @@
 //! once the flag verified, the commit runs to the end even if the source is gone.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -861,10 +861,27 @@ async fn control_for(
         .await
         .map_err(|e| e.to_string())?;
     control
-        .recover()
+        .recover_for_cycle()
         .await
         .map_err(|e| format!("starting what a killed cycle left stopped: {e}"))?;
     Ok(Arc::new(control))
+}
+
+/// Starts what a killed target left stopped of `serve`'s stack (its restart record is
+/// `record`), holding the stack as a cycle would; a cycle already holding it recovers the stack
+/// itself. The daemon does this when it starts, so a standby is not left down until the next
+/// push.
+pub(crate) async fn recover_left_stopped(ctx: Arc<TargetCtx>, serve: StackServe, record: PathBuf) {
+    let Some(_held) = ctx.claim(&serve.stack) else {
+        return;
+    };
+    let Some(state_dir) = record.parent() else {
+        return;
+    };
+    if let Err(e) = control_for(&serve, state_dir).await {
+        warn!(stack = %serve.stack, error = %e,
+            "could not start what a killed target left stopped; the next push tries again");
+    }
 }
 
 /// Prepares while the stack runs; then stops it, commits, creates it if it has no containers
@@ -958,7 +975,14 @@ async fn commit_stack(
 
 /// Stops the stack, restores the previous generation, starts it and waits for health.
 async fn roll_back(store: &mut StackStore, control: &dyn StackControl) -> Result<u64, String> {
-    control.stop().await.map_err(|e| format!("stopping: {e}"))?;
+    if let Err(e) = control.stop().await {
+        // A stop that failed part-way: start what it stopped; the data is untouched.
+        let again = match control.start().await {
+            Ok(_) => String::new(),
+            Err(e) => format!("; starting it again failed too: {e}"),
+        };
+        return Err(format!("stopping: {e}{again}"));
+    }
     let rolled = tokio::task::block_in_place(|| store.rollback(None)).map_err(|e| e.to_string());
     let started = control.start().await.map_err(|e| format!("starting: {e}"));
     let report = rolled?;

@@ -436,17 +436,22 @@ pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(4);
 pub const IDLE_TIMEOUT_ENV: &str = "STACKCLONE_IDLE_TIMEOUT_MS";
 
 /// The idle timeout and keep-alive interval in force: [`IDLE_TIMEOUT`] and [`KEEP_ALIVE`] unless
-/// [`IDLE_TIMEOUT_ENV`] holds a number of milliseconds.
+/// [`IDLE_TIMEOUT_ENV`] holds a number of milliseconds (one that does not parse is logged and
+/// the defaults stay).
 pub fn idle_timeout() -> (std::time::Duration, std::time::Duration) {
-    match std::env::var(IDLE_TIMEOUT_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
-        Some(ms) => {
+    let Ok(value) = std::env::var(IDLE_TIMEOUT_ENV) else {
+        return (IDLE_TIMEOUT, KEEP_ALIVE);
+    };
+    match value.trim().parse::<u64>() {
+        Ok(ms) => {
             let idle = std::time::Duration::from_millis(ms.clamp(500, 600_000));
             (idle, idle / 5)
         }
-        None => (IDLE_TIMEOUT, KEEP_ALIVE),
+        Err(e) => {
+            tracing::warn!(variable = IDLE_TIMEOUT_ENV, %value, error = %e,
+                "not a number of milliseconds; using the default idle timeout");
+            (IDLE_TIMEOUT, KEEP_ALIVE)
+        }
     }
 }
 

@@ -40,7 +40,9 @@
 //!   [`ComposeStack::recover`] before anything else: it starts the recorded containers that
 //!   still exist (a no-op for one already running) and removes the record. The agents keep the
 //!   record in their state dir, one per stack, and recover when a cycle begins and when the
-//!   daemon starts.
+//!   daemon starts (the target also when a reload adds the stack), with
+//!   [`ComposeStack::recover_for_cycle`]: a container that will not start is logged and retried
+//!   by the cycle's own `start`, not an error that would fail every cycle from then on.
 //! - **`start` without a preceding `stop`** (or after a `pre_stop` hook failed, which stops
 //!   nothing) starts nothing and runs no `post_start` hook: the hooks pair with a real stop.
 //! - **One-off containers** (`docker-compose run`, label `com.docker.compose.oneoff=True`) are not
@@ -638,7 +640,9 @@ impl ComposeStack {
                 failures,
             });
         }
-        self.remove_restart_record().await?;
+        // Everything is up: a record left behind (it could not be removed) only makes the next
+        // process start running containers again, a no-op, so it is no reason to fail here.
+        self.forget_restart_record().await;
         if !self.config.post_start.is_empty() {
             let containers = self.containers().await?;
             report.hooks = self
@@ -681,7 +685,7 @@ impl ComposeStack {
         }
         if keep.is_empty() {
             // Nothing left to start (and no stop for post_start hooks to pair with).
-            self.remove_restart_record().await?;
+            self.forget_restart_record().await;
             return Ok(None);
         }
         warn!(project = %self.config.project, pid = record.pid, stopped_at_ms = record.stopped_at_ms,
@@ -699,10 +703,33 @@ impl ComposeStack {
                 }
             }
         }
-        // `start` removes the record once everything is up (or nothing was left to start).
+        // `start` removes the record once everything is up, and keeps (rewrites) it naming
+        // what did not start.
         let report = self.start().await?;
-        self.remove_restart_record().await?;
         Ok(Some(report))
+    }
+
+    /// [`recover`](Self::recover) as the first step of a cycle (or of a daemon's start): a
+    /// recorded container that does not start again, or a `post_start` hook that fails, is
+    /// logged and not returned, so that one broken container does not fail every cycle from
+    /// now on. What did not start stays remembered (and in the record), so the cycle's own
+    /// `start` tries it again and reports it if it still fails. Errors that leave it unknown
+    /// what was stopped (the record unreadable, the engine unreachable) are returned.
+    pub async fn recover_for_cycle(&self) -> Result<(), DockerError> {
+        match self.recover().await {
+            Ok(_) => Ok(()),
+            Err(
+                e @ (DockerError::StartFailed { .. }
+                | DockerError::HookFailed { .. }
+                | DockerError::HookTimedOut { .. }
+                | DockerError::HookServiceNotRunning { .. }),
+            ) => {
+                warn!(project = %self.config.project, error = %e,
+                    "starting what a killed process left stopped did not fully succeed; going on");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes the restart record: temporary file, fsync, rename, fsync of the directory, so
@@ -735,6 +762,15 @@ impl ComposeStack {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(self.record_error(path, "removing", e.to_string())),
+        }
+    }
+
+    /// Removes the restart record once it is no longer needed; a failure is logged, not
+    /// returned (see the callers).
+    async fn forget_restart_record(&self) {
+        if let Err(e) = self.remove_restart_record().await {
+            warn!(project = %self.config.project, error = %e,
+                "could not remove the restart record; the next cycle starts running containers again (a no-op)");
         }
     }
 

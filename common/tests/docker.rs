@@ -801,6 +801,67 @@ async fn a_stop_that_fails_part_way_is_undone_by_start() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_container_that_cannot_start_is_retried_by_the_cycle_not_fatal_to_it() {
+    let p = Project::new("unstartable", &two_services());
+    p.up().await;
+    let docker = engine().await;
+    let record = p.dir.path().join("stopped.json");
+    let config = || p.config().with_restart_record(&record);
+    let id = ids(&p.stack(config()).await.containers().await.expect("list"));
+
+    // A cycle stops the stack and dies before its start (the handle is dropped); meanwhile the
+    // project's network goes, so neither container can start again.
+    p.stack(config()).await.stop().await.expect("stop");
+    assert!(record.is_file(), "stop wrote no restart record");
+    let network = format!("{}_default", p.name);
+    let out = Command::new("docker")
+        .args(["network", "rm", &network])
+        .output()
+        .expect("docker network rm");
+    assert!(out.status.success(), "{out:?}");
+
+    // The strict recovery reports both containers.
+    match p.stack(config()).await.recover().await {
+        Err(DockerError::StartFailed { failures, .. }) => {
+            let mut services: Vec<&str> = failures
+                .iter()
+                .map(|f| f.container.service.as_str())
+                .collect();
+            services.sort();
+            assert_eq!(services, ["app", "db"]);
+        }
+        other => panic!("expected StartFailed, got {other:?}"),
+    }
+    // The next cycle's recovery logs it and goes on; the record still names both, and the
+    // cycle's own start tries them again.
+    let next = p.stack(config()).await;
+    next.recover_for_cycle()
+        .await
+        .expect("a container that does not start must not fail the cycle's recovery");
+    let text = std::fs::read_to_string(&record).expect("the record stays");
+    for service in ["app", "db"] {
+        assert!(
+            text.contains(&id[service]),
+            "{service} left the record:\n{text}"
+        );
+        assert!(!is_running(&docker, &id[service]).await);
+    }
+    match next.start().await {
+        Err(DockerError::StartFailed { failures, .. }) => assert_eq!(failures.len(), 2),
+        other => panic!("the cycle's start did not retry the containers: {other:?}"),
+    }
+    // A record that cannot be read is still an error: nothing is known about what was stopped.
+    std::fs::write(&record, b"{ not json").expect("write");
+    let err = p
+        .stack(config())
+        .await
+        .recover_for_cycle()
+        .await
+        .expect_err("an unreadable record must be an error");
+    assert!(matches!(err, DockerError::RestartRecord { .. }), "{err:?}");
+}
+
 /// Runs `connect_with_docker_host_from_env` in a child process with `DOCKER_HOST` pointing
 /// nowhere, so this process's environment stays as it is.
 #[test]

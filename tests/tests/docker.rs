@@ -861,3 +861,131 @@ fn a_source_killed_with_its_stack_stopped_is_restarted_by_the_next_daemon_or_pus
     );
     assert!(!w.p.src_state.join("web.stopped.json").exists());
 }
+
+#[test]
+fn a_target_killed_with_its_stack_stopped_starts_it_again_when_it_restarts() {
+    let mut w = World::new("tgtkill", "", "", MIB / 4);
+    // The target's db ignores SIGTERM, so stopping it takes the whole stop_timeout (5 s): a
+    // window, with the app already stopped, in which to kill the target agent. Only the target
+    // gets this: its containers are created from the synced compose file, while the source's
+    // already exist and keep the command they were created with.
+    let file = w.p.src.join("docker-compose.yml");
+    let compose = std::fs::read_to_string(&file).expect("compose file");
+    let db = "command: [\"sh\", \"-c\", \"trap 'exit 0' TERM; touch /tmp/ready;";
+    assert!(compose.contains(db), "the db's command moved:\n{compose}");
+    fsx::write(
+        &file,
+        compose.replace(
+            db,
+            "command: [\"sh\", \"-c\", \"trap '' TERM; touch /tmp/ready;",
+        ),
+    );
+    fsx::write(w.src_data("marker"), "generation 1\n");
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "first push failed:\n{dump}");
+    assert_healthy(&w.tgt_proj, "the target on generation 1");
+    let record = w.p.state.join("stopped-containers.json");
+    assert!(!record.exists(), "a finished cycle left its restart record");
+
+    // Generation 2's commit stops the target's stack: kill the agent half-way through the stop.
+    w.write_generation_2(46);
+    let mut push = stackclone_tests::spawn(
+        w.p.push_cmd(&["--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let app_down = stack(&w.tgt_proj).get("app").is_some_and(|c| !c.running);
+        if app_down && record.exists() {
+            break;
+        }
+        if push.try_wait().expect("try_wait").is_some() {
+            let out = push.wait_with_output().expect("push output");
+            panic!(
+                "the push ended before the target stopped its stack:\n{}{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                w.p.target_log()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target did not stop its app in 120 s:\n{}",
+            w.p.target_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w.p.kill_target();
+    let killed = now_ns();
+    // The engine finishes the db's stop on its own (SIGKILL after 5 s): the whole stack is down,
+    // and only the record says what to start.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stack(&w.tgt_proj).values().any(|c| c.running) {
+        assert!(
+            Instant::now() < deadline,
+            "the target's db is still running"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&record).expect("the restart record");
+    for (service, c) in &stack(&w.tgt_proj) {
+        assert!(
+            text.contains(&c.id),
+            "the restart record does not name {service} ({}):\n{text}",
+            c.id
+        );
+    }
+
+    // A restarted target starts the stack by itself, without waiting for a push.
+    w.p.start_target();
+    let tgt = wait_healthy(
+        &w.tgt_proj,
+        Duration::from_secs(60),
+        "the target after its agent restarted",
+    );
+    for (service, c) in &tgt {
+        assert!(
+            c.running && c.started_at > killed,
+            "target {service} was not started by the restarted agent: {c:?}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while record.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the restart record outlived the recovery:\n{}",
+            w.p.target_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = w.p.target_log();
+    assert!(
+        log.contains("left stopped by a killed target"),
+        "the target did not say it recovered the stack:\n{log}"
+    );
+    // The kill came before the commit: the live dir is generation 1, whole.
+    assert_eq!(w.p.target_generation(), 1, "{log}");
+    assert_eq!(read(&w.live_data("marker")), b"generation 1\n");
+    assert!(
+        !w.live_data("many").exists(),
+        "generation 2 leaked into live"
+    );
+
+    // The push that lost its target fails; the next one converges.
+    let out = push.wait_with_output().expect("push output");
+    assert!(
+        !out.status.success(),
+        "a push whose target was killed succeeded:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+    let (ok, o, dump, ..) = w.push();
+    assert!(ok, "the push after the restart failed:\n{dump}");
+    assert_eq!(o["generation"], 2, "{o}");
+    for rel in ["marker", "first", "many/f00", "many/f63"] {
+        assert_same_file(&w.src_data(rel), &w.live_data(rel));
+    }
+    assert_healthy(&w.tgt_proj, "the target on generation 2");
+    assert!(!record.exists());
+}
