@@ -16,6 +16,10 @@
 //! - **Certificate** ([`Daemon::check_certificate`], at start and hourly): the expiry metric,
 //!   renewal when due ([`stackclone_certs::renewal`]), after which new connections get the new
 //!   certificate; an alert, once, when it is due and cannot be renewed.
+//! - **Stacks a killed target left stopped**: a compose stack whose restart record exists when
+//!   the daemon starts (or when a reload adds or moves it) is started again in the background
+//!   ([`crate::serve::recover_left_stopped`]), retried until it works, rather than left down until
+//!   the next commit.
 //! - **Shutdown**: see [`serve`]; cycles still receiving end without touching live data, a
 //!   commit under way finishes.
 
@@ -74,7 +78,8 @@ pub struct ReloadReport {
 impl Daemon {
     /// Binds (see [`bind`]), repairs every stack's store (an interrupted commit's journal is
     /// replayed, so each live dir is one whole generation again) and reads its last commit,
-    /// and starts the metrics server if `metrics_listen` is set.
+    /// starts (in the background) the compose stacks a killed target left stopped, and starts
+    /// the metrics server if `metrics_listen` is set.
     pub async fn start(common: &Common) -> anyhow::Result<Daemon> {
         let Bound {
             endpoint,

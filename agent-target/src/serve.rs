@@ -845,8 +845,8 @@ fn apply(
 }
 
 /// The stack's control: Docker for a compose stack, nothing for a data-only one. What a stop
-/// stopped is recorded in the store's state dir, and a stack a killed target left stopped is
-/// started again here, before anything else touches it.
+/// stopped is recorded in the store's state dir, and a stack a killed target left stopped (and
+/// the daemon's start has not recovered yet) is started again here, before the commit stops it.
 async fn control_for(
     serve: &StackServe,
     state_path: &Path,
@@ -868,20 +868,39 @@ async fn control_for(
 }
 
 /// Starts what a killed target left stopped of `serve`'s stack (its restart record is
-/// `record`), holding the stack as a cycle would; a cycle already holding it recovers the stack
-/// itself. The daemon does this when it starts, so a standby is not left down until the next
-/// push.
+/// `record`). The daemon does this when it starts, so a standby is not left down until the next
+/// commit. Each try holds the stack as a cycle would (a push meanwhile is refused as busy) and
+/// its store's lock (so `stackclone-target rollback` cannot run beside it). A try that cannot
+/// run yet (the engine does not answer, a push or a rollback holds the stack) is repeated with a
+/// growing pause, at most a minute, until the record is gone or the target shuts down.
 pub(crate) async fn recover_left_stopped(ctx: Arc<TargetCtx>, serve: StackServe, record: PathBuf) {
-    let Some(_held) = ctx.claim(&serve.stack) else {
-        return;
-    };
-    let Some(state_dir) = record.parent() else {
-        return;
-    };
-    if let Err(e) = control_for(&serve, state_dir).await {
-        warn!(stack = %serve.stack, error = %e,
-            "could not start what a killed target left stopped; the next push tries again");
+    let shutdown = ctx.shutting_down();
+    tokio::pin!(shutdown);
+    let mut pause = Duration::from_secs(1);
+    while record.exists() {
+        match recover_once(&ctx, &serve).await {
+            Ok(()) => return,
+            Err(why) => warn!(stack = %serve.stack, error = %why, retry_in_secs = pause.as_secs(),
+                "cannot start what a killed target left stopped yet; trying again"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = &mut shutdown => return,
+        }
+        pause = (pause * 2).min(Duration::from_secs(60));
     }
+}
+
+async fn recover_once(ctx: &Arc<TargetCtx>, serve: &StackServe) -> Result<(), String> {
+    let Some(_held) = ctx.claim(&serve.stack) else {
+        return Err("a push holds the stack".into());
+    };
+    let config = serve.store.clone();
+    let store = tokio::task::spawn_blocking(move || StackStore::open(config))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    control_for(serve, store.state_path()).await.map(drop)
 }
 
 /// Prepares while the stack runs; then stops it, commits, creates it if it has no containers

@@ -640,8 +640,8 @@ impl ComposeStack {
                 failures,
             });
         }
-        // Everything is up: a record left behind (it could not be removed) only makes the next
-        // process start running containers again, a no-op, so it is no reason to fail here.
+        // Everything is up: a record left behind (it could not be removed) finds every
+        // container running next time, and `recover` then only removes it.
         self.forget_restart_record().await;
         if !self.config.post_start.is_empty() {
             let containers = self.containers().await?;
@@ -654,7 +654,8 @@ impl ComposeStack {
 
     /// Undoes a stop whose process died before its `start`: if the
     /// [restart record](ComposeConfig::restart_record) exists, starts the recorded containers
-    /// that still exist, in order, runs the `post_start` hooks and removes the record.
+    /// that still exist and are stopped, in order, runs the `post_start` hooks and removes the
+    /// record (with nothing to start, it only removes the record).
     /// `Ok(None)` when there was nothing to recover. A record that cannot be parsed is an error
     /// naming the file (it is left for a person to look at), never silently ignored.
     pub async fn recover(&self) -> Result<Option<StartReport>, DockerError> {
@@ -668,20 +669,28 @@ impl ComposeStack {
         };
         let record: RestartRecord = serde_json::from_slice(&bytes)
             .map_err(|e| self.record_error(&path, "parsing", e.to_string()))?;
-        let existing: BTreeSet<String> = self
+        let existing: HashMap<String, StackContainer> = self
             .containers()
             .await?
             .into_iter()
-            .map(|c| c.container.id)
+            .map(|c| (c.container.id.clone(), c))
             .collect();
-        let (keep, gone): (Vec<ContainerRef>, Vec<ContainerRef>) = record
-            .restart
-            .containers
-            .into_iter()
-            .partition(|c| existing.contains(&c.id));
-        for c in &gone {
-            warn!(project = %self.config.project, service = %c.service, container = %c.name,
-                "a container recorded as stopped no longer exists; not starting it");
+        // Only what is still down: a recorded container that runs again (the dead process got
+        // that far, or someone started it) is not started twice, and a record left behind by a
+        // start that could not remove it finds nothing to do and runs no hooks.
+        let mut keep = Vec::new();
+        for c in record.restart.containers {
+            match existing.get(&c.id) {
+                None => {
+                    warn!(project = %self.config.project, service = %c.service, container = %c.name,
+                    "a container recorded as stopped no longer exists; not starting it")
+                }
+                Some(now) if now.is_running() || now.state == "paused" => {
+                    debug!(project = %self.config.project, container = %c.name, state = %now.state,
+                        "a recorded container is not stopped; leaving it as it is");
+                }
+                Some(_) => keep.push(c),
+            }
         }
         if keep.is_empty() {
             // Nothing left to start (and no stop for post_start hooks to pair with).
@@ -770,7 +779,7 @@ impl ComposeStack {
     async fn forget_restart_record(&self) {
         if let Err(e) = self.remove_restart_record().await {
             warn!(project = %self.config.project, error = %e,
-                "could not remove the restart record; the next cycle starts running containers again (a no-op)");
+                "could not remove the restart record; the next recovery finds nothing stopped and removes it");
         }
     }
 

@@ -862,6 +862,68 @@ async fn a_recorded_container_that_cannot_start_is_retried_by_the_cycle_not_fata
     assert!(matches!(err, DockerError::RestartRecord { .. }), "{err:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_starts_only_recorded_containers_that_are_still_stopped() {
+    let p = Project::new("stillstopped", &two_services());
+    p.up().await;
+    let docker = engine().await;
+    let record = p.dir.path().join("stopped.json");
+    let config = || ComposeConfig {
+        // A post_start hook that leaves a trace in the bind-mounted data dir.
+        post_start: vec![hook("app", &["sh", "-c", "echo ran >> /data/post_start"])],
+        ..p.config().with_restart_record(&record)
+    };
+    let id = ids(&p.stack(config()).await.containers().await.expect("list"));
+
+    // A cycle stops the stack and dies; someone starts app again by hand before the recovery.
+    p.stack(config()).await.stop().await.expect("stop");
+    docker
+        .start_container(&id["app"], None)
+        .await
+        .expect("start app by hand");
+    let app_started = started_at(&docker, &id["app"]).await;
+    let report = p
+        .stack(config())
+        .await
+        .recover()
+        .await
+        .expect("recover")
+        .expect("db was still stopped: something to recover");
+    let services: Vec<&str> = report
+        .started
+        .iter()
+        .map(|e| e.container.service.as_str())
+        .collect();
+    assert_eq!(services, ["db"], "only the stopped container is started");
+    assert_eq!(
+        started_at(&docker, &id["app"]).await,
+        app_started,
+        "app, already running, was started again"
+    );
+    assert!(is_running(&docker, &id["db"]).await);
+    assert!(!record.exists(), "the record outlived the recovery");
+    assert_eq!(
+        std::fs::read_to_string(p.data("post_start")).expect("the hook ran"),
+        "ran\n"
+    );
+
+    // A record left behind while everything runs (its removal failed, say): nothing is
+    // started, no hook runs, the record goes.
+    p.stack(config()).await.stop().await.expect("stop");
+    let again = p.stack(config()).await;
+    let before = std::fs::read(&record).expect("the second stop's record");
+    again.recover().await.expect("recover").expect("recovered");
+    std::fs::write(&record, before).expect("put the record back");
+    let none = p.stack(config()).await.recover().await.expect("recover");
+    assert!(none.is_none(), "{none:?}");
+    assert!(!record.exists());
+    assert_eq!(
+        std::fs::read_to_string(p.data("post_start")).expect("hook trace"),
+        "ran\nran\n",
+        "a hook ran for a recovery that started nothing"
+    );
+}
+
 /// Runs `connect_with_docker_host_from_env` in a child process with `DOCKER_HOST` pointing
 /// nowhere, so this process's environment stays as it is.
 #[test]
