@@ -376,6 +376,11 @@ impl Source {
         };
         reader.abort();
         let _ = ctl_send.finish();
+        // The target updates its metrics and staleness watch after sending the result and
+        // before it closes the connection: return once it has, so the tests read them settled.
+        if link_up {
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        }
         conn.close(0u32.into(), b"cycle over");
         outcome
     }
