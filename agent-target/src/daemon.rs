@@ -18,7 +18,7 @@
 //!   certificate; an alert, once, when it is due and cannot be renewed.
 //! - **Stacks a killed target left stopped**: a compose stack whose restart record exists when
 //!   the daemon starts (or when a reload adds or moves it) is started again in the background
-//!   ([`crate::serve::recover_left_stopped`]), retried until it works, rather than left down until
+//!   (`serve::recover_left_stopped`), retried until it works, rather than left down until
 //!   the next commit.
 //! - **Shutdown**: see [`serve`]; cycles still receiving end without touching live data, a
 //!   commit under way finishes.
