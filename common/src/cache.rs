@@ -18,7 +18,11 @@
 //! `standard()`), and the BLAKE3 of the body. A file that is missing, truncated, of another
 //! version, for another root or whose checksum fails is ignored (the scan hashes everything) and
 //! the reason is reported; it is never an error. A new cache is written atomically: temporary
-//! file in the same directory, `fsync`, rename, `fsync` of the directory.
+//! file in the same directory, then a rename. It is not fsynced: after a power loss the file is
+//! the old cache, the new one, or damaged — and a damaged one fails its checksum and is only
+//! discarded. A cache that is simply older is still right, since every entry is keyed by the
+//! full stat. A scan in which every file's hash came from the cache, for exactly the paths the
+//! cache holds, leaves the file as it is (the old scan start vouches for every entry already).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -103,6 +107,8 @@ pub enum CacheStatus {
 pub(crate) struct LoadedCache {
     scan_start_ns: i64,
     entries: HashMap<Vec<u8>, CachedHash>,
+    /// Read from a file (not a stand-in for a missing, discarded or bypassed one).
+    from_file: bool,
 }
 
 impl LoadedCache {
@@ -177,6 +183,7 @@ fn parse(bytes: &[u8], root: &Path) -> Result<LoadedCache, String> {
     Ok(LoadedCache {
         scan_start_ns: body.scan_start_ns,
         entries: body.entries.into_iter().collect(),
+        from_file: true,
     })
 }
 
@@ -189,6 +196,8 @@ pub(crate) struct PendingCache {
     tmp: File,
     scan_start_ns: i64,
     entries: Vec<(Vec<u8>, CachedHash)>,
+    /// Entries recorded that the loaded cache did not vouch for.
+    misses: usize,
 }
 
 impl PendingCache {
@@ -219,16 +228,29 @@ impl PendingCache {
             tmp,
             scan_start_ns: system_now.min(fs_now),
             entries: Vec::new(),
+            misses: 0,
         })
     }
 
-    pub(crate) fn record(&mut self, path: &[u8], key: StatKey, hash: Hash) {
+    /// Records a file's hash; `from_cache` says the loaded cache vouched for exactly this key
+    /// and hash at this path.
+    pub(crate) fn record(&mut self, path: &[u8], key: StatKey, hash: Hash, from_cache: bool) {
+        if !from_cache {
+            self.misses += 1;
+        }
         self.entries
             .push((path.to_vec(), CachedHash { key, hash: hash.0 }));
     }
 
-    /// Writes, syncs and renames into place. Only paths recorded in this scan are kept, so
-    /// entries for paths that no longer exist are dropped.
+    /// Whether the cache this scan would write holds exactly what `loaded` holds: every
+    /// recorded entry came from it, and it has no others. Writing it again would change only the
+    /// scan start, which the entries do not need.
+    pub(crate) fn same_as(&self, loaded: &LoadedCache) -> bool {
+        loaded.from_file && self.misses == 0 && self.entries.len() == loaded.entries.len()
+    }
+
+    /// Writes and renames into place (not synced; see the module doc). Only paths recorded in
+    /// this scan are kept, so entries for paths that no longer exist are dropped.
     pub(crate) fn commit(mut self, root: &Path) -> io::Result<()> {
         let body = Body {
             root: root.as_os_str().as_bytes().to_vec(),
@@ -244,18 +266,7 @@ impl PendingCache {
         out.extend_from_slice(&body);
         out.extend_from_slice(blake3::hash(&body).as_bytes());
         self.tmp.write_all(&out)?;
-        self.tmp.sync_all()?;
-        fs::rename(&self.tmp_path, &self.path)?;
-        // The rename is durable only once the directory is synced.
-        if let Some(dir) = self.path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        fs::rename(&self.tmp_path, &self.path)
     }
 
     /// Removes the temporary file of a scan that failed.
@@ -282,7 +293,7 @@ mod tests {
     fn write_cache(dir: &Path, root: &Path) -> PathBuf {
         let path = dir.join("cache");
         let mut p = PendingCache::begin(&path).unwrap();
-        p.record(b"a/b", key(), Hash::of(b"hello"));
+        p.record(b"a/b", key(), Hash::of(b"hello"), false);
         p.commit(root).unwrap();
         path
     }
@@ -327,6 +338,7 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            from_file: true,
         };
         // ctime == scan start: written in the same tick the scan began.
         assert_eq!(cache.lookup(b"f", &key()), None);

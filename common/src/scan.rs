@@ -246,6 +246,7 @@ pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
     let walked = walker.walk(&root);
     let Walker {
         pending,
+        loaded,
         raws,
         mut stats,
         ..
@@ -264,10 +265,14 @@ pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
         }
     };
     if let (Some(p), Some(path)) = (pending, &cfg.cache) {
-        p.commit(&root).map_err(|source| ScanError::CacheWrite {
-            path: path.clone(),
-            source,
-        })?;
+        if p.same_as(&loaded) {
+            p.abandon();
+        } else {
+            p.commit(&root).map_err(|source| ScanError::CacheWrite {
+                path: path.clone(),
+                source,
+            })?;
+        }
     }
     stats.entries = manifest.len() as u64;
     Ok(Scan {
@@ -524,11 +529,13 @@ impl Walker<'_> {
                 self.loaded.lookup(rel.as_bytes(), &key)
             }
         };
-        let (size, hash, stat, stable) = if let Some((size, hash)) = known {
-            (size, hash, md.clone(), true)
+        let (size, hash, stat, stable, from_cache) = if let Some((size, hash)) = known {
+            let from_cache =
+                !self.cfg.checksum && self.loaded.lookup(rel.as_bytes(), &key) == Some(hash);
+            (size, hash, md.clone(), true, from_cache)
         } else if let Some(hash) = cached() {
             self.stats.files_from_cache += 1;
-            (md.size(), hash, md.clone(), true)
+            (md.size(), hash, md.clone(), true, true)
         } else {
             let Some(hashed) = self.hash_file(abs, md)? else {
                 return Ok(Visit::Retry);
@@ -538,13 +545,13 @@ impl Walker<'_> {
             if !hashed.stable {
                 self.stats.changed_during_scan.push(rel.clone());
             }
-            (hashed.size, hashed.hash, hashed.stat, hashed.stable)
+            (hashed.size, hashed.hash, hashed.stat, hashed.stable, false)
         };
         if let Some(i) = inode {
             self.inodes.insert(i, (size, hash));
         }
         if let (Some(p), true) = (&mut self.pending, stable) {
-            p.record(rel.as_bytes(), StatKey::of(&stat), hash);
+            p.record(rel.as_bytes(), StatKey::of(&stat), hash, from_cache);
         }
         let kind = EntryKind::File {
             size,

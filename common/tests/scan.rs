@@ -487,6 +487,65 @@ fn checksum_mode_hashes_everything_and_refreshes_the_cache() {
     assert_eq!(scan(&cfg).unwrap().stats.files_hashed, 0);
 }
 
+/// The cache file's inode: a rewrite is a rename of a new file, so it changes the inode.
+fn cache_ino(cfg: &ScanConfig) -> u64 {
+    fs::metadata(cfg.cache.as_ref().unwrap()).unwrap().ino()
+}
+
+#[test]
+fn a_scan_that_learned_nothing_leaves_the_cache_file_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cached_cfg(dir.path());
+    let inodes = cache_tree(&cfg.root);
+    tick();
+    scan(&cfg).unwrap();
+    let written = cache_ino(&cfg);
+
+    // Every hash from the cache, the same paths: the file is not written again.
+    let again = scan(&cfg).unwrap();
+    assert_eq!(again.stats.files_from_cache, inodes);
+    assert_eq!(cache_ino(&cfg), written);
+    let names: Vec<_> = fs::read_dir(dir.path().join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![OsStr::new("hash-cache").to_os_string()]);
+
+    // A changed file: rewritten, and the next scan trusts the new hash.
+    write(&cfg.root, "d/b.txt", b"bravo two");
+    tick();
+    let changed = scan(&cfg).unwrap();
+    assert_eq!(changed.stats.files_hashed, 1);
+    let rewritten = cache_ino(&cfg);
+    assert_ne!(rewritten, written);
+    let after = scan(&cfg).unwrap();
+    assert_eq!(after.stats.files_hashed, 0);
+    assert_eq!(after.manifest, changed.manifest);
+    assert_eq!(cache_ino(&cfg), rewritten);
+
+    // A new file and a deleted one: each makes the cache differ, so each rewrites it.
+    write(&cfg.root, "new.txt", b"new");
+    tick();
+    scan(&cfg).unwrap();
+    let with_new = cache_ino(&cfg);
+    assert_ne!(with_new, rewritten);
+    fs::remove_file(cfg.root.join("new.txt")).unwrap();
+    let after_delete = scan(&cfg).unwrap();
+    assert_eq!(after_delete.stats.files_hashed, 0);
+    assert_ne!(cache_ino(&cfg), with_new);
+    assert_eq!(
+        scan(&cfg).unwrap().stats.cache,
+        CacheStatus::Loaded { entries: 5 }
+    );
+
+    // --checksum hashes everything and always writes a fresh cache.
+    let before_forced = cache_ino(&cfg);
+    let mut forced = cfg.clone();
+    forced.checksum = true;
+    scan(&forced).unwrap();
+    assert_ne!(cache_ino(&cfg), before_forced);
+}
+
 #[test]
 fn deleted_paths_leave_the_cache() {
     let dir = tempfile::tempdir().unwrap();
