@@ -271,8 +271,19 @@ pub async fn run_cycle(
                     };
                     let tx = events_tx.clone();
                     tokio::task::spawn_blocking(move || {
+                        let started = Instant::now();
                         let result = stackclone_common::scan(&cfg)
-                            .map(|s| s.manifest)
+                            .map(|s| {
+                                debug!(
+                                    ?pass,
+                                    ms = started.elapsed().as_millis() as u64,
+                                    entries = s.stats.entries,
+                                    hashed = s.stats.files_hashed,
+                                    from_cache = s.stats.files_from_cache,
+                                    "scanned"
+                                );
+                                s.manifest
+                            })
                             .map_err(|e| e.to_string());
                         let _ = tx.send(Event::Scanned(pass, result));
                     });

@@ -232,6 +232,8 @@ pub async fn serve(
 
 /// Events from helper tasks back to the session loop.
 enum Event {
+    /// The store is open at this generation; the live dir is being scanned.
+    Opened(u64),
     Stack(Result<(StackStore, StackState), Refusal>),
     Signature {
         id: u32,
@@ -320,7 +322,12 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
                                 guard = Some(g);
                                 served = Some(serve.clone());
                                 tokio::task::spawn_blocking(move || {
-                                    let _ = tx.send(Event::Stack(load_stack(&serve)));
+                                    let opened = Instant::now();
+                                    let loaded = open_stack(&serve).and_then(|store| {
+                                        let _ = tx.send(Event::Opened(store.last_generation()));
+                                        scan_stack(store, opened)
+                                    });
+                                    let _ = tx.send(Event::Stack(loaded));
                                 });
                             }
                         },
@@ -413,6 +420,7 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
         }
         tokio::select! {
             Some(ev) = events.recv() => match ev {
+                Event::Opened(generation) => session.handle_opened(generation),
                 Event::Stack(Ok((st, state))) => {
                     if let Ok(mut s) = store.lock() {
                         *s = Some(st);
@@ -616,14 +624,27 @@ fn with_store<T>(
     f(st).map_err(|e| e.to_string())
 }
 
-/// Opens the stack's store (recovering an interrupted commit), scans the live dir and lists
-/// what is staged.
-fn load_stack(serve: &StackServe) -> Result<(StackStore, StackState), Refusal> {
-    let unavailable = |reason: String| Refusal::Unavailable {
+fn unavailable(serve: &StackServe, reason: String) -> Refusal {
+    Refusal::Unavailable {
         stack: serve.stack.clone(),
         reason,
+    }
+}
+
+/// Opens the stack's store: takes its lock and recovers an interrupted commit.
+fn open_stack(serve: &StackServe) -> Result<StackStore, Refusal> {
+    StackStore::open(serve.store.clone()).map_err(|e| unavailable(serve, e.to_string()))
+}
+
+/// Scans the live dir of an open store and lists what is staged. `started` is when the
+/// opening began, for the log.
+fn scan_stack(store: StackStore, started: Instant) -> Result<(StackStore, StackState), Refusal> {
+    let stack = store.stack().to_string();
+    let unavailable = |reason: String| Refusal::Unavailable {
+        stack: stack.clone(),
+        reason,
     };
-    let store = StackStore::open(serve.store.clone()).map_err(|e| unavailable(e.to_string()))?;
+    let opened = started.elapsed();
     let live = store
         .scan_live(false)
         .map_err(|e| unavailable(e.to_string()))?
@@ -637,6 +658,12 @@ fn load_stack(serve: &StackServe) -> Result<(StackStore, StackState), Refusal> {
             .staged_in_place()
             .map_err(|e| unavailable(e.to_string()))?,
     };
+    debug!(
+        open_ms = opened.as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        entries = state.live.len(),
+        "stack loaded (store opened, live dir scanned, staging listed)"
+    );
     Ok((store, state))
 }
 
@@ -908,6 +935,11 @@ async fn recover_once(ctx: &Arc<TargetCtx>, serve: &StackServe) -> Result<(), St
 /// previous generation (with `auto_rollback`) and started again, and the cycle is reported
 /// failed. Returns the downtime: from the stop to the stack running again.
 ///
+/// A generation that changes nothing (the live dir, scanned when the cycle began, already is
+/// the wanted tree) is committed without stopping the stack: no downtime, no restart of the
+/// standby's containers, which stay as they are. Only the first generation always goes the
+/// long way, since it is the one that creates the stack's containers.
+///
 /// The store work runs with `block_in_place`: it owns the store, and a commit must not be torn
 /// apart by task cancellation.
 async fn commit_stack(
@@ -917,13 +949,38 @@ async fn commit_stack(
     bytes_received: u64,
 ) -> (Result<u64, (Phase, String)>, StackStore) {
     let generation = commit.generation();
-    let control = match control_for(serve, store.state_path()).await {
-        Ok(c) => c,
-        Err(e) => return (Err((Phase::Commit, format!("docker: {e}"))), store),
-    };
+    let started = Instant::now();
     let prepared = match tokio::task::block_in_place(|| store.prepare(&commit)) {
         Ok(p) => p,
         Err(e) => return (Err((Phase::Commit, e.to_string())), store),
+    };
+    debug!(
+        generation,
+        ops = prepared.ops(),
+        ms = started.elapsed().as_millis() as u64,
+        "commit prepared"
+    );
+    if generation > 1 && commit.changes().is_empty() {
+        let applied = tokio::task::block_in_place(|| store.commit_unchanged(prepared, unix_now()));
+        return match applied {
+            Ok(_) => {
+                let _ = store.record_cycle(|r| {
+                    r.target_downtime_ms = 0;
+                    r.bytes_sent = bytes_received;
+                    r.last_error = None;
+                });
+                info!(
+                    generation,
+                    "generation committed; nothing changed, so the stack kept running"
+                );
+                (Ok(0), store)
+            }
+            Err(e) => (Err((Phase::Commit, e.to_string())), store),
+        };
+    }
+    let control = match control_for(serve, store.state_path()).await {
+        Ok(c) => c,
+        Err(e) => return (Err((Phase::Commit, format!("docker: {e}"))), store),
     };
     let down = Instant::now();
     if let Err(e) = control.stop().await {
@@ -944,10 +1001,19 @@ async fn commit_stack(
         );
     }
     let applied = tokio::task::block_in_place(|| store.commit(prepared, unix_now()));
-    if let Err(e) = applied {
-        // The journal guarantees the live dir is still the old generation: start it again.
-        let _ = control.start().await;
-        return (Err((Phase::Commit, e.to_string())), store);
+    match &applied {
+        Ok(r) => debug!(
+            generation,
+            apply_ms = r.apply.as_millis() as u64,
+            total_ms = r.total.as_millis() as u64,
+            since_stop_ms = down.elapsed().as_millis() as u64,
+            "commit applied"
+        ),
+        Err(e) => {
+            // The journal guarantees the live dir is still the old generation: start it again.
+            let _ = control.start().await;
+            return (Err((Phase::Commit, e.to_string())), store);
+        }
     }
     // A stack with no containers yet is created by Compose, which also starts it (and health
     // then covers what it created); an existing one is started as it was stopped.

@@ -657,6 +657,74 @@ fn second_generation_then_rollback_restores_the_first_exactly() {
 }
 
 #[test]
+fn an_unchanged_generation_commits_without_touching_the_live_dir_and_rolls_back_to_nothing() {
+    let e = env();
+    gen1(&e.src);
+    let g1 = scan_tree(&e.src);
+    let mut store = open(&e.live, 3);
+    push(&mut store, &e.src, 1);
+    // A fingerprint of every live inode: (path, ino, ctime) — a rename, write, chmod or utime
+    // of anything would change one of them.
+    let fingerprint = |live: &Path| -> Vec<(PathBuf, u64, i64, i64)> {
+        let mut out = Vec::new();
+        for d in walkdir(live) {
+            let m = lstat(&d);
+            out.push((d, m.ino(), m.ctime(), m.ctime_nsec()));
+        }
+        out.sort();
+        out
+    };
+    let before = fingerprint(&e.live);
+
+    let c = cycle(&mut store, &e.src, 2).unwrap();
+    assert!(c.changes().is_empty());
+    let p = store.prepare(&c).unwrap();
+    assert_eq!(p.ops(), 1, "only the end-of-backups marker");
+    let report = store.commit_unchanged(p, NOW).unwrap();
+    assert_eq!(
+        (report.generation, report.backed_up, report.placed),
+        (2, 0, 0)
+    );
+    assert_eq!(store.last_generation(), 2);
+    assert_eq!(store.manifest(), &g1);
+    assert_eq!(fingerprint(&e.live), before, "the live dir was not touched");
+    assert!(store.verify().unwrap().is_empty());
+    assert_eq!(store.restorable().unwrap(), vec![1, 0]);
+
+    // Rolling the unchanged generation back changes no file either.
+    let rb = store.rollback(None).unwrap();
+    assert_eq!((rb.from, rb.to), (2, 1));
+    assert_eq!(fingerprint(&e.live), before);
+    assert_same_tree(&e.live, &g1);
+
+    // A prepared commit that changes something is refused without a stop, and nothing moves.
+    let src2 = e.src.with_file_name("src2");
+    gen2(&src2);
+    let c = cycle(&mut store, &src2, 3).unwrap();
+    let p = store.prepare(&c).unwrap();
+    let err = store.commit_unchanged(p, NOW).unwrap_err();
+    assert!(matches!(err, StoreError::NotPrepared { .. }), "{err}");
+    assert_eq!(store.last_generation(), 1);
+    assert_eq!(fingerprint(&e.live), before);
+    // It was consumed: the real commit needs a fresh prepare.
+    let c = cycle(&mut store, &src2, 3).unwrap();
+    let p = store.prepare(&c).unwrap();
+    store.commit(p, NOW).unwrap();
+    assert_same_tree(&e.live, &scan_tree(&src2));
+}
+
+/// Every path under `root`, depth first, `root` included; never follows a symlink.
+fn walkdir(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    if lstat(root).is_dir() {
+        for entry in fs::read_dir(root).unwrap() {
+            out.extend(walkdir(&entry.unwrap().path()));
+        }
+    }
+    out
+}
+
+#[test]
 fn rollback_to_walks_back_several_generations() {
     let e = env();
     gen1(&e.src);

@@ -345,6 +345,11 @@ struct TargetSide {
     in_place: Vec<StackPath>,
     /// Times the session asked to lock and scan the stack.
     loads: u32,
+    /// Answer `LoadStack` the way the real driver does: "opened" at once, the scanned state only
+    /// after this many more source messages arrived (or when nothing else can move).
+    scan_late: Option<usize>,
+    /// The scanned state not handed over yet, and the messages still to wait for.
+    scanning: Option<(StackState, usize)>,
 }
 
 impl TargetSide {
@@ -362,6 +367,15 @@ impl TargetSide {
             commits: 0,
             in_place: vec![],
             loads: 0,
+            scan_late: None,
+            scanning: None,
+        }
+    }
+
+    /// The late scan is done: hand its state to the session.
+    fn finish_scan(&mut self) {
+        if let Some((state, _)) = self.scanning.take() {
+            self.session.handle_stack(Ok(state));
         }
     }
 
@@ -375,6 +389,13 @@ impl TargetSide {
     }
 
     fn receive(&mut self, msg: SourceMsg) {
+        if let Some((_, left)) = &mut self.scanning {
+            if *left == 0 {
+                self.finish_scan();
+            } else {
+                *left -= 1;
+            }
+        }
         match msg {
             SourceMsg::FileBegin { id, len } => {
                 let basis_len = match self.wanted.get(&id) {
@@ -449,12 +470,19 @@ impl TargetSide {
                 }
                 TargetAction::LoadStack { .. } => {
                     self.loads += 1;
-                    self.session.handle_stack(Ok(StackState {
+                    let state = StackState {
                         last_generation: self.last_generation,
                         live: self.live.manifest(),
                         staged: self.staged.keys().copied().collect(),
                         staged_in_place: HashMap::new(),
-                    }));
+                    };
+                    match self.scan_late {
+                        None => self.session.handle_stack(Ok(state)),
+                        Some(after) => {
+                            self.session.handle_opened(self.last_generation);
+                            self.scanning = Some((state, after));
+                        }
+                    }
                 }
                 TargetAction::Signature { id, basis } => {
                     let data = self.live.data(&basis).unwrap();
@@ -661,6 +689,11 @@ impl Pair {
             self.target.drive();
             let to_target: Vec<_> = self.source.outbox.drain(..).collect();
             let to_source: Vec<_> = self.target.outbox.drain(..).collect();
+            if to_target.is_empty() && to_source.is_empty() && self.target.scanning.is_some() {
+                // Nothing else can move: the target's scan is what everyone waits for.
+                self.target.finish_scan();
+                continue;
+            }
             if to_target.is_empty() && to_source.is_empty() {
                 let waiting = self.source.done.is_none() || self.target.done.is_none();
                 if !waiting || cut {
@@ -845,6 +878,97 @@ fn an_unchanged_tree_sends_no_file_and_commits_the_next_generation() {
     assert!(pair.source.files_sent.is_empty());
     assert_eq!(pair.target.last_generation, 2);
     assert_eq!(pair.target.live, gen1());
+}
+
+/// The real driver welcomes the source as soon as the store is open and scans the live dir
+/// while the source stops and scans. Whenever that scan finishes — before the manifest, inside
+/// it, after its end (which then waits) — the cycle does exactly what the plain sequence does.
+#[test]
+fn a_target_scan_that_finishes_late_changes_nothing_but_the_order() {
+    let plain = {
+        let mut pair = Pair::new(gen1(), Tree::default());
+        pair.run();
+        pair.next_cycle(gen2(), source_cfg(Mode::Sync, false));
+        pair.run();
+        pair
+    };
+    let plain_sent = plain.source.files_sent.clone();
+    for late in [0, 1, 2, 3, 5, 8, usize::MAX] {
+        let mut pair = Pair::new(gen1(), Tree::default());
+        pair.target.scan_late = Some(late);
+        pair.run();
+        pair.target.done.clone().unwrap().expect("first cycle");
+        pair.next_cycle(gen2(), source_cfg(Mode::Sync, false));
+        pair.target.scan_late = Some(late);
+        pair.run();
+        let report = pair.source.done.clone().unwrap().expect("second cycle");
+        assert_eq!(pair.target.live, gen2(), "late = {late}");
+        assert_eq!(report.generation, 2);
+        assert_eq!(pair.source.files_sent, plain_sent, "late = {late}");
+        // Welcome went out before the source's manifest ended, even when the scan had not.
+        let at = |name: &str| pair.log.iter().position(|(_, m)| m.starts_with(name));
+        assert!(at("Welcome").unwrap() < at("ManifestEnd").unwrap());
+        assert!(pair.target.scanning.is_none());
+    }
+}
+
+/// A scan that fails after `Welcome` went out is a refusal the source hears, and nothing is
+/// staged or committed.
+#[test]
+fn a_target_scan_that_fails_after_welcome_refuses_the_cycle() {
+    let mut pair = Pair::new(gen1(), Tree::default());
+    pair.target.scan_late = Some(usize::MAX);
+    pair.source.drive();
+    let hello: Vec<_> = pair.source.outbox.drain(..).collect();
+    for m in hello {
+        pair.target.receive(m);
+    }
+    pair.target.drive();
+    assert!(matches!(
+        pair.target.outbox.first(),
+        Some(TargetMsg::Welcome { .. })
+    ));
+    pair.target.scanning = None;
+    pair.target.session.handle_stack(Err(Refusal::Unavailable {
+        stack: "web".into(),
+        reason: "scanning: permission denied".into(),
+    }));
+    pair.target.drive();
+    pair.run();
+    let err = pair.source.done.clone().unwrap().unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    assert!(pair.target.done.clone().unwrap().is_err());
+    assert_eq!(pair.target.commits, 0);
+    assert!(pair.target.live.0.is_empty());
+    assert!(pair.source.running);
+}
+
+/// A source that keeps talking after its `ManifestEnd` while the target's scan is still
+/// running broke the protocol.
+#[test]
+fn a_message_after_manifest_end_while_the_scan_runs_is_a_protocol_violation() {
+    let mut target = TargetSide::new(Tree::default(), &flag_key());
+    target.scan_late = Some(usize::MAX);
+    target.receive(SourceMsg::Hello {
+        version: stackclone_proto::msg::PROTOCOL_VERSION,
+        stack: "web".into(),
+        mode: Mode::Sync,
+        max_delete: 0.5,
+    });
+    target.drive();
+    let empty = Manifest::new(vec![]).unwrap();
+    target.receive(SourceMsg::ManifestEnd {
+        pass: Pass::Final,
+        entries: 0,
+        root: empty.root(),
+    });
+    target.receive(SourceMsg::ManifestPart { entries: vec![] });
+    target.drive();
+    let err = target.done.clone().unwrap().unwrap_err();
+    assert!(
+        matches!(&err.cause, Cause::PeerMisbehaved(m) if m.contains("after ManifestEnd")),
+        "{err:?}"
+    );
 }
 
 /// The cycle cut after every single message: the target commits only if the flag arrived,

@@ -296,6 +296,17 @@ impl World {
     /// A pair with `docker = true` on both sides, the source's project up and healthy with
     /// `data/catalog.db` of `catalog` random bytes, and the target agent running.
     fn new(tag: &str, source_extra: &str, target_extra: &str, catalog: usize) -> World {
+        Self::with_compose(tag, source_extra, target_extra, catalog, COMPOSE)
+    }
+
+    /// As [`World::new`], with another compose file (`IMAGE` is replaced).
+    fn with_compose(
+        tag: &str,
+        source_extra: &str,
+        target_extra: &str,
+        catalog: usize,
+        compose: &str,
+    ) -> World {
         ensure_image();
         let src_proj = project_name(tag, "src");
         let tgt_proj = project_name(tag, "tgt");
@@ -314,7 +325,7 @@ impl World {
         });
         fsx::write(
             p.src.join("docker-compose.yml"),
-            COMPOSE.replace("IMAGE", IMAGE),
+            compose.replace("IMAGE", IMAGE),
         );
         fsx::mkdir(p.src.join("data"));
         fsx::write(p.src.join("data/catalog.db"), Rng::new(7).bytes(catalog));
@@ -557,6 +568,54 @@ fn start_order_follows_dependencies_on_both_sides() {
         src["app"].finished_at <= src["db"].finished_at,
         "source: db stopped before app"
     );
+}
+
+/// A cycle that finds nothing to change commits its generation without stopping the standby:
+/// its containers keep running, untouched. The next cycle with a change stops and starts them.
+#[test]
+fn a_cycle_with_nothing_to_change_leaves_the_standby_running() {
+    // The app of COMPOSE appends to data/log on every start, so no two cycles would ever find
+    // the same data; this one writes nothing on start.
+    let quiet = COMPOSE.replace(r#"echo \"started $$(hostname)\" >> /data/log; "#, "");
+    assert_ne!(quiet, COMPOSE);
+    let w = World::with_compose("nochange", "", "", MIB, &quiet);
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "first push failed:\n{dump}");
+    let created = assert_healthy(&w.tgt_proj, "the target after the first push");
+
+    let (ok, o, dump, t0, _) = w.push();
+    assert!(ok, "the unchanged push failed:\n{dump}");
+    assert_eq!(o["generation"], 2, "{dump}");
+    assert_eq!(o["files_sent"], 0, "{dump}");
+    assert_eq!(o["target_downtime_ms"], 0, "{dump}");
+    assert_eq!(w.p.target_generation(), 2);
+    let kept = assert_healthy(&w.tgt_proj, "the target after the unchanged push");
+    for (service, c) in &kept {
+        let was = &created[service];
+        assert_eq!(c.id, was.id, "target {service} was re-created");
+        assert!(
+            c.started_at == was.started_at && c.started_at < t0,
+            "target {service} was restarted by a cycle with nothing to change: {c:?}"
+        );
+    }
+    // The source was stopped for its final scan all the same: that is what makes the
+    // generation consistent, and it cannot know beforehand that nothing changed.
+    let src = wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+    assert!(src.values().all(|c| c.finished_at > t0), "{src:?}");
+
+    fsx::write(w.src_data("marker"), "changed\n");
+    let (ok, o, dump, t0, t1) = w.push();
+    assert!(ok, "the third push failed:\n{dump}");
+    assert!(o["target_downtime_ms"].as_u64().unwrap_or(0) > 0, "{dump}");
+    let restarted = assert_healthy(&w.tgt_proj, "the target after the third push");
+    for (service, c) in &restarted {
+        assert!(
+            c.finished_at > t0 && c.started_at > c.finished_at && c.started_at < t1,
+            "target {service} was not stopped and started for a real change: {c:?}"
+        );
+    }
+    assert_eq!(read(&w.live_data("marker")), b"changed\n");
+    assert_eq!(w.p.target_generation(), 3);
 }
 
 #[test]

@@ -357,9 +357,20 @@ impl StackStore {
         self.validate(&prepared.journal.ops)?;
         // One flush of the whole file system makes every staged object, prepared file and their
         // metadata durable before a journal can point at them (staged files are not fsynced one
-        // by one; the state dir and the live dir are on this same file system).
-        rustix::fs::syncfs(prep.fd())
-            .map_err(|e| self.io_err("syncfs", show(&prep_path), e.into()))?;
+        // by one; the state dir and the live dir are on this same file system). It also makes
+        // the new generation dir durable, which `Backup` ops move entries into. A commit with
+        // no `Place`, `Patch` or `Backup` op (nothing changed, or only new directories,
+        // symlinks and metadata) points at nothing unflushed: the record and the manifest were
+        // each written with an fsync, so it skips the flush.
+        let points_at_prepared = prepared
+            .journal
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::Place { .. } | Op::Patch { .. } | Op::Backup { .. }));
+        if points_at_prepared {
+            rustix::fs::syncfs(prep.fd())
+                .map_err(|e| self.io_err("syncfs", show(&prep_path), e.into()))?;
+        }
         self.next_token += 1;
         prepared.token = self.next_token;
         self.prepared = Some(prepared.token);
@@ -576,15 +587,7 @@ impl StackStore {
     /// generation. An error after it leaves the journal: [`StackStore::open`] (or
     /// [`StackStore::recover`]) finishes the commit.
     pub fn commit(&mut self, mut p: Prepared, now: i64) -> Result<CommitReport, StoreError> {
-        if self.prepared != Some(p.token) {
-            return Err(StoreError::NotPrepared {
-                stack: self.stack.clone(),
-                what: "this commit was not prepared by this store, or something else was \
-                       prepared or committed since; prepare it again"
-                    .into(),
-            });
-        }
-        self.prepared = None;
+        self.take_prepared(&p)?;
         // With the stack stopped: every file to patch must still be the one the patch (and
         // its undo) was made against. Nothing is journaled yet, so refusing leaves N-1.
         for op in &p.journal.ops {
@@ -614,6 +617,50 @@ impl StackStore {
         let before = self.scan_live(false)?.manifest;
         self.write_before(p.journal.state_after.generation, &before)?;
         self.run_journal(p.journal, p.manifest)
+    }
+
+    /// Commits a prepared generation that changes nothing in the live dir: its journal holds no
+    /// op but the end-of-backups marker, because the live scan the cycle began with was already
+    /// exactly the wanted tree. The target's stack need not stop for it, and the tree before it
+    /// is the tree it commits, so no scan is needed either: rolling it back changes no file.
+    /// The generation, its manifest and its record are written as for any commit, through the
+    /// same journal. Anything else is [`StoreError::NotPrepared`], and nothing is written.
+    pub fn commit_unchanged(
+        &mut self,
+        mut p: Prepared,
+        now: i64,
+    ) -> Result<CommitReport, StoreError> {
+        if let Some(op) = p
+            .journal
+            .ops
+            .iter()
+            .find(|op| !matches!(op, Op::EndBackups))
+        {
+            return Err(StoreError::NotPrepared {
+                stack: self.stack.clone(),
+                what: format!(
+                    "a commit without a stop must change nothing, and this one has {op:?}"
+                ),
+            });
+        }
+        self.take_prepared(&p)?;
+        p.journal.state_after.committed_at = Some(now);
+        self.write_before(p.journal.state_after.generation, &p.manifest)?;
+        self.run_journal(p.journal, p.manifest)
+    }
+
+    /// Accepts `p` once: it must be what this store prepared last.
+    fn take_prepared(&mut self, p: &Prepared) -> Result<(), StoreError> {
+        if self.prepared != Some(p.token) {
+            return Err(StoreError::NotPrepared {
+                stack: self.stack.clone(),
+                what: "this commit was not prepared by this store, or something else was \
+                       prepared or committed since; prepare it again"
+                    .into(),
+            });
+        }
+        self.prepared = None;
+        Ok(())
     }
 
     /// Saves the live tree as it was before commit `g`, in that commit's generation dir.

@@ -36,6 +36,9 @@
 //!    it writes and fsyncs the journal, applies the ops, fsyncs the touched directories, writes
 //!    `state`, removes the journal, clears staging and prunes old generations. Its duration
 //!    grows with the number of changed paths, never with their size.
+//!    [`StackStore::commit_unchanged`] is the same for a generation whose ops change nothing
+//!    (the live dir already was the wanted tree): the driver does not stop the stack for it, and
+//!    the tree it records as "before" is the tree it commits.
 //!
 //! ## Why any crash leaves exactly generation N-1 or N
 //!

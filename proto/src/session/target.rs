@@ -1,8 +1,9 @@
 //! The target side of a cycle.
 //!
 //! ```text
-//!  Hello ─► LoadStack ─► Welcome | Refused
-//!  per pass: manifest parts ─► ManifestEnd (checked: count, root, max_delete valve)
+//!  Hello ─► LoadStack ─► [opened ─► Welcome] ─► stack state | Refused
+//!  per pass: manifest parts ─► ManifestEnd (checked: count, root, max_delete valve; held until
+//!            the stack state is in)
 //!            ─► for each content not live and not staged: StageLocal (a live file has it) or
 //!               [Signature of the live basis ─►] Want ─► Receive ─► handle_staged
 //!            ─► PassDone
@@ -13,6 +14,11 @@
 //! did not change, and hardlinks or duplicates cost one transfer. The session never asks for a
 //! [`Commit`] unless the flag verified against the manifest it staged and every content that
 //! manifest needs is staged or already live at its path.
+//!
+//! The driver may say the store is open ([`TargetSession::handle_opened`]) before its scan of
+//! the live dir is done: `Welcome` then goes out at once, and the source stops its stack and
+//! scans while the target scans. A `ManifestEnd` that arrives first waits for the scan. A driver
+//! that only calls [`TargetSession::handle_stack`] gets the plain sequence.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -71,7 +77,8 @@ pub enum TargetAction {
     /// locked, opened or written for the peer yet: it is not known to be allowed.
     LookupStack { stack: String },
     /// The peer is allowed: take the stack's lock, recover and scan its live dir, list what is
-    /// staged; answer with [`TargetSession::handle_stack`].
+    /// staged; answer with [`TargetSession::handle_stack`], and, as soon as the store is open
+    /// (before the scan), optionally with [`TargetSession::handle_opened`].
     LoadStack { stack: String },
     /// Compute the delta signature of the live file at `basis`; answer with
     /// [`TargetSession::handle_signature`].
@@ -197,6 +204,11 @@ pub struct TargetSession {
     messages: VecDeque<TargetMsg>,
     actions: VecDeque<TargetAction>,
     parts: Vec<Entry>,
+    /// `Welcome` went out, with this generation, before the stack state was in (see the module
+    /// doc).
+    welcomed: Option<u64>,
+    /// A `ManifestEnd` (pass, entries, root) waiting for the stack state.
+    held_end: Option<(Pass, u64, Hash)>,
     manifest: Option<Manifest>,
     queue: VecDeque<Need>,
     in_flight: HashMap<u32, Need>,
@@ -218,6 +230,8 @@ impl TargetSession {
             messages: VecDeque::new(),
             actions: VecDeque::new(),
             parts: Vec::new(),
+            welcomed: None,
+            held_end: None,
             manifest: None,
             queue: VecDeque::new(),
             in_flight: HashMap::new(),
@@ -328,6 +342,9 @@ impl TargetSession {
                 self.state = State::LookingUp;
                 self.actions.push_back(TargetAction::LookupStack { stack });
             }
+            (State::Manifest, msg) if self.held_end.is_some() => {
+                self.misbehaved(format!("unexpected {} after ManifestEnd", short_name(&msg)))
+            }
             (State::Manifest, SourceMsg::ManifestPart { entries }) => {
                 if (self.parts.len() + entries.len()) as u64 > MAX_MANIFEST_ENTRIES {
                     return self.misbehaved(format!(
@@ -343,7 +360,13 @@ impl TargetSession {
                     entries,
                     root,
                 },
-            ) => self.manifest_end(pass, entries, root),
+            ) => {
+                if self.stack_state.is_some() {
+                    self.manifest_end(pass, entries, root)
+                } else {
+                    self.held_end = Some((pass, entries, root));
+                }
+            }
             (State::AwaitFlag, SourceMsg::Flag(flag)) => self.handle_flag(flag, now),
             (state, msg) => {
                 self.misbehaved(format!("unexpected {} while {state:?}", short_name(&msg)))
@@ -372,23 +395,55 @@ impl TargetSession {
         });
     }
 
+    /// The driver opened the stack's store (took its lock, recovered an interrupted commit);
+    /// its scan of the live dir is still running. The source is welcomed now, so that it stops
+    /// and scans its stack while this side scans; [`TargetSession::handle_stack`] follows.
+    pub fn handle_opened(&mut self, last_generation: u64) {
+        if self.state != State::LoadingStack {
+            return;
+        }
+        self.welcome(last_generation);
+        self.welcomed = Some(last_generation);
+    }
+
+    fn welcome(&mut self, last_generation: u64) {
+        self.messages.push_back(TargetMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            last_generation,
+        });
+        self.report.stack = self.stack.clone();
+        self.report.dry_run = self.mode == Mode::DryRun;
+        self.state = State::Manifest;
+    }
+
     /// The driver loaded the stack (took its lock, recovered and scanned it) or refuses it.
     pub fn handle_stack(&mut self, result: Result<StackState, Refusal>) {
-        if self.state != State::LoadingStack {
+        let waiting =
+            self.welcomed.is_some() && self.state == State::Manifest && self.stack_state.is_none();
+        if self.state != State::LoadingStack && !waiting {
             return;
         }
         let state = match result {
             Ok(s) => s,
             Err(refusal) => return self.refuse(refusal),
         };
-        self.messages.push_back(TargetMsg::Welcome {
-            version: PROTOCOL_VERSION,
-            last_generation: state.last_generation,
-        });
-        self.report.stack = self.stack.clone();
-        self.report.dry_run = self.mode == Mode::DryRun;
+        match self.welcomed {
+            None => self.welcome(state.last_generation),
+            Some(g) if g != state.last_generation => {
+                return self.fail(
+                    Cause::Local(format!(
+                        "the store was at generation {g} when opened and at {} after the scan",
+                        state.last_generation
+                    )),
+                    true,
+                );
+            }
+            Some(_) => {}
+        }
         self.stack_state = Some(state);
-        self.state = State::Manifest;
+        if let Some((pass, entries, root)) = self.held_end.take() {
+            self.manifest_end(pass, entries, root);
+        }
     }
 
     fn manifest_end(&mut self, pass: Pass, entries: u64, root: Hash) {
