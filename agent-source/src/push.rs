@@ -33,9 +33,20 @@ use crate::rate::RateLimit;
 use stackclone_common::control::StackControl;
 use stackclone_common::docker::{StartReport, StopReport};
 
-/// Files streamed at once. Enough to keep a LAN link busy with small files; each holds at most
-/// a couple of windows of memory.
+/// Files streamed at once. Enough to keep a LAN link busy with small files.
 const PARALLEL_FILES: usize = 8;
+
+/// Window bytes in flight over all files, in KiB: a file holds `min(size, WINDOW)` of it while
+/// it streams. A file with a full 16 MiB window also holds that window's chunks and their frames
+/// until they are on the stream, up to about 3 windows in all, so 8 big files at once would need
+/// some 400 MiB; this budget lets 3 big files (or any number of small ones up to
+/// [`PARALLEL_FILES`]) stream together, which keeps both cores busy and the source's peak RSS
+/// under 256 MiB (measured: bench/README.md).
+const WINDOW_BUDGET_KIB: u32 = 48 << 10;
+
+/// Messages queued between a file's reader thread and its stream writer: each can be a 4 MiB
+/// chunk, and one queued while the writer sends the other is all the overlap there is to gain.
+const FILE_QUEUE: usize = 2;
 
 /// Everything one cycle needs to know about its stack.
 #[derive(Debug, Clone)]
@@ -235,6 +246,7 @@ pub async fn run_cycle(
     });
 
     let files = Arc::new(Semaphore::new(PARALLEL_FILES));
+    let window_budget = Arc::new(Semaphore::new(WINDOW_BUDGET_KIB as usize));
     let rate = job.bandwidth_limit.map(|bps| Arc::new(RateLimit::new(bps)));
     let mut stats = CycleStats::default();
     let mut stopped_at: Option<Instant> = None;
@@ -325,11 +337,12 @@ pub async fn run_cycle(
                         compress: job.compress,
                         rate: rate.clone(),
                         permits: files.clone(),
+                        window_budget: window_budget.clone(),
                         progress: progress.clone(),
                     };
                     let tx = events_tx.clone();
                     tokio::spawn(async move {
-                        let result = send_file(ctx, id, path, basis).await;
+                        let result = send_file(ctx, id, path, size, basis).await;
                         let _ = tx.send(Event::FileSent { id, size, result });
                     });
                 }
@@ -442,6 +455,7 @@ struct FileCtx {
     compress: bool,
     rate: Option<Arc<RateLimit>>,
     permits: Arc<Semaphore>,
+    window_budget: Arc<Semaphore>,
     progress: Arc<CycleProgress>,
 }
 
@@ -451,11 +465,22 @@ async fn send_file(
     ctx: FileCtx,
     id: u32,
     path: StackPath,
+    size: u64,
     basis: Option<CheckedSignature>,
 ) -> Result<u64, String> {
     let _permit = ctx.permits.acquire().await.map_err(|e| e.to_string())?;
+    // The manifest's size; a file that grew since is still read in windows of at most WINDOW.
+    let kib = size
+        .min(stackclone_proto::delta::WINDOW as u64)
+        .div_ceil(1024)
+        .max(1) as u32;
+    let _window = ctx
+        .window_budget
+        .acquire_many(kib.min(WINDOW_BUDGET_KIB))
+        .await
+        .map_err(|e| e.to_string())?;
     let mut stream = ctx.conn.open_uni().await.map_err(|e| e.to_string())?;
-    let (tx, mut rx) = mpsc::channel::<SourceMsg>(4);
+    let (tx, mut rx) = mpsc::channel::<SourceMsg>(FILE_QUEUE);
     let (root, compress) = (ctx.root.clone(), ctx.compress);
     let reader =
         tokio::task::spawn_blocking(move || read_and_diff(&root, &path, basis, compress, id, &tx));

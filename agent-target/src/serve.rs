@@ -36,7 +36,9 @@ use crate::store::{
 };
 
 /// A cycle whose source sends nothing (no control message, no file data) for this long is ended:
-/// an authenticated peer must not hold a stack's lock forever. A commit under way is exempt.
+/// an authenticated peer must not hold a stack's lock forever. A commit under way is exempt, and
+/// so is the time the target spends scanning its own live dir (the source may be waiting for
+/// that scan, having sent its whole manifest).
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Bytes read at a time to compute a basis signature.
@@ -296,6 +298,8 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
     let signatures = Arc::new(tokio::sync::Semaphore::new(PARALLEL_SIGNATURES));
     let mut watchdog = tokio::time::interval(Duration::from_secs(5));
     let mut last_progress = (Instant::now(), 0u64);
+    // The live dir is being scanned: the source may be waiting for us, not we for it.
+    let mut scanning = false;
 
     let mut link_up = true;
     let mut reading = true;
@@ -321,6 +325,7 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
                             Some(g) => {
                                 guard = Some(g);
                                 served = Some(serve.clone());
+                                scanning = true;
                                 tokio::task::spawn_blocking(move || {
                                     let opened = Instant::now();
                                     let loaded = open_stack(&serve).and_then(|store| {
@@ -422,12 +427,17 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
             Some(ev) = events.recv() => match ev {
                 Event::Opened(generation) => session.handle_opened(generation),
                 Event::Stack(Ok((st, state))) => {
+                    scanning = false;
+                    last_progress.0 = Instant::now();
                     if let Ok(mut s) = store.lock() {
                         *s = Some(st);
                     }
                     session.handle_stack(Ok(state));
                 }
-                Event::Stack(Err(refusal)) => session.handle_stack(Err(refusal)),
+                Event::Stack(Err(refusal)) => {
+                    scanning = false;
+                    session.handle_stack(Err(refusal));
+                }
                 Event::Signature { id, result } => session.handle_signature(id, result),
                 Event::Staged { id, outcome } => session.handle_staged(id, outcome),
                 Event::Committed { result, store: st } => {
@@ -468,7 +478,10 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
                 let bytes = received.load(Ordering::Relaxed);
                 if bytes != last_progress.1 {
                     last_progress = (Instant::now(), bytes);
-                } else if !session.is_committing() && last_progress.0.elapsed() > STALL_TIMEOUT {
+                } else if !session.is_committing()
+                    && !scanning
+                    && last_progress.0.elapsed() > STALL_TIMEOUT
+                {
                     session.handle_connection_lost(&format!(
                         "no progress from the source for {} s",
                         STALL_TIMEOUT.as_secs()
