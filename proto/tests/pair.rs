@@ -944,7 +944,7 @@ fn a_target_scan_that_fails_after_welcome_refuses_the_cycle() {
 }
 
 /// A source that keeps talking after its `ManifestEnd` while the target's scan is still
-/// running broke the protocol.
+/// running broke the protocol, exactly as it would have once the transfer began.
 #[test]
 fn a_message_after_manifest_end_while_the_scan_runs_is_a_protocol_violation() {
     let mut target = TargetSide::new(Tree::default(), &flag_key());
@@ -966,9 +966,11 @@ fn a_message_after_manifest_end_while_the_scan_runs_is_a_protocol_violation() {
     target.drive();
     let err = target.done.clone().unwrap().unwrap_err();
     assert!(
-        matches!(&err.cause, Cause::PeerMisbehaved(m) if m.contains("after ManifestEnd")),
+        matches!(&err.cause, Cause::PeerMisbehaved(m)
+            if m == "unexpected ManifestPart while Transfer(Final)"),
         "{err:?}"
     );
+    assert_eq!(err.phase, stackclone_proto::msg::Phase::Transfer);
 }
 
 /// The cycle cut after every single message: the target commits only if the flag arrived,

@@ -558,16 +558,26 @@ impl Script {
     }
 }
 
-/// Runs `script`; `on_welcome` runs once the target has scanned its live dir and said
-/// `Welcome`. Returns how the cycle ended and every earlier message of the target.
+/// Runs `script`. `on_welcome` runs once the target said `Welcome` (its scan of the live dir may
+/// still be running then: the target welcomes first and scans while the source does), and
+/// `after_scan` once the target answered the manifest with its first `Want` or `PassDone`,
+/// which it can only do after its scan. Returns how the cycle ended and every earlier message
+/// of the target.
 async fn run_script(
     src_id: &Path,
     addr: SocketAddr,
     script: &Script,
     on_welcome: &dyn Fn(),
+    after_scan: &dyn Fn(),
 ) -> (End, Vec<TargetMsg>) {
     let mut peer = Peer::connect(src_id, addr, script.mode).await;
     on_welcome();
+    let mut scanned = false;
+    let mut after_scan = || {
+        if !std::mem::replace(&mut scanned, true) {
+            after_scan();
+        }
+    };
     for out in &script.out {
         match out {
             Out::Ctl(f) => {
@@ -584,6 +594,7 @@ async fn run_script(
         match peer.next().await {
             Err(why) => break End::Silent(why),
             Ok(TargetMsg::Want { id, path, basis }) => {
+                after_scan();
                 if let Some(answer) = &script.answer {
                     peer.file(&answer(id, &path, basis.is_some())).await;
                 }
@@ -594,6 +605,7 @@ async fn run_script(
                 });
             }
             Ok(m @ TargetMsg::PassDone { .. }) => {
+                after_scan();
                 if !passed {
                     passed = true;
                     peer.ctl(&script.after_pass).await;
@@ -621,7 +633,7 @@ struct Case {
     what: &'static str,
     script: Script,
     /// Changes the live dir once the target scanned it (a container racing the cycle).
-    on_welcome: Option<Box<dyn Fn()>>,
+    after_scan: Option<Box<dyn Fn()>>,
     /// What the target's `cycle failed` line (and what the client is told) must say.
     logged: String,
     /// The phase the `cycle failed` line names (empty: any).
@@ -641,7 +653,7 @@ impl Case {
         Case {
             what,
             script,
-            on_welcome: None,
+            after_scan: None,
             logged: logged.into(),
             phase,
             told: Told::Abort,
@@ -659,8 +671,8 @@ impl Case {
         self
     }
 
-    fn on_welcome(mut self, f: impl Fn() + 'static) -> Case {
-        self.on_welcome = Some(Box::new(f));
+    fn after_scan(mut self, f: impl Fn() + 'static) -> Case {
+        self.after_scan = Some(Box::new(f));
         self
     }
 }
@@ -737,12 +749,23 @@ fn check_cases(p: &Pair, cases: Vec<Case>) -> Vec<String> {
         let from = p.target_log().len();
         let before = std::cell::RefCell::new(None);
         let on_welcome = || {
-            if let Some(f) = &case.on_welcome {
-                f();
-            }
             *before.borrow_mut() = Some((world(p), snapshot(&p.live)));
         };
-        let (end, seen) = rt.block_on(run_script(&p.src_id, addr, &case.script, &on_welcome));
+        // What the racing "container" did is not the cycle's doing: the reference is taken
+        // again after it.
+        let after_scan = || {
+            if let Some(f) = &case.after_scan {
+                f();
+                on_welcome();
+            }
+        };
+        let (end, seen) = rt.block_on(run_script(
+            &p.src_id,
+            addr,
+            &case.script,
+            &on_welcome,
+            &after_scan,
+        ));
         let (world_before, live_before) = before.into_inner().expect("welcomed");
         let mut fail = |why: String| {
             failures.push(format!(
@@ -1230,7 +1253,7 @@ fn a_forged_replayed_or_misaddressed_flag_commits_nothing() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let addr: SocketAddr = format!("127.0.0.1:{}", p.port).parse().expect("addr");
     let good = cycle(flag(&key, status(2, root)));
-    let (end, seen) = rt.block_on(run_script(&p.src_id, addr, &good, &|| {}));
+    let (end, seen) = rt.block_on(run_script(&p.src_id, addr, &good, &|| {}, &|| {}));
     assert!(
         matches!(
             &end,
@@ -1492,7 +1515,7 @@ fn huge_declared_lengths_allocate_nothing_and_end_the_cycle() {
         mode: Mode::DryRun,
         ..Script::ctl(dry)
     };
-    let (end, _) = rt.block_on(run_script(&p.src_id, addr, &script, &|| {}));
+    let (end, _) = rt.block_on(run_script(&p.src_id, addr, &script, &|| {}, &|| {}));
     let log = log_since(&p, from);
     match &end {
         End::Told(TargetMsg::Plan(plan)) if plan.send_count == 2 => {}
@@ -1567,7 +1590,7 @@ fn a_symlink_in_the_live_dir_redirects_no_write() {
         )
         .told(Told::CommitFailed)
         .may_stage()
-        .on_welcome(move || {
+        .after_scan(move || {
             std::fs::remove_dir_all(&live_sub).expect("rm data/sub");
             fsx::ln_s(&outside2, &live_sub);
         }),
@@ -1593,7 +1616,7 @@ fn a_symlink_in_the_live_dir_redirects_no_write() {
         .after_pass(vec![flag(&key, status(2, root))]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let addr: SocketAddr = format!("127.0.0.1:{}", p.port).parse().expect("addr");
-    let (end, seen) = rt.block_on(run_script(&p.src_id, addr, &script, &|| {}));
+    let (end, seen) = rt.block_on(run_script(&p.src_id, addr, &script, &|| {}, &|| {}));
     assert!(
         matches!(
             &end,

@@ -18,7 +18,9 @@
 //! The driver may say the store is open ([`TargetSession::handle_opened`]) before its scan of
 //! the live dir is done: `Welcome` then goes out at once, and the source stops its stack and
 //! scans while the target scans. A `ManifestEnd` that arrives first waits for the scan. A driver
-//! that only calls [`TargetSession::handle_stack`] gets the plain sequence.
+//! that only calls [`TargetSession::handle_stack`] gets the plain sequence. A held end counts as
+//! the transfer (phase and errors alike), so what the source is told never depends on when the
+//! scan finished.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -208,7 +210,7 @@ pub struct TargetSession {
     /// doc).
     welcomed: Option<u64>,
     /// A `ManifestEnd` (pass, entries, root) waiting for the stack state.
-    held_end: Option<(Pass, u64, Hash)>,
+    held_end: Option<(Pass, Manifest)>,
     manifest: Option<Manifest>,
     queue: VecDeque<Need>,
     in_flight: HashMap<u32, Need>,
@@ -268,6 +270,7 @@ impl TargetSession {
     fn phase(&self) -> Phase {
         match self.state {
             State::AwaitHello | State::LookingUp | State::LoadingStack => Phase::Hello,
+            State::Manifest if self.held_end.is_some() => Phase::Transfer,
             State::Manifest => Phase::Manifest,
             State::Transfer(_) => Phase::Transfer,
             State::AwaitFlag => Phase::Flag,
@@ -342,8 +345,14 @@ impl TargetSession {
                 self.state = State::LookingUp;
                 self.actions.push_back(TargetAction::LookupStack { stack });
             }
-            (State::Manifest, msg) if self.held_end.is_some() => {
-                self.misbehaved(format!("unexpected {} after ManifestEnd", short_name(&msg)))
+            // A held manifest end is the transfer already, as far as the source can tell: the
+            // same message gets the same answer whether or not the scan has finished.
+            (State::Manifest, msg) if let Some((pass, ..)) = self.held_end => {
+                self.misbehaved(format!(
+                    "unexpected {} while {:?}",
+                    short_name(&msg),
+                    State::Transfer(pass)
+                ))
             }
             (State::Manifest, SourceMsg::ManifestPart { entries }) => {
                 if (self.parts.len() + entries.len()) as u64 > MAX_MANIFEST_ENTRIES {
@@ -360,13 +369,7 @@ impl TargetSession {
                     entries,
                     root,
                 },
-            ) => {
-                if self.stack_state.is_some() {
-                    self.manifest_end(pass, entries, root)
-                } else {
-                    self.held_end = Some((pass, entries, root));
-                }
-            }
+            ) => self.manifest_end(pass, entries, root),
             (State::AwaitFlag, SourceMsg::Flag(flag)) => self.handle_flag(flag, now),
             (state, msg) => {
                 self.misbehaved(format!("unexpected {} while {state:?}", short_name(&msg)))
@@ -441,8 +444,8 @@ impl TargetSession {
             Some(_) => {}
         }
         self.stack_state = Some(state);
-        if let Some((pass, entries, root)) = self.held_end.take() {
-            self.manifest_end(pass, entries, root);
+        if let Some((pass, manifest)) = self.held_end.take() {
+            self.plan(pass, manifest);
         }
     }
 
@@ -464,6 +467,17 @@ impl TargetSession {
         if self.mode == Mode::DryRun && pass == Pass::Precopy {
             return self.misbehaved("pre-copy pass in a dry run");
         }
+        // The manifest itself is checked at once; what it means for this stack waits for the
+        // scan of the live dir if that is still running.
+        if self.stack_state.is_some() {
+            self.plan(pass, manifest);
+        } else {
+            self.held_end = Some((pass, manifest));
+        }
+    }
+
+    /// Compares a checked manifest with the live dir: the `max_delete` valve, then the needs.
+    fn plan(&mut self, pass: Pass, manifest: Manifest) {
         let Some(stack) = self.stack_state.as_ref() else {
             return self.fail(Cause::Local("no stack state".into()), true);
         };
