@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  Hello ─► LoadStack ─► [opened ─► Welcome] ─► stack state | Refused
-//!  per pass: manifest parts ─► ManifestEnd (checked: count, root, max_delete valve; held until
-//!            the stack state is in)
+//!  per pass: manifest parts ─► ManifestEnd (checked: count, root; then, once the stack state
+//!            is in, the max_delete valve)
 //!            ─► for each content not live and not staged: StageLocal (a live file has it) or
 //!               [Signature of the live basis ─►] Want ─► Receive ─► handle_staged
 //!            ─► PassDone
@@ -209,7 +209,8 @@ pub struct TargetSession {
     /// `Welcome` went out, with this generation, before the stack state was in (see the module
     /// doc).
     welcomed: Option<u64>,
-    /// A `ManifestEnd` (pass, entries, root) waiting for the stack state.
+    /// A manifest that ended and passed its own checks (count, rules, root), with its pass,
+    /// waiting for the stack state to be planned against.
     held_end: Option<(Pass, Manifest)>,
     manifest: Option<Manifest>,
     queue: VecDeque<Need>,
