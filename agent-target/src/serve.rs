@@ -637,39 +637,30 @@ fn with_store<T>(
     f(st).map_err(|e| e.to_string())
 }
 
-fn unavailable(serve: &StackServe, reason: String) -> Refusal {
+fn unavailable(stack: &str, reason: impl ToString) -> Refusal {
     Refusal::Unavailable {
-        stack: serve.stack.clone(),
-        reason,
+        stack: stack.to_string(),
+        reason: reason.to_string(),
     }
 }
 
 /// Opens the stack's store: takes its lock and recovers an interrupted commit.
 fn open_stack(serve: &StackServe) -> Result<StackStore, Refusal> {
-    StackStore::open(serve.store.clone()).map_err(|e| unavailable(serve, e.to_string()))
+    StackStore::open(serve.store.clone()).map_err(|e| unavailable(&serve.stack, e))
 }
 
 /// Scans the live dir of an open store and lists what is staged. `started` is when the
 /// opening began, for the log.
 fn scan_stack(store: StackStore, started: Instant) -> Result<(StackStore, StackState), Refusal> {
-    let stack = store.stack().to_string();
-    let unavailable = |reason: String| Refusal::Unavailable {
-        stack: stack.clone(),
-        reason,
-    };
+    let refuse = |e: StoreError| unavailable(store.stack(), e);
     let opened = started.elapsed();
-    let live = store
-        .scan_live(false)
-        .map_err(|e| unavailable(e.to_string()))?
-        .manifest;
-    let staged = store.staged().map_err(|e| unavailable(e.to_string()))?;
+    let live = store.scan_live(false).map_err(refuse)?.manifest;
+    let staged = store.staged().map_err(refuse)?;
     let state = StackState {
         last_generation: store.last_generation(),
         live,
         staged,
-        staged_in_place: store
-            .staged_in_place()
-            .map_err(|e| unavailable(e.to_string()))?,
+        staged_in_place: store.staged_in_place().map_err(refuse)?,
     };
     debug!(
         open_ms = opened.as_millis() as u64,
@@ -973,7 +964,7 @@ async fn commit_stack(
         ms = started.elapsed().as_millis() as u64,
         "commit prepared"
     );
-    if generation > 1 && commit.changes().is_empty() {
+    if commit.without_stop() {
         let applied = tokio::task::block_in_place(|| store.commit_unchanged(prepared, unix_now()));
         return match applied {
             Ok(_) => {

@@ -706,7 +706,7 @@ fn an_unchanged_generation_commits_without_touching_the_live_dir_and_rolls_back_
     assert!(matches!(err, StoreError::NotPrepared { .. }), "{err}");
     assert_eq!(store.last_generation(), 1);
     assert_eq!(fingerprint(&e.live), before);
-    // It was consumed: the real commit needs a fresh prepare.
+    // The refused `Prepared` went into that call: the real commit prepares again.
     let c = cycle(&mut store, &src2, 3).unwrap();
     let p = store.prepare(&c).unwrap();
     store.commit(p, NOW).unwrap();

@@ -530,9 +530,7 @@ impl Walker<'_> {
             }
         };
         let (size, hash, stat, stable, from_cache) = if let Some((size, hash)) = known {
-            let from_cache =
-                !self.cfg.checksum && self.loaded.lookup(rel.as_bytes(), &key) == Some(hash);
-            (size, hash, md.clone(), true, from_cache)
+            (size, hash, md.clone(), true, cached() == Some(hash))
         } else if let Some(hash) = cached() {
             self.stats.files_from_cache += 1;
             (md.size(), hash, md.clone(), true, true)

@@ -554,8 +554,8 @@ pub struct FileSender<'a> {
     block_size: u32,
     mode: SendMode,
     config: SenderConfig,
-    /// The level and a context from [`pool`], given back when the sender is dropped.
-    compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    /// A context for `config.zstd_level` from [`pool`], given back when the sender is dropped.
+    compressor: Option<zstd::bulk::Compressor<'static>>,
     hasher: blake3::Hasher,
     len: u64,
     windows: u64,
@@ -577,7 +577,7 @@ impl fmt::Debug for FileSender<'_> {
 
 impl Drop for FileSender<'_> {
     fn drop(&mut self) {
-        if let Some((level, compressor)) = self.compressor.take() {
+        if let (Some(level), Some(compressor)) = (self.config.zstd_level, self.compressor.take()) {
             pool::give_back(level, compressor);
         }
     }
@@ -597,14 +597,14 @@ mod pool {
     static POOL: Mutex<Vec<(i32, Ctx)>> = Mutex::new(Vec::new());
 
     /// A context for `level`, from the pool or new.
-    pub(super) fn take(level: i32) -> std::io::Result<(i32, Ctx)> {
+    pub(super) fn take(level: i32) -> std::io::Result<Ctx> {
         let reused = POOL.lock().ok().and_then(|mut pool| {
             let at = pool.iter().rposition(|(l, _)| *l == level)?;
-            Some(pool.swap_remove(at))
+            Some(pool.swap_remove(at).1)
         });
         match reused {
             Some(ctx) => Ok(ctx),
-            None => Ok((level, Ctx::new(level)?)),
+            None => Ctx::new(level),
         }
     }
 
@@ -702,7 +702,7 @@ impl<'a> FileSender<'a> {
     }
 
     fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
-        let (_, compressor) = self.compressor.as_mut()?;
+        let compressor = self.compressor.as_mut()?;
         // Capacity one byte short of the input: zstd fails with "destination too small" exactly
         // when compression would not pay, so any error here means "send raw"; nothing is lost.
         let mut out = Vec::with_capacity(data.len().saturating_sub(1));

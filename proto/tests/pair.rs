@@ -341,6 +341,8 @@ struct TargetSide {
     outbox: Vec<TargetMsg>,
     done: Option<Result<TargetReport, CycleError>>,
     commits: u32,
+    /// Of those, commits the session said need no stop of the stack.
+    commits_without_stop: u32,
     /// Paths the session asked to receive in place.
     in_place: Vec<StackPath>,
     /// Times the session asked to lock and scan the stack.
@@ -365,6 +367,7 @@ impl TargetSide {
             outbox: vec![],
             done: None,
             commits: 0,
+            commits_without_stop: 0,
             in_place: vec![],
             loads: 0,
             scan_late: None,
@@ -559,6 +562,7 @@ impl TargetSide {
                     self.staged.clear();
                     self.last_generation = commit.generation();
                     self.commits += 1;
+                    self.commits_without_stop += u32::from(commit.without_stop());
                     self.session.handle_committed(Ok(42));
                 }
                 TargetAction::Done(result) => self.done = Some(result),
@@ -851,6 +855,10 @@ fn second_cycle_sends_only_changes_and_uses_deltas_and_local_copies() {
         .expect("second cycle failed");
     assert_eq!(pair.target.live, gen2());
     assert_eq!(pair.target.last_generation, 2);
+    assert_eq!(
+        pair.target.commits_without_stop, 0,
+        "a real change stops the stack"
+    );
     // Only the edited big file and the new files cross; the renamed file is copied locally.
     let mut sent: Vec<_> = pair
         .source
@@ -878,6 +886,11 @@ fn an_unchanged_tree_sends_no_file_and_commits_the_next_generation() {
     assert!(pair.source.files_sent.is_empty());
     assert_eq!(pair.target.last_generation, 2);
     assert_eq!(pair.target.live, gen1());
+    // The first generation stops the stack (it brings it up); the unchanged one need not.
+    assert_eq!(
+        (pair.target.commits, pair.target.commits_without_stop),
+        (2, 1)
+    );
 }
 
 /// The real driver welcomes the source as soon as the store is open and scans the live dir

@@ -150,6 +150,12 @@ impl Commit {
     pub fn changes(&self) -> &Changes {
         &self.changes
     }
+    /// Whether the driver commits this generation without stopping the stack: the live dir,
+    /// scanned as the cycle began, already is the wanted tree, and it is not the first
+    /// generation (the first is the one that brings the stack up).
+    pub fn without_stop(&self) -> bool {
+        self.generation() > 1 && self.changes.is_empty()
+    }
 }
 
 /// What a cycle did on the target.
