@@ -114,15 +114,23 @@ pub fn show(p: &[u8]) -> String {
 
 /// Walks `root` without following any symlink and records every path below it.
 pub fn snapshot(root: &Path) -> Tree {
+    snapshot_without(root, &[])
+}
+
+/// [`snapshot`] of `root` without the subtrees `skip` names (paths relative to `root`), which
+/// are never read: a directory another process writes in meanwhile (an agent's state dir, where
+/// files are created and renamed away) cannot make the walk fail, as [`Tree::without`] applied
+/// after a whole walk could.
+pub fn snapshot_without(root: &Path, skip: &[&str]) -> Tree {
     let mut tree = Tree {
         root: root.to_path_buf(),
         nodes: BTreeMap::new(),
     };
-    walk(root, &mut Vec::new(), &mut tree.nodes);
+    walk(root, &mut Vec::new(), &mut tree.nodes, skip);
     tree
 }
 
-fn walk(dir: &Path, rel: &mut Vec<u8>, out: &mut BTreeMap<Vec<u8>, Node>) {
+fn walk(dir: &Path, rel: &mut Vec<u8>, out: &mut BTreeMap<Vec<u8>, Node>, skip: &[&str]) {
     let mut names: Vec<_> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
         .map(|e| e.expect("read_dir entry").file_name())
@@ -135,11 +143,15 @@ fn walk(dir: &Path, rel: &mut Vec<u8>, out: &mut BTreeMap<Vec<u8>, Node>) {
             rel.push(b'/');
         }
         rel.extend_from_slice(name.as_bytes());
+        if skip.iter().any(|s| s.as_bytes() == rel.as_slice()) {
+            rel.truncate(len);
+            continue;
+        }
         let node = node(&path);
         let is_dir = node.kind == Kind::Dir;
         out.insert(rel.clone(), node);
         if is_dir {
-            walk(&path, rel, out);
+            walk(&path, rel, out, skip);
         }
         rel.truncate(len);
     }
