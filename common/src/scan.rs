@@ -407,7 +407,10 @@ impl Walker<'_> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let fd = match rustix::fs::open(&dir.abs, flags, Mode::empty()) {
             Ok(fd) => fd,
-            Err(Errno::LOOP | Errno::NOTDIR | Errno::NOENT) => {
+            // Removed since its lstat, as a running service may: it is gone, and so are its
+            // children.
+            Err(Errno::NOENT) => return Ok(Vec::new()),
+            Err(Errno::LOOP | Errno::NOTDIR) => {
                 return Err(ScanError::Changed {
                     path: dir.abs.clone(),
                 });
@@ -462,7 +465,10 @@ impl Walker<'_> {
                 return Ok(());
             }
             if ft.is_dir() {
-                let entry = self.entry(&abs, rel.clone(), EntryKind::Dir, &md)?;
+                let Some(entry) = self.entry(&abs, rel.clone(), EntryKind::Dir, &md)? else {
+                    self.skip(rel, SkipReason::Vanished);
+                    return Ok(());
+                };
                 self.push(entry, &md, None);
                 if md.dev() == self.root_dev {
                     stack.push(PendingDir {
@@ -556,7 +562,10 @@ impl Walker<'_> {
             hash,
             link_group: None,
         };
-        let entry = self.entry(abs, rel.clone(), kind, &stat)?;
+        let Some(entry) = self.entry(abs, rel.clone(), kind, &stat)? else {
+            self.skip(rel.clone(), SkipReason::Vanished);
+            return Ok(Visit::Done);
+        };
         self.push(entry, &stat, inode);
         Ok(Visit::Done)
     }
@@ -635,24 +644,29 @@ impl Walker<'_> {
         Ok((size, hasher.finalize().into()))
     }
 
+    /// The entry for what `md` describes, with its xattrs; `None` if it vanished meanwhile (a
+    /// running service deletes files while it is scanned: PostgreSQL recycles WAL segments).
     fn entry(
         &self,
         abs: &Path,
         path: StackPath,
         kind: EntryKind,
         md: &Metadata,
-    ) -> Result<Entry, ScanError> {
+    ) -> Result<Option<Entry>, ScanError> {
         let xattrs = if self.cfg.xattrs {
-            user_xattrs(abs)?
+            match user_xattrs(abs)? {
+                Some(x) => x,
+                None => return Ok(None),
+            }
         } else {
             Vec::new()
         };
-        Ok(Entry {
+        Ok(Some(Entry {
             path,
             kind,
             meta: meta(md),
             xattrs,
-        })
+        }))
     }
 
     fn push(&mut self, entry: Entry, md: &Metadata, inode: Option<(u64, u64)>) {
@@ -693,16 +707,17 @@ fn meta(md: &Metadata) -> Meta {
     }
 }
 
-/// The `user.*` extended attributes of `path` (not following a symlink), sorted by name. A file
-/// system without xattr support has none.
-fn user_xattrs(path: &Path) -> Result<Vec<Xattr>, ScanError> {
+/// The `user.*` extended attributes of `path` (not following a symlink), sorted by name; `None`
+/// if nothing is at `path` any more. A file system without xattr support has none.
+fn user_xattrs(path: &Path) -> Result<Option<Vec<Xattr>>, ScanError> {
     let err = |e: Errno| ScanError::Xattr {
         path: path.to_path_buf(),
         source: e.into(),
     };
     let names = match read_sized(|buf| rustix::fs::llistxattr(path, buf)) {
         Ok(names) => names,
-        Err(Errno::NOTSUP) => return Ok(Vec::new()),
+        Err(Errno::NOTSUP) => return Ok(Some(Vec::new())),
+        Err(Errno::NOENT) => return Ok(None),
         Err(e) => return Err(err(e)),
     };
     let mut xattrs = Vec::new();
@@ -714,6 +729,7 @@ fn user_xattrs(path: &Path) -> Result<Vec<Xattr>, ScanError> {
             Ok(v) => v,
             // Removed between list and get.
             Err(Errno::NODATA) => continue,
+            Err(Errno::NOENT) => return Ok(None),
             Err(e) => return Err(err(e)),
         };
         xattrs.push(Xattr {
@@ -722,7 +738,7 @@ fn user_xattrs(path: &Path) -> Result<Vec<Xattr>, ScanError> {
         });
     }
     xattrs.sort();
-    Ok(xattrs)
+    Ok(Some(xattrs))
 }
 
 /// Calls `f` with a growing buffer until what it returns fits (`ERANGE` means it did not).

@@ -621,3 +621,51 @@ fn other_filesystems_are_an_empty_dir_and_listed() {
         }]
     );
 }
+
+/// What a running database does to its data dir while it is scanned (the target scans its
+/// standby's running tree): files and whole directories appear and disappear between the
+/// listing, the `lstat`, the read and the xattrs. Every scan must succeed; what vanished is
+/// simply not in the manifest (it was once reported "reading extended attributes of
+/// pg_wal/…: No such file or directory", which refused the cycle).
+#[test]
+fn files_and_dirs_that_vanish_while_the_tree_is_scanned_are_skipped_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    for i in 0..200 {
+        write(&root, format!("stable/{i}"), b"kept");
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (root, stop) = (root.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // New names only: a directory *replaced* by another of the same name mid-scan is
+            // still an error (see `ScanError::Changed`), one that is gone is not.
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let d = root.join(format!("wal/{}", n / 16));
+                let _ = fs::create_dir_all(&d);
+                let _ = fs::write(d.join(format!("seg{n}")), vec![7u8; 8192]);
+                let _ = fs::remove_file(d.join(format!("seg{}", n.saturating_sub(4))));
+                if n.is_multiple_of(16) && n >= 32 {
+                    let _ = fs::remove_dir_all(root.join(format!("wal/{}", n / 16 - 2)));
+                }
+                n += 1;
+            }
+        })
+    };
+    for _ in 0..200 {
+        let scanned = scan_with(&root, |_| {});
+        assert!(
+            scanned
+                .manifest
+                .entries()
+                .iter()
+                .filter(|e| e.path.as_bytes().starts_with(b"stable/"))
+                .count()
+                == 200,
+            "a stable file went missing"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    churn.join().unwrap();
+}
