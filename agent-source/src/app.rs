@@ -57,8 +57,13 @@ pub struct PushOutcome {
     pub bytes: u64,
     pub files_sent: u64,
     pub bytes_sent: u64,
+    /// How long this cycle kept the stack stopped, also when it failed.
     pub source_downtime_ms: Option<u64>,
     pub target_downtime_ms: Option<u64>,
+    /// Services Docker had to kill at their stop timeout on this host (their copy is
+    /// crash-consistent only) and on the standby.
+    pub stop_killed: Vec<String>,
+    pub standby_killed: Vec<String>,
     pub duration_ms: u64,
     pub error: Option<String>,
     /// Dry run only.
@@ -119,7 +124,8 @@ impl Agent {
     /// One cycle of `job` with everything around it: Docker control, the status file, metrics
     /// and alerts. The caller holds the stack's [`StackLock`]. With `alerts_in_background` a
     /// hanging alert channel cannot delay the caller (the daemon); without, alerts are sent
-    /// before this returns (a one-shot `push`, which exits next).
+    /// before this returns (a one-shot `push`, which exits next). What the cycle measured comes
+    /// back however it ended (a failed cycle may have kept the stack down too).
     pub async fn cycle(
         &self,
         job: &StackJob,
@@ -127,10 +133,10 @@ impl Agent {
         shutdown: tokio::sync::watch::Receiver<bool>,
         progress: &Arc<CycleProgress>,
         alerts_in_background: bool,
-    ) -> Result<CycleStats, PushError> {
-        let result = match control_for(job, mode).await {
+    ) -> (CycleStats, Result<(), PushError>) {
+        let (stats, result) = match control_for(job, mode).await {
             Ok(control) => run_cycle(&self.ctx, job, mode, control, shutdown, progress).await,
-            Err(e) => Err(e),
+            Err(e) => (CycleStats::default(), Err(e)),
         };
         if let Err(e) = &result {
             warn!(
@@ -138,16 +144,40 @@ impl Agent {
                 peer = %job.target_name,
                 phase = %e.phase(),
                 error = %e,
+                source_downtime_ms = stats.source_downtime.map(|d| d.as_millis() as u64),
                 "cycle failed"
             );
         }
         if mode == Mode::DryRun {
-            return result;
+            return (stats, result);
         }
-        record(&self.state_dir, job, &result);
+        record(&self.state_dir, job, &stats, &result);
         let ops = &self.ops;
-        let alert = match &result {
-            Ok(stats) => {
+        let mut alerts = Vec::new();
+        if !stats.stop_killed.is_empty() {
+            for service in &stats.stop_killed {
+                ops.metrics.record_stop_killed(&job.stack, service);
+            }
+            warn!(stack = %job.stack, services = ?stats.stop_killed,
+                "services did not exit within their stop timeout; Docker killed them, so this \
+                 copy of their data is crash-consistent only");
+        }
+        // A failed cycle's alert says it (`on_stop_timeout = "fail"`); a shipped copy's must too.
+        if !stats.stop_killed.is_empty() && result.is_ok() {
+            alerts.push(Alert::warning(
+                &ops.host,
+                &job.stack,
+                &format!(
+                    "{} did not exit within the stop timeout and Docker killed it: the copy of \
+                     its data on the standby is crash-consistent only (it runs crash recovery \
+                     when it starts). Raise `stop_timeout` for this stack, or set \
+                     on_stop_timeout = \"fail\" to refuse such copies",
+                    stats.stop_killed.join(", ")
+                ),
+            ));
+        }
+        alerts.push(match &result {
+            Ok(()) => {
                 ops.metrics.record_cycle(
                     &job.stack,
                     SystemTime::now(),
@@ -181,14 +211,16 @@ impl Agent {
                 ops.metrics.record_failure(&job.stack, &phase);
                 Alert::failure(&ops.host, &job.stack, &phase, &e.to_string())
             }
+        });
+        for alert in alerts {
+            let alert = alert.with_peer(&job.target_name);
+            if alerts_in_background {
+                ops.alert_in_background(alert);
+            } else {
+                ops.alert(alert).await;
+            }
         }
-        .with_peer(&job.target_name);
-        if alerts_in_background {
-            ops.alert_in_background(alert);
-        } else {
-            ops.alert(alert).await;
-        }
-        result
+        (stats, result)
     }
 }
 
@@ -241,12 +273,16 @@ pub async fn push(
         };
         let progress = CycleProgress::new();
         let watch = viewer.watch(&job.stack, progress.clone());
-        let result = agent
+        let (stats, result) = agent
             .cycle(job, opts.mode, shutdown.clone(), &progress, false)
             .await;
         watch.finish().await;
-        out.push(outcome(job, result));
+        out.push(outcome(job, &stats, result));
     }
+    // Progress lines out before the caller prints the summary; bounded, so that a stdout nobody
+    // reads cannot keep the process from ending.
+    let flushed = tokio::task::spawn_blocking(move || viewer.finish());
+    let _ = tokio::time::timeout(Duration::from_secs(5), flushed).await;
     if opts.mode == Mode::Sync
         && let Some(url) = &cfg.push_gateway
         && let Err(e) = metrics::push_gateway(url, "stackclone-source", &agent.ops.metrics).await
@@ -268,6 +304,8 @@ fn refused(job: &StackJob, error: &str, took: Duration) -> PushOutcome {
         bytes_sent: 0,
         source_downtime_ms: None,
         target_downtime_ms: None,
+        stop_killed: Vec::new(),
+        standby_killed: Vec::new(),
         duration_ms: took.as_millis() as u64,
         error: Some(error.to_owned()),
         plan: None,
@@ -308,20 +346,31 @@ fn job_from(
         stop: stack.stop,
         allow_empty: stack.allow_empty,
         max_delete: stack.max_delete.get(),
+        on_stop_timeout: stack.on_stop_timeout,
         checksum: stack.checksum,
         compress: stack.compress,
         bandwidth_limit: stack.bandwidth_limit.map(|b| b.get()),
         cache: Some(common.state_dir.join(format!("{}.hashcache", stack.name))),
-        compose: stack.docker.then(|| {
-            ComposeConfig::for_source(stack)
-                .with_restart_record(restart_record(&common.state_dir, &stack.name))
-        }),
+        compose: compose_config(stack, &common.state_dir),
         target_name,
         target_addr,
     }
 }
 
-fn record(dir: &std::path::Path, job: &StackJob, result: &Result<CycleStats, PushError>) {
+/// The Compose project of a stack with `docker = true`, recording what its stops stop in the
+/// state dir.
+fn compose_config(stack: &SourceStack, state_dir: &Path) -> Option<ComposeConfig> {
+    stack.docker.then(|| {
+        ComposeConfig::for_source(stack).with_restart_record(restart_record(state_dir, &stack.name))
+    })
+}
+
+fn record(
+    dir: &std::path::Path,
+    job: &StackJob,
+    stats: &CycleStats,
+    result: &Result<(), PushError>,
+) {
     let mut st = status::load(dir, &job.stack)
         .ok()
         .flatten()
@@ -333,7 +382,7 @@ fn record(dir: &std::path::Path, job: &StackJob, result: &Result<CycleStats, Pus
     let now = crate::push::unix_now();
     st.last_attempt_at = Some(now);
     match result {
-        Ok(stats) => {
+        Ok(()) => {
             st.generation = stats.report.generation;
             st.committed_at = Some(now);
             st.files = stats.report.files;
@@ -350,23 +399,22 @@ fn record(dir: &std::path::Path, job: &StackJob, result: &Result<CycleStats, Pus
     }
 }
 
-fn outcome(job: &StackJob, result: Result<CycleStats, PushError>) -> PushOutcome {
-    match result {
-        Ok(s) => PushOutcome {
-            stack: job.stack.clone(),
-            ok: true,
-            generation: s.report.generation,
-            files: s.report.files,
-            bytes: s.report.bytes,
-            files_sent: s.report.files_sent,
-            bytes_sent: s.bytes_sent,
-            source_downtime_ms: s.source_downtime.map(|d| d.as_millis() as u64),
-            target_downtime_ms: s.report.target_downtime_ms,
-            duration_ms: s.duration.as_millis() as u64,
-            error: None,
-            plan: s.report.plan.as_ref().map(plan_json),
-        },
-        Err(e) => refused(job, &e.to_string(), Duration::ZERO),
+fn outcome(job: &StackJob, s: &CycleStats, result: Result<(), PushError>) -> PushOutcome {
+    PushOutcome {
+        stack: job.stack.clone(),
+        ok: result.is_ok(),
+        generation: s.report.generation,
+        files: s.report.files,
+        bytes: s.report.bytes,
+        files_sent: s.report.files_sent,
+        bytes_sent: s.bytes_sent,
+        source_downtime_ms: s.source_downtime.map(|d| d.as_millis() as u64),
+        target_downtime_ms: s.report.target_downtime_ms,
+        stop_killed: s.stop_killed.clone(),
+        standby_killed: s.report.standby_killed.clone(),
+        duration_ms: s.duration.as_millis() as u64,
+        error: result.err().map(|e| e.to_string()),
+        plan: s.report.plan.as_ref().map(plan_json),
     }
 }
 
@@ -401,24 +449,29 @@ pub fn status(common: &Common) -> anyhow::Result<Vec<StackStatus>> {
         .collect()
 }
 
-/// A flag that turns true on SIGTERM or SIGINT: a cycle under way then ends cleanly (its stack
-/// started again, nothing committed on the target unless the flag was already out).
+/// A flag that turns true on SIGTERM, SIGINT or SIGHUP: a cycle under way then ends cleanly
+/// (its stack started again, nothing committed on the target unless the flag was already out).
+///
+/// SIGHUP is what a push typed by hand gets when its terminal or SSH session closes; by default
+/// it would kill the process on the spot, with the primary's stack perhaps stopped.
 pub fn shutdown_on_signal() -> tokio::sync::watch::Receiver<bool> {
     use tokio::signal::unix::{SignalKind, signal};
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
-        warn!("cannot listen for SIGTERM/SIGINT; a signal will kill a cycle abruptly");
+        warn!("cannot listen for SIGTERM/SIGINT/SIGHUP; a signal will kill a cycle abruptly");
         return rx;
     };
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        warn!("signal received: ending the current cycle");
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = hup.recv() => "SIGHUP",
+        };
+        warn!(signal = name, "signal received: ending the current cycle");
         let _ = tx.send(true);
     });
     rx
@@ -449,27 +502,90 @@ async fn control_for(job: &StackJob, mode: Mode) -> Result<Arc<dyn StackControl>
     }
 }
 
-/// Starts what a killed cycle of `job` left stopped, unless a cycle of it is running (which
-/// recovers it itself). The daemon does this when a stack's task starts, so a stack is not
-/// left down until its next firing.
-pub async fn recover_stopped(job: &StackJob, state_dir: &Path) {
-    let Some(cfg) = &job.compose else { return };
+/// What [`recover_stopped`] found and did for one stack.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Recovery {
+    /// No restart record: nothing was left stopped (or the stack is data-only).
+    Nothing,
+    /// A cycle of the stack holds its lock; it starts the stack itself when it ends.
+    Busy,
+    /// A process that died with the stack stopped left a record: these containers were started
+    /// again (the record is gone).
+    Started { containers: Vec<String> },
+    /// There was a record, and the stack is still not (fully) up.
+    Failed { error: String },
+}
+
+/// Starts what a process that died in a cycle of `job` left stopped (its restart record,
+/// `<state-dir>/<stack>.stopped.json`), unless a cycle of the stack is running: its lock is
+/// taken first, so a live cycle's own record is never touched (the kernel drops a dead
+/// process's lock). The daemon runs this for every stack when it starts and every
+/// [`crate::daemon::SWEEP`]; `stackclone-source recover` runs it by hand or from systemd's
+/// `ExecStopPost=`.
+pub async fn recover_stopped(
+    stack: &str,
+    compose: Option<&ComposeConfig>,
+    state_dir: &Path,
+) -> Recovery {
+    let Some(cfg) = compose else {
+        return Recovery::Nothing;
+    };
     if !cfg.restart_record.as_ref().is_some_and(|p| p.exists()) {
-        return;
+        return Recovery::Nothing;
     }
-    let _lock = match StackLock::try_acquire(state_dir, &job.stack) {
+    let _lock = match StackLock::try_acquire(state_dir, stack) {
         Ok(lock) => lock,
-        Err(LockError::Busy { .. }) => return,
+        Err(LockError::Busy { .. }) => return Recovery::Busy,
         Err(e) => {
-            warn!(stack = %job.stack, error = %e, "cannot take the stack lock to recover it");
-            return;
+            return Recovery::Failed {
+                error: format!("cannot take the stack lock to recover it: {e}"),
+            };
         }
     };
     let recovered = match ComposeStack::connect(cfg.clone()).await {
-        Ok(control) => control.recover_for_cycle().await,
+        Ok(control) => control.recover().await,
         Err(e) => Err(e),
     };
-    if let Err(e) = recovered {
-        warn!(stack = %job.stack, error = %e, "could not start what a killed cycle left stopped");
+    match recovered {
+        Ok(None) => Recovery::Nothing,
+        Ok(Some(report)) => Recovery::Started {
+            containers: report
+                .started
+                .iter()
+                .map(|e| e.container.name.clone())
+                .collect(),
+        },
+        Err(e) => Recovery::Failed {
+            error: e.to_string(),
+        },
     }
+}
+
+/// `recover [STACK…]`: [`recover_stopped`] for the named stacks, or every configured one.
+pub async fn recover(
+    common: &Common,
+    stacks: &[String],
+) -> anyhow::Result<Vec<(String, Recovery)>> {
+    let cfg = SourceConfig::load_with(&common.config, &LoadOptions { check_paths: false })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let chosen: Vec<&SourceStack> = if stacks.is_empty() {
+        cfg.stacks.iter().collect()
+    } else {
+        stacks
+            .iter()
+            .map(|name| {
+                cfg.stack(name).with_context(|| {
+                    format!("no stack `{name}` in {} or its conf.d", cfg.file.display())
+                })
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let mut out = Vec::with_capacity(chosen.len());
+    for stack in chosen {
+        let compose = compose_config(stack, &common.state_dir);
+        let recovery = recover_stopped(&stack.name, compose.as_ref(), &common.state_dir).await;
+        out.push((stack.name.clone(), recovery));
+    }
+    Ok(out)
 }

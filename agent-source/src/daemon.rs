@@ -15,6 +15,11 @@
 //!   whole), then the process exits.
 //! - The wall clock is re-read at least every minute while waiting, so a clock step (NTP, a
 //!   suspended VM) moves the next cycle with it.
+//! - **A stack is never left down by a dead process.** Every [`SWEEP`] each stack's task looks
+//!   for the restart record a cycle writes before it stops the stack; one whose cycle is not
+//!   running (its lock is free: the kernel released it when the process died) was left by a
+//!   `push` that was SIGKILLed or OOM-killed, or by a crashed daemon. The task starts what it
+//!   names, logs and alerts. A failing start is retried at the next sweep.
 //! - **Certificates** are checked at start and hourly ([`stackclone_certs::renewal`]): a due
 //!   certificate is renewed where this host can (enrolled over the network, or the CA host) and
 //!   new connections use it at once; one that is due and cannot be renewed is logged at warn
@@ -44,6 +49,9 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 
 /// How often the daemon looks at its certificate.
 const CERT_CHECK: Duration = Duration::from_secs(3600);
+
+/// How often each stack's task looks for a restart record a dead process left (one `stat`).
+pub const SWEEP: Duration = Duration::from_secs(3);
 
 /// What a stack task runs: the stack's config and the job resolved from it.
 #[derive(Debug)]
@@ -245,10 +253,14 @@ async fn stack_loop(
     mut spec_rx: watch::Receiver<Arc<Spec>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Whether the last sweep failed to start the stack (alerted once until it recovers).
+    let mut failing = false;
     {
         let spec = spec_rx.borrow().clone();
-        crate::app::recover_stopped(&spec.job, &agent.state_dir).await;
+        sweep(&agent, &spec.job, &mut failing).await;
     }
+    let mut sweeps = tokio::time::interval(SWEEP);
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     'firing: loop {
         if *shutdown.borrow() {
             return;
@@ -273,6 +285,10 @@ async fn stack_loop(
             };
             tokio::select! {
                 () = sleep_or_forever(left) => {}
+                _ = sweeps.tick() => {
+                    sweep(&agent, &spec.job, &mut failing).await;
+                    continue;
+                }
                 changed = spec_rx.changed() => {
                     if changed.is_err() {
                         debug!(stack = %name, "stack removed from the config");
@@ -303,6 +319,48 @@ async fn stack_loop(
             .await;
         drop(lock);
     }
+}
+
+/// Starts what a process that died mid-cycle (a `push` killed by SIGKILL or the OOM killer, a
+/// daemon that crashed) left stopped of `job`'s stack, and says so in the log and an alert.
+/// A start that keeps failing is alerted once (`failing`), and logged at each try.
+async fn sweep(agent: &Agent, job: &StackJob, failing: &mut bool) {
+    use crate::app::{Recovery, recover_stopped};
+    let alert = match recover_stopped(&job.stack, job.compose.as_ref(), &agent.state_dir).await {
+        Recovery::Nothing | Recovery::Busy => return,
+        Recovery::Started { containers } => {
+            *failing = false;
+            warn!(stack = %job.stack, containers = ?containers,
+                "a cycle that died left the stack stopped; started it again");
+            stackclone_common::alert::Alert::warning(
+                &agent.ops.host,
+                &job.stack,
+                &format!(
+                    "a cycle that died (killed, out of memory, crashed) left the stack stopped; \
+                     the source daemon started it again ({})",
+                    containers.join(", ")
+                ),
+            )
+        }
+        Recovery::Failed { error } => {
+            error!(stack = %job.stack, error = %error,
+                "a cycle that died left the stack stopped, and starting it again failed");
+            if std::mem::replace(failing, true) {
+                return;
+            }
+            stackclone_common::alert::Alert::failure(
+                &agent.ops.host,
+                &job.stack,
+                "recover",
+                &format!(
+                    "a cycle that died left the stack stopped, and starting it again failed \
+                     (the daemon tries again every {} s): {error}",
+                    SWEEP.as_secs()
+                ),
+            )
+        }
+    };
+    agent.ops.alert_in_background(alert);
 }
 
 /// Renews this host's certificate when it is due, hourly, until shutdown.

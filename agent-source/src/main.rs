@@ -54,6 +54,17 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Start what a push or daemon that died mid-cycle (SIGKILL, out of memory, power loss)
+    /// left stopped, from the restart record each cycle writes before it stops a stack. A stack
+    /// whose cycle is still running is left to it. The daemon does this on its own every few
+    /// seconds; use it by hand, or as the unit's `ExecStopPost=`. Exit 0 unless a stack could not
+    /// be started again.
+    Recover {
+        /// The stacks to look at (default: every configured stack).
+        stacks: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show each stack's last cycle.
     Status {
         #[arg(long)]
@@ -67,7 +78,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    stackclone_common::logging::init(cli.log_format);
+    let _log = stackclone_common::logging::init(cli.log_format);
     let common = Common {
         config: cli.config,
         identity_dir: cli.dir,
@@ -84,6 +95,7 @@ fn main() -> ExitCode {
             json,
             wait,
         } => push(&common, &stacks, dry_run, json, wait),
+        Command::Recover { stacks, json } => recover(&common, &stacks, json),
         Command::Status { json } => status(&common, json),
         Command::Completions(args) => {
             cli::completions(Cli::command(), args.shell, &mut std::io::stdout());
@@ -92,7 +104,7 @@ fn main() -> ExitCode {
         Command::Man(args) => cli::man_pages(Cli::command(), &args.dir)
             .map(|pages| {
                 for p in pages {
-                    println!("{}", p.display());
+                    stackclone_common::outln!("{}", p.display());
                 }
                 ExitCode::SUCCESS
             })
@@ -123,13 +135,13 @@ fn push(
     let rt = tokio::runtime::Runtime::new()?;
     let outcomes = rt.block_on(app::push(common, stacks, opts))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+        stackclone_common::outln!("{}", serde_json::to_string_pretty(&outcomes)?);
     } else {
         for o in &outcomes {
             match (&o.error, &o.plan) {
-                (Some(e), _) if dry_run => println!("{}: FAILED: {e}", o.stack),
+                (Some(e), _) if dry_run => stackclone_common::outln!("{}: FAILED: {e}", o.stack),
                 (None, Some(plan)) => {
-                    println!(
+                    stackclone_common::outln!(
                         "{}: dry run: would transfer {} file(s) ({} bytes before delta); copy {} locally; delete {}; change metadata of {}; leave {} unchanged",
                         o.stack,
                         plan["send_count"],
@@ -140,14 +152,14 @@ fn push(
                         plan["unchanged"]
                     );
                     for s in plan["send"].as_array().into_iter().flatten() {
-                        println!(
+                        stackclone_common::outln!(
                             "  send   {} ({} bytes)",
                             s["path"].as_str().unwrap_or("?"),
                             s["bytes"]
                         );
                     }
                     for d in plan["delete"].as_array().into_iter().flatten() {
-                        println!("  delete {}", d.as_str().unwrap_or("?"));
+                        stackclone_common::outln!("  delete {}", d.as_str().unwrap_or("?"));
                     }
                 }
                 _ => {}
@@ -155,7 +167,7 @@ fn push(
         }
         if !dry_run {
             let rows: Vec<progress::Row> = outcomes.iter().map(row).collect();
-            print!("{}", progress::table(&rows));
+            stackclone_common::out!("{}", progress::table(&rows));
         }
     }
     Ok(if outcomes.iter().all(|o| o.ok) {
@@ -180,14 +192,63 @@ fn row(o: &app::PushOutcome) -> progress::Row {
     }
 }
 
+fn recover(common: &Common, stacks: &[String], json: bool) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let all = rt.block_on(app::recover(common, stacks))?;
+    if json {
+        let doc: Vec<serde_json::Value> = all
+            .iter()
+            .map(|(stack, r)| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                v["stack"] = serde_json::Value::from(stack.as_str());
+                v
+            })
+            .collect();
+        stackclone_common::outln!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        for (stack, r) in &all {
+            match r {
+                app::Recovery::Nothing => {
+                    stackclone_common::outln!("{stack}: nothing left stopped")
+                }
+                app::Recovery::Busy => stackclone_common::outln!(
+                    "{stack}: a cycle is running; it starts the stack again itself"
+                ),
+                app::Recovery::Started { containers } => stackclone_common::outln!(
+                    "{stack}: a cycle that died left it stopped; started {}",
+                    containers.join(", ")
+                ),
+                app::Recovery::Failed { error } => {
+                    stackclone_common::outln!("{stack}: FAILED to start it again: {error}")
+                }
+            }
+        }
+    }
+    let failed = all
+        .iter()
+        .any(|(_, r)| matches!(r, app::Recovery::Failed { .. }));
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 fn status(common: &Common, json: bool) -> anyhow::Result<ExitCode> {
     let all = app::status(common)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        stackclone_common::outln!("{}", serde_json::to_string_pretty(&all)?);
     } else {
-        println!(
+        stackclone_common::outln!(
             "{:<20} {:<14} {:>5} {:<20} {:>10} {:>14} {:>10} {:>10}  last error",
-            "STACK", "TARGET", "GEN", "COMMITTED (UTC)", "FILES", "BYTES", "SRC-DOWN", "TGT-DOWN"
+            "STACK",
+            "TARGET",
+            "GEN",
+            "COMMITTED (UTC)",
+            "FILES",
+            "BYTES",
+            "SRC-DOWN",
+            "TGT-DOWN"
         );
         for s in &all {
             let when = s
@@ -199,7 +260,7 @@ fn status(common: &Common, json: bool) -> anyhow::Result<ExitCode> {
                 })
                 .map(|t| t.replace('T', " ").trim_end_matches('Z').to_owned())
                 .unwrap_or_else(|| "never".to_owned());
-            println!(
+            stackclone_common::outln!(
                 "{:<20} {:<14} {:>5} {:<20} {:>10} {:>14} {:>8}ms {:>8}ms  {}",
                 s.stack,
                 s.target,

@@ -5,6 +5,11 @@
 //! bytes, rate) and prints a summary table on stdout at the end; without a terminal it prints
 //! one plain line per phase change instead of bars; with `--json` it prints only the JSON
 //! document.
+//!
+//! Nothing the viewer writes can hold up a cycle: plain lines go to stdout from a thread of their
+//! own through a small queue (a line that does not fit is dropped), and a stdout that is gone
+//! (`push … | head -3`) ends that thread quietly. The primary's stack may be stopped while a
+//! line is printed; it must not stay stopped because nobody reads the pipe.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -155,6 +160,41 @@ impl Style {
 pub struct Viewer {
     style: Style,
     bars: MultiProgress,
+    lines: Option<LineOut>,
+}
+
+/// Plain lines to stdout, written by a thread of their own.
+#[derive(Debug)]
+struct LineOut {
+    queue: std::sync::mpsc::SyncSender<String>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl LineOut {
+    /// Lines queued at most; more are dropped until the writer catches up.
+    const QUEUE: usize = 64;
+
+    fn start() -> LineOut {
+        let (queue, lines) = std::sync::mpsc::sync_channel::<String>(Self::QUEUE);
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            for line in lines {
+                let mut out = std::io::stdout().lock();
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    // stdout is gone (a closed pipe, a hung-up terminal): stop writing, and let
+                    // the queue fill and drop lines.
+                    return;
+                }
+            }
+        });
+        LineOut { queue, writer }
+    }
+
+    /// Waits until the queued lines are written (or the writer gave up).
+    fn finish(self) {
+        drop(self.queue);
+        let _ = self.writer.join();
+    }
 }
 
 /// Watches one cycle until [`Watch::finish`].
@@ -171,7 +211,15 @@ impl Viewer {
         } else {
             ProgressDrawTarget::hidden()
         });
-        Viewer { style, bars }
+        let lines = (style == Style::Lines).then(LineOut::start);
+        Viewer { style, bars, lines }
+    }
+
+    /// Waits until every progress line is out, so that what `push` prints next comes after.
+    pub fn finish(self) {
+        if let Some(lines) = self.lines {
+            lines.finish();
+        }
     }
 
     /// Starts showing `progress` of `stack`. Must be called inside a tokio runtime.
@@ -179,6 +227,7 @@ impl Viewer {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let stack = stack.to_owned();
         let style = self.style;
+        let lines = self.lines.as_ref().map(|l| l.queue.clone());
         let bar = (style == Style::Bars).then(|| {
             let bar = self.bars.add(ProgressBar::new(0));
             bar.set_style(
@@ -207,7 +256,9 @@ impl Viewer {
                         ));
                     }
                     (None, Style::Lines) if last_stage != Some(s.stage) => {
-                        println!("{}", line(&stack, &s));
+                        if let Some(lines) = &lines {
+                            let _ = lines.try_send(line(&stack, &s));
+                        }
                     }
                     _ => {}
                 }

@@ -22,7 +22,7 @@ use stackclone_proto::manifest::Manifest;
 use stackclone_proto::msg::{Mode, Pass, SourceMsg, TargetMsg};
 use stackclone_proto::path::StackPath;
 use stackclone_proto::session::{
-    CycleError, SourceAction, SourceConfig, SourceReport, SourceSession,
+    CycleError, OnStopTimeout, SourceAction, SourceConfig, SourceReport, SourceSession,
 };
 use stackclone_proto::wire;
 use tokio::sync::{Semaphore, mpsc};
@@ -58,6 +58,7 @@ pub struct StackJob {
     pub stop: bool,
     pub allow_empty: bool,
     pub max_delete: f64,
+    pub on_stop_timeout: OnStopTimeout,
     pub checksum: bool,
     pub compress: bool,
     /// Bytes per second, or `None` for no limit.
@@ -71,14 +72,18 @@ pub struct StackJob {
     pub target_addr: std::net::SocketAddr,
 }
 
-/// What one cycle came to, with what the driver measured.
+/// What one cycle came to, with what the driver measured. A cycle that failed has measured
+/// something too: the downtime it caused, the bytes it sent before it ended.
 #[derive(Debug, Clone, Default)]
 pub struct CycleStats {
+    /// The session's report (a failed cycle's has only what was known when it ended).
     pub report: SourceReport,
     /// Payload bytes of file data sent (after compression).
     pub bytes_sent: u64,
     /// From the stop request to the stack running again, when it was stopped.
     pub source_downtime: Option<Duration>,
+    /// Services Docker had to kill at their stop timeout when the stack was stopped.
+    pub stop_killed: Vec<String>,
     pub duration: Duration,
 }
 
@@ -169,16 +174,33 @@ impl Ctx {
     }
 }
 
-/// Runs one cycle of `job` in `mode`, keeping `progress` up to date.
+/// Runs one cycle of `job` in `mode`, keeping `progress` up to date. What was measured comes
+/// back however the cycle ended.
 pub async fn run_cycle(
+    ctx: &Ctx,
+    job: &StackJob,
+    mode: Mode,
+    control: Arc<dyn StackControl>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    progress: &Arc<CycleProgress>,
+) -> (CycleStats, Result<(), PushError>) {
+    let started = Instant::now();
+    let mut stats = CycleStats::default();
+    let result = drive(ctx, job, mode, control, shutdown, progress, &mut stats).await;
+    stats.duration = started.elapsed();
+    progress.set_stage(Stage::Done);
+    (stats, result)
+}
+
+async fn drive(
     ctx: &Ctx,
     job: &StackJob,
     mode: Mode,
     control: Arc<dyn StackControl>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     progress: &Arc<CycleProgress>,
-) -> Result<CycleStats, PushError> {
-    let started = Instant::now();
+    stats: &mut CycleStats,
+) -> Result<(), PushError> {
     progress.set_stage(Stage::Connect);
     let (conn, admission) = stackclone_certs::connect(
         &ctx.endpoint(),
@@ -219,6 +241,7 @@ pub async fn run_cycle(
             stop_stack: job.stop,
             allow_empty: job.allow_empty,
             max_delete: job.max_delete,
+            on_stop_timeout: job.on_stop_timeout,
         },
         ctx.flag_key.clone(),
     );
@@ -248,7 +271,6 @@ pub async fn run_cycle(
     let files = Arc::new(Semaphore::new(PARALLEL_FILES));
     let window_budget = Arc::new(Semaphore::new(WINDOW_BUDGET_KIB as usize));
     let rate = job.bandwidth_limit.map(|bps| Arc::new(RateLimit::new(bps)));
-    let mut stats = CycleStats::default();
     let mut stopped_at: Option<Instant> = None;
     let mut stop_report: Option<StopReport> = None;
     let mut link_up = true;
@@ -363,7 +385,10 @@ pub async fn run_cycle(
                 Event::Scanned(pass, r) => session.handle_scanned(pass, r),
                 Event::Stopped(r) => {
                     stop_report = r.as_ref().ok().cloned();
-                    session.handle_stack_stopped(r.map(drop))
+                    if let Some(stop) = &stop_report {
+                        stats.stop_killed = stop.killed_services();
+                    }
+                    session.handle_stack_stopped(r.map(|stop| stop.killed_services()))
                 }
                 Event::Started(r) => {
                     // The containers' own stop and start times where there are containers;
@@ -406,7 +431,6 @@ pub async fn run_cycle(
             },
         }
     };
-    progress.set_stage(Stage::Done);
     reader.abort();
     let _ = ctl_send.finish();
     // Give the last message (an Abort that tells the target why) a moment to be delivered:
@@ -416,12 +440,11 @@ pub async fn run_cycle(
         let _ = tokio::time::timeout(Duration::from_secs(2), ctl_send.stopped()).await;
     }
     conn.close(0u32.into(), b"cycle over");
-    stats.duration = started.elapsed();
     match outcome {
         Ok(report) if mode == Mode::DryRun => {
             info!(stack = %job.stack, "dry run done");
             stats.report = report;
-            Ok(stats)
+            Ok(())
         }
         Ok(report) => {
             info!(
@@ -433,10 +456,12 @@ pub async fn run_cycle(
                 bytes_sent = stats.bytes_sent,
                 source_downtime_ms = stats.source_downtime.map(|d| d.as_millis() as u64),
                 target_downtime_ms = report.target_downtime_ms,
+                stop_killed = ?report.stop_killed,
+                standby_killed = ?report.standby_killed,
                 "cycle committed"
             );
             stats.report = report;
-            Ok(stats)
+            Ok(())
         }
         Err(e) => {
             // Logged by the caller, with every other way a cycle can fail.

@@ -260,15 +260,16 @@ pub async fn rollback(
         )
     })?;
     if let Err(e) = control.stop().await {
-        // A stop that failed part-way: start what it stopped; the data is untouched.
-        if let Err(again) = control.start().await {
-            warn!(stack = %stack.name, error = %again, "starting the stack again failed too");
+        // A stop that failed part-way: bring the stack up again; the data is untouched.
+        if let Err(again) = control.bring_up().await {
+            warn!(stack = %stack.name, error = %again, "bringing the stack up again failed too");
         }
         return Err(anyhow::Error::new(e).context(format!("stack `{}`: stopping it", stack.name)));
     }
     let rolled = tokio::task::block_in_place(|| store.rollback(to));
-    // Whatever the restore did, the stack runs again (on the restored or the unchanged data).
-    let started = control.start().await;
+    // Whatever the restore did, the stack runs again, whole (on the restored or the unchanged
+    // data).
+    let started = control.bring_up().await;
     let report = rolled?;
     started.with_context(|| format!("stack `{}`: starting it again", stack.name))?;
     control.wait_healthy().await.with_context(|| {

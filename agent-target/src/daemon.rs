@@ -18,7 +18,7 @@
 //!   certificate; an alert, once, when it is due and cannot be renewed.
 //! - **Stacks a killed target left stopped**: a compose stack whose restart record exists when
 //!   the daemon starts (or when a reload adds or moves it) is started again in the background
-//!   (`serve::recover_left_stopped`), retried until it works, rather than left down until
+//!   (`standby::recover_left_stopped`), retried until it works, rather than left down until
 //!   the next commit.
 //! - **Shutdown**: see [`serve`]; cycles still receiving end without touching live data, a
 //!   commit under way finishes.
@@ -41,8 +41,9 @@ use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 use crate::app::{Bound, Common, bind, load_config, stack_serve};
-use crate::serve::{StackServe, TargetCtx, recover_left_stopped, serve};
+use crate::serve::{StackServe, TargetCtx, serve};
 use crate::staleness::{Change, check_period, human};
+use crate::standby::recover_left_stopped;
 use crate::store::{StackStore, StoreError, StoreState};
 
 /// How often the host certificate is checked (and renewed when due).

@@ -4,6 +4,7 @@
 //! - [`store`]: the on-disk side of one stack (staging, journaled commit, generations,
 //!   rollback, verify), without network or Docker.
 //! - [`serve`]: the QUIC side: accepts sources and drives a `TargetSession` per connection.
+//! - `standby`: the standby's stack around a cycle (stop, commit, bring up, roll back).
 //! - [`app`]: the commands of the binary, as library calls.
 //! - [`daemon`]: `run` as a service: config reload on SIGHUP, the staleness watch
 //!   ([`staleness`]), metrics, alerts and certificate renewal around [`serve`].
@@ -13,4 +14,5 @@ pub mod app;
 pub mod daemon;
 pub mod serve;
 pub mod staleness;
+mod standby;
 pub mod store;

@@ -54,7 +54,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    stackclone_common::logging::init(cli.log_format);
+    let _log = stackclone_common::logging::init(cli.log_format);
     let common = Common {
         config: cli.config,
         identity_dir: cli.dir,
@@ -88,11 +88,17 @@ fn run(common: &Common) -> anyhow::Result<ExitCode> {
 fn status(common: &Common, stack: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     let all = app::status(common, stack)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        stackclone_common::outln!("{}", serde_json::to_string_pretty(&all)?);
     } else {
-        println!(
+        stackclone_common::outln!(
             "{:<20} {:>5} {:<20} {:>10} {:>14} {:>10} {:<12}  last error",
-            "STACK", "GEN", "COMMITTED (UTC)", "FILES", "BYTES", "TGT-DOWN", "STALE"
+            "STACK",
+            "GEN",
+            "COMMITTED (UTC)",
+            "FILES",
+            "BYTES",
+            "TGT-DOWN",
+            "STALE"
         );
         for s in &all {
             let st = &s.state;
@@ -104,7 +110,7 @@ fn status(common: &Common, stack: Option<&str>, json: bool) -> anyhow::Result<Ex
                     stackclone_target::staleness::human(std::time::Duration::from_secs(max))
                 ),
             };
-            println!(
+            stackclone_common::outln!(
                 "{:<20} {:>5} {:<20} {:>10} {:>14} {:>8}ms {:<12}  {}",
                 st.stack,
                 st.generation,
@@ -126,7 +132,7 @@ fn status(common: &Common, stack: Option<&str>, json: bool) -> anyhow::Result<Ex
 
 fn man(args: &ManArgs) -> anyhow::Result<ExitCode> {
     for page in cli::man_pages(Cli::command(), &args.dir)? {
-        println!("{}", page.display());
+        stackclone_common::outln!("{}", page.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -134,13 +140,13 @@ fn man(args: &ManArgs) -> anyhow::Result<ExitCode> {
 fn verify(common: &Common, stack: &str) -> anyhow::Result<ExitCode> {
     let drift = app::verify(common, stack)?;
     for d in &drift {
-        println!("{}: {:?}", d.path, d.what);
+        stackclone_common::outln!("{}: {:?}", d.path, d.what);
     }
     if drift.is_empty() {
-        println!("{stack}: live dir matches the last committed generation");
+        stackclone_common::outln!("{stack}: live dir matches the last committed generation");
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("{stack}: {} path(s) drifted", drift.len());
+        stackclone_common::outln!("{stack}: {} path(s) drifted", drift.len());
         Ok(ExitCode::FAILURE)
     }
 }
@@ -148,9 +154,10 @@ fn verify(common: &Common, stack: &str) -> anyhow::Result<ExitCode> {
 fn rollback(common: &Common, stack: &str, to: Option<u64>) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     let r = rt.block_on(app::rollback(common, stack, to))?;
-    println!(
+    stackclone_common::outln!(
         "{stack}: rolled back from generation {} to {}",
-        r.from, r.to
+        r.from,
+        r.to
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -7,16 +7,16 @@
 //! thread. A connection lost before the flag leaves staging in place (the next cycle resumes);
 //! once the flag verified, the commit runs to the end even if the source is gone.
 
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use stackclone_certs::{Identity, Role, Trust};
 use stackclone_common::alert::Alert;
-use stackclone_common::control::{DataOnly, StackControl};
-use stackclone_common::docker::{ComposeConfig, ComposeStack, Creation, RESTART_RECORD};
+use stackclone_common::control::StackControl;
+use stackclone_common::docker::ComposeConfig;
 use stackclone_common::metrics::CycleStats;
 use stackclone_common::net::{self, ControlEnd};
 use stackclone_common::ops::Ops;
@@ -24,13 +24,14 @@ use stackclone_proto::delta::{FileReceiver, SignatureBuilder, Verified};
 use stackclone_proto::msg::{Phase, Refusal, SourceMsg};
 use stackclone_proto::path::StackPath;
 use stackclone_proto::session::{
-    Cause, Commit, CycleError, StackPolicy, StackState, StageOutcome, TargetAction, TargetConfig,
+    Cause, CycleError, StackPolicy, StackState, StageOutcome, TargetAction, TargetConfig,
     TargetReport, TargetSession,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::staleness::Staleness;
+use crate::standby;
 use crate::store::{
     BasisFile, LocalStage, PatchFile, StackStore, StagingFile, StoreConfig, StoreError,
 };
@@ -80,8 +81,11 @@ pub struct TargetCtx {
     pub staleness: Staleness,
     max_skew_secs: AtomicI64,
     stacks: RwLock<Arc<Stacks>>,
-    /// Stacks with a cycle under way (one at a time per stack).
-    busy: Mutex<HashSet<String>>,
+    /// Stacks with a cycle (or the daemon's recovery) under way, one at a time per stack, and
+    /// who holds each.
+    busy: Mutex<HashMap<String, Holder>>,
+    /// Woken whenever a stack is released.
+    released: tokio::sync::Notify,
     /// Set once the target is shutting down: cycles still receiving end without a commit.
     shutdown: watch::Sender<bool>,
 }
@@ -102,6 +106,7 @@ impl TargetCtx {
             max_skew_secs: AtomicI64::new(max_skew_secs),
             stacks: RwLock::new(Arc::new(by_name(stacks))),
             busy: Mutex::new(Default::default()),
+            released: tokio::sync::Notify::new(),
             shutdown: watch::Sender::new(false),
         }
     }
@@ -140,7 +145,7 @@ impl TargetCtx {
         let mut busy: Vec<String> = self
             .busy
             .lock()
-            .map(|b| b.iter().cloned().collect())
+            .map(|b| b.keys().cloned().collect())
             .unwrap_or_default();
         busy.sort();
         busy
@@ -160,13 +165,81 @@ impl TargetCtx {
         }
     }
 
-    fn claim(self: &Arc<Self>, stack: &str) -> Option<BusyGuard> {
-        let mut busy = self.busy.lock().ok()?;
-        busy.insert(stack.to_string()).then(|| BusyGuard {
+    /// Holds `stack` for work that is not a source's session (the daemon's recovery), if no one
+    /// holds it.
+    pub(crate) fn claim_idle(self: &Arc<Self>, stack: &str) -> Option<BusyGuard> {
+        self.try_claim(stack, None).ok()
+    }
+
+    /// Holds `stack` for a cycle of `peer`. A stack held by another source is busy. One held by
+    /// an earlier session of the same source (a source that died, or lost its connection,
+    /// leaves its session behind until the QUIC idle timeout) is superseded: that session is
+    /// told to end (it starts the standby again if it stopped it; a commit under way finishes
+    /// first), and this one takes the stack as soon as it is released, waiting at most
+    /// [`SUPERSEDE_WAIT`]. The daemon's recovery is waited for the same way.
+    async fn claim_for(self: &Arc<Self>, stack: &str, peer: &str) -> Result<BusyGuard, Refusal> {
+        let busy = || Refusal::Busy {
+            stack: stack.to_string(),
+        };
+        let deadline = tokio::time::Instant::now() + SUPERSEDE_WAIT;
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.try_claim(stack, Some(peer)) {
+                Ok(guard) => return Ok(guard),
+                Err(Some(other)) if other != peer => return Err(busy()),
+                Err(_) => {}
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return Err(busy());
+            }
+        }
+    }
+
+    /// Takes `stack` for `peer` (`None`: the daemon's own work); if it is held, tells an
+    /// earlier session of the same peer to end, and says who holds it (`Some(peer)` for a
+    /// session, `None` for the daemon).
+    fn try_claim(
+        self: &Arc<Self>,
+        stack: &str,
+        peer: Option<&str>,
+    ) -> Result<BusyGuard, Option<String>> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(holder) = busy.get(stack) {
+            if peer.is_some() && holder.peer.as_deref() == peer && !*holder.supersede.borrow() {
+                info!(%stack, peer = ?peer, "a new session of the same source supersedes the one holding the stack");
+                holder.supersede.send_replace(true);
+            }
+            return Err(holder.peer.clone());
+        }
+        let (supersede, superseded) = watch::channel(false);
+        busy.insert(
+            stack.to_string(),
+            Holder {
+                peer: peer.map(str::to_owned),
+                supersede,
+            },
+        );
+        Ok(BusyGuard {
             ctx: self.clone(),
             stack: stack.to_string(),
+            superseded,
         })
     }
+}
+
+/// How long a new session of a source waits for the earlier session it supersedes to release
+/// the stack (which a commit under way does only once it has finished, health check included).
+pub const SUPERSEDE_WAIT: Duration = Duration::from_secs(600);
+
+/// Who holds a busy stack.
+#[derive(Debug)]
+struct Holder {
+    /// The source whose session holds it; `None` for the daemon's own work.
+    peer: Option<String>,
+    /// Set when a newer session of the same source wants the stack.
+    supersede: watch::Sender<bool>,
 }
 
 fn by_name(stacks: Vec<StackServe>) -> Stacks {
@@ -175,9 +248,17 @@ fn by_name(stacks: Vec<StackServe>) -> Stacks {
 
 /// Marks a stack busy until dropped.
 #[derive(Debug)]
-struct BusyGuard {
+pub(crate) struct BusyGuard {
     ctx: Arc<TargetCtx>,
     stack: String,
+    superseded: watch::Receiver<bool>,
+}
+
+impl BusyGuard {
+    /// Resolves once a newer session of the same source wants the stack.
+    async fn superseded(&mut self) {
+        let _ = self.superseded.wait_for(|s| *s).await;
+    }
 }
 
 impl Drop for BusyGuard {
@@ -185,6 +266,7 @@ impl Drop for BusyGuard {
         if let Ok(mut busy) = self.ctx.busy.lock() {
             busy.remove(&self.stack);
         }
+        self.ctx.released.notify_waiters();
     }
 }
 
@@ -234,9 +316,19 @@ pub async fn serve(
 
 /// Events from helper tasks back to the session loop.
 enum Event {
-    /// The store is open at this generation; the live dir is being scanned.
-    Opened(u64),
+    /// The stack is held for this cycle (or busy).
+    Claimed(Result<BusyGuard, Refusal>),
+    /// The store is open at this generation, with its state dir; the live dir is being scanned.
+    Opened(u64, PathBuf),
     Stack(Result<(StackStore, StackState), Refusal>),
+    /// The standby's stack stopped (the services Docker had to kill), or did not; the control
+    /// that stopped it, if there is one, for starting it again.
+    Stopped {
+        control: Option<Arc<dyn StackControl>>,
+        result: Result<Vec<String>, String>,
+    },
+    StoppedScan(Result<StackState, String>),
+    Started(Result<(), String>),
     Signature {
         id: u32,
         result: Result<Vec<u8>, String>,
@@ -249,6 +341,19 @@ enum Event {
         result: Result<u64, (Phase, String)>,
         store: StackStore,
     },
+}
+
+/// The standby's stack as this connection's cycle handles it.
+#[derive(Default)]
+struct StandbyStack {
+    /// What stopped it, once a stop returned.
+    control: Option<Arc<dyn StackControl>>,
+    /// When the stop was asked for: the target's downtime begins here.
+    stopped_at: Option<Instant>,
+    /// A stop is under way.
+    stopping: bool,
+    /// The session asked to start it while the stop was still under way.
+    start_after_stop: bool,
 }
 
 async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> anyhow::Result<()> {
@@ -283,8 +388,11 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
     let store: Arc<Mutex<Option<StackStore>>> = Arc::new(Mutex::new(None));
     let wanted: Arc<Mutex<HashMap<u32, Wanted>>> = Arc::default();
     let mut guard: Option<BusyGuard> = None;
+    let mut superseded = false;
     // The stack's settings as the cycle loaded it: a reload meanwhile changes the next cycle.
     let mut served: Option<StackServe> = None;
+    let mut state_path: Option<PathBuf> = None;
+    let mut standby = StandbyStack::default();
     // The generation handed to a commit, once one was.
     let mut committing: Option<u64> = None;
     let received = Arc::new(AtomicU64::new(0));
@@ -298,8 +406,6 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
     let signatures = Arc::new(tokio::sync::Semaphore::new(PARALLEL_SIGNATURES));
     let mut watchdog = tokio::time::interval(Duration::from_secs(5));
     let mut last_progress = (Instant::now(), 0u64);
-    // The live dir is being scanned: the source may be waiting for us, not we for it.
-    let mut scanning = false;
 
     let mut link_up = true;
     let mut reading = true;
@@ -316,26 +422,50 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
                         allow: serve.allow.clone(),
                     })),
                 },
-                TargetAction::LoadStack { stack } => {
+                TargetAction::LoadStack { stack } => match ctx.stack(&stack) {
+                    None => session.handle_stack(Err(Refusal::UnknownStack { stack })),
+                    Some(serve) => {
+                        served = Some(serve);
+                        let (ctx, peer, tx) = (ctx.clone(), peer.clone(), events_tx.clone());
+                        tokio::spawn(async move {
+                            let _ = tx.send(Event::Claimed(ctx.claim_for(&stack, &peer).await));
+                        });
+                    }
+                },
+                TargetAction::StopStack => {
+                    standby.stopping = true;
+                    standby.stopped_at = Some(Instant::now());
+                    let (serve, path) = (served.clone(), state_path.clone());
                     let tx = events_tx.clone();
-                    match ctx.stack(&stack) {
-                        None => session.handle_stack(Err(Refusal::UnknownStack { stack })),
-                        Some(serve) => match ctx.claim(&stack) {
-                            None => session.handle_stack(Err(Refusal::Busy { stack })),
-                            Some(g) => {
-                                guard = Some(g);
-                                served = Some(serve.clone());
-                                scanning = true;
-                                tokio::task::spawn_blocking(move || {
-                                    let opened = Instant::now();
-                                    let loaded = open_stack(&serve).and_then(|store| {
-                                        let _ = tx.send(Event::Opened(store.last_generation()));
-                                        scan_stack(store, opened)
-                                    });
-                                    let _ = tx.send(Event::Stack(loaded));
-                                });
-                            }
-                        },
+                    tokio::spawn(async move {
+                        let (control, result) = match (serve, path) {
+                            (Some(serve), Some(path)) => standby::stop(&serve, &path).await,
+                            _ => (None, Err("the stack is not loaded".to_string())),
+                        };
+                        let result = result.map(|r| r.killed_services());
+                        let _ = tx.send(Event::Stopped { control, result });
+                    });
+                }
+                TargetAction::ScanStopped => {
+                    let (store, tx) = (store.clone(), events_tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let scanned = with_store(&store, |s| {
+                            let started = Instant::now();
+                            let state = stack_state(s);
+                            debug!(
+                                ms = started.elapsed().as_millis() as u64,
+                                "stopped standby scanned"
+                            );
+                            state
+                        });
+                        let _ = tx.send(Event::StoppedScan(scanned));
+                    });
+                }
+                TargetAction::StartStack => {
+                    if standby.stopping {
+                        standby.start_after_stop = true;
+                    } else {
+                        start_standby(&standby, &events_tx);
                     }
                 }
                 TargetAction::Signature { id, basis } => {
@@ -388,11 +518,19 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
                         Some(st) => {
                             committing = Some(commit.generation());
                             let serve = served.clone();
+                            let stopped = standby.control.clone().zip(standby.stopped_at);
                             let bytes_received = received.load(Ordering::Relaxed);
                             tokio::spawn(async move {
                                 let (result, store) = match serve {
                                     Some(serve) => {
-                                        commit_stack(st, commit, &serve, bytes_received).await
+                                        standby::commit_stack(
+                                            st,
+                                            commit,
+                                            &serve,
+                                            stopped,
+                                            bytes_received,
+                                        )
+                                        .await
                                     }
                                     None => (
                                         Err((Phase::Commit, "stack no longer configured".into())),
@@ -425,18 +563,69 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
         }
         tokio::select! {
             Some(ev) = events.recv() => match ev {
-                Event::Opened(generation) => session.handle_opened(generation),
+                Event::Claimed(Ok(g)) => {
+                    guard = Some(g);
+                    let tx = events_tx.clone();
+                    let Some(serve) = served.clone() else { continue };
+                    tokio::task::spawn_blocking(move || {
+                        let opened = Instant::now();
+                        let loaded = open_stack(&serve).and_then(|store| {
+                            let _ = tx.send(Event::Opened(
+                                store.last_generation(),
+                                store.state_path().to_path_buf(),
+                            ));
+                            scan_stack(store, opened)
+                        });
+                        let _ = tx.send(Event::Stack(loaded));
+                    });
+                }
+                Event::Claimed(Err(refusal)) => session.handle_stack(Err(refusal)),
+                Event::Opened(generation, path) => {
+                    state_path = Some(path);
+                    session.handle_opened(generation);
+                }
                 Event::Stack(Ok((st, state))) => {
-                    scanning = false;
                     last_progress.0 = Instant::now();
                     if let Ok(mut s) = store.lock() {
                         *s = Some(st);
                     }
                     session.handle_stack(Ok(state));
                 }
-                Event::Stack(Err(refusal)) => {
-                    scanning = false;
-                    session.handle_stack(Err(refusal));
+                Event::Stack(Err(refusal)) => session.handle_stack(Err(refusal)),
+                Event::Stopped { control, result } => {
+                    last_progress.0 = Instant::now();
+                    standby.stopping = false;
+                    standby.control = control;
+                    let stack = session.stack().to_string();
+                    match &result {
+                        Ok(killed) => {
+                            debug!(%stack, "standby stopped for the final pass");
+                            report_killed(&ctx, &stack, &peer, killed);
+                        }
+                        Err(e) => warn!(%stack, error = %e, "stopping the standby failed"),
+                    }
+                    session.handle_stack_stopped(result);
+                    if std::mem::take(&mut standby.start_after_stop) {
+                        start_standby(&standby, &events_tx);
+                    }
+                }
+                Event::StoppedScan(result) => {
+                    last_progress.0 = Instant::now();
+                    session.handle_stopped_scan(result);
+                }
+                Event::Started(result) => {
+                    if let Err(e) = &result {
+                        let stack = session.stack().to_string();
+                        warn!(%stack, error = %e, "the cycle ended without a commit, and bringing the standby up again failed");
+                        ctx.ops.alert_in_background(
+                            Alert::failure(&ctx.ops.host, &stack, "start", &format!(
+                                "the cycle ended without a commit, and bringing the standby's \
+                                 stack up again on the live data (generation unchanged) failed: {e}"
+                            ))
+                            .with_peer(&peer),
+                        );
+                    }
+                    session.handle_stack_started(result);
                 }
                 Event::Signature { id, result } => session.handle_signature(id, result),
                 Event::Staged { id, outcome } => session.handle_staged(id, outcome),
@@ -474,12 +663,18 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
                 stopping = true;
                 session.handle_connection_lost("the target is shutting down");
             },
+            () = async { if let Some(g) = guard.as_mut() { g.superseded().await } },
+                if guard.is_some() && !superseded => {
+                // A commit under way goes on (the session ignores this then).
+                superseded = true;
+                session.handle_connection_lost("superseded by a newer session of the same source");
+            },
             _ = watchdog.tick() => {
                 let bytes = received.load(Ordering::Relaxed);
                 if bytes != last_progress.1 {
                     last_progress = (Instant::now(), bytes);
                 } else if !session.is_committing()
-                    && !scanning
+                    && !session.is_waiting_on_driver()
                     && last_progress.0.elapsed() > STALL_TIMEOUT
                 {
                     session.handle_connection_lost(&format!(
@@ -508,6 +703,7 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
             files = report.files,
             files_received = report.files_received,
             target_downtime_ms = report.target_downtime_ms,
+            standby_killed = ?report.standby_killed,
             dry_run = report.dry_run,
             "cycle done"
         ),
@@ -536,8 +732,50 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
     // end. Give the last message (the result) a moment to leave before the connection closes.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), ctl_send.stopped()).await;
     conn.close(0u32.into(), b"cycle over");
+    // The store (and its lock) goes before the stack is released to the next cycle. A helper
+    // still using it (a signature being computed) is waited for.
+    let held = tokio::task::block_in_place(|| store.lock().ok().and_then(|mut s| s.take()));
+    drop(held);
     drop(guard);
     Ok(())
+}
+
+/// Brings the standby up again after a cycle that stopped it and ended without a commit.
+fn start_standby(standby: &StandbyStack, events: &mpsc::UnboundedSender<Event>) {
+    let (control, tx) = (standby.control.clone(), events.clone());
+    tokio::spawn(async move {
+        let result = match control {
+            Some(c) => c.bring_up().await.map(drop).map_err(|e| e.to_string()),
+            // Nothing was stopped: the stop failed before it had a control.
+            None => Ok(()),
+        };
+        let _ = tx.send(Event::Started(result));
+    });
+}
+
+/// Logs, counts and alerts the services Docker had to kill at their stop timeout when the
+/// standby's stack was stopped for a cycle of `stack`.
+fn report_killed(ctx: &TargetCtx, stack: &str, peer: &str, killed: &[String]) {
+    if killed.is_empty() {
+        return;
+    }
+    warn!(%stack, services = ?killed, "services did not exit within their stop timeout; Docker killed them");
+    for service in killed {
+        ctx.ops.metrics.record_stop_killed(stack, service);
+    }
+    ctx.ops.alert_in_background(
+        Alert::warning(
+            &ctx.ops.host,
+            stack,
+            &format!(
+                "the standby's {} did not exit within the stop timeout and Docker killed it; \
+                 the commit replaces what it left, but raise `stop_timeout` for this stack if \
+                 its services need longer to stop",
+                killed.join(", ")
+            ),
+        )
+        .with_peer(peer),
+    );
 }
 
 /// Tells metrics, the staleness watch and the alert channels how a cycle ended. `measured`
@@ -622,9 +860,7 @@ fn alerts_on(cause: &Cause) -> bool {
     )
 }
 
-fn unix_now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+use standby::unix_now;
 
 fn with_store<T>(
     store: &Mutex<Option<StackStore>>,
@@ -644,24 +880,29 @@ fn unavailable(stack: &str, reason: impl ToString) -> Refusal {
     }
 }
 
-/// Opens the stack's store: takes its lock and recovers an interrupted commit.
+/// How long a cycle waits for the store's lock when another holds it: a session this one
+/// superseded may still be letting go of it, a `stackclone-target rollback` may be finishing.
+const STORE_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Opens the stack's store: takes its lock (waiting up to [`STORE_LOCK_WAIT`] for it) and
+/// recovers an interrupted commit.
 fn open_stack(serve: &StackServe) -> Result<StackStore, Refusal> {
-    StackStore::open(serve.store.clone()).map_err(|e| unavailable(&serve.stack, e))
+    let deadline = Instant::now() + STORE_LOCK_WAIT;
+    loop {
+        match StackStore::open(serve.store.clone()) {
+            Err(StoreError::Busy { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other.map_err(|e| unavailable(&serve.stack, e)),
+        }
+    }
 }
 
 /// Scans the live dir of an open store and lists what is staged. `started` is when the
 /// opening began, for the log.
 fn scan_stack(store: StackStore, started: Instant) -> Result<(StackStore, StackState), Refusal> {
-    let refuse = |e: StoreError| unavailable(store.stack(), e);
     let opened = started.elapsed();
-    let live = store.scan_live(false).map_err(refuse)?.manifest;
-    let staged = store.staged().map_err(refuse)?;
-    let state = StackState {
-        last_generation: store.last_generation(),
-        live,
-        staged,
-        staged_in_place: store.staged_in_place().map_err(refuse)?,
-    };
+    let state = stack_state(&store).map_err(|e| unavailable(store.stack(), e))?;
     debug!(
         open_ms = opened.as_millis() as u64,
         total_ms = started.elapsed().as_millis() as u64,
@@ -669,6 +910,16 @@ fn scan_stack(store: StackStore, started: Instant) -> Result<(StackStore, StackS
         "stack loaded (store opened, live dir scanned, staging listed)"
     );
     Ok((store, state))
+}
+
+/// The live dir as it is now, and what is staged for it.
+fn stack_state(store: &StackStore) -> Result<StackState, StoreError> {
+    Ok(StackState {
+        last_generation: store.last_generation(),
+        live: store.scan_live(false)?.manifest,
+        staged: store.staged()?,
+        staged_in_place: store.staged_in_place()?,
+    })
 }
 
 /// The delta signature of a live file, read in chunks (memory: the signature only).
@@ -873,214 +1124,6 @@ fn apply(
         }
     }
     StageOutcome::SourceAborted("the file stream ended early".into())
-}
-
-/// The stack's control: Docker for a compose stack, nothing for a data-only one. What a stop
-/// stopped is recorded in the store's state dir, and a stack a killed target left stopped (and
-/// the daemon's start has not recovered yet) is started again here, before the commit stops it.
-async fn control_for(
-    serve: &StackServe,
-    state_path: &Path,
-) -> Result<Arc<dyn StackControl>, String> {
-    let Some(cfg) = &serve.compose else {
-        return Ok(Arc::new(DataOnly));
-    };
-    let cfg = cfg
-        .clone()
-        .with_restart_record(state_path.join(RESTART_RECORD));
-    let control = ComposeStack::connect(cfg)
-        .await
-        .map_err(|e| e.to_string())?;
-    control
-        .recover_for_cycle()
-        .await
-        .map_err(|e| format!("starting what a killed cycle left stopped: {e}"))?;
-    Ok(Arc::new(control))
-}
-
-/// Starts what a killed target left stopped of `serve`'s stack (its restart record is
-/// `record`). The daemon does this when it starts, so a standby is not left down until the next
-/// commit. Each try holds the stack as a cycle would (a push meanwhile is refused as busy) and
-/// its store's lock (so `stackclone-target rollback` cannot run beside it). A try that cannot
-/// run yet (the engine does not answer, a push or a rollback holds the stack) is repeated with a
-/// growing pause, at most a minute, until the record is gone or the target shuts down.
-pub(crate) async fn recover_left_stopped(ctx: Arc<TargetCtx>, serve: StackServe, record: PathBuf) {
-    let shutdown = ctx.shutting_down();
-    tokio::pin!(shutdown);
-    let mut pause = Duration::from_secs(1);
-    while record.exists() {
-        match recover_once(&ctx, &serve).await {
-            Ok(()) => return,
-            Err(why) => warn!(stack = %serve.stack, error = %why, retry_in_secs = pause.as_secs(),
-                "cannot start what a killed target left stopped yet; trying again"),
-        }
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = &mut shutdown => return,
-        }
-        pause = (pause * 2).min(Duration::from_secs(60));
-    }
-}
-
-async fn recover_once(ctx: &Arc<TargetCtx>, serve: &StackServe) -> Result<(), String> {
-    let Some(_held) = ctx.claim(&serve.stack) else {
-        return Err("a push holds the stack".into());
-    };
-    let config = serve.store.clone();
-    let store = tokio::task::spawn_blocking(move || StackStore::open(config))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    control_for(serve, store.state_path()).await.map(drop)
-}
-
-/// Prepares while the stack runs; then stops it, commits, creates it if it has no containers
-/// yet, starts it and waits for it to be healthy. An unhealthy stack is rolled back to the
-/// previous generation (with `auto_rollback`) and started again, and the cycle is reported
-/// failed. Returns the downtime: from the stop to the stack running again.
-///
-/// A generation that changes nothing (the live dir, scanned when the cycle began, already is
-/// the wanted tree) is committed without stopping the stack: no downtime, no restart of the
-/// standby's containers, which stay as they are. Only the first generation always goes the
-/// long way, since it is the one that creates the stack's containers.
-///
-/// The store work runs with `block_in_place`: it owns the store, and a commit must not be torn
-/// apart by task cancellation.
-async fn commit_stack(
-    mut store: StackStore,
-    commit: Commit,
-    serve: &StackServe,
-    bytes_received: u64,
-) -> (Result<u64, (Phase, String)>, StackStore) {
-    let generation = commit.generation();
-    let started = Instant::now();
-    let prepared = match tokio::task::block_in_place(|| store.prepare(&commit)) {
-        Ok(p) => p,
-        Err(e) => return (Err((Phase::Commit, e.to_string())), store),
-    };
-    debug!(
-        generation,
-        ops = prepared.ops(),
-        ms = started.elapsed().as_millis() as u64,
-        "commit prepared"
-    );
-    if commit.without_stop() {
-        let applied = tokio::task::block_in_place(|| store.commit_unchanged(prepared, unix_now()));
-        return match applied {
-            Ok(_) => {
-                let _ = store.record_cycle(|r| {
-                    r.target_downtime_ms = 0;
-                    r.bytes_sent = bytes_received;
-                    r.last_error = None;
-                });
-                info!(
-                    generation,
-                    "generation committed; nothing changed, so the stack kept running"
-                );
-                (Ok(0), store)
-            }
-            Err(e) => (Err((Phase::Commit, e.to_string())), store),
-        };
-    }
-    let control = match control_for(serve, store.state_path()).await {
-        Ok(c) => c,
-        Err(e) => return (Err((Phase::Commit, format!("docker: {e}"))), store),
-    };
-    let down = Instant::now();
-    if let Err(e) = control.stop().await {
-        // A stop that failed part-way: start what it stopped; live data is untouched.
-        let restarted = control.start().await.map(drop).map_err(|e| e.to_string());
-        let again = restarted
-            .err()
-            .map(|e| format!("; starting it again failed too: {e}"));
-        return (
-            Err((
-                Phase::Commit,
-                format!(
-                    "stopping the stack failed: {e}{}",
-                    again.unwrap_or_default()
-                ),
-            )),
-            store,
-        );
-    }
-    let applied = tokio::task::block_in_place(|| store.commit(prepared, unix_now()));
-    match &applied {
-        Ok(r) => debug!(
-            generation,
-            apply_ms = r.apply.as_millis() as u64,
-            total_ms = r.total.as_millis() as u64,
-            since_stop_ms = down.elapsed().as_millis() as u64,
-            "commit applied"
-        ),
-        Err(e) => {
-            // The journal guarantees the live dir is still the old generation: start it again.
-            let _ = control.start().await;
-            return (Err((Phase::Commit, e.to_string())), store);
-        }
-    }
-    // A stack with no containers yet is created by Compose, which also starts it (and health
-    // then covers what it created); an existing one is started as it was stopped.
-    let up = match control.create_if_missing().await {
-        Err(e) => Err(format!("creating the stack failed: {e}")),
-        Ok(Creation::Created { .. }) => Ok(()),
-        Ok(Creation::Existed) => control
-            .start()
-            .await
-            .map(drop)
-            .map_err(|e| format!("starting the stack failed: {e}")),
-    };
-    let downtime_ms = down.elapsed().as_millis() as u64;
-    let healthy = match up {
-        Err(e) => Err(e),
-        Ok(()) => control
-            .wait_healthy()
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string()),
-    };
-    let _ = store.record_cycle(|r| {
-        r.target_downtime_ms = downtime_ms;
-        r.bytes_sent = bytes_received;
-    });
-    match healthy {
-        Ok(()) => {
-            let _ = store.record_cycle(|r| r.last_error = None);
-            info!(generation, downtime_ms, "generation committed");
-            (Ok(downtime_ms), store)
-        }
-        Err(why) if serve.auto_rollback && generation > 1 => {
-            warn!(generation, error = %why, "stack not healthy on the new generation; rolling back");
-            let back = roll_back(&mut store, &*control).await;
-            let reason = match back {
-                Ok(to) => format!("{why}; rolled back to generation {to}, which is running"),
-                Err(e) => format!("{why}; rolling back failed: {e}"),
-            };
-            (Err((Phase::Health, reason)), store)
-        }
-        Err(why) => (Err((Phase::Health, why)), store),
-    }
-}
-
-/// Stops the stack, restores the previous generation, starts it and waits for health.
-async fn roll_back(store: &mut StackStore, control: &dyn StackControl) -> Result<u64, String> {
-    if let Err(e) = control.stop().await {
-        // A stop that failed part-way: start what it stopped; the data is untouched.
-        let again = match control.start().await {
-            Ok(_) => String::new(),
-            Err(e) => format!("; starting it again failed too: {e}"),
-        };
-        return Err(format!("stopping: {e}{again}"));
-    }
-    let rolled = tokio::task::block_in_place(|| store.rollback(None)).map_err(|e| e.to_string());
-    let started = control.start().await.map_err(|e| format!("starting: {e}"));
-    let report = rolled?;
-    started?;
-    control
-        .wait_healthy()
-        .await
-        .map_err(|e| format!("generation {} not healthy either: {e}", report.to))?;
-    Ok(report.to)
 }
 
 /// A literal-only transfer never reads a basis.

@@ -358,6 +358,18 @@ fn cycle_with(
                     staged_in_place: store.staged_in_place()?,
                 }));
             }
+            // A data-only stack: nothing to stop or start.
+            TargetAction::StopStack => session.handle_stack_stopped(Ok(vec![])),
+            TargetAction::StartStack => session.handle_stack_started(Ok(())),
+            TargetAction::ScanStopped => {
+                let live = store.scan_live(false)?;
+                session.handle_stopped_scan(Ok(StackState {
+                    last_generation: store.last_generation(),
+                    live: live.manifest,
+                    staged: store.staged()?,
+                    staged_in_place: store.staged_in_place()?,
+                }));
+            }
             TargetAction::Signature { id, basis } => {
                 let b = store.open_basis(&basis)?;
                 let mut data = Vec::new();

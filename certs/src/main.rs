@@ -176,13 +176,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Man(args) => {
             for page in cli_docs::man_pages(Cli::command(), &args.dir)? {
-                println!("{}", page.display());
+                stackclone_common::outln!("{}", page.display());
             }
         }
         Command::Init { name, days } => {
             let identity = certs::init(&dir, &name, days)?;
             let pin = CaPin::of_certificate(identity.ca_certificate())?;
-            println!(
+            stackclone_common::outln!(
                 "created fleet CA in {} (pin {pin})\nthis host: `{}` ({}, {}), valid until {}",
                 dir.root().display(),
                 identity.name(),
@@ -190,7 +190,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 identity.info().fingerprint,
                 rfc3339(identity.info().not_after),
             );
-            println!("next: `stackclone-certs serve` and `stackclone-certs token create`");
+            stackclone_common::outln!(
+                "next: `stackclone-certs serve` and `stackclone-certs token create`"
+            );
         }
         Command::Token {
             command:
@@ -212,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name.as_deref(),
             )?;
             if json {
-                println!(
+                stackclone_common::outln!(
                     "{}",
                     serde_json::json!({
                         "token": token.token,
@@ -227,7 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "single-use {} token, expires at {}; on the joining host run:",
                     token.role, token.expires_at
                 );
-                println!("{}", token.enroll_command());
+                stackclone_common::outln!("{}", token.enroll_command());
             }
         }
         Command::Serve { listen, days } => {
@@ -235,7 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(async move {
                 let endpoint = server.bind(listen)?;
                 let addr = endpoint.local_addr().context("cannot read the bound address")?;
-                println!("listening on {addr}");
+                stackclone_common::outln!("listening on {addr}");
                 let shutdown = async {
                     let mut term =
                         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -263,7 +265,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ca_pin,
             };
             let identity = runtime()?.block_on(certs::enroll(&opts))?;
-            println!(
+            stackclone_common::outln!(
                 "enrolled `{}` as {} ({}), valid until {}",
                 identity.name(),
                 identity.role(),
@@ -274,7 +276,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Csr { name, out } => {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.csr.json")));
             certs::make_csr(&dir, &name, &out)?;
-            println!(
+            stackclone_common::outln!(
                 "wrote {}; on the CA host run `stackclone-certs sign {}`, then bring the bundle back and run `stackclone-certs install FILE`",
                 out.display(),
                 out.display()
@@ -297,7 +299,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     named
                 }
             };
-            println!(
+            stackclone_common::outln!(
                 "issued a {} certificate for `{}`; wrote {} — carry it back and run `stackclone-certs install {}`",
                 bundle.role,
                 bundle.name,
@@ -306,14 +308,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Install { file, ca_pin } => match certs::install(&dir, &file, ca_pin)? {
-            Installed::Identity(info) => println!(
+            Installed::Identity(info) => stackclone_common::outln!(
                 "installed `{}` as {} ({}), valid until {}",
                 info.name,
                 info.role,
                 info.fingerprint,
                 rfc3339(info.not_after)
             ),
-            Installed::DenyList { version, adopted } => println!(
+            Installed::DenyList { version, adopted } => stackclone_common::outln!(
                 "deny list v{version} {}",
                 if adopted {
                     "adopted"
@@ -321,7 +323,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "is not newer than the one in force; kept the current one"
                 }
             ),
-            other => println!("{other:?}"),
+            other => stackclone_common::outln!("{other:?}"),
         },
         Command::Renew { server, days } => {
             let identity = if server.is_none() && dir.ca_key().exists() {
@@ -333,7 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 runtime()?.block_on(certs::renew(&opts))?
             };
-            println!(
+            stackclone_common::outln!(
                 "renewed `{}` ({}), valid until {}",
                 identity.name(),
                 identity.info().fingerprint,
@@ -342,7 +344,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Revoke { name } => {
             let list = certs::revoke(&dir, &name)?;
-            println!(
+            stackclone_common::outln!(
                 "revoked `{name}`: deny list v{} now names {} certificate(s). It reaches peers through `serve`, through the source agent's hello, or as a file: `stackclone-certs install {}`",
                 list.version(),
                 list.entries().len(),
@@ -352,7 +354,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Show { json } => {
             let status = certs::show(&dir)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                stackclone_common::outln!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print_status(&status);
             }
@@ -362,9 +364,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn print_status(s: &certs::Status) {
-    println!("state directory: {}", s.dir.display());
+    stackclone_common::outln!("state directory: {}", s.dir.display());
     match &s.ca {
-        Some(ca) => println!(
+        Some(ca) => stackclone_common::outln!(
             "fleet CA: {} (until {}){}",
             ca.pin,
             ca.not_after,
@@ -374,10 +376,10 @@ fn print_status(s: &certs::Status) {
                 ""
             }
         ),
-        None => println!("fleet CA: none (run `init` or `enroll`)"),
+        None => stackclone_common::outln!("fleet CA: none (run `init` or `enroll`)"),
     }
     if let Some(h) = &s.host {
-        println!(
+        stackclone_common::outln!(
             "this host: `{}` {} {} until {} ({} days left){}",
             h.name,
             h.role,
@@ -387,19 +389,19 @@ fn print_status(s: &certs::Status) {
             if h.revoked { " REVOKED" } else { "" }
         );
         if let Some(k) = &h.flag_key {
-            println!("flag key: {k}");
+            stackclone_common::outln!("flag key: {k}");
         }
     }
-    println!(
+    stackclone_common::outln!(
         "deny list: v{} ({} revoked)",
         s.deny_list_version,
         s.revoked.len()
     );
     for (name, key) in &s.trusted_flag_keys {
-        println!("source flag key: `{name}` {key}");
+        stackclone_common::outln!("source flag key: `{name}` {key}");
     }
     for c in &s.issued {
-        println!(
+        stackclone_common::outln!(
             "issued: `{}` {} {} until {} via {}{}",
             c.name,
             c.role,
@@ -410,7 +412,7 @@ fn print_status(s: &certs::Status) {
         );
     }
     for t in &s.tokens {
-        println!(
+        stackclone_common::outln!(
             "token: {} {} expires {} {}{}",
             t.id,
             t.role,

@@ -106,7 +106,10 @@ impl AlertConfig {
     pub fn wants(&self, kind: AlertKind) -> bool {
         match kind {
             AlertKind::Success => self.on_success,
-            AlertKind::Failure | AlertKind::Staleness | AlertKind::CertExpiry => true,
+            AlertKind::Failure
+            | AlertKind::Staleness
+            | AlertKind::CertExpiry
+            | AlertKind::Warning => true,
         }
     }
 }
@@ -381,6 +384,10 @@ pub enum AlertKind {
     Success,
     /// A certificate expires soon (or could not be renewed).
     CertExpiry,
+    /// Something a person must know although no cycle failed: a service Docker had to kill at
+    /// its stop timeout (the copy is crash-consistent only), a stack a killed process left
+    /// stopped and that was started again.
+    Warning,
 }
 
 impl AlertKind {
@@ -391,6 +398,7 @@ impl AlertKind {
             AlertKind::Staleness => "staleness",
             AlertKind::Success => "success",
             AlertKind::CertExpiry => "cert_expiry",
+            AlertKind::Warning => "warning",
         }
     }
 }
@@ -443,6 +451,11 @@ impl Alert {
         Alert::new(AlertKind::Success, host, Some(stack), message).with_generation(generation)
     }
 
+    /// Something about `stack` a person must know, although no cycle failed.
+    pub fn warning(host: &str, stack: &str, message: &str) -> Alert {
+        Alert::new(AlertKind::Warning, host, Some(stack), message)
+    }
+
     /// A certificate of `host` expires soon.
     pub fn cert_expiry(host: &str, message: &str) -> Alert {
         Alert::new(AlertKind::CertExpiry, host, None, message)
@@ -489,6 +502,7 @@ impl Alert {
             AlertKind::Staleness => format!("stackclone: {stack} is stale on {}", self.host),
             AlertKind::Success => format!("stackclone: {stack} synced"),
             AlertKind::CertExpiry => format!("stackclone: certificate expiring on {}", self.host),
+            AlertKind::Warning => format!("stackclone: {stack} needs attention on {}", self.host),
         };
         title
             .chars()
@@ -558,6 +572,12 @@ impl fmt::Display for Alert {
             }
             AlertKind::Success => {
                 write!(f, "stack `{stack}` synced {place}")?;
+                if let Some(generation) = self.generation {
+                    write!(f, " (generation {generation})")?;
+                }
+            }
+            AlertKind::Warning => {
+                write!(f, "stack `{stack}` needs attention on {place}")?;
                 if let Some(generation) = self.generation {
                     write!(f, " (generation {generation})")?;
                 }
@@ -752,7 +772,7 @@ impl Notifier {
             AlertKind::Failure => "rotating_light",
             AlertKind::Staleness => "hourglass",
             AlertKind::Success => "white_check_mark",
-            AlertKind::CertExpiry => "warning",
+            AlertKind::CertExpiry | AlertKind::Warning => "warning",
         };
         let mut tags = format!("{emoji},stackclone");
         if let Some(stack) = &alert.stack {

@@ -4,9 +4,15 @@
 //! Each binary has `completions SHELL` (to stdout) and `man DIR` (one page per command and
 //! subcommand, e.g. `stackclone-source.1`, `stackclone-source-push.1`); `deploy/install.sh`
 //! and packagers call them.
+//!
+//! Output to stdout goes through [`outln!`](crate::outln) and [`out!`](crate::out), which never
+//! panic: once stdout is gone (`… | head -3`, a closed terminal) the rest of the output is
+//! dropped and the command ends with the exit code its work earned. `println!` would panic on
+//! the broken pipe instead, and a command that panics has not said whether it succeeded.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use clap_complete::Shell;
 
@@ -43,4 +49,37 @@ pub fn man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<Vec<PathBuf>
         .collect();
     written.sort();
     Ok(written)
+}
+
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Writes to stdout; after the first failed write (the reader is gone) writes nothing more.
+/// Use it through [`outln!`](crate::outln) and [`out!`](crate::out).
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if out.write_fmt(args).and_then(|()| out.flush()).is_err() {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `println!` that never panics: see [`write_out`](crate::cli::write_out).
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::cli::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` that never panics: see [`write_out`](crate::cli::write_out).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
 }

@@ -26,6 +26,11 @@ pub trait StackControl: Send + Sync + std::fmt::Debug {
     fn wait_healthy(&self) -> ControlFuture<'_, HealthReport>;
     /// Creates the stack's containers if it has none at all (a target's first commit).
     fn create_if_missing(&self) -> ControlFuture<'_, Creation>;
+    /// Brings the whole stack up whatever state it is in: creates it if it has no containers,
+    /// starts every container that is not running (not only what `stop` stopped), creates the
+    /// services its definition has no container for. The standby's start (see
+    /// [`ComposeStack::bring_up`](crate::docker::ComposeStack::bring_up)).
+    fn bring_up(&self) -> ControlFuture<'_, StartReport>;
     /// Starts what a process that died between `stop` and `start` left stopped (see
     /// [`ComposeStack::recover`](crate::docker::ComposeStack::recover)); `None` if nothing was.
     /// Call it before the first `stop` of a process.
@@ -48,6 +53,9 @@ impl StackControl for DataOnly {
     }
     fn create_if_missing(&self) -> ControlFuture<'_, Creation> {
         Box::pin(async { Ok(Creation::Existed) })
+    }
+    fn bring_up(&self) -> ControlFuture<'_, StartReport> {
+        Box::pin(async { Ok(StartReport::default()) })
     }
     fn recover(&self) -> ControlFuture<'_, Option<StartReport>> {
         Box::pin(async { Ok(None) })

@@ -7,8 +7,12 @@
 //!
 //! ```text
 //! stop():   list by label ─ plan order ─ pre_stop hooks ─ remember running ─ stop, reverse order
-//! start():  start what stop remembered, in order ─ post_start hooks
-//! wait_healthy(): poll what start/create brought up until healthy, or fail fast
+//!           ─ note who Docker had to kill at the stop timeout
+//! start():  start what stop remembered, in order ─ post_start hooks            (the source)
+//! bring_up(): no container → `up -d`; else start every stopped container, in order, and
+//!           create what the definition has no container for                    (the standby)
+//! wait_healthy(): poll what start/bring_up/create brought up until healthy, or fail fast;
+//!           nothing brought up is never healthy
 //! create_if_missing(): no container at all → `docker compose -p P up -d` (else `docker-compose`)
 //! ```
 //!
@@ -48,8 +52,17 @@
 //! - **One-off containers** (`docker-compose run`, label `com.docker.compose.oneoff=True`) are not
 //!   part of the stack, nor are containers without a service label.
 //! - **Paused** containers are left alone: they are neither stopped nor started.
-//! - **Health.** [`ComposeStack::wait_healthy_until`] checks the containers the last `start` or
-//!   `create_if_missing` brought up: `healthy`, or running without a health check, is ready;
+//! - **The primary starts what it stopped; the standby runs whole.** The source's `start` never
+//!   starts a container that was already stopped (someone stopped it on purpose on the primary).
+//!   The standby exists to run: [`ComposeStack::bring_up`] brings every service of its stack up,
+//!   whatever state it was in (a creation that failed half-way, a `compose stop` by hand, a
+//!   host reboot).
+//! - **Killed at the stop timeout.** A container that does not exit on its stop signal within
+//!   `stop_timeout` is killed by Docker; `stop` names it in [`StopReport::killed`], since what
+//!   it left on disk is crash-consistent only.
+//! - **Health.** [`ComposeStack::wait_healthy_until`] checks the containers the last `start`,
+//!   `bring_up` or `create_if_missing` brought up (a stack with none is
+//!   [`DockerError::NoContainers`], never healthy): `healthy`, or running without a health check, is ready;
 //!   `unhealthy` or a non-zero exit fails at once with the last health-log lines. A container that
 //!   exited with code 0 counts as done (a one-shot service, like Compose's
 //!   `service_completed_successfully`), since failing every cycle on a migration job that did its
@@ -270,6 +283,10 @@ pub struct StopReport {
     pub hooks: Vec<HookRun>,
     /// The containers stopped, in stop order.
     pub stopped: Vec<ContainerEvent>,
+    /// Of those, the ones that did not exit on their stop signal within the stop timeout, so
+    /// that Docker killed them (exit code 137, not an OOM kill): what they left on disk is
+    /// crash-consistent only.
+    pub killed: Vec<ContainerRef>,
 }
 
 impl StopReport {
@@ -277,15 +294,23 @@ impl StopReport {
     pub fn first_stop(&self) -> Option<SystemTime> {
         self.stopped.iter().map(|e| e.began).min()
     }
+
+    /// The services of [`killed`](Self::killed), sorted, each once.
+    pub fn killed_services(&self) -> Vec<String> {
+        let services: BTreeSet<&str> = self.killed.iter().map(|c| c.service.as_str()).collect();
+        services.into_iter().map(str::to_owned).collect()
+    }
 }
 
-/// What [`StackControl::start`] did.
+/// What [`StackControl::start`] or [`StackControl::bring_up`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StartReport {
     /// The containers started, in start order.
     pub started: Vec<ContainerEvent>,
     /// The `post_start` hooks, in order.
     pub hooks: Vec<HookRun>,
+    /// The Compose command that created missing containers (`bring_up` only).
+    pub compose: Option<String>,
 }
 
 impl StartReport {
@@ -556,6 +581,7 @@ impl ComposeStack {
         let seconds =
             i32::try_from(self.config.stop_timeout.as_secs_f64().ceil() as i64).unwrap_or(i32::MAX);
         let mut stopped = Vec::with_capacity(running.len());
+        let mut killed = Vec::new();
         for (i, c) in running.iter().enumerate() {
             let began = SystemTime::now();
             self.docker
@@ -577,15 +603,43 @@ impl ComposeStack {
                     )
                 })?;
             let done = SystemTime::now();
-            info!(project = %self.config.project, service = %c.service, container = %c.name,
-                took_ms = elapsed_ms(began, done), "container stopped");
+            if self.was_killed(c).await {
+                warn!(project = %self.config.project, service = %c.service, container = %c.name,
+                    stop_timeout_s = seconds, took_ms = elapsed_ms(began, done),
+                    "container did not exit within its stop timeout; Docker killed it, so its data is crash-consistent only");
+                killed.push(c.clone());
+            } else {
+                info!(project = %self.config.project, service = %c.service, container = %c.name,
+                    took_ms = elapsed_ms(began, done), "container stopped");
+            }
             stopped.push(ContainerEvent {
                 container: c.clone(),
                 began,
                 done,
             });
         }
-        Ok(StopReport { hooks, stopped })
+        Ok(StopReport {
+            hooks,
+            stopped,
+            killed,
+        })
+    }
+
+    /// Whether a container that a stop just stopped was killed by Docker at the stop timeout:
+    /// it exited with 137 (SIGKILL) and the kernel's OOM killer was not the one. A container that
+    /// cannot be inspected is not counted (and the failure logged).
+    async fn was_killed(&self, c: &ContainerRef) -> bool {
+        match self.docker.inspect_container(&c.id, None).await {
+            Ok(inspected) => {
+                let state = inspected.state.unwrap_or_default();
+                state.exit_code == Some(137) && state.oom_killed != Some(true)
+            }
+            Err(e) => {
+                warn!(project = %self.config.project, container = %c.name, error = %e,
+                    "could not inspect a stopped container to see whether it was killed");
+                false
+            }
+        }
     }
 
     /// Starts exactly what [`stop`](Self::stop) stopped (nothing if it stopped nothing), in start
@@ -598,31 +652,11 @@ impl ComposeStack {
             return Ok(StartReport::default());
         };
         sort_in_start_order(&mut restart.containers, &restart.start_order);
-        let mut report = StartReport::default();
-        let mut failures = Vec::new();
-        for c in restart.containers {
-            let began = SystemTime::now();
-            match self.docker.start_container(&c.id, None).await {
-                Ok(()) => {
-                    let done = SystemTime::now();
-                    info!(project = %self.config.project, service = %c.service,
-                        container = %c.name, took_ms = elapsed_ms(began, done), "container started");
-                    report.started.push(ContainerEvent {
-                        container: c,
-                        began,
-                        done,
-                    });
-                }
-                Err(e) => {
-                    warn!(project = %self.config.project, service = %c.service,
-                        container = %c.name, error = %e, "container did not start");
-                    failures.push(StartFailure {
-                        container: c,
-                        error: e.to_string(),
-                    });
-                }
-            }
-        }
+        let (started, failures) = self.start_containers(restart.containers).await;
+        let mut report = StartReport {
+            started,
+            ..StartReport::default()
+        };
         state.brought_up = report.started.iter().map(|e| e.container.clone()).collect();
         if !failures.is_empty() {
             let left = ToRestart {
@@ -650,6 +684,210 @@ impl ComposeStack {
                 .await?;
         }
         Ok(report)
+    }
+
+    /// Starts `containers` in the order given. Every container is tried even when one fails.
+    async fn start_containers(
+        &self,
+        containers: Vec<ContainerRef>,
+    ) -> (Vec<ContainerEvent>, Vec<StartFailure>) {
+        let mut started = Vec::with_capacity(containers.len());
+        let mut failures = Vec::new();
+        for c in containers {
+            let began = SystemTime::now();
+            match self.docker.start_container(&c.id, None).await {
+                Ok(()) => {
+                    let done = SystemTime::now();
+                    info!(project = %self.config.project, service = %c.service,
+                        container = %c.name, took_ms = elapsed_ms(began, done), "container started");
+                    started.push(ContainerEvent {
+                        container: c,
+                        began,
+                        done,
+                    });
+                }
+                Err(e) => {
+                    warn!(project = %self.config.project, service = %c.service,
+                        container = %c.name, error = %e, "container did not start");
+                    failures.push(StartFailure {
+                        container: c,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        (started, failures)
+    }
+
+    /// Brings the whole stack up, whatever state it is in — the standby's way of starting:
+    ///
+    /// - no container at all: `compose -p P up -d` creates and starts it;
+    /// - otherwise every container of the stack that is not running (`created` after a creation
+    ///   that failed half-way, `exited` after a stop by this agent, by hand or by a reboot) is
+    ///   started in start order; paused ones are left alone;
+    /// - meanwhile the compose definition is read (`compose config --services`), and services
+    ///   it defines that have no container yet are created with `up -d --no-recreate`.
+    ///
+    /// [`wait_healthy`](Self::wait_healthy_until) then checks every container of the stack. The
+    /// `post_start` hooks run when a [`stop`](Self::stop) preceded. A container that does not
+    /// start is [`DockerError::StartFailed`] (the others were started); a creation that fails is
+    /// [`DockerError::ComposeFailed`] with Compose's output. A definition that cannot be read
+    /// (no compose file in `compose_dir`: containers made another way) is logged, and the
+    /// containers that exist are the stack.
+    pub async fn bring_up(&self) -> Result<StartReport, DockerError> {
+        let mut state = self.state.lock().await;
+        let containers = self.containers().await?;
+        if containers.is_empty() {
+            let command = self.create(&mut state).await?;
+            let stopped_before = state.to_restart.take().is_some();
+            self.forget_restart_record().await;
+            let mut report = StartReport {
+                compose: Some(command),
+                ..StartReport::default()
+            };
+            if stopped_before {
+                report.hooks = self.post_start_hooks().await?;
+            }
+            return Ok(report);
+        }
+        let plan = self.plan_for(&containers)?;
+        let mut down: Vec<ContainerRef> = containers
+            .iter()
+            .filter(|c| !c.is_running() && c.state != "paused")
+            .map(|c| c.container.clone())
+            .collect();
+        sort_in_start_order(&mut down, &plan.start_order);
+        let have: BTreeSet<&str> = containers
+            .iter()
+            .map(|c| c.container.service.as_str())
+            .collect();
+        let (defined, (started, failures)) =
+            tokio::join!(self.defined_services(), self.start_containers(down));
+        // A definition that cannot be read (no compose file in `compose_dir`: containers made
+        // another way) leaves the containers that exist as the whole stack.
+        let defined = defined.unwrap_or_else(|e| {
+            warn!(project = %self.config.project, error = %e,
+                "cannot read the compose definition; bringing up the containers that exist");
+            Vec::new()
+        });
+        let missing: Vec<String> = defined
+            .into_iter()
+            .filter(|s| !have.contains(s.as_str()))
+            .collect();
+        let mut report = StartReport {
+            started,
+            ..StartReport::default()
+        };
+        if !missing.is_empty() {
+            info!(project = %self.config.project, services = ?missing,
+                "services of the compose definition have no container; creating them");
+            report.compose = Some(self.run_compose(&["up", "-d", "--no-recreate"]).await?.0);
+        }
+        state.brought_up = self
+            .containers()
+            .await?
+            .into_iter()
+            .map(|c| c.container)
+            .collect();
+        if !failures.is_empty() {
+            if let Some(restart) = state.to_restart.as_mut() {
+                restart
+                    .containers
+                    .retain(|r| failures.iter().any(|f| f.container.id == r.id));
+                let left = restart.clone();
+                // Best effort, as in `start`: the old record is a superset.
+                if let Err(e) = self.write_restart_record(left).await {
+                    warn!(project = %self.config.project, error = %e, "could not update the restart record");
+                }
+            }
+            return Err(DockerError::StartFailed {
+                project: self.config.project.clone(),
+                failures,
+            });
+        }
+        if state.to_restart.take().is_some() {
+            self.forget_restart_record().await;
+            report.hooks = self.post_start_hooks().await?;
+        }
+        Ok(report)
+    }
+
+    async fn post_start_hooks(&self) -> Result<Vec<HookRun>, DockerError> {
+        if self.config.post_start.is_empty() {
+            return Ok(Vec::new());
+        }
+        let containers = self.containers().await?;
+        self.run_hooks(HookPhase::PostStart, &self.config.post_start, &containers)
+            .await
+    }
+
+    /// The services the compose file in `compose_dir` defines (`compose config --services`).
+    async fn defined_services(&self) -> Result<Vec<String>, DockerError> {
+        let (_, out) = self.run_compose(&["config", "--services"]).await?;
+        Ok(out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Runs `compose -p P ARGS…` in `compose_dir` with the create timeout: the command line and
+    /// its stdout on success, [`DockerError::ComposeFailed`] with its output otherwise.
+    async fn run_compose(&self, args: &[&str]) -> Result<(String, String), DockerError> {
+        let project = &self.config.project;
+        let dir = &self.config.compose_dir;
+        match tokio::fs::metadata(dir).await {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(DockerError::ComposeDirMissing {
+                    project: project.clone(),
+                    dir: dir.clone(),
+                    reason: "not a directory".to_owned(),
+                });
+            }
+            Err(e) => {
+                return Err(DockerError::ComposeDirMissing {
+                    project: project.clone(),
+                    dir: dir.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        let mut argv = self.compose_cli().await?;
+        argv.extend(["-p", project.as_str()].map(str::to_owned));
+        argv.extend(args.iter().map(|a| (*a).to_owned()));
+        let command = argv.join(" ");
+        let failed = |status: String, output: String| DockerError::ComposeFailed {
+            project: project.clone(),
+            command: command.clone(),
+            dir: dir.clone(),
+            status,
+            output,
+        };
+        let run = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = match tokio::time::timeout(self.config.create_timeout, run).await {
+            Err(_) => {
+                return Err(failed(
+                    format!("timed out after {:?}", self.config.create_timeout),
+                    String::new(),
+                ));
+            }
+            Ok(Err(e)) => return Err(failed(format!("could not run it: {e}"), String::new())),
+            Ok(Ok(out)) => out,
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            let output = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+            return Err(failed(error::exit_status(out.status), output));
+        }
+        debug!(project = %project, command, stdout, stderr = %String::from_utf8_lossy(&out.stderr), "compose finished");
+        Ok((command, stdout))
     }
 
     /// Undoes a stop whose process died before its `start`: if the
@@ -798,6 +1036,11 @@ impl ComposeStack {
     pub async fn wait_healthy_until(&self, deadline: Instant) -> Result<HealthReport, DockerError> {
         let began = Instant::now();
         let mut pending = self.state.lock().await.brought_up.clone();
+        if pending.is_empty() {
+            return Err(DockerError::NoContainers {
+                project: self.config.project.clone(),
+            });
+        }
         let mut ready = Vec::with_capacity(pending.len());
         loop {
             let mut not_ready = Vec::new();
@@ -848,61 +1091,20 @@ impl ComposeStack {
         if !self.containers().await?.is_empty() {
             return Ok(Creation::Existed);
         }
+        let command = self.create(&mut state).await?;
+        Ok(Creation::Created {
+            command,
+            containers: state.brought_up.clone(),
+        })
+    }
+
+    /// `up -d` for a project with no containers; what it made is what `wait_healthy` checks.
+    /// Returns the command line.
+    async fn create(&self, state: &mut State) -> Result<String, DockerError> {
         let project = &self.config.project;
-        let dir = &self.config.compose_dir;
-        match tokio::fs::metadata(dir).await {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(DockerError::ComposeDirMissing {
-                    project: project.clone(),
-                    dir: dir.clone(),
-                    reason: "not a directory".to_owned(),
-                });
-            }
-            Err(e) => {
-                return Err(DockerError::ComposeDirMissing {
-                    project: project.clone(),
-                    dir: dir.clone(),
-                    reason: e.to_string(),
-                });
-            }
-        }
-        let mut argv = self.compose_cli().await?;
-        argv.extend(["-p", project.as_str(), "up", "-d"].map(str::to_owned));
-        let command = argv.join(" ");
-        info!(project = %project, dir = %dir.display(), command, "the stack has no containers; creating it");
-        let failed = |status: String, output: String| DockerError::ComposeFailed {
-            project: project.clone(),
-            command: command.clone(),
-            dir: dir.clone(),
-            status,
-            output,
-        };
-        let run = tokio::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = match tokio::time::timeout(self.config.create_timeout, run).await {
-            Err(_) => {
-                return Err(failed(
-                    format!("timed out after {:?}", self.config.create_timeout),
-                    String::new(),
-                ));
-            }
-            Ok(Err(e)) => return Err(failed(format!("could not run it: {e}"), String::new())),
-            Ok(Ok(out)) => out,
-        };
-        let output = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if !out.status.success() {
-            return Err(failed(error::exit_status(out.status), output));
-        }
-        debug!(project = %project, output, "compose up finished");
+        info!(project = %project, dir = %self.config.compose_dir.display(),
+            "the stack has no containers; creating it");
+        let (command, _) = self.run_compose(&["up", "-d"]).await?;
         let containers: Vec<ContainerRef> = self
             .containers()
             .await?
@@ -913,18 +1115,24 @@ impl ComposeStack {
             return Err(DockerError::ComposeCreatedNothing {
                 project: project.clone(),
                 command,
-                dir: dir.clone(),
+                dir: self.config.compose_dir.clone(),
             });
         }
-        state.brought_up = containers.clone();
-        Ok(Creation::Created {
-            command,
-            containers,
-        })
+        state.brought_up = containers;
+        Ok(command)
     }
 
-    /// `docker compose` if `docker compose version` works, else `docker-compose`.
+    /// `docker compose` if `docker compose version` works, else `docker-compose`; found once per
+    /// process (each probe starts a program, and Compose v1 takes a second to start).
     async fn compose_cli(&self) -> Result<Vec<String>, DockerError> {
+        static FOUND: tokio::sync::OnceCell<Vec<String>> = tokio::sync::OnceCell::const_new();
+        FOUND
+            .get_or_try_init(|| self.probe_compose_cli())
+            .await
+            .cloned()
+    }
+
+    async fn probe_compose_cli(&self) -> Result<Vec<String>, DockerError> {
         let mut reasons = Vec::new();
         for argv in [&["docker", "compose"][..], &["docker-compose"][..]] {
             let probe = tokio::process::Command::new(argv[0])
@@ -1158,6 +1366,9 @@ impl StackControl for ComposeStack {
     }
     fn create_if_missing(&self) -> ControlFuture<'_, Creation> {
         Box::pin(ComposeStack::create_if_missing(self))
+    }
+    fn bring_up(&self) -> ControlFuture<'_, StartReport> {
+        Box::pin(ComposeStack::bring_up(self))
     }
     fn recover(&self) -> ControlFuture<'_, Option<StartReport>> {
         Box::pin(ComposeStack::recover(self))

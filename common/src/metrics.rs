@@ -15,6 +15,7 @@
 //! | `stackclone_bytes_literal_total` | counter | file bytes sent as literal data |
 //! | `stackclone_files_changed_total` | counter | files created, changed or deleted by commits |
 //! | `stackclone_cycle_failures_total` | counter | failed cycles, labelled `stack` and `phase` |
+//! | `stackclone_stop_killed_total` | counter | containers Docker had to kill at their stop timeout when this host stopped the stack, labelled `stack` and `service` |
 //! | `stackclone_stale` | gauge | 1 while the stack is past its `max_age`, else 0 |
 //! | `stackclone_certificate_expiry_timestamp_seconds` | gauge | a certificate's `notAfter`, labelled `cert` |
 //! | `stackclone_alert_failures_total` | counter | undelivered alerts, labelled `channel` |
@@ -84,6 +85,12 @@ struct FailureLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceLabels {
+    stack: String,
+    service: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CertLabels {
     cert: String,
 }
@@ -134,6 +141,7 @@ pub struct Metrics {
     bytes_literal: StackCounter,
     files_changed: StackCounter,
     failures: Family<FailureLabels, Counter>,
+    stop_killed: Family<ServiceLabels, Counter>,
     stale: IntGauge,
     cert_expiry: Family<CertLabels, Gauge>,
     alert_failures: Family<ChannelLabels, Counter>,
@@ -159,6 +167,7 @@ impl Metrics {
             bytes_literal: Family::default(),
             files_changed: Family::default(),
             failures: Family::default(),
+            stop_killed: Family::default(),
             stale: Family::default(),
             cert_expiry: Family::default(),
             alert_failures: Family::default(),
@@ -219,6 +228,11 @@ impl Metrics {
             "stackclone_cycle_failures",
             "Failed cycles by phase",
             m.failures.clone(),
+        );
+        r.register(
+            "stackclone_stop_killed",
+            "Containers Docker had to kill at their stop timeout when this host stopped the stack",
+            m.stop_killed.clone(),
         );
         r.register(
             "stackclone_stale",
@@ -298,6 +312,17 @@ impl Metrics {
             .get_or_create(&FailureLabels {
                 stack: stack.to_owned(),
                 phase: phase.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a container of `service` that Docker had to kill at its stop timeout when this
+    /// host stopped `stack`.
+    pub fn record_stop_killed(&self, stack: &str, service: &str) {
+        self.stop_killed
+            .get_or_create(&ServiceLabels {
+                stack: stack.to_owned(),
+                service: service.to_owned(),
             })
             .inc();
     }

@@ -13,6 +13,7 @@ use stackclone_common::config::{
     SourceConfig, SourceStack, TargetConfig, TargetPeer, TargetStack, parse_bandwidth,
     parse_duration,
 };
+use stackclone_proto::session::OnStopTimeout;
 use tempfile::TempDir;
 
 /// A config dir in a temp dir: the main file, `conf.d/`, and data dirs under `data/`.
@@ -139,6 +140,7 @@ fn source_minimal_stack_gets_every_default() {
         depends_on: BTreeMap::new(),
         order: vec![],
         stop_timeout: Duration::from_secs(30),
+        on_stop_timeout: OnStopTimeout::Warn,
         pre_stop: vec![],
         post_start: vec![],
         schedule: None,
@@ -177,6 +179,7 @@ compose_project = "app-prod"
 depends_on = {{ web = ["db", "redis"] }}
 order = ["db", "redis", "web"]
 stop_timeout = "1m30s"
+on_stop_timeout = "fail"
 pre_stop = {{ service = "db", command = ["sh", "-c", "sync"] }}
 schedule = "15 3 * * *"
 random_delay = 600
@@ -219,6 +222,7 @@ command = ["echo", "up"]
     );
     assert_eq!(s.order, vec!["db", "redis", "web"]);
     assert_eq!(s.stop_timeout, Duration::from_secs(90));
+    assert_eq!(s.on_stop_timeout, OnStopTimeout::Fail);
     assert_eq!(
         s.pre_stop,
         vec![Hook {

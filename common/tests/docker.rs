@@ -967,3 +967,99 @@ async fn connect_with_docker_host_from_env() {
     assert!(matches!(err, DockerError::Connect { .. }), "{err:?}");
     println!("CONNECT ERROR: {err}");
 }
+
+/// The standby's start: whatever stopped a container (a stop by hand, a creation that got half
+/// way), `bring_up` starts every one of them, in dependency order, and creates the services
+/// the definition has and the project lacks; `wait_healthy` then covers all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bring_up_starts_every_stopped_container_and_creates_missing_services() {
+    let p = Project::new("bringup", &two_services());
+    let docker = engine().await;
+    let stack = p.up().await;
+    StackControl::wait_healthy(&stack).await.expect("healthy");
+    let before = ids(&stack.containers().await.expect("list"));
+    // Stopped behind the agent's back, as `docker compose stop` does; and `app` removed, as if
+    // its creation had never happened.
+    for id in before.values() {
+        docker
+            .stop_container(id, None::<bollard::query_parameters::StopContainerOptions>)
+            .await
+            .expect("stop");
+    }
+    docker
+        .remove_container(
+            &before["app"],
+            None::<bollard::query_parameters::RemoveContainerOptions>,
+        )
+        .await
+        .expect("remove app");
+    let fresh = p.stack(p.config()).await;
+    // A plain `start` starts only what its own `stop` stopped: nothing here.
+    assert!(fresh.start().await.expect("start").started.is_empty());
+    assert!(!is_running(&docker, &before["db"]).await);
+
+    let report = fresh.bring_up().await.expect("bring up");
+    assert_eq!(
+        report
+            .started
+            .iter()
+            .map(|e| e.container.service.as_str())
+            .collect::<Vec<_>>(),
+        ["db"],
+        "{report:?}"
+    );
+    let compose = report.compose.expect("app was created by Compose");
+    assert!(compose.contains("up -d --no-recreate"), "{compose}");
+    let after = ids(&fresh.containers().await.expect("list"));
+    assert_eq!(after["db"], before["db"], "db was re-created");
+    assert_ne!(after["app"], before["app"], "app was not created again");
+    let health = StackControl::wait_healthy(&fresh).await.expect("healthy");
+    let mut services: Vec<&str> = health
+        .containers
+        .iter()
+        .map(|c| c.container.service.as_str())
+        .collect();
+    services.sort_unstable();
+    assert_eq!(services, ["app", "db"]);
+    for id in after.values() {
+        assert!(is_running(&docker, id).await);
+    }
+}
+
+/// A container that ignores its stop signal is killed by Docker at the stop timeout; `stop`
+/// names it (and only it) in the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_names_the_containers_docker_had_to_kill() {
+    let compose = format!(
+        "version: \"2.4\"\nservices:\n{}  stubborn:\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", \"trap '' TERM; while :; do sleep 1; done\"]\n",
+        idle_service("polite", "")
+    );
+    let p = Project::new("killed", &compose);
+    let stack = p.up().await;
+    let cfg = ComposeConfig {
+        stop_timeout: Duration::from_secs(1),
+        ..p.config()
+    };
+    let stack2 = p.stack(cfg).await;
+    drop(stack);
+    let began = Instant::now();
+    let report = stack2.stop().await.expect("stop");
+    assert!(began.elapsed() >= Duration::from_secs(1));
+    assert_eq!(report.stopped.len(), 2, "{report:?}");
+    assert_eq!(report.killed_services(), ["stubborn"], "{report:?}");
+    stack2.start().await.expect("start");
+}
+
+/// A stack with no container is never healthy: nothing was brought up, so there is nothing
+/// that runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_with_no_container_is_never_healthy() {
+    let p = Project::new("empty", &two_services());
+    let stack = p.stack(p.config()).await;
+    match StackControl::wait_healthy(&stack).await {
+        Err(e @ DockerError::NoContainers { .. }) => {
+            assert!(e.to_string().contains("never healthy"), "{e}")
+        }
+        other => panic!("an empty stack was {other:?}"),
+    }
+}

@@ -125,6 +125,8 @@ fn recorded() -> Arc<Metrics> {
     m.record_failure("nextcloud", "commit");
     m.record_failure("nextcloud", "commit");
     m.record_failure("gitea", "connect");
+    m.record_stop_killed("nextcloud", "db");
+    m.record_stop_killed("nextcloud", "db");
     m.set_stale("gitea", true);
     m.set_certificate_expiry(
         "identity",
@@ -210,6 +212,10 @@ async fn scrape_serves_every_series_with_the_recorded_values() {
             r#"stackclone_cycle_failures_total{stack="gitea",phase="connect"}"#,
             1.0,
         ),
+        (
+            r#"stackclone_stop_killed_total{stack="nextcloud",service="db"}"#,
+            2.0,
+        ),
         // A committed cycle clears staleness that was set before it.
         (r#"stackclone_stale{stack="nextcloud"}"#, 0.0),
         (r#"stackclone_stale{stack="gitea"}"#, 1.0),
@@ -249,6 +255,7 @@ async fn scrape_serves_every_series_with_the_recorded_values() {
             ("stackclone_last_success_timestamp_seconds", "gauge"),
             ("stackclone_source_downtime_seconds", "gauge"),
             ("stackclone_stale", "gauge"),
+            ("stackclone_stop_killed", "counter"),
             ("stackclone_target_downtime_seconds", "gauge"),
         ]
     );

@@ -19,42 +19,10 @@
 set -eu
 
 image="${1:-stackclone-test/busybox:1}"
-
-have_image() {
-    docker image inspect "$image" >/dev/null 2>&1
-}
-
-if have_image; then
-    exit 0
-fi
-
-lock="${TMPDIR:-/tmp}/stackclone-test-image.lock"
-exec 9>"$lock"
-if command -v flock >/dev/null 2>&1; then
-    flock 9
-fi
-# Another caller may have built it while we waited for the lock.
-if have_image; then
-    exit 0
-fi
-
-# Fail with the daemon's own words rather than a confusing import error later.
-if ! docker version >/dev/null 2>&1; then
-    echo "build.sh: the Docker daemon does not answer:" >&2
-    docker version >&2 || true
-    exit 1
-fi
-
-as_root() {
-    if [ "$(id -u)" = 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo -n "$@"
-    else
-        echo "build.sh: need root (or sudo) to run: $*" >&2
-        return 1
-    fi
-}
+me=build.sh
+# shellcheck source=deploy/image/lib.sh
+. "$(dirname "$0")/lib.sh"
+take_image_lock "${TMPDIR:-/tmp}/stackclone-test-image.lock"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/stackclone-image.XXXXXX")"
 trap 'rm -rf "$work"' EXIT INT TERM

@@ -262,6 +262,31 @@ impl Manifest {
         (files, bytes)
     }
 
+    /// The first path, in manifest order, where `self` and `other` differ: an entry only one of
+    /// them has, or one whose type, content, metadata or xattrs differ. `None` if they are equal.
+    pub fn first_difference<'a>(&'a self, other: &'a Manifest) -> Option<&'a StackPath> {
+        let (mut a, mut b) = (
+            self.entries.iter().peekable(),
+            other.entries.iter().peekable(),
+        );
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => return None,
+                (Some(x), None) => return Some(&x.path),
+                (None, Some(y)) => return Some(&y.path),
+                (Some(x), Some(y)) => match x.path.cmp(&y.path) {
+                    std::cmp::Ordering::Less => return Some(&x.path),
+                    std::cmp::Ordering::Greater => return Some(&y.path),
+                    std::cmp::Ordering::Equal if x != y => return Some(&x.path),
+                    std::cmp::Ordering::Equal => {
+                        a.next();
+                        b.next();
+                    }
+                },
+            }
+        }
+    }
+
     /// The root hash: BLAKE3 in derive-key mode (so it can never collide with a content hash)
     /// over the entry count and each entry's canonical encoding, length-prefixed.
     pub fn root(&self) -> Hash {
@@ -368,6 +393,37 @@ pub(crate) mod tests {
             Manifest::new(vec![a]),
             Err(ManifestError::LonelyLinkGroup { .. })
         ));
+    }
+
+    #[test]
+    fn first_difference_names_the_first_path_that_differs() {
+        let a = Manifest::new(vec![dir("a"), file("a/x", b"1"), file("b", b"2")]).unwrap();
+        assert_eq!(a.first_difference(&a), None);
+        let changed = Manifest::new(vec![dir("a"), file("a/x", b"9"), file("b", b"3")]).unwrap();
+        assert_eq!(
+            a.first_difference(&changed).map(|p| p.to_string()),
+            Some("a/x".into())
+        );
+        let fewer = Manifest::new(vec![dir("a"), file("b", b"2")]).unwrap();
+        assert_eq!(
+            a.first_difference(&fewer).map(|p| p.to_string()),
+            Some("a/x".into())
+        );
+        assert_eq!(
+            fewer.first_difference(&a).map(|p| p.to_string()),
+            Some("a/x".into())
+        );
+        let more = Manifest::new(vec![
+            dir("a"),
+            file("a/x", b"1"),
+            file("b", b"2"),
+            file("c", b""),
+        ])
+        .unwrap();
+        assert_eq!(
+            a.first_difference(&more).map(|p| p.to_string()),
+            Some("c".into())
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ use crate::manifest::{Entry, Hash};
 use crate::path::StackPath;
 
 /// Protocol version, sent in the first message of each side. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: [`SourceMsg::FinalPass`], and the standby's killed services in [`Outcome::Committed`].
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Most entries in one [`SourceMsg::ManifestPart`].
 pub const MANIFEST_PART_ENTRIES: usize = 2048;
@@ -125,6 +127,11 @@ pub enum SourceMsg {
         id: u32,
         reason: String,
     },
+    /// The final pass begins: the source is stopping its stack (or, with `stop = false`, scanning
+    /// it live) for the manifest the flag will sign. The target stops its standby now, in
+    /// parallel, so that the final pass is planned against a stopped standby. Sent once per
+    /// cycle, before the final manifest; never in a dry run.
+    FinalPass,
     /// Closes the generation.
     Flag(SignedStatus),
     /// The source gives up; nothing is committed.
@@ -198,7 +205,12 @@ pub struct CycleResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// The generation is live (and its stack healthy, where health is checked).
-    Committed { target_downtime_ms: u64 },
+    /// `standby_killed`: the standby's services Docker had to kill at their stop timeout when
+    /// the target stopped them for this commit.
+    Committed {
+        target_downtime_ms: u64,
+        standby_killed: Vec<String>,
+    },
     /// The commit failed or the stack did not come up healthy; the previous generation is live.
     Failed { phase: Phase, reason: String },
 }

@@ -16,8 +16,8 @@ use stackclone_proto::msg::{Mode, Pass, Refusal, SourceMsg, TargetMsg};
 use stackclone_proto::path::StackPath;
 use stackclone_proto::plan::Upsert;
 use stackclone_proto::session::{
-    Cause, CycleError, SourceAction, SourceConfig, SourceReport, SourceSession, StackPolicy,
-    StackState, StageOutcome, TargetAction, TargetConfig, TargetReport, TargetSession,
+    Cause, CycleError, OnStopTimeout, SourceAction, SourceConfig, SourceReport, SourceSession,
+    StackPolicy, StackState, StageOutcome, TargetAction, TargetConfig, TargetReport, TargetSession,
 };
 use stackclone_proto::wire;
 
@@ -253,6 +253,8 @@ struct SourceSide {
     outbox: Vec<SourceMsg>,
     done: Option<Result<SourceReport, CycleError>>,
     files_sent: Vec<StackPath>,
+    /// Services the stop reports as killed at their stop timeout.
+    killed: Vec<String>,
 }
 
 impl SourceSide {
@@ -266,6 +268,7 @@ impl SourceSide {
             outbox: vec![],
             done: None,
             files_sent: vec![],
+            killed: vec![],
         }
     }
 
@@ -282,7 +285,7 @@ impl SourceSide {
                     if let Some(t) = self.on_stop.take() {
                         self.tree = t;
                     }
-                    self.session.handle_stack_stopped(Ok(()));
+                    self.session.handle_stack_stopped(Ok(self.killed.clone()));
                 }
                 SourceAction::StartStack => {
                     assert!(!self.running, "stack started while running");
@@ -352,6 +355,17 @@ struct TargetSide {
     scan_late: Option<usize>,
     /// The scanned state not handed over yet, and the messages still to wait for.
     scanning: Option<(StackState, usize)>,
+    /// The standby's stack runs.
+    running: bool,
+    /// Times the session stopped and started the standby (a commit's start is not counted).
+    stops: u32,
+    starts: u32,
+    /// What the standby's own services leave in the live tree by the time their stop returns:
+    /// their writes since the cycle's first scan and their shutdown writes (a database's
+    /// shutdown checkpoint).
+    on_stop: Option<Tree>,
+    /// Services the standby's stop reports as killed at their stop timeout.
+    killed: Vec<String>,
 }
 
 impl TargetSide {
@@ -372,6 +386,20 @@ impl TargetSide {
             loads: 0,
             scan_late: None,
             scanning: None,
+            running: true,
+            stops: 0,
+            starts: 0,
+            on_stop: None,
+            killed: vec![],
+        }
+    }
+
+    fn state(&self) -> StackState {
+        StackState {
+            last_generation: self.last_generation,
+            live: self.live.manifest(),
+            staged: self.staged.keys().copied().collect(),
+            staged_in_place: HashMap::new(),
         }
     }
 
@@ -473,12 +501,7 @@ impl TargetSide {
                 }
                 TargetAction::LoadStack { .. } => {
                     self.loads += 1;
-                    let state = StackState {
-                        last_generation: self.last_generation,
-                        live: self.live.manifest(),
-                        staged: self.staged.keys().copied().collect(),
-                        staged_in_place: HashMap::new(),
-                    };
+                    let state = self.state();
                     match self.scan_late {
                         None => self.session.handle_stack(Ok(state)),
                         Some(after) => {
@@ -515,7 +538,47 @@ impl TargetSide {
                     }
                     self.wanted.insert(id, basis);
                 }
+                TargetAction::StopStack => {
+                    assert!(self.running, "standby stopped twice");
+                    self.running = false;
+                    self.stops += 1;
+                    if let Some(t) = self.on_stop.take() {
+                        self.live = t;
+                    }
+                    self.session.handle_stack_stopped(Ok(self.killed.clone()));
+                }
+                TargetAction::ScanStopped => {
+                    assert!(!self.running, "rescan of a running standby");
+                    self.session.handle_stopped_scan(Ok(self.state()));
+                }
+                TargetAction::StartStack => {
+                    assert!(!self.running, "standby started while running");
+                    self.running = true;
+                    self.starts += 1;
+                    self.session.handle_stack_started(Ok(()));
+                }
                 TargetAction::Commit(commit) => {
+                    if commit.without_stop() {
+                        assert!(
+                            self.running,
+                            "a commit without stop found the standby stopped"
+                        );
+                        assert!(
+                            commit.changes().is_empty(),
+                            "changes into a running standby"
+                        );
+                    } else {
+                        assert!(
+                            !self.running,
+                            "a commit with changes found the standby running"
+                        );
+                        // The real store's safety net: the tree is still the one planned against.
+                        assert_eq!(
+                            &self.live.manifest(),
+                            commit.live(),
+                            "planned on a stale scan"
+                        );
+                    }
                     let mut next = self.live.clone();
                     for path in &commit.changes().deletes {
                         next.0.remove(path);
@@ -563,6 +626,8 @@ impl TargetSide {
                     self.last_generation = commit.generation();
                     self.commits += 1;
                     self.commits_without_stop += u32::from(commit.without_stop());
+                    // The commit brings the stack up, whatever it comes to.
+                    self.running = true;
                     self.session.handle_committed(Ok(42));
                 }
                 TargetAction::Done(result) => self.done = Some(result),
@@ -612,6 +677,7 @@ fn source_cfg(mode: Mode, precopy: bool) -> SourceConfig {
         stop_stack: true,
         allow_empty: false,
         max_delete: 0.5,
+        on_stop_timeout: OnStopTimeout::Warn,
     }
 }
 
@@ -701,6 +767,13 @@ impl Pair {
             if to_target.is_empty() && to_source.is_empty() {
                 let waiting = self.source.done.is_none() || self.target.done.is_none();
                 if !waiting || cut {
+                    // However the cycle ended, neither side's stack is left down.
+                    if self.source.done.is_some() {
+                        assert!(self.source.running, "source stack left down");
+                    }
+                    if self.target.done.is_some() {
+                        assert!(self.target.running, "standby left down");
+                    }
                     return;
                 }
                 // Nothing in flight but a side is still waiting. Without a fault that is a bug.
@@ -880,17 +953,157 @@ fn second_cycle_sends_only_changes_and_uses_deltas_and_local_copies() {
 fn an_unchanged_tree_sends_no_file_and_commits_the_next_generation() {
     let mut pair = Pair::new(gen1(), Tree::default());
     pair.run();
-    pair.next_cycle(gen1(), source_cfg(Mode::Sync, false));
+    pair.next_cycle(gen1(), source_cfg(Mode::Sync, true));
     pair.run();
     assert!(pair.source.done.clone().unwrap().is_ok());
     assert!(pair.source.files_sent.is_empty());
     assert_eq!(pair.target.last_generation, 2);
     assert_eq!(pair.target.live, gen1());
-    // The first generation stops the stack (it brings it up); the unchanged one need not.
+    // The first generation stops the stack (it brings it up); the unchanged one need not: the
+    // pre-copy pass showed the running standby already is the source's tree, and so is the
+    // final manifest.
     assert_eq!(
         (pair.target.commits, pair.target.commits_without_stop),
         (2, 1)
     );
+    assert_eq!(pair.target.stops, 1, "only the first generation stopped it");
+}
+
+/// Without a pre-copy pass the target cannot know, when the final pass begins, that nothing
+/// will change: it stops the standby in parallel with the source's stop, as for any cycle, and
+/// the unchanged generation is committed against the stopped scan and brought up again.
+#[test]
+fn without_precopy_an_unchanged_tree_still_stops_the_standby_with_the_source() {
+    let mut pair = Pair::new(gen1(), Tree::default());
+    pair.run();
+    pair.next_cycle(gen1(), source_cfg(Mode::Sync, false));
+    pair.run();
+    pair.source.done.clone().unwrap().expect("second cycle");
+    assert!(pair.source.files_sent.is_empty());
+    assert_eq!(pair.target.live, gen1());
+    assert_eq!(pair.target.commits_without_stop, 0);
+    assert_eq!(pair.target.stops, 2);
+    // The standby's stop was asked for as soon as the final pass began, before the source's
+    // final manifest (the source stops and scans meanwhile).
+    let at = |name: &str| pair.log.iter().position(|(_, m)| m.starts_with(name));
+    assert!(at("FinalPass").unwrap() < at("ManifestPart").unwrap());
+}
+
+/// The regression of issue "Real databases": the standby's own service (a database) writes
+/// while it runs and again when it stops — its shutdown checkpoint rewrites files the source
+/// did not change, and files the source did change. The final pass is planned against the
+/// stopped standby, so the commit is exactly the source's tree: the standby's writes are undone
+/// like any other difference, and nothing is "changed after the commit was prepared".
+#[test]
+fn a_standby_that_writes_when_it_stops_still_commits_exactly_the_source_tree() {
+    for precopy in [true, false] {
+        let mut pair = Pair::new(gen1(), Tree::default());
+        pair.run();
+        pair.target.done.clone().unwrap().expect("first cycle");
+        pair.next_cycle(gen2(), source_cfg(Mode::Sync, precopy));
+        // At its stop the standby appends to a file the source also changed, rewrites one the
+        // source did not touch, and leaves a lock file behind.
+        let mut checkpointed = noise(1, 300_000);
+        checkpointed.extend_from_slice(b"shutdown checkpoint");
+        pair.target.on_stop = Some(
+            gen1()
+                .file("db/big.dat", checkpointed)
+                .file("setuid-bin", noise(9, 5000))
+                .file("db/postmaster.pid", "4242"),
+        );
+        pair.run();
+        let report = pair.source.done.clone().unwrap().expect("second cycle");
+        assert_eq!(report.generation, 2);
+        assert_eq!(pair.target.live, gen2(), "precopy = {precopy}");
+        assert_eq!(pair.target.stops, 2);
+        assert!(pair.target.running);
+        let sent: HashSet<String> = pair
+            .source
+            .files_sent
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert!(
+            sent.contains("setuid-bin"),
+            "a file only the standby changed is sent again: {sent:?}"
+        );
+    }
+}
+
+/// A service Docker had to kill at its stop timeout left crash-consistent data: by default the
+/// copy ships and both sides' kills are reported; with `on_stop_timeout = Fail` the source
+/// refuses to ship it, and neither side's live data changes.
+#[test]
+fn services_killed_at_the_stop_timeout_are_reported_or_refuse_the_cycle() {
+    let mut pair = Pair::new(gen1(), Tree::default());
+    pair.run();
+    pair.next_cycle(gen2(), source_cfg(Mode::Sync, true));
+    pair.source.killed = vec!["db".into()];
+    pair.target.killed = vec!["cache".into()];
+    pair.run();
+    let report = pair
+        .source
+        .done
+        .clone()
+        .unwrap()
+        .expect("warn ships the copy");
+    assert_eq!(report.stop_killed, ["db"]);
+    assert_eq!(report.standby_killed, ["cache"]);
+    assert_eq!(pair.target.live, gen2());
+
+    let mut pair = Pair::new(gen1(), Tree::default());
+    pair.run();
+    let cfg = SourceConfig {
+        on_stop_timeout: OnStopTimeout::Fail,
+        ..source_cfg(Mode::Sync, true)
+    };
+    pair.next_cycle(gen2(), cfg);
+    pair.source.killed = vec!["db".into()];
+    pair.run();
+    assert!(
+        matches!(err_cause(&pair.source.done), Cause::StopKilled { services } if services == &["db"]),
+        "{:?}",
+        pair.source.done
+    );
+    assert!(pair.target.done.clone().unwrap().is_err());
+    assert_eq!(pair.target.live, gen1(), "nothing committed");
+    assert_eq!(pair.target.last_generation, 1);
+    assert!(pair.source.running && pair.target.running);
+    assert!(
+        pair.flag_index().is_none(),
+        "no flag for a crash-consistent copy"
+    );
+}
+
+/// Any way a cycle ends after the standby was stopped, other than a commit, starts it again
+/// before the cycle is over; live data is untouched.
+#[test]
+fn a_cycle_that_fails_after_the_standby_stopped_starts_it_again() {
+    let mut first = Pair::new(gen1(), Tree::default());
+    first.run();
+    let mut full = Pair::new(gen2(), gen1());
+    full.target.last_generation = 1;
+    full.run();
+    let stop_at = full
+        .log
+        .iter()
+        .position(|(_, m)| m.starts_with("FinalPass"))
+        .expect("FinalPass sent");
+    let flag_at = full.flag_index().expect("flag sent");
+    for n in stop_at + 1..=flag_at {
+        let mut pair = Pair::new(gen2(), gen1());
+        pair.target.last_generation = 1;
+        pair.fault = Fault::CutAfter(n);
+        pair.run();
+        assert!(pair.target.done.clone().unwrap().is_err(), "cut after {n}");
+        assert_eq!(pair.target.live, gen1(), "cut after {n}");
+        assert_eq!(
+            (pair.target.stops, pair.target.starts),
+            (1, 1),
+            "cut after {n}"
+        );
+        assert!(pair.target.running, "cut after {n}");
+    }
 }
 
 /// The real driver welcomes the source as soon as the store is open and scans the live dir

@@ -9,6 +9,7 @@
 //! are fresh) and resolves them next to the test executable (`target/debug/`). Set
 //! `STACKCLONE_TESTS_NO_BUILD=1` to skip that build and use whatever binaries are there.
 
+pub mod compose;
 pub mod faults;
 pub mod fsx;
 pub mod proxy;
@@ -145,6 +146,24 @@ pub fn spawn(cmd: &mut Command) -> Child {
             }
             Err(e) => panic!("spawning {cmd:?}: {e}"),
         }
+    }
+}
+
+/// Waits for `child` to exit, at most `limit`; past it, kills it and panics: `what` says what
+/// should have ended it ("the push did not end within 60 s of SIGHUP").
+#[track_caller]
+pub fn wait_exit(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -11,15 +11,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
+use stackclone_tests::Pair;
+use stackclone_tests::compose::{self, Cleanup, State, docker, ms, now_ns, stack};
 use stackclone_tests::fsx::{self, Rng};
-use stackclone_tests::{Pair, PairOptions};
 
-const IMAGE: &str = "stackclone-test/busybox:1";
+const IMAGE: &str = compose::BUSYBOX;
 const MIB: usize = 1 << 20;
 
 /// The stack: `db` and an `app` that depends on it and writes the bind-mounted `./data`.
@@ -60,153 +59,10 @@ services:
 "#;
 
 // ---------------------------------------------------------------------------------------------
-// Docker helpers (CLI).
+// The stack of COMPOSE: exactly db and app.
 
 fn ensure_image() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let out = Command::new("docker")
-            .args(["version", "--format", "{{.Server.APIVersion}}"])
-            .output()
-            .expect("running `docker version`");
-        assert!(
-            out.status.success(),
-            "the Docker daemon must answer (CI guarantees it):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/image/build.sh");
-        let out = Command::new(&script)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed ({}):\n{}{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-}
-
-/// `docker ARGS…`, which must succeed; its stdout.
-#[track_caller]
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running docker");
-    assert!(
-        out.status.success(),
-        "`docker {}` failed ({}):\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A unique Compose project name: lowercase a-z0-9 only (Compose v1 normalises the rest).
-fn project_name(tag: &str, side: &str) -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .subsec_nanos();
-    format!(
-        "scdk{}x{}x{nanos}{tag}{side}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Removes the projects' containers and networks by label when dropped (also on panic).
-struct Cleanup(Vec<String>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let by_label = |what: &[&str], project: &str| -> Vec<String> {
-            Command::new("docker")
-                .args(what)
-                .args([
-                    "-q",
-                    "--filter",
-                    &format!("label=com.docker.compose.project={project}"),
-                ])
-                .output()
-                .map(|out| {
-                    String::from_utf8_lossy(&out.stdout)
-                        .split_whitespace()
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        for project in &self.0 {
-            let containers = by_label(&["ps", "-a"], project);
-            if !containers.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["rm", "-f", "-v"])
-                    .args(&containers)
-                    .output();
-            }
-            let mut networks = by_label(&["network", "ls"], project);
-            networks.push(format!("{project}_default"));
-            for n in networks {
-                let _ = Command::new("docker").args(["network", "rm", &n]).output();
-            }
-        }
-    }
-}
-
-/// One container's state from `docker inspect`.
-#[derive(Debug, Clone)]
-struct State {
-    id: String,
-    running: bool,
-    /// `healthy`, `unhealthy`, `starting`, or empty without a health check.
-    health: String,
-    started_at: i128,
-    finished_at: i128,
-}
-
-fn inspect(id: &str) -> State {
-    let out = docker(&["inspect", id]);
-    let j: serde_json::Value = serde_json::from_str(&out).expect("docker inspect JSON");
-    let s = &j[0]["State"];
-    State {
-        id: id.to_owned(),
-        running: s["Running"].as_bool().expect("State.Running"),
-        health: s["Health"]["Status"].as_str().unwrap_or("").to_owned(),
-        started_at: parse_time(s["StartedAt"].as_str().expect("StartedAt")),
-        finished_at: parse_time(s["FinishedAt"].as_str().expect("FinishedAt")),
-    }
-}
-
-/// service → state of the project's (single, non-one-off) container of that service.
-fn stack(project: &str) -> HashMap<String, State> {
-    let ids = docker(&[
-        "ps",
-        "-a",
-        "-q",
-        "--filter",
-        &format!("label=com.docker.compose.project={project}"),
-    ]);
-    let mut out = HashMap::new();
-    for id in ids.split_whitespace() {
-        let service = docker(&[
-            "inspect",
-            "--format",
-            "{{index .Config.Labels \"com.docker.compose.service\"}}",
-            id,
-        ])
-        .trim()
-        .to_owned();
-        let prev = out.insert(service.clone(), inspect(id));
-        assert!(prev.is_none(), "{project}: two containers of {service}");
-    }
-    out
+    compose::ensure_image(IMAGE);
 }
 
 /// Asserts that `project` has exactly db and app, both running and healthy, right now.
@@ -228,55 +84,7 @@ fn assert_healthy(project: &str, what: &str) -> HashMap<String, State> {
 /// Waits (up to `limit`) for `project`'s db and app to run healthy.
 #[track_caller]
 fn wait_healthy(project: &str, limit: Duration, what: &str) -> HashMap<String, State> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let s = stack(project);
-        if s.len() == 2 && s.values().all(|c| c.running && c.health == "healthy") {
-            return s;
-        }
-        if Instant::now() > deadline {
-            panic!("{what}: {project} not running healthy within {limit:?}: {s:#?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// An RFC 3339 UTC time as Docker writes it (`2026-11-22T02:58:59.123456789Z`), in ns since
-/// the epoch.
-fn parse_time(s: &str) -> i128 {
-    let bad = format!("unexpected time format {s:?}");
-    let s2 = s.strip_suffix('Z').expect(&bad);
-    let (date, time) = s2.split_once('T').expect(&bad);
-    let d: Vec<i64> = date.split('-').map(|x| x.parse().unwrap()).collect();
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let t: Vec<i64> = hms.split(':').map(|x| x.parse().unwrap()).collect();
-    let (y, m, day) = (d[0], d[1], d[2]);
-    // Days from civil (Howard Hinnant).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2];
-    let mut frac = frac.to_owned();
-    frac.truncate(9);
-    while frac.len() < 9 {
-        frac.push('0');
-    }
-    i128::from(secs) * 1_000_000_000 + i128::from(frac.parse::<i64>().unwrap())
-}
-
-fn now_ns() -> i128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos() as i128
-}
-
-fn ms(ns: i128) -> i128 {
-    ns / 1_000_000
+    compose::wait_up(project, &["app", "db"], limit, what)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -308,38 +116,27 @@ impl World {
         compose: &str,
     ) -> World {
         ensure_image();
-        let src_proj = project_name(tag, "src");
-        let tgt_proj = project_name(tag, "tgt");
-        let cleanup = Cleanup(vec![src_proj.clone(), tgt_proj.clone()]);
-        let mut p = Pair::with(PairOptions {
-            docker: true,
-            source_extra: format!(
-                "compose_project = \"{src_proj}\"\norder = [\"db\", \"app\"]\n\
-                 stop_timeout = \"5s\"\n{source_extra}"
+        let compose::Stacks {
+            mut p,
+            src_proj,
+            tgt_proj,
+            cleanup,
+        } = compose::Stacks::new(
+            tag,
+            &compose.replace("IMAGE", IMAGE),
+            &format!("order = [\"db\", \"app\"]\nstop_timeout = \"5s\"\n{source_extra}"),
+            &format!(
+                "order = [\"db\", \"app\"]\nstop_timeout = \"5s\"\nhealth_timeout = \"30s\"\n\
+                 {target_extra}"
             ),
-            target_extra: format!(
-                "compose_project = \"{tgt_proj}\"\norder = [\"db\", \"app\"]\n\
-                 stop_timeout = \"5s\"\nhealth_timeout = \"30s\"\n{target_extra}"
-            ),
-            ..Default::default()
-        });
-        fsx::write(
-            p.src.join("docker-compose.yml"),
-            compose.replace("IMAGE", IMAGE),
         );
         fsx::mkdir(p.src.join("data"));
         fsx::write(p.src.join("data/catalog.db"), Rng::new(7).bytes(catalog));
-        let out = Command::new("docker-compose")
-            .args(["-p", &src_proj, "up", "-d"])
-            .current_dir(&p.src)
-            .env("STACKCLONE_ROLE", "primary")
-            .stdin(Stdio::null())
-            .output()
-            .expect("running docker-compose");
-        assert!(
-            out.status.success(),
-            "docker-compose up failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        compose::compose(
+            &p.src,
+            &src_proj,
+            &[("STACKCLONE_ROLE", "primary")],
+            &["up", "-d"],
         );
         wait_healthy(&src_proj, Duration::from_secs(60), "the source's stack");
         assert!(
@@ -653,8 +450,12 @@ fn an_unhealthy_stack_on_the_target_is_rolled_back_and_restarted_healthy() {
     wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
 }
 
+/// The standby is stopped when the final pass begins (the plan is made against it stopped), so
+/// a target agent killed during the transfer leaves it down; its restart record names what to
+/// start. The primary runs again at once; the restarted target brings the standby back on the
+/// old generation, whole, and the next push converges.
 #[test]
-fn a_peer_killed_mid_cycle_leaves_both_stacks_running_on_the_old_data() {
+fn a_target_killed_mid_cycle_leaves_the_primary_running_and_its_restart_brings_the_standby_back() {
     // Without pre-copy the source stops its stack before the transfer, so a lost peer during
     // the transfer finds it down; the bandwidth limit stretches the transfer to seconds.
     let mut w = World::new(
@@ -666,7 +467,7 @@ fn a_peer_killed_mid_cycle_leaves_both_stacks_running_on_the_old_data() {
     fsx::write(w.src_data("marker"), "generation 1\n");
     let (ok, _, dump, ..) = w.push();
     assert!(ok, "first push failed:\n{dump}");
-    let tgt_before = assert_healthy(&w.tgt_proj, "the target on generation 1");
+    assert_healthy(&w.tgt_proj, "the target on generation 1");
     wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
 
     // Generation 2: 64 files of 128 KiB, about 4 s at 2 MiB/s.
@@ -677,17 +478,11 @@ fn a_peer_killed_mid_cycle_leaves_both_stacks_running_on_the_old_data() {
     let killed = Instant::now();
 
     // The push notices the lost peer and fails; the source restarts its stack.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = push.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = push.kill();
-            panic!("the push did not end within 120 s of the target's death");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = stackclone_tests::wait_exit(
+        &mut push,
+        Duration::from_secs(120),
+        "the push, after the target's death",
+    );
     eprintln!(
         "the push ended {:?} after the target was killed",
         killed.elapsed()
@@ -714,13 +509,16 @@ fn a_peer_killed_mid_cycle_leaves_both_stacks_running_on_the_old_data() {
         );
     }
 
-    // The target's stack never stopped: it runs on generation 1.
-    let tgt = assert_healthy(&w.tgt_proj, "the target after its agent was killed");
-    for (service, c) in &tgt {
-        assert_eq!(c.id, tgt_before[service].id);
-        assert_eq!(
-            c.started_at, tgt_before[service].started_at,
-            "target {service} was restarted"
+    // The standby was stopped for the final pass and its agent died: it is down, and the
+    // restart record says what to start.
+    let record = w.p.state.join("stopped-containers.json");
+    let text = std::fs::read_to_string(&record)
+        .unwrap_or_else(|e| panic!("no restart record {}: {e}", record.display()));
+    for (service, c) in &stack(&w.tgt_proj) {
+        assert!(
+            c.finished_at > t0 && text.contains(&c.id),
+            "target {service} was not stopped for the final pass, or is not in the record: \
+             {c:?}\n{text}"
         );
     }
     assert_eq!(read(&w.live_data("marker")), b"generation 1\n");
@@ -729,9 +527,18 @@ fn a_peer_killed_mid_cycle_leaves_both_stacks_running_on_the_old_data() {
         "generation 2 leaked into live"
     );
 
-    // A restarted target converges on the next push.
+    // A restarted target brings the standby back on generation 1, then converges.
+    let restarted = now_ns();
     w.p.start_target();
+    let tgt = wait_healthy(&w.tgt_proj, Duration::from_secs(60), "the restarted target");
+    for (service, c) in &tgt {
+        assert!(
+            c.started_at > restarted,
+            "target {service} was not started: {c:?}"
+        );
+    }
     assert_eq!(w.p.target_generation(), 1);
+    assert_eq!(read(&w.live_data("marker")), b"generation 1\n");
     wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
     let (ok, _, dump, ..) = w.push();
     assert!(ok, "the push after the restart failed:\n{dump}");
@@ -763,17 +570,11 @@ fn sigterm_to_the_source_daemon_mid_cycle_leaves_both_sides_consistent_and_the_s
     let t0 = now_ns();
     let mut daemon = w.start_slow_cycle(&["run"]);
     stackclone_tests::signal(daemon.id(), "TERM");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = daemon.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = daemon.kill();
-            panic!("the daemon did not exit within 120 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = stackclone_tests::wait_exit(
+        &mut daemon,
+        Duration::from_secs(120),
+        "the daemon, after SIGTERM",
+    );
     let out = daemon.wait_with_output().expect("daemon output");
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(status.success(), "the daemon exited with {status}:\n{log}");
@@ -791,20 +592,30 @@ fn sigterm_to_the_source_daemon_mid_cycle_leaves_both_sides_consistent_and_the_s
         );
         assert!(c.running, "source {service} is not running: {c:?}\n{log}");
     }
-    // The target stays on generation 1, whole and untouched, its stack never stopped.
+    // The target stays on generation 1, whole and untouched: its standby was stopped for the
+    // final pass and is started again, on the old data, once the source's abort arrived.
     assert_eq!(w.p.target_generation(), 1, "{log}");
     assert_eq!(read(&w.live_data("marker")), b"generation 1\n");
     assert!(
         !w.live_data("many").exists(),
         "generation 2 leaked into live"
     );
-    let tgt = assert_healthy(&w.tgt_proj, "the target after the interrupted cycle");
+    let tgt = wait_healthy(
+        &w.tgt_proj,
+        Duration::from_secs(30),
+        "the target after the interrupted cycle",
+    );
     for (service, c) in &tgt {
         assert_eq!(
-            c.started_at, tgt_before[service].started_at,
-            "target {service} was restarted for a cycle that never committed"
+            c.id, tgt_before[service].id,
+            "target {service} was re-created"
+        );
+        assert!(
+            c.finished_at > t0 && c.started_at > c.finished_at,
+            "target {service} was not stopped for the final pass and started again: {c:?}"
         );
     }
+    assert!(!w.p.state.join("stopped-containers.json").exists());
     // And the next cycle converges.
     let (ok, _, dump, ..) = w.push();
     assert!(ok, "the push after SIGTERM failed:\n{dump}");
@@ -836,9 +647,15 @@ fn kill_source_with_the_stack_down(w: &World, mut child: std::process::Child, t0
     }
 }
 
+/// Issue "Real databases" (5, 6): a push killed (SIGKILL, the OOM killer) with the primary's
+/// stack stopped does not leave it down. The source daemon, running all along, notices within
+/// seconds and starts it; `stackclone-source recover` does the same by hand (or as a unit's
+/// `ExecStopPost=`); and the next push does it before its own cycle. On the target, the dead
+/// source's session is superseded by the next push at once instead of holding the stack until
+/// QUIC's idle timeout, and a session nobody supersedes gives the standby back on its own.
 #[test]
-fn a_source_killed_with_its_stack_stopped_is_restarted_by_the_next_daemon_or_push() {
-    let mut w = World::new(
+fn a_source_killed_with_its_stack_stopped_is_started_by_the_daemon_recover_or_the_next_push() {
+    let w = World::new(
         "sigkill",
         "precopy = false\nbandwidth_limit = \"2MiB/s\"\n",
         "",
@@ -851,65 +668,96 @@ fn a_source_killed_with_its_stack_stopped_is_restarted_by_the_next_daemon_or_pus
         !w.p.src_state.join("web.stopped.json").exists(),
         "a finished cycle left its restart record behind"
     );
-    let tgt_before = assert_healthy(&w.tgt_proj, "the target on generation 1");
+    assert_healthy(&w.tgt_proj, "the target on generation 1");
     wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
 
-    // 1. A push killed mid-transfer; the daemon's start brings the stack back at once (it has
-    //    no schedule, so it runs no cycle).
-    w.write_generation_2(44);
-    let t0 = now_ns();
-    let push = w.start_slow_cycle(&["push", "web", "--json"]);
-    kill_source_with_the_stack_down(&w, push, t0);
+    // 1. The daemon runs (no schedule: it runs no cycle of its own); a push is killed
+    //    mid-transfer. The daemon's sweep starts the stack within seconds.
     let daemon = stackclone_tests::spawn(
         w.p.source_cmd(&["run"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     );
+    w.write_generation_2(44);
+    let t0 = now_ns();
+    let push = w.start_slow_cycle(&["push", "web", "--json"]);
+    kill_source_with_the_stack_down(&w, push, t0);
+    let killed = Instant::now();
     let src = wait_healthy(
         &w.src_proj,
-        Duration::from_secs(60),
-        "the source after the daemon started",
+        Duration::from_secs(20),
+        "the source, restarted by the daemon's sweep",
     );
+    let took = killed.elapsed();
     assert!(src.values().all(|c| c.running));
+    assert!(
+        took < Duration::from_secs(15),
+        "the daemon took {took:?} to start the stack"
+    );
+    eprintln!("the daemon started the stack {took:?} after the push was killed");
     stackclone_tests::signal(daemon.id(), "TERM");
     let out = daemon.wait_with_output().expect("daemon output");
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
-        log.contains("left stopped by a process that died"),
+        log.contains("a cycle that died left the stack stopped; started it again"),
         "the daemon did not say it recovered the stack:\n{log}"
     );
     assert!(!w.p.src_state.join("web.stopped.json").exists(), "{log}");
+    // The target's session of the dead push ends on its own (QUIC's idle timeout): the standby,
+    // stopped for the final pass, runs again on generation 1.
+    wait_healthy(
+        &w.tgt_proj,
+        Duration::from_secs(60),
+        "the standby after its source died",
+    );
+    assert_eq!(w.p.target_generation(), 1);
+    assert_eq!(read(&w.live_data("marker")), b"generation 1\n");
 
-    // 2. Killed again; this time the next push recovers the stack before its own cycle, and
-    //    converges. (The target holds the stack for the dead source's session until QUIC's
-    //    idle timeout; a restart ends that session at once.)
-    w.p.stop_target();
-    w.p.start_target();
+    // 2. Killed again; `stackclone-source recover` starts it.
     w.write_generation_2(45);
     let t0 = now_ns();
     let push = w.start_slow_cycle(&["push", "web", "--json"]);
     kill_source_with_the_stack_down(&w, push, t0);
-    // The target never committed anything and its stack was never stopped.
+    let r = stackclone_tests::run(w.p.source_cmd(&["recover", "--json"]));
+    r.ok();
+    let j = r.json();
+    assert_eq!(j[0]["stack"], "web", "{}", r.stdout);
+    assert_eq!(j[0]["result"], "started", "{}", r.stdout);
     assert_eq!(
-        w.p.target_generation(),
-        1,
-        "{}\n{}",
-        w.p.target_status(),
-        w.p.target_log()
+        j[0]["containers"].as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        r.stdout
     );
-    assert_eq!(read(&w.live_data("marker")), b"generation 1\n");
-    for (service, c) in &assert_healthy(&w.tgt_proj, "the target after the kills") {
-        assert_eq!(c.started_at, tgt_before[service].started_at);
-    }
-    w.p.stop_target();
-    w.p.start_target();
+    wait_healthy(
+        &w.src_proj,
+        Duration::from_secs(30),
+        "the source after recover",
+    );
+    let again = stackclone_tests::run(w.p.source_cmd(&["recover", "web"]));
+    assert_eq!(again.ok().stdout, "web: nothing left stopped\n");
+
+    // 3. Killed once more, and the next push comes at once: it starts the stack before its
+    //    own cycle, and the target lets it supersede the dead push's session (still open until
+    //    QUIC's idle timeout) rather than refusing it as busy.
+    w.write_generation_2(46);
+    let t0 = now_ns();
+    let push = w.start_slow_cycle(&["push", "web", "--json"]);
+    kill_source_with_the_stack_down(&w, push, t0);
+    let started = Instant::now();
     let (ok, o, dump, ..) = w.push();
+    let took = started.elapsed();
     assert!(ok, "the push after the kill failed:\n{dump}");
     assert!(
         dump.contains("left stopped by a process that died"),
         "the push did not say it recovered the stack:\n{dump}"
     );
+    assert!(
+        dump.contains("supersedes"),
+        "the target did not say the new session superseded the dead one:\n{dump}"
+    );
     assert_eq!(o["generation"], 2, "{o}");
+    eprintln!("the superseding push took {took:?}");
     for rel in ["marker", "first", "many/f00", "many/f63"] {
         assert_same_file(&w.src_data(rel), &w.live_data(rel));
     }
@@ -918,6 +766,7 @@ fn a_source_killed_with_its_stack_stopped_is_restarted_by_the_next_daemon_or_pus
         Duration::from_secs(30),
         "the source after the push",
     );
+    assert_healthy(&w.tgt_proj, "the target on generation 2");
     assert!(!w.p.src_state.join("web.stopped.json").exists());
 }
 
@@ -1047,4 +896,92 @@ fn a_target_killed_with_its_stack_stopped_starts_it_again_when_it_restarts() {
     }
     assert_healthy(&w.tgt_proj, "the target on generation 2");
     assert!(!record.exists());
+}
+
+/// Issue "Real databases" (5): a push typed by hand whose terminal closes (SIGHUP) ends its
+/// cycle cleanly, as for Ctrl-C: the stack runs again and the target commits nothing. A push
+/// whose output is piped into `head` goes on when the pipe closes, commits, and starts the
+/// stack: nothing it prints can hold the stack down.
+#[test]
+fn a_closed_terminal_or_a_closed_pipe_never_leaves_the_primary_down() {
+    let w = World::new(
+        "hup",
+        "precopy = false\nbandwidth_limit = \"2MiB/s\"\n",
+        "",
+        MIB / 4,
+    );
+    fsx::write(w.src_data("marker"), "generation 1\n");
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "first push failed:\n{dump}");
+
+    w.write_generation_2(47);
+    let t0 = now_ns();
+    let mut push = w.start_slow_cycle(&["push", "web"]);
+    stackclone_tests::signal(push.id(), "HUP");
+    stackclone_tests::wait_exit(&mut push, Duration::from_secs(60), "the push, after SIGHUP");
+    let out = push.wait_with_output().expect("push output");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "an interrupted push succeeded:\n{log}"
+    );
+    assert!(
+        log.contains("signal=\"SIGHUP\"") || log.contains("signal=SIGHUP"),
+        "{log}"
+    );
+    let src = wait_healthy(
+        &w.src_proj,
+        Duration::from_secs(30),
+        "the source after SIGHUP",
+    );
+    for (service, c) in &src {
+        assert!(
+            c.finished_at > t0,
+            "source {service} was never stopped: {c:?}"
+        );
+    }
+    assert!(!w.p.src_state.join("web.stopped.json").exists(), "{log}");
+    assert_eq!(w.p.target_generation(), 1);
+
+    // Piped into `head`: head exits after the first lines; the push must not care. First its
+    // progress lines alone, then its logs too (`2>&1`: the binary before this test hung there
+    // for good with the stack stopped, deaf to SIGTERM).
+    let q = |p: &Path| format!("'{}'", p.display());
+    let push = format!(
+        "{} --config {} --state-dir {} push web",
+        q(&stackclone_tests::bin("stackclone-source")),
+        q(&w.p.source_config),
+        q(&w.p.src_state)
+    );
+    for (generation, pipe) in [(2, "| head -1"), (3, "2>&1 | head -3")] {
+        if generation == 3 {
+            fsx::write(w.src_data("marker"), "generation 3\n");
+        }
+        let mut cmd = std::process::Command::new("timeout");
+        let line = format!("{push} {pipe}; exit ${{PIPESTATUS[0]}}");
+        cmd.args(["120", "bash", "-c", &line]);
+        let r = stackclone_tests::run(cmd);
+        assert!(
+            r.status.success(),
+            "`push {pipe}` failed or hung ({}):\n{}\n--- target log\n{}",
+            r.status,
+            r.dump(),
+            w.p.target_log()
+        );
+        if generation == 2 {
+            assert_eq!(r.stdout, "web: connect\n", "{}", r.dump());
+        }
+        assert!(!r.stdout.contains("panicked"), "{}", r.dump());
+        assert!(!r.stderr.contains("panicked"), "{}", r.dump());
+        assert_eq!(w.p.target_generation(), generation);
+        wait_healthy(
+            &w.src_proj,
+            Duration::from_secs(30),
+            "the source after a piped push",
+        );
+    }
+    for rel in ["marker", "many/f00", "many/f63"] {
+        assert_same_file(&w.src_data(rel), &w.live_data(rel));
+    }
+    assert_healthy(&w.tgt_proj, "the target on generation 3");
 }

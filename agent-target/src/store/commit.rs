@@ -30,13 +30,15 @@ struct GenerationRecord {
     previous: StoreState,
 }
 
-/// A commit made ready while the stack still runs; only [`StackStore::prepare`] makes one, and
+/// A commit made ready before its journal; only [`StackStore::prepare`] makes one, and
 /// only the store that made it (with nothing prepared since) accepts it.
 #[derive(Debug)]
 pub struct Prepared {
     token: u64,
     journal: Journal,
     manifest: Manifest,
+    /// The scan of the live dir the commit was planned against (see [`StackStore::commit`]).
+    planned_against: Option<Manifest>,
     /// Files prepared as hardlinks of staged objects.
     pub files_linked: u64,
     /// Files prepared as copies (a second, unlinked path with the same content).
@@ -111,7 +113,7 @@ fn link_leaders(m: &Manifest) -> HashMap<StackPath, StackPath> {
 }
 
 impl StackStore {
-    /// Makes a verified [`Commit`] ready while the stack still runs: the prepared files (content
+    /// Makes a verified [`Commit`] ready before anything is journaled: the prepared files (content
     /// and metadata), the generation dir and record, the new manifest, and the op list, checked
     /// against the live dir as it is now. Nothing in the live dir changes.
     pub fn prepare(&mut self, c: &Commit) -> Result<Prepared, StoreError> {
@@ -168,14 +170,16 @@ impl StackStore {
         };
         let undo = gen_path.join("patches");
         std::fs::create_dir(&undo).map_err(|e| self.io_err("create", show(&undo), e))?;
-        self.plan(
+        let mut prepared = self.plan(
             c.manifest(),
             c.changes(),
             format!("{g}/data"),
             state_after,
             vec![],
             Some(&undo),
-        )
+        )?;
+        prepared.planned_against = Some(c.live().clone());
+        Ok(prepared)
     }
 
     /// Builds the ops and the prepared files for turning the live dir into `want`.
@@ -231,6 +235,7 @@ impl StackStore {
                 drop_generations,
             },
             manifest: want.clone(),
+            planned_against: None,
             files_linked: 0,
             files_copied: 0,
             files_staged_locally: 0,
@@ -382,7 +387,7 @@ impl StackStore {
     /// error, someone's hands): a commit must never publish content that is not what the
     /// source's manifest says. A corrupt object is removed, so the next cycle fetches it again,
     /// and the commit is refused before anything in the live dir changed. The cost is one read
-    /// of the staged bytes while the stack still runs (usually from the page cache).
+    /// of the staged bytes before the journal (usually from the page cache).
     /// The object's length must be the manifest's `size` too: a manifest whose size and hash
     /// disagree is refused here whatever route its content took.
     fn check_object(&self, hash: &Hash, size: u64, path: &StackPath) -> Result<(), StoreError> {
@@ -583,6 +588,10 @@ impl StackStore {
     /// Commits what [`StackStore::prepare`] made ready; call it with the stack stopped. `now` is
     /// the target's clock (Unix seconds), recorded as the commit time.
     ///
+    /// The live dir is rescanned first; unless it is exactly the tree the commit was planned
+    /// against ([`Commit::live`]), the commit is [`StoreError::ChangedSincePlanned`] and nothing
+    /// is written.
+    ///
     /// An error before the journal is published leaves the live dir at the previous
     /// generation. An error after it leaves the journal: [`StackStore::open`] (or
     /// [`StackStore::recover`]) finishes the commit.
@@ -615,6 +624,20 @@ impl StackStore {
         // since; then it is the tree they left, whose bytes the backup really has. A cached
         // scan: one lstat per path, re-hashing only files that changed.
         let before = self.scan_live(false)?.manifest;
+        // The safety net of planning against a stopped standby: the tree is still exactly the
+        // one the changes were planned against. Anything else (a container that was not
+        // stopped, a process outside Docker) refuses here, with the live dir at N-1; the next
+        // cycle plans against the tree as it is then.
+        if let Some(path) = p
+            .planned_against
+            .as_ref()
+            .and_then(|planned| planned.first_difference(&before))
+        {
+            return Err(StoreError::ChangedSincePlanned {
+                stack: self.stack.clone(),
+                path: self.live.show(path),
+            });
+        }
         self.write_before(p.journal.state_after.generation, &before)?;
         self.run_journal(p.journal, p.manifest)
     }

@@ -122,6 +122,13 @@ pub enum StoreError {
     },
     #[error("stack `{stack}`: {what}")]
     NotPrepared { stack: String, what: String },
+    #[error(
+        "stack `{stack}`: {path} changed after the commit was planned, although the standby's \
+         stack was stopped (does something else write into the live dir?); the commit was \
+         refused before the live dir changed, and the next cycle plans against the tree as it \
+         is then"
+    )]
+    ChangedSincePlanned { stack: String, path: String },
     #[error("stack `{stack}`: scanning {path}: {source}")]
     Scan {
         stack: String,

@@ -25,15 +25,20 @@
 //!
 //! ## One commit
 //!
-//! 1. [`StackStore::prepare`] runs while the stack still runs. It builds the op list from the
+//! 1. [`StackStore::prepare`] runs once the final pass is staged. The standby's stack is
+//!    already stopped then (the final pass was planned against a scan of the stopped live dir:
+//!    a running database rewrites its files, at the latest when it stops), except for a
+//!    generation that changes nothing. It builds the op list from the
 //!    [`Commit`]'s [`Changes`] and makes, for every file to create or replace, a ready file in
 //!    `staging/prep/` — a hardlink of the staged object for the first path that needs that
 //!    content, a (sparse) copy for any other path not in the same hardlink group — with owner,
 //!    mode, xattrs and mtime already set. It also writes the new manifest and the generation
 //!    record, and checks that every parent directory the ops need is a real directory (a
 //!    symlink planted there refuses the commit before anything changed).
-//! 2. [`StackStore::commit`] runs after the stack stopped, and does only renames and metadata:
-//!    it writes and fsyncs the journal, applies the ops, fsyncs the touched directories, writes
+//! 2. [`StackStore::commit`] runs with the stack stopped, and does only renames and metadata:
+//!    it rescans the live dir and refuses unless it is still exactly the tree the commit was
+//!    planned against ([`StoreError::ChangedSincePlanned`]; the next cycle converges), then
+//!    writes and fsyncs the journal, applies the ops, fsyncs the touched directories, writes
 //!    `state`, removes the journal, clears staging and prunes old generations. Its duration
 //!    grows with the number of changed paths, never with their size.
 //!    [`StackStore::commit_unchanged`] is the same for a generation whose ops change nothing

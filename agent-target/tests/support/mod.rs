@@ -23,7 +23,7 @@ use stackclone_common::{ScanConfig, scan};
 use stackclone_proto::delta::{FileSender, SenderConfig};
 use stackclone_proto::msg::{Mode, SourceMsg, TargetMsg};
 use stackclone_proto::session::{
-    CycleError, SourceAction, SourceConfig, SourceReport, SourceSession,
+    CycleError, OnStopTimeout, SourceAction, SourceConfig, SourceReport, SourceSession,
 };
 use stackclone_target::app::Common;
 use stackclone_target::daemon::Daemon;
@@ -289,6 +289,7 @@ impl Source {
                 stop_stack: true,
                 allow_empty: true,
                 max_delete: 1.0,
+                on_stop_timeout: OnStopTimeout::Warn,
             },
             script
                 .flag_key
@@ -340,7 +341,7 @@ impl Source {
                         let scanned = scan(&cfg).map(|s| s.manifest).map_err(|e| e.to_string());
                         session.handle_scanned(pass, scanned);
                     }
-                    SourceAction::StopStack => session.handle_stack_stopped(Ok(())),
+                    SourceAction::StopStack => session.handle_stack_stopped(Ok(vec![])),
                     SourceAction::StartStack => session.handle_stack_started(Ok(())),
                     SourceAction::SendFile { id, path, .. } => {
                         let file = root.join(std::ffi::OsStr::from_bytes(path.as_bytes()));

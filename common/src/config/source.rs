@@ -10,6 +10,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
 
+use stackclone_proto::session::OnStopTimeout;
+
 use crate::alert::AlertConfig;
 use crate::schedule::Schedule;
 
@@ -104,6 +106,10 @@ pub struct SourceStack {
     pub order: Vec<String>,
     /// `stop_timeout` (default 30 s): grace time before Docker kills a stopping container.
     pub stop_timeout: Duration,
+    /// `on_stop_timeout` (default `"warn"`): what a service Docker had to kill at its stop
+    /// timeout means for the cycle. `"warn"` ships the copy (crash-consistent for that
+    /// service) and reports the kill; `"fail"` refuses to ship it.
+    pub on_stop_timeout: OnStopTimeout,
     /// `pre_stop`: hooks run before the stack is stopped (a database flush), in order.
     pub pre_stop: Vec<Hook>,
     /// `post_start`: hooks run after the stack is started again, in order.
@@ -167,12 +173,20 @@ struct RawStack {
     depends_on: BTreeMap<ServiceName, Vec<ServiceName>>,
     order: Option<Spanned<Vec<ServiceName>>>,
     stop_timeout: Option<Secs>,
+    on_stop_timeout: Option<RawOnStopTimeout>,
     #[serde(default)]
     pre_stop: Hooks,
     #[serde(default)]
     post_start: Hooks,
     schedule: Option<Spanned<String>>,
     random_delay: Option<Secs>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawOnStopTimeout {
+    Warn,
+    Fail,
 }
 
 #[derive(Deserialize)]
@@ -370,6 +384,10 @@ impl SourceConfig {
                     .collect(),
                 order,
                 stop_timeout: raw.stop_timeout.map_or(DEFAULT_STOP_TIMEOUT, |s| s.0),
+                on_stop_timeout: match raw.on_stop_timeout {
+                    None | Some(RawOnStopTimeout::Warn) => OnStopTimeout::Warn,
+                    Some(RawOnStopTimeout::Fail) => OnStopTimeout::Fail,
+                },
                 pre_stop: hooks(file, "pre_stop", raw.pre_stop)?,
                 post_start: hooks(file, "post_start", raw.post_start)?,
                 schedule,

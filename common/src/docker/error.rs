@@ -195,6 +195,16 @@ pub enum DockerError {
         health_log: Vec<String>,
     },
 
+    /// Nothing was brought up to check: a stack with no container is never healthy.
+    #[error(
+        "project {project}: has no containers, so it is not running; a stack with no \
+         container is never healthy"
+    )]
+    NoContainers {
+        /// The Compose project.
+        project: String,
+    },
+
     /// Not every container was ready by the deadline.
     #[error(
         "project {project}: not healthy after {waited:?}: {}",

@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use stackclone_proto::manifest::{Entry, EntryKind, Hash, Manifest, Meta};
 use stackclone_proto::msg::{Mode, TargetMsg};
 use stackclone_proto::path::StackPath;
-use stackclone_proto::session::{SourceAction, SourceConfig, SourceSession};
+use stackclone_proto::session::{OnStopTimeout, SourceAction, SourceConfig, SourceSession};
 use stackclone_proto::wire::{self, FrameDecoder};
 
 fuzz_target!(|data: &[u8]| {
@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
             stop_stack: true,
             allow_empty: false,
             max_delete: 0.5,
+            on_stop_timeout: OnStopTimeout::Warn,
         },
         SigningKey::from_bytes(&[7; 32]),
     );
@@ -43,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
                 SourceAction::Scan { pass } => s.handle_scanned(pass, Ok(tree.clone())),
                 SourceAction::StopStack => {
                     *stopped = true;
-                    s.handle_stack_stopped(Ok(()));
+                    s.handle_stack_stopped(Ok(vec![]));
                 }
                 SourceAction::StartStack => {
                     *stopped = false;

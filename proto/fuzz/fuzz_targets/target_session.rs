@@ -1,6 +1,7 @@
 //! A hostile source: arbitrary frames into a target session that welcomed it. The session must
-//! refuse bad input with an error, never panic, and never ask for a commit unless a flag signed
-//! by the real key verified against the manifest it staged.
+//! refuse bad input with an error, never panic, never ask for a commit unless a flag signed by
+//! the real key verified against the manifest it staged, and never end with the standby it
+//! stopped left down.
 #![no_main]
 
 use std::collections::HashSet;
@@ -12,6 +13,15 @@ use stackclone_proto::msg::SourceMsg;
 use stackclone_proto::session::{StackPolicy, StackState, StageOutcome, TargetAction, TargetConfig, TargetSession};
 use stackclone_proto::wire::{self, FrameDecoder};
 
+fn empty() -> StackState {
+    StackState {
+        last_generation: 0,
+        live: Manifest::default(),
+        staged: HashSet::new(),
+        staged_in_place: Default::default(),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let key = SigningKey::from_bytes(&[7; 32]);
     let mut s = TargetSession::new(TargetConfig {
@@ -20,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         peer_flag_key: Some(key.verifying_key()),
         max_skew_secs: 600,
     });
+    let mut stopped = false;
     let mut dec = FrameDecoder::default();
     if dec.push(data).is_err() {
         return;
@@ -32,19 +43,23 @@ fuzz_target!(|data: &[u8]| {
                 TargetAction::LookupStack { .. } => s.handle_policy(Ok(StackPolicy {
                     allow: vec!["primary".into()],
                 })),
-                TargetAction::LoadStack { .. } => s.handle_stack(Ok(StackState {
-                    last_generation: 0,
-                    live: Manifest::default(),
-                    staged: HashSet::new(),
-                    staged_in_place: Default::default(),
-                })),
+                TargetAction::LoadStack { .. } => s.handle_stack(Ok(empty())),
+                TargetAction::StopStack => {
+                    stopped = true;
+                    s.handle_stack_stopped(Ok(vec![]));
+                }
+                TargetAction::ScanStopped => s.handle_stopped_scan(Ok(empty())),
+                TargetAction::StartStack => {
+                    stopped = false;
+                    s.handle_stack_started(Ok(()));
+                }
                 TargetAction::Signature { id, .. } => s.handle_signature(id, Err("none".into())),
                 TargetAction::StageLocal { id, .. } | TargetAction::Receive { id, .. } => {
                     s.handle_staged(id, StageOutcome::SourceAborted("fuzz".into()))
                 }
                 // Random bytes cannot carry a valid signature by this key.
                 TargetAction::Commit(_) => panic!("commit without a genuine flag"),
-                TargetAction::Done(_) => {}
+                TargetAction::Done(_) => assert!(!stopped, "the cycle ended with the standby down"),
             }
         }
         while s.poll_message().is_some() {}

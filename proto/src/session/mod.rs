@@ -14,7 +14,7 @@
 mod source;
 mod target;
 
-pub use source::{SourceAction, SourceConfig, SourceReport, SourceSession};
+pub use source::{OnStopTimeout, SourceAction, SourceConfig, SourceReport, SourceSession};
 pub use target::{
     Commit, IN_PLACE_MIN_SIZE, StackPolicy, StackState, StageOutcome, TargetAction, TargetConfig,
     TargetReport, TargetSession,
@@ -82,6 +82,13 @@ pub enum Cause {
         count
     )]
     ChangedDuringFinalPass { count: usize, first: StackPath },
+    #[error(
+        "Docker had to kill {} at the stop timeout, so the copy would be crash-consistent \
+         only; on_stop_timeout = \"fail\" refuses to ship it. Raise the stack's `stop_timeout` \
+         or find out why the service does not stop in time",
+        services.join(", ")
+    )]
+    StopKilled { services: Vec<String> },
     #[error("the rebuilt content of {path} did not match its hash, twice")]
     RebuildFailed { path: StackPath },
     #[error("{0}")]

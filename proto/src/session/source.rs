@@ -46,6 +46,20 @@ pub struct SourceConfig {
     pub allow_empty: bool,
     /// Largest share (0.0–1.0) of the target's files one commit may delete.
     pub max_delete: f64,
+    /// What a service that Docker had to kill at its stop timeout means for the cycle.
+    pub on_stop_timeout: OnStopTimeout,
+}
+
+/// What to do when stopping the stack for the final pass took Docker's kill: the service did not
+/// exit within its stop timeout, so what it left on disk is crash-consistent only (a database
+/// runs crash recovery on it, on both hosts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnStopTimeout {
+    /// Ship the copy and report the killed services (result, log, alert, metrics).
+    #[default]
+    Warn,
+    /// Refuse to ship a crash-consistent copy: the cycle fails, the stack is started again.
+    Fail,
 }
 
 /// Work for the source driver.
@@ -53,7 +67,8 @@ pub struct SourceConfig {
 pub enum SourceAction {
     /// Scan the stack dir; answer with [`SourceSession::handle_scanned`].
     Scan { pass: Pass },
-    /// Stop the stack (pre-stop hooks first); answer with [`SourceSession::handle_stack_stopped`].
+    /// Stop the stack (pre-stop hooks first); answer with [`SourceSession::handle_stack_stopped`],
+    /// naming the services Docker had to kill at their stop timeout.
     StopStack,
     /// Start the containers that were running; answer with [`SourceSession::handle_stack_started`].
     StartStack,
@@ -85,6 +100,11 @@ pub struct SourceReport {
     pub plan: Option<PlanSummary>,
     /// The stack was stopped for this cycle (and started again).
     pub stopped_stack: bool,
+    /// Services of this stack that Docker had to kill at their stop timeout: the copy of their
+    /// data is crash-consistent only.
+    pub stop_killed: Vec<String>,
+    /// Services of the standby that the target's Docker had to kill at their stop timeout.
+    pub standby_killed: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,8 +300,12 @@ impl SourceSession {
                 }
                 self.state = State::Finished;
                 self.outcome = Some(match result.outcome {
-                    Outcome::Committed { target_downtime_ms } => {
+                    Outcome::Committed {
+                        target_downtime_ms,
+                        standby_killed,
+                    } => {
                         self.report.target_downtime_ms = Some(target_downtime_ms);
+                        self.report.standby_killed = standby_killed;
                         Ok(())
                     }
                     Outcome::Failed { phase, reason } => {
@@ -297,6 +321,10 @@ impl SourceSession {
     }
 
     fn stop_then_final_scan(&mut self) {
+        if self.cfg.mode == Mode::Sync {
+            // The target stops its standby now, while this side stops and scans.
+            self.messages.push_back(SourceMsg::FinalPass);
+        }
         if self.cfg.mode == Mode::Sync && self.cfg.stop_stack {
             self.state = State::Stopping;
             self.stack_down = true;
@@ -312,13 +340,20 @@ impl SourceSession {
         self.actions.push_back(SourceAction::Scan { pass });
     }
 
-    /// The stack is stopped (or could not be).
-    pub fn handle_stack_stopped(&mut self, result: Result<(), String>) {
+    /// The stack is stopped, with the services Docker had to kill at their stop timeout (or it
+    /// could not be stopped).
+    pub fn handle_stack_stopped(&mut self, result: Result<Vec<String>, String>) {
         if self.state != State::Stopping {
             return;
         }
         match result {
-            Ok(()) => self.scan(Pass::Final),
+            Ok(killed) if !killed.is_empty() && self.cfg.on_stop_timeout == OnStopTimeout::Fail => {
+                self.fail(Cause::StopKilled { services: killed }, true)
+            }
+            Ok(killed) => {
+                self.report.stop_killed = killed;
+                self.scan(Pass::Final);
+            }
             Err(e) => self.fail(
                 Cause::Local(format!("stopping the stack failed: {e}")),
                 true,

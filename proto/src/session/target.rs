@@ -7,8 +7,28 @@
 //!            ─► for each content not live and not staged: StageLocal (a live file has it) or
 //!               [Signature of the live basis ─►] Want ─► Receive ─► handle_staged
 //!            ─► PassDone
+//!  FinalPass ─► StopStack ─► ScanStopped ─► (the final pass, planned against that scan)
 //!  Flag ─► verify (key, stack, source, target, generation, time, root) ─► Commit ─► Result
 //! ```
+//! **The final pass is planned against a stopped standby.** The standby's own services write
+//! while they run and when they stop (a database's shutdown checkpoint rewrites its WAL, its
+//! control file and table files), so a plan made against the running standby is stale by the
+//! time the commit runs. When the source says the final pass begins ([`SourceMsg::FinalPass`],
+//! sent as it starts stopping its own stack), the session asks the driver to stop the standby
+//! ([`TargetAction::StopStack`], in parallel with the source's stop), then to scan the stopped
+//! live dir ([`TargetAction::ScanStopped`]); the final manifest is planned, asked for and
+//! committed against that scan. The pre-copy pass, before it, is planned against the running
+//! standby: it only stages content, which a later plan uses wherever it still fits.
+//!
+//! One exception keeps an idle standby running: when the pre-copy pass found the running live
+//! dir already equal to the source's tree, the stop waits for the final manifest, and if the
+//! running scan equals that too, the generation is committed without stopping the standby
+//! ([`Commit::without_stop`]). Any difference stops it then, and the plan waits for the stopped
+//! scan as before.
+//!
+//! Once the session has asked for `StopStack`, every way out of the cycle other than a commit
+//! (which brings the stack up itself) asks for [`TargetAction::StartStack`] before `Done`, so a
+//! failed cycle never leaves the standby down.
 //! Staging is content-addressed: a staged file is known by its BLAKE3, so an interrupted
 //! transfer resumes where it stopped, a pre-copy pass counts for the final pass wherever content
 //! did not change, and hardlinks or duplicates cost one transfer. The session never asks for a
@@ -106,7 +126,19 @@ pub enum TargetAction {
         basis: Option<StackPath>,
         in_place: bool,
     },
-    /// Stop the stack, commit, start it; answer with [`TargetSession::handle_committed`].
+    /// Stop the standby's stack (the final pass begins); answer with
+    /// [`TargetSession::handle_stack_stopped`]. Only asked for once a `LoadStack` opened the
+    /// store.
+    StopStack,
+    /// Scan the live dir again, now that the standby is stopped, and list what is staged; answer
+    /// with [`TargetSession::handle_stopped_scan`]. The final pass is planned against it.
+    ScanStopped,
+    /// The cycle ends without a commit after the standby was stopped: bring its stack up again
+    /// on the live data, which the cycle did not touch; answer with
+    /// [`TargetSession::handle_stack_started`].
+    StartStack,
+    /// Commit (the standby is stopped, unless [`Commit::without_stop`]), then bring the stack up
+    /// and wait for it to be healthy; answer with [`TargetSession::handle_committed`].
     Commit(Commit),
     /// The cycle is over.
     Done(Result<TargetReport, CycleError>),
@@ -132,7 +164,11 @@ pub enum StageOutcome {
 pub struct Commit {
     status: VerifiedStatus,
     manifest: Manifest,
+    /// The scan of the live dir the changes were planned against.
+    live: Manifest,
     changes: Changes,
+    /// The standby was stopped before `live` was scanned.
+    standby_stopped: bool,
 }
 
 impl Commit {
@@ -146,15 +182,22 @@ impl Commit {
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
-    /// How to get there from the live dir as scanned at the start of the cycle.
+    /// How to get there from [`live`](Self::live).
     pub fn changes(&self) -> &Changes {
         &self.changes
     }
-    /// Whether the driver commits this generation without stopping the stack: the live dir,
-    /// scanned as the cycle began, already is the wanted tree, and it is not the first
-    /// generation (the first is the one that brings the stack up).
+    /// The scan of the live dir the changes were planned against: with the standby stopped,
+    /// unless [`without_stop`](Self::without_stop). The commit refuses if the live dir, rescanned
+    /// just before the journal is written, is not exactly this tree.
+    pub fn live(&self) -> &Manifest {
+        &self.live
+    }
+    /// Whether the driver commits this generation without stopping the stack (it was never
+    /// stopped in this cycle): the running live dir already is the wanted tree, so the changes
+    /// are empty, and it is not the first generation (the first is the one that brings the stack
+    /// up). Every other commit comes with the standby already stopped.
     pub fn without_stop(&self) -> bool {
-        self.generation() > 1 && self.changes.is_empty()
+        !self.standby_stopped
     }
 }
 
@@ -170,6 +213,8 @@ pub struct TargetReport {
     pub upserts: u64,
     pub deletes: u64,
     pub target_downtime_ms: u64,
+    /// The standby's services Docker had to kill at their stop timeout.
+    pub standby_killed: Vec<String>,
     pub dry_run: bool,
 }
 
@@ -183,6 +228,33 @@ enum State {
     AwaitFlag,
     Committing,
     Finished,
+}
+
+/// What this cycle did to the standby's stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standby {
+    /// Not stopped by this cycle (running, or however the cycle found it).
+    Untouched,
+    /// `StopStack` asked for, not answered yet.
+    Stopping,
+    /// Stopped; `ScanStopped` is asked for once the running scan is in (`rescanning`).
+    Stopped { rescanning: bool },
+    /// Stopped and rescanned: the stack state's live manifest is the stopped tree.
+    Scanned,
+    /// Handed to the commit, which brings the stack up whatever it comes to.
+    Committing,
+    /// `StartStack` asked for, not answered yet: the cycle's outcome waits for it.
+    Starting,
+}
+
+impl Standby {
+    /// This cycle stopped the stack (or may have) and must start it again before it ends.
+    fn is_down(self) -> bool {
+        matches!(
+            self,
+            Standby::Stopping | Standby::Stopped { .. } | Standby::Scanned
+        )
+    }
 }
 
 /// One content the pass needs.
@@ -225,6 +297,14 @@ pub struct TargetSession {
     missing: Vec<StackPath>,
     retried: HashSet<StackPath>,
     report: TargetReport,
+    standby: Standby,
+    /// `FinalPass` arrived (or a final manifest without it).
+    final_begun: bool,
+    /// The pre-copy pass found the running live dir already equal to the source's tree: the
+    /// standby's stop waits for the final manifest (see the module doc).
+    precopy_unchanged: bool,
+    /// The outcome, held back until the standby runs again.
+    outcome: Option<Result<TargetReport, CycleError>>,
 }
 
 impl TargetSession {
@@ -248,6 +328,10 @@ impl TargetSession {
             missing: Vec::new(),
             retried: HashSet::new(),
             report: TargetReport::default(),
+            standby: Standby::Untouched,
+            final_begun: false,
+            precopy_unchanged: false,
+            outcome: None,
         }
     }
 
@@ -271,7 +355,21 @@ impl TargetSession {
     }
 
     pub fn is_finished(&self) -> bool {
-        self.state == State::Finished
+        self.state == State::Finished && self.outcome.is_none()
+    }
+
+    /// True while the session waits for the driver's own work on the stack (the store opened
+    /// and scanned, the standby stopped or rescanned), not for the source: the source may be
+    /// waiting for this side then, so silence from it is no stall.
+    pub fn is_waiting_on_driver(&self) -> bool {
+        match self.state {
+            State::AwaitHello | State::Finished => false,
+            State::LookingUp | State::LoadingStack => true,
+            _ => {
+                self.stack_state.is_none()
+                    || matches!(self.standby, Standby::Stopping | Standby::Stopped { .. })
+            }
+        }
     }
 
     fn phase(&self) -> Phase {
@@ -302,8 +400,19 @@ impl TargetSession {
                 reason,
             });
         }
+        self.finish(Err(err));
+    }
+
+    /// Ends the cycle with `outcome`, once the standby runs again if this cycle stopped it.
+    fn finish(&mut self, outcome: Result<TargetReport, CycleError>) {
         self.state = State::Finished;
-        self.actions.push_back(TargetAction::Done(Err(err)));
+        if self.standby.is_down() {
+            self.standby = Standby::Starting;
+            self.outcome = Some(outcome);
+            self.actions.push_back(TargetAction::StartStack);
+        } else {
+            self.actions.push_back(TargetAction::Done(outcome));
+        }
     }
 
     fn misbehaved(&mut self, what: impl Into<String>) {
@@ -377,6 +486,7 @@ impl TargetSession {
                     root,
                 },
             ) => self.manifest_end(pass, entries, root),
+            (State::Manifest, SourceMsg::FinalPass) => self.final_pass(),
             (State::AwaitFlag, SourceMsg::Flag(flag)) => self.handle_flag(flag, now),
             (state, msg) => {
                 self.misbehaved(format!("unexpected {} while {state:?}", short_name(&msg)))
@@ -451,9 +561,8 @@ impl TargetSession {
             Some(_) => {}
         }
         self.stack_state = Some(state);
-        if let Some((pass, manifest)) = self.held_end.take() {
-            self.plan(pass, manifest);
-        }
+        self.rescan_when_ready();
+        self.try_plan();
     }
 
     fn manifest_end(&mut self, pass: Pass, entries: u64, root: Hash) {
@@ -474,12 +583,139 @@ impl TargetSession {
         if self.mode == Mode::DryRun && pass == Pass::Precopy {
             return self.misbehaved("pre-copy pass in a dry run");
         }
+        if pass == Pass::Precopy && self.final_begun {
+            return self.misbehaved("pre-copy manifest after the final pass began");
+        }
+        if pass == Pass::Final {
+            // A source that skipped `FinalPass` gets the same plan, only later.
+            self.final_begun = true;
+        }
         // The manifest itself is checked at once; what it means for this stack waits for the
-        // scan of the live dir if that is still running.
-        if self.stack_state.is_some() {
+        // scan of the live dir if that is still running, and for a final pass, for the
+        // standby's stop and the scan of the stopped live dir.
+        self.held_end = Some((pass, manifest));
+        self.try_plan();
+    }
+
+    /// The source begins its final pass: stop the standby now, in parallel with the source's
+    /// stop, unless the pre-copy pass found nothing to change (see the module doc).
+    fn final_pass(&mut self) {
+        if self.mode == Mode::DryRun {
+            return self.misbehaved("FinalPass in a dry run");
+        }
+        if self.final_begun || !self.parts.is_empty() {
+            return self.misbehaved("FinalPass twice, or inside a manifest");
+        }
+        self.final_begun = true;
+        if !self.precopy_unchanged {
+            self.stop_standby();
+        }
+    }
+
+    fn stop_standby(&mut self) {
+        if self.standby == Standby::Untouched {
+            self.standby = Standby::Stopping;
+            self.actions.push_back(TargetAction::StopStack);
+        }
+    }
+
+    /// Asks for the scan of the stopped live dir once the standby is stopped and the running
+    /// scan is in (scans of one store run one at a time).
+    fn rescan_when_ready(&mut self) {
+        if self.standby == (Standby::Stopped { rescanning: false }) && self.stack_state.is_some() {
+            self.standby = Standby::Stopped { rescanning: true };
+            self.actions.push_back(TargetAction::ScanStopped);
+        }
+    }
+
+    /// Plans the held manifest once what it must be planned against is in: the live scan, and
+    /// for a real final pass, the scan of the stopped standby (unless the running one already
+    /// is the wanted tree and the standby was never stopped).
+    fn try_plan(&mut self) {
+        let (Some((pass, manifest)), Some(stack)) = (&self.held_end, &self.stack_state) else {
+            return;
+        };
+        if *pass == Pass::Final && self.mode == Mode::Sync {
+            match self.standby {
+                Standby::Scanned => {}
+                Standby::Untouched => {
+                    let unchanged = stack.last_generation > 0
+                        && Changes::between(&stack.live, manifest).is_empty();
+                    if !unchanged {
+                        self.stop_standby();
+                        return;
+                    }
+                }
+                Standby::Stopping
+                | Standby::Stopped { .. }
+                | Standby::Committing
+                | Standby::Starting => return,
+            }
+        }
+        if let Some((pass, manifest)) = self.held_end.take() {
             self.plan(pass, manifest);
-        } else {
-            self.held_end = Some((pass, manifest));
+        }
+    }
+
+    /// The standby's stack is stopped, with the services Docker had to kill at their stop
+    /// timeout; or stopping it failed (part of it may be down: the cycle ends, and the stack is
+    /// started again).
+    pub fn handle_stack_stopped(&mut self, result: Result<Vec<String>, String>) {
+        if self.standby != Standby::Stopping {
+            return;
+        }
+        self.standby = Standby::Stopped { rescanning: false };
+        match result {
+            Ok(killed) => {
+                self.report.standby_killed = killed;
+                self.rescan_when_ready();
+            }
+            Err(e) => self.fail(
+                Cause::Local(format!("stopping the standby's stack failed: {e}")),
+                true,
+            ),
+        }
+    }
+
+    /// The live dir, scanned again with the standby stopped, and what is staged (in-place
+    /// patches only where the stopped file is still the one they were made against).
+    pub fn handle_stopped_scan(&mut self, result: Result<StackState, String>) {
+        if self.standby != (Standby::Stopped { rescanning: true }) {
+            return;
+        }
+        let state = match result {
+            Ok(s) => s,
+            Err(e) => {
+                return self.fail(
+                    Cause::Local(format!("scanning the stopped standby failed: {e}")),
+                    true,
+                );
+            }
+        };
+        let before = self.stack_state.as_ref().map(|s| s.last_generation);
+        if before != Some(state.last_generation) {
+            return self.fail(
+                Cause::Local(format!(
+                    "the store was at generation {before:?} and at {} after the standby stopped",
+                    state.last_generation
+                )),
+                true,
+            );
+        }
+        self.stack_state = Some(state);
+        self.standby = Standby::Scanned;
+        self.try_plan();
+    }
+
+    /// The standby's stack was brought up again after a cycle that ended without a commit. The
+    /// cycle's outcome stands either way; a start that failed is the driver's to report.
+    pub fn handle_stack_started(&mut self, _result: Result<(), String>) {
+        if self.standby != Standby::Starting {
+            return;
+        }
+        self.standby = Standby::Untouched;
+        if let Some(outcome) = self.outcome.take() {
+            self.actions.push_back(TargetAction::Done(outcome));
         }
     }
 
@@ -499,18 +735,19 @@ impl TargetSession {
             return self.fail(cause, true);
         }
         self.queue = needs(&stack.live, stack, &manifest).into();
+        if pass == Pass::Precopy {
+            self.precopy_unchanged = changes.is_empty();
+        }
         if self.mode == Mode::DryRun {
             self.messages.push_back(TargetMsg::Plan(plan_summary(
                 &changes,
                 &self.queue,
                 &manifest,
             )));
-            self.state = State::Finished;
             self.report.files = manifest.file_totals().0;
             self.report.bytes = manifest.file_totals().1;
-            self.actions
-                .push_back(TargetAction::Done(Ok(std::mem::take(&mut self.report))));
-            return;
+            let report = std::mem::take(&mut self.report);
+            return self.finish(Ok(report));
         }
         self.missing.clear();
         self.manifest = Some(manifest);
@@ -689,19 +926,33 @@ impl TargetSession {
                 true,
             );
         }
+        // Likewise: only a stopped standby's scan may plan changes (see the module doc).
+        let standby_stopped = match self.standby {
+            Standby::Scanned => true,
+            Standby::Untouched if changes.is_empty() && stack.last_generation > 0 => false,
+            _ => {
+                return self.fail(
+                    Cause::Local("the final pass was not planned against a stopped standby".into()),
+                    true,
+                );
+            }
+        };
         let (files, bytes) = manifest.file_totals();
         self.report.files = files;
         self.report.bytes = bytes;
         self.report.generation = verified.generation();
         self.report.upserts = changes.upserts.len() as u64;
         self.report.deletes = changes.deletes.len() as u64;
-        let manifest = manifest.clone();
-        self.state = State::Committing;
-        self.actions.push_back(TargetAction::Commit(Commit {
+        let commit = Commit {
             status: verified,
-            manifest,
+            manifest: manifest.clone(),
+            live: stack.live.clone(),
             changes,
-        }));
+            standby_stopped,
+        };
+        self.state = State::Committing;
+        self.standby = Standby::Committing;
+        self.actions.push_back(TargetAction::Commit(commit));
     }
 
     /// The commit finished: the new generation is live, or the commit failed and the previous
@@ -716,11 +967,13 @@ impl TargetSession {
                 self.report.target_downtime_ms = target_downtime_ms;
                 self.messages.push_back(TargetMsg::Result(CycleResult {
                     generation,
-                    outcome: Outcome::Committed { target_downtime_ms },
+                    outcome: Outcome::Committed {
+                        target_downtime_ms,
+                        standby_killed: self.report.standby_killed.clone(),
+                    },
                 }));
-                self.state = State::Finished;
-                self.actions
-                    .push_back(TargetAction::Done(Ok(std::mem::take(&mut self.report))));
+                let report = std::mem::take(&mut self.report);
+                self.finish(Ok(report));
             }
             Err((phase, reason)) => {
                 self.messages.push_back(TargetMsg::Result(CycleResult {
@@ -730,13 +983,13 @@ impl TargetSession {
                         reason: reason.clone(),
                     },
                 }));
-                self.state = State::Finished;
-                self.actions.push_back(TargetAction::Done(Err(CycleError {
+                let err = CycleError {
                     stack: self.stack.clone(),
                     peer: self.cfg.peer.clone(),
                     phase,
                     cause: Cause::CommitFailed(reason),
-                })));
+                };
+                self.finish(Err(err));
             }
         }
     }
@@ -862,6 +1115,7 @@ fn short_name(msg: &SourceMsg) -> &'static str {
         SourceMsg::FileData { .. } => "FileData",
         SourceMsg::FileEnd { .. } => "FileEnd",
         SourceMsg::FileAbort { .. } => "FileAbort",
+        SourceMsg::FinalPass => "FinalPass",
         SourceMsg::Flag(_) => "Flag",
         SourceMsg::Abort { .. } => "Abort",
     }
