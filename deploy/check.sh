@@ -182,17 +182,19 @@ for f in "$W"/units/*.service; do
     policy_ok "$f" || fail "$(basename "$f") lost a setting it must keep"
 done
 
-say "ExecStart= command lines parse (ARGS --help)"
+say "ExecStart= and ExecStopPost= command lines parse (ARGS --help)"
 exec_args_ok() { # UNIT_FILE
-    local line
-    line=$(sed -n 's/^ExecStart=//p' "$1" | sed 's/%i/example/g')
-    [ -n "$line" ] || return 1
-    # shellcheck disable=SC2086
-    $line --help >/dev/null 2>"$W/args.err" || {
-        cat "$W/args.err"
-        return 1
-    }
-    echo "ok  $(basename "$1"): ${line#"$B"/}"
+    local line lines
+    lines=$(sed -n 's/^Exec\(Start\|StopPost\)=-\{0,1\}//p' "$1" | sed 's/%i/example/g')
+    [ -n "$lines" ] || return 1
+    while IFS= read -r line; do
+        # shellcheck disable=SC2086
+        $line --help >/dev/null 2>"$W/args.err" || {
+            cat "$W/args.err"
+            return 1
+        }
+        echo "ok  $(basename "$1"): ${line#"$B"/}"
+    done <<<"$lines"
 }
 for f in "$W"/units/*.service; do
     exec_args_ok "$f" || fail "$(basename "$f"): the binary refuses its ExecStart= arguments"

@@ -2,12 +2,14 @@
 # The stackclone demo, on one machine: a "primary" compose stack and its "standby" copy, with a
 # source and a target agent talking mutual-TLS QUIC over 127.0.0.1.
 #
-# It builds the binaries and a tiny test image (no registry needed), makes a fleet CA, enrolls
-# the standby with a one-time token, starts the target agent, brings up a two-service compose
-# stack as the primary (an app writing to a bind-mounted data dir, with a health check, depending
-# on a db service), pushes it, shows the standby running healthy on the same data, changes the
-# data, pushes again (only the change crosses; the primary is down only for the final pass),
-# and prints both status tables, a verify and a rollback.
+# It builds the binaries and two local test images (busybox and PostgreSQL 15 from Debian's
+# packages; no registry needed), makes a fleet CA, enrolls the standby with a one-time token,
+# starts the target agent, brings up a two-service compose stack as the primary (a PostgreSQL
+# database and an app that depends on it and writes to a bind-mounted data dir, both
+# health-checked), pushes it, shows the standby's database answering with the same rows, writes
+# to the database and the data while pgbench loads it, pushes again (only the change crosses;
+# the primary is down only for the final pass), and prints both status tables, a verify and a
+# rollback.
 #
 # Usage: ./deploy/demo.sh [WORKDIR]      (default: a fresh temp dir, removed at the end)
 set -euo pipefail
@@ -35,11 +37,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "Building the binaries (release) and the test image"
+say "Building the binaries (release) and the test images"
 cargo build --release --locked -q -p stackclone-certs -p stackclone-source -p stackclone-target
 B=$ROOT/target/release
 export PATH=$B:$PATH
 "$ROOT/deploy/image/build.sh"
+"$ROOT/deploy/image/build-postgres.sh"
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -62,16 +65,16 @@ say "3. On the standby: enroll with the token; the CA is checked against the pin
 run stackclone-certs --dir "$W/standby/etc" enroll --name standby --server "127.0.0.1:$ENROLL_PORT" --token "$TOKEN" --ca-pin "$PIN"
 kill "$ENROLL_PID"
 
-say "4. The primary's compose stack 'shop': a db and an app that depends on it and writes ./data"
+say "4. The primary's compose stack 'shop': a PostgreSQL db and an app that depends on it and writes ./data"
 S=$W/primary/stacks/shop
-mkdir -p "$S/data"
+mkdir -p "$S/data" "$S/pgdata"
 cat >"$S/docker-compose.yml" <<'YML'
 version: "2.4"
 services:
   db:
-    image: stackclone-test/busybox:1
-    command: ["sh", "-c", "trap 'exit 0' TERM; touch /tmp/ready; while :; do sleep 1 & wait; done"]
-    healthcheck: {test: ["CMD-SHELL", "test -f /tmp/ready"], interval: 1s, retries: 30}
+    image: stackclone-test/postgres:15
+    volumes: ["./pgdata:/var/lib/postgresql/data"]
+    healthcheck: {test: ["CMD", "pg_isready", "-U", "postgres", "-h", "127.0.0.1"], interval: 1s, retries: 60}
   app:
     image: stackclone-test/busybox:1
     depends_on: [db]
@@ -79,9 +82,12 @@ services:
     command: ["sh", "-c", "trap 'exit 0' TERM; echo \"app started $$(date -u +%T)\" >> /data/log; touch /tmp/ready; while :; do sleep 1 & wait; done"]
     healthcheck: {test: ["CMD-SHELL", "test -f /tmp/ready"], interval: 1s, retries: 30}
 YML
-echo "order-1 2 coffee" >"$S/data/orders"
 head -c $((16 * 1024 * 1024)) /dev/urandom >"$S/data/catalog.db"
 (cd "$S" && run "${COMPOSE[@]}" -p "$P_PRIMARY" up -d)
+# sql PROJECT STATEMENT: psql in the project's db container, as the postgres user.
+sql() { docker exec -u postgres "$(docker ps -q --filter "label=com.docker.compose.project=$1" --filter label=com.docker.compose.service=db)" psql -U postgres -qAtc "$2" postgres; }
+for _ in $(seq 120); do sql "$P_PRIMARY" 'select 1' >/dev/null 2>&1 && break; sleep 0.5; done
+run sql "$P_PRIMARY" "create table orders (id serial primary key, item text not null); insert into orders (item) values ('2 coffee');"
 
 say "5. Config: one file per stack in conf.d on each side"
 mkdir -p "$W/primary/conf/conf.d" "$W/standby/conf/conf.d" "$W/standby/stacks"
@@ -95,7 +101,7 @@ path = "$W/standby/stacks/shop"
 allow = ["primary"]
 compose_project = "$P_STANDBY"
 order = ["db", "app"]          # Compose v1 writes no depends_on label
-stop_timeout = "5s"
+stop_timeout = "30s"
 health_timeout = "60s"
 CONF
 cat >"$W/primary/conf/source.toml" <<CONF
@@ -109,7 +115,7 @@ path = "$S"
 target = "standby"
 compose_project = "$P_PRIMARY"
 order = ["db", "app"]
-stop_timeout = "5s"
+stop_timeout = "30s"           # PostgreSQL's fast shutdown needs well under a second here
 precopy = true                 # the bulk crosses while the stack runs
 CONF
 cat "$W/primary/conf/conf.d/shop.toml"
@@ -126,14 +132,16 @@ show_stacks() { docker ps --filter "label=com.docker.compose.project=$1" --forma
 say "7. First push: pre-copy while the primary runs, then a short stop for the final pass"
 run "${SRC[@]}" push shop
 
-say "8. The standby runs its own copy, healthy, on the same data"
+say "8. The standby runs its own copy, healthy, on the same data; its database answers"
 echo "primary ($P_PRIMARY):"; show_stacks "$P_PRIMARY"
 echo "standby ($P_STANDBY):"; show_stacks "$P_STANDBY"
 cmp "$S/data/catalog.db" "$W/standby/stacks/shop/data/catalog.db" && echo "catalog.db: identical on both hosts"
-echo "standby's orders:"; cat "$W/standby/stacks/shop/data/orders"
+echo "the standby's orders:"; sql "$P_STANDBY" 'select id, item from orders order by id'
 
-say "9. A new order arrives on the primary and 1% of the catalog changes; push again"
-"${COMPOSE[@]}" -p "$P_PRIMARY" -f "$S/docker-compose.yml" exec -T app sh -c 'echo "order-2 1 tea" >> /data/orders'
+say "9. A new order and pgbench load on the primary's database, 1% of the catalog changes; push again"
+run sql "$P_PRIMARY" "insert into orders (item) values ('1 tea');"
+docker exec -u postgres "$(docker ps -q --filter "label=com.docker.compose.project=$P_PRIMARY" --filter label=com.docker.compose.service=db)" \
+    pgbench -i -s 1 -U postgres postgres >/dev/null 2>&1
 python3 - "$S/data/catalog.db" <<'PY'
 import os, sys, random
 random.seed(7)
@@ -143,22 +151,32 @@ with open(sys.argv[1], "r+b") as f:
         f.seek(random.randrange(size // 4096) * 4096)
         f.write(os.urandom(4096))
 PY
+# The database keeps writing while the pre-copy runs; the final pass, with the primary stopped,
+# sends what it wrote meanwhile (pgbench's connections end when the primary stops).
+docker exec -u postgres "$(docker ps -q --filter "label=com.docker.compose.project=$P_PRIMARY" --filter label=com.docker.compose.service=db)" \
+    pgbench -n -c 2 -T 60 -U postgres postgres >/dev/null 2>&1 &
+LOAD=$!
+sleep 2
 run "${SRC[@]}" push shop --dry-run
 run "${SRC[@]}" push shop
-echo "standby's orders:"; cat "$W/standby/stacks/shop/data/orders"
+wait "$LOAD" || true
+for _ in $(seq 120); do sql "$P_STANDBY" 'select 1' >/dev/null 2>&1 && sql "$P_PRIMARY" 'select 1' >/dev/null 2>&1 && break; sleep 0.5; done
+echo "the standby's orders:"; sql "$P_STANDBY" 'select id, item from orders order by id'
+echo "pgbench history rows: primary $(sql "$P_PRIMARY" 'select count(*) from pgbench_history'), standby $(sql "$P_STANDBY" 'select count(*) from pgbench_history')"
 echo "standby ($P_STANDBY):"; show_stacks "$P_STANDBY"
 
 say "10. Status on both sides"
 run "${SRC[@]}" status
 run "${TGT[@]}" status
 
-say "11. Verify the standby's live copy (its own app appended to data/log since the commit:"
-echo "    that drift is reported here, and the next push brings it back to the primary's version)"
+say "11. Verify the standby's live copy (its own app appended to data/log and its database wrote"
+echo "    its files when it started: that drift is reported here, and the next push brings it back"
+echo "    to the primary's version)"
 run "${TGT[@]}" verify shop || true
 
 say "12. Roll the standby back to generation 1 (stop, restore, start, health check)"
 run "${TGT[@]}" rollback shop
-echo "standby's orders:"; cat "$W/standby/stacks/shop/data/orders"
+echo "the standby's orders:"; sql "$P_STANDBY" 'select id, item from orders order by id'
 echo "standby ($P_STANDBY):"; show_stacks "$P_STANDBY"
 
 say "Done. The demo worked in $W"
