@@ -152,6 +152,28 @@ impl World {
         }
     }
 
+    /// A world whose transfers are slow (no pre-copy, 2 MiB/s: the source stack is stopped
+    /// before the transfer, which then takes seconds) with generation 1 (`marker`) committed and
+    /// both stacks running healthy.
+    fn slow_at_generation_1(tag: &str, source_extra: &str) -> World {
+        let w = World::new(
+            tag,
+            &format!("precopy = false\nbandwidth_limit = \"2MiB/s\"\n{source_extra}"),
+            "",
+            MIB / 4,
+        );
+        fsx::write(w.src_data("marker"), "generation 1\n");
+        let (ok, _, dump, ..) = w.push();
+        assert!(ok, "first push failed:\n{dump}");
+        assert!(
+            !w.p.src_state.join("web.stopped.json").exists(),
+            "a finished cycle left its restart record behind"
+        );
+        assert_healthy(&w.tgt_proj, "the target on generation 1");
+        wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+        w
+    }
+
     /// Generation 2: `marker` changed and 64 new files of 128 KiB.
     fn write_generation_2(&self, seed: u64) {
         let mut rng = Rng::new(seed);
@@ -456,19 +478,8 @@ fn an_unhealthy_stack_on_the_target_is_rolled_back_and_restarted_healthy() {
 /// old generation, whole, and the next push converges.
 #[test]
 fn a_target_killed_mid_cycle_leaves_the_primary_running_and_its_restart_brings_the_standby_back() {
-    // Without pre-copy the source stops its stack before the transfer, so a lost peer during
-    // the transfer finds it down; the bandwidth limit stretches the transfer to seconds.
-    let mut w = World::new(
-        "kill",
-        "precopy = false\nbandwidth_limit = \"2MiB/s\"\n",
-        "",
-        MIB / 4,
-    );
-    fsx::write(w.src_data("marker"), "generation 1\n");
-    let (ok, _, dump, ..) = w.push();
-    assert!(ok, "first push failed:\n{dump}");
-    assert_healthy(&w.tgt_proj, "the target on generation 1");
-    wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+    // A lost peer during the slow transfer finds the source stack down.
+    let mut w = World::slow_at_generation_1("kill", "");
 
     // Generation 2: 64 files of 128 KiB, about 4 s at 2 MiB/s.
     w.write_generation_2(42);
@@ -552,19 +563,10 @@ fn a_target_killed_mid_cycle_leaves_the_primary_running_and_its_restart_brings_t
 
 #[test]
 fn sigterm_to_the_source_daemon_mid_cycle_leaves_both_sides_consistent_and_the_stack_running() {
-    // As above: no pre-copy and a bandwidth limit, so the daemon's cycle spends seconds in the
-    // transfer with the source stack stopped. The schedule fires every second.
-    let w = World::new(
-        "term",
-        "precopy = false\nbandwidth_limit = \"2MiB/s\"\nschedule = \"* * * * * *\"\n",
-        "",
-        MIB / 4,
-    );
-    fsx::write(w.src_data("marker"), "generation 1\n");
-    let (ok, _, dump, ..) = w.push();
-    assert!(ok, "first push failed:\n{dump}");
+    // The daemon's cycle spends seconds in the transfer with the source stack stopped. The
+    // schedule fires every second.
+    let w = World::slow_at_generation_1("term", "schedule = \"* * * * * *\"\n");
     let tgt_before = assert_healthy(&w.tgt_proj, "the target on generation 1");
-    wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
 
     w.write_generation_2(43);
     let t0 = now_ns();
@@ -655,21 +657,7 @@ fn kill_source_with_the_stack_down(w: &World, mut child: std::process::Child, t0
 /// QUIC's idle timeout, and a session nobody supersedes gives the standby back on its own.
 #[test]
 fn a_source_killed_with_its_stack_stopped_is_started_by_the_daemon_recover_or_the_next_push() {
-    let w = World::new(
-        "sigkill",
-        "precopy = false\nbandwidth_limit = \"2MiB/s\"\n",
-        "",
-        MIB / 4,
-    );
-    fsx::write(w.src_data("marker"), "generation 1\n");
-    let (ok, _, dump, ..) = w.push();
-    assert!(ok, "first push failed:\n{dump}");
-    assert!(
-        !w.p.src_state.join("web.stopped.json").exists(),
-        "a finished cycle left its restart record behind"
-    );
-    assert_healthy(&w.tgt_proj, "the target on generation 1");
-    wait_healthy(&w.src_proj, Duration::from_secs(30), "the source");
+    let w = World::slow_at_generation_1("sigkill", "");
 
     // 1. The daemon runs (no schedule: it runs no cycle of its own); a push is killed
     //    mid-transfer. The daemon's sweep starts the stack within seconds.
@@ -795,7 +783,8 @@ fn a_target_killed_with_its_stack_stopped_starts_it_again_when_it_restarts() {
     let record = w.p.state.join("stopped-containers.json");
     assert!(!record.exists(), "a finished cycle left its restart record");
 
-    // Generation 2's commit stops the target's stack: kill the agent half-way through the stop.
+    // Generation 2's final pass stops the target's stack: kill the agent half-way through the
+    // stop.
     w.write_generation_2(46);
     let mut push = stackclone_tests::spawn(
         w.p.push_cmd(&["--json"])
@@ -904,15 +893,7 @@ fn a_target_killed_with_its_stack_stopped_starts_it_again_when_it_restarts() {
 /// stack: nothing it prints can hold the stack down.
 #[test]
 fn a_closed_terminal_or_a_closed_pipe_never_leaves_the_primary_down() {
-    let w = World::new(
-        "hup",
-        "precopy = false\nbandwidth_limit = \"2MiB/s\"\n",
-        "",
-        MIB / 4,
-    );
-    fsx::write(w.src_data("marker"), "generation 1\n");
-    let (ok, _, dump, ..) = w.push();
-    assert!(ok, "first push failed:\n{dump}");
+    let w = World::slow_at_generation_1("hup", "");
 
     w.write_generation_2(47);
     let t0 = now_ns();
