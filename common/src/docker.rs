@@ -677,12 +677,7 @@ impl ComposeStack {
         // Everything is up: a record left behind (it could not be removed) finds every
         // container running next time, and `recover` then only removes it.
         self.forget_restart_record().await;
-        if !self.config.post_start.is_empty() {
-            let containers = self.containers().await?;
-            report.hooks = self
-                .run_hooks(HookPhase::PostStart, &self.config.post_start, &containers)
-                .await?;
-        }
+        report.hooks = self.post_start_hooks().await?;
         Ok(report)
     }
 
