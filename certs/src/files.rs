@@ -68,6 +68,7 @@ impl StateDir {
         host_key => "host.key",
         flag_key => "flag.key",
         flag_keys => "flag-keys.json",
+        flag_pins => "flag-pins.json",
         deny_list => "deny.json",
         server => "server",
         tokens => "tokens.json",
@@ -147,7 +148,13 @@ impl StateDir {
 
     fn write_atomic(&self, path: &Path, bytes: &[u8], mode: u32) -> Result<(), TrustError> {
         self.create()?;
-        let dir = path.parent().unwrap_or(&self.root);
+        // A bare file name (`csr`'s and `sign`'s default outputs) has the empty path as its
+        // parent: that is the current directory, which is what must be opened to fsync the rename.
+        let dir = match path.parent() {
+            Some(p) if p.as_os_str().is_empty() => Path::new("."),
+            Some(p) => p,
+            None => &self.root,
+        };
         let file_name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
