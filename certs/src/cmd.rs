@@ -10,7 +10,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::ca::{Ca, CertProfile, Csr, HostKey, validate_name};
 use crate::deny::{DenyList, Revocation, SignedDenyList};
-use crate::enroll::{Bundle, IssuedStore, issue_bundle};
+use crate::enroll::{Bundle, Issuance, IssuedStore, issue_bundle};
 use crate::error::TrustError;
 use crate::files::{StateDir, generate_flag_key};
 use crate::identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, check_expiry, fmt_time};
@@ -34,27 +34,34 @@ pub fn init(dir: &StateDir, name: &str, days: i64) -> Result<Identity, TrustErro
     let key = HostKey::generate()?;
     let flag = generate_flag_key()?;
     let profile = CertProfile::new(name, Role::Source, Some(flag.verifying_key()), days);
-    let (bundle, _) = issue_bundle(dir, &ca, &key.csr(name)?, &profile, "init")?;
+    let (bundle, _) = issue_bundle(dir, &ca, &key.csr(name)?, &profile, "init", Issuance::New)?;
     bundle.install(dir, &key, Some(&flag), Some(ca.pin()))
 }
 
 /// `token create`: a single-use join token for `role`, valid for `ttl`, optionally bound to one
-/// host name.
+/// host name. With `replace`, the token replaces the host `name` (whose live certificates are
+/// revoked when it is used); without it, a name that already has a live certificate is refused
+/// here already, and again when the token is used.
 pub fn token_create(
     dir: &StateDir,
     role: Role,
     ttl: Duration,
     server: &str,
     name: Option<&str>,
+    replace: bool,
 ) -> Result<JoinToken, TrustError> {
     if let Some(name) = name {
         validate_name(name)?;
+        if !replace {
+            crate::enroll::check_name_free(dir, name)?;
+        }
     }
     let ca = Ca::load(dir)?;
     let mut store = TokenStore::load(dir)?;
     let (secret, expires_at) = store.create(
         role,
         name.map(str::to_owned),
+        replace,
         ttl,
         OffsetDateTime::now_utc(),
     )?;
@@ -96,12 +103,14 @@ pub fn make_csr(dir: &StateDir, name: &str, out: &Path) -> Result<(), TrustError
 }
 
 /// `sign FILE`: on the CA host, issues a certificate for a request file and writes the bundle.
+/// A name with a live certificate is refused unless `replace` (which revokes it).
 pub fn sign_request(
     dir: &StateDir,
     request: &Path,
     role: Role,
     days: i64,
     out: &Path,
+    replace: bool,
 ) -> Result<Bundle, TrustError> {
     let ca = Ca::load(dir)?;
     let req: RequestFile = dir
@@ -125,7 +134,18 @@ pub fn sign_request(
             detail: "flag_key is not an ed25519 public key".into(),
         })?;
     let profile = CertProfile::new(&req.name, role, Some(flag), days);
-    let (bundle, _) = issue_bundle(dir, &ca, &Csr::from_pem(&req.csr)?, &profile, "sign")?;
+    let (bundle, _) = issue_bundle(
+        dir,
+        &ca,
+        &Csr::from_pem(&req.csr)?,
+        &profile,
+        "sign",
+        if replace {
+            Issuance::Replace
+        } else {
+            Issuance::New
+        },
+    )?;
     dir.write_json(out, &bundle, false)?;
     Ok(bundle)
 }
@@ -164,6 +184,12 @@ pub fn install(
         what: "bundle (from `sign`) or signed deny list",
         detail: e.to_string(),
     })?;
+    // Without the pin, whoever handed over the file would choose the CA this host trusts.
+    let Some(ca_pin) = ca_pin else {
+        return Err(TrustError::PinRequired {
+            file: file.to_owned(),
+        });
+    };
     let key_path = dir.pending_key();
     if !key_path.exists() {
         return Err(TrustError::Missing {
@@ -180,7 +206,7 @@ pub fn install(
     } else {
         None
     };
-    let identity = bundle.install(dir, &key, flag.as_ref(), ca_pin)?;
+    let identity = bundle.install(dir, &key, flag.as_ref(), Some(ca_pin))?;
     dir.remove(&key_path)?;
     dir.remove(&flag_path)?;
     Ok(Installed::Identity(Box::new(identity.info().clone())))
@@ -201,20 +227,37 @@ pub fn renew_local(dir: &StateDir, days: i64) -> Result<Identity, TrustError> {
         current.info().flag_key,
         days,
     );
-    let (bundle, _) = issue_bundle(dir, &ca, &key.csr(current.name())?, &profile, "renew")?;
+    let (bundle, _) = issue_bundle(
+        dir,
+        &ca,
+        &key.csr(current.name())?,
+        &profile,
+        "renew",
+        Issuance::Renew,
+    )?;
     bundle.install(dir, &key, flag.as_ref(), Some(ca.pin()))
 }
 
-/// `revoke NAME`: puts every certificate issued to `NAME` on the deny list (next version, signed
-/// by the CA) and returns the new list.
-pub fn revoke(dir: &StateDir, name: &str) -> Result<DenyList, TrustError> {
+/// `revoke NAME` puts every certificate issued to `NAME` on the deny list (next version, signed
+/// by the CA); `revoke sha256:…` only the one certificate with that fingerprint (say, an
+/// impostor's, leaving the real host of the same name alone). Returns the new list.
+pub fn revoke(dir: &StateDir, name_or_fingerprint: &str) -> Result<DenyList, TrustError> {
     let ca = Ca::load(dir)?;
     let issued = IssuedStore::load(dir)?;
     let now = fmt_time(OffsetDateTime::now_utc());
+    let fingerprint: Option<Fingerprint> = if name_or_fingerprint.starts_with("sha256:") {
+        Some(name_or_fingerprint.parse()?)
+    } else {
+        None
+    };
+    let name = name_or_fingerprint;
     let added: Vec<Revocation> = issued
         .certs
         .iter()
-        .filter(|r| r.name == name)
+        .filter(|r| match &fingerprint {
+            Some(fp) => r.fingerprint == *fp,
+            None => r.name == name,
+        })
         .map(|r| Revocation {
             name: r.name.clone(),
             fingerprint: r.fingerprint,

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ca::{Ca, CertProfile, Csr, HostKey, validate_name};
-use crate::deny::{DenyList, SignedDenyList};
+use crate::deny::{DenyList, Revocation, SignedDenyList};
 use crate::error::{Refusal, TrustError};
 use crate::files::{StateDir, generate_flag_key};
 use crate::identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, fmt_time};
@@ -162,6 +162,50 @@ impl IssuedStore {
     }
 }
 
+/// What an issuance may do to a name that already has a live certificate (one that has not
+/// expired and is not on the deny list).
+///
+/// Host names are the fleet's identities: the target's `allow` list, the source's
+/// `[targets.NAME]` and revocation all go by name. So a name with a live certificate belongs to
+/// the host holding it, and only a renewal by that host (which proves it holds the current
+/// certificate) or an explicit replacement may get another certificate for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Issuance {
+    /// A new host (`init`, `enroll`, `sign`): refused if the name has a live certificate.
+    New,
+    /// A host that proved it holds the name's current certificate (`renew`).
+    Renew,
+    /// A replacement (`token create --replace`, `sign --replace`): every live certificate of the
+    /// name is put on the deny list once the new one is issued.
+    Replace,
+}
+
+/// Whether `r` is live at `now` under `deny`.
+fn is_live(r: &IssuedRecord, deny: &DenyList, now: OffsetDateTime) -> bool {
+    crate::token::parse_time(&r.not_after).is_some_and(|t| t > now)
+        && !deny.contains(&r.fingerprint)
+}
+
+/// Refuses a new host whose name a live certificate holds (see [`Issuance`]).
+pub(crate) fn check_name_free(dir: &StateDir, name: &str) -> Result<(), TrustError> {
+    let issued = IssuedStore::load(dir)?;
+    let deny = DenyList::load(dir.root())?;
+    let now = OffsetDateTime::now_utc();
+    match issued
+        .certs
+        .iter()
+        .rev()
+        .find(|r| r.name == name && is_live(r, &deny, now))
+    {
+        Some(live) => Err(TrustError::NameTaken {
+            name: name.to_owned(),
+            fingerprint: live.fingerprint,
+            not_after: live.not_after.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Issues a certificate on the CA host, records it and builds the bundle for it.
 pub(crate) fn issue_bundle(
     dir: &StateDir,
@@ -169,7 +213,11 @@ pub(crate) fn issue_bundle(
     csr: &Csr,
     profile: &CertProfile,
     via: &str,
+    issuance: Issuance,
 ) -> Result<(Bundle, IssuedRecord), TrustError> {
+    if issuance == Issuance::New {
+        check_name_free(dir, &profile.name)?;
+    }
     let (cert, cert_pem) = ca.issue(csr, profile)?;
     let info = PeerIdentity::from_certificate(&cert)?;
     let record = IssuedRecord {
@@ -183,15 +231,33 @@ pub(crate) fn issue_bundle(
         via: via.to_owned(),
     };
     let mut issued = IssuedStore::load(dir)?;
+    let now = OffsetDateTime::now_utc();
+    let mut deny = DenyList::load(dir.root())?;
+    // The replaced certificates, revoked only once their successor exists and is recorded.
+    let replaced: Vec<Revocation> = match issuance {
+        Issuance::Replace => issued
+            .certs
+            .iter()
+            .filter(|r| r.name == record.name && is_live(r, &deny, now))
+            .map(|r| Revocation {
+                name: r.name.clone(),
+                fingerprint: r.fingerprint,
+                serial: r.serial.clone(),
+                revoked_at: fmt_time(now),
+            })
+            .collect(),
+        Issuance::New | Issuance::Renew => Vec::new(),
+    };
     issued.certs.push(record.clone());
     issued.save(dir)?;
-    let deny = DenyList::load(dir.root())?;
-    let now = OffsetDateTime::now_utc();
+    if !replaced.is_empty() {
+        tracing::info!(name = %record.name, revoked = replaced.len(), "replaced host: its earlier certificates are revoked");
+        deny = deny.revoke(ca, replaced)?;
+        deny.save(dir)?;
+    }
     let mut flag_keys = BTreeMap::new();
     for r in &issued.certs {
-        let live = crate::token::parse_time(&r.not_after).is_some_and(|t| t > now)
-            && !deny.contains(&r.fingerprint);
-        if let (Role::Source, Some(k), true) = (r.role, &r.flag_key, live) {
+        if let (Role::Source, Some(k), true) = (r.role, &r.flag_key, is_live(r, &deny, now)) {
             flag_keys.insert(r.name.clone(), k.clone());
         }
     }
@@ -314,13 +380,18 @@ impl EnrollServer {
                     .await
             }
             Request::Renew { csr } => self.renew(conn, &csr).await,
-            Request::DenyList => {
-                return Reply::DenyList {
-                    deny_list: DenyList::load(self.dir.root())
-                        .ok()
-                        .and_then(|d| d.signed().cloned()),
-                };
-            }
+            // Only a fleet member (its certificate checked, and not revoked, by the verifier)
+            // may read who is revoked.
+            Request::DenyList => match crate::tls::peer_identity(conn) {
+                Ok(_) => {
+                    return Reply::DenyList {
+                        deny_list: DenyList::load(self.dir.root())
+                            .ok()
+                            .and_then(|d| d.signed().cloned()),
+                    };
+                }
+                Err(e) => Err(e),
+            },
         };
         match result {
             Ok((bundle, record)) => {
@@ -347,6 +418,10 @@ impl EnrollServer {
         flag_hex: Option<&str>,
         proof_hex: &str,
     ) -> Result<(Bundle, IssuedRecord), TrustError> {
+        // The id is the peer's string and goes into the log: only the shape a token id has.
+        if token_id.len() != 12 || !token_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(TrustError::TokenMalformed);
+        }
         validate_name(name)?;
         let csr = hex::decode(csr_hex).map_err(|_| TrustError::BadCertificate {
             detail: "CSR is not hex".into(),
@@ -359,7 +434,7 @@ impl EnrollServer {
         let binding = channel_binding(conn)?;
         let _guard = self.lock.lock().await;
         let mut tokens = TokenStore::load(&self.dir)?;
-        let role = tokens.redeem(token_id, name, OffsetDateTime::now_utc(), |key| {
+        let redeemed = tokens.redeem(token_id, name, OffsetDateTime::now_utc(), |key| {
             // blake3::Hash equality is constant-time.
             proof(
                 key,
@@ -370,8 +445,20 @@ impl EnrollServer {
                 &binding,
             ) == given
         })?;
-        let profile = CertProfile::new(name, role, flag_key, self.days);
-        let issued = issue_bundle(&self.dir, &self.ca, &Csr::from_der(csr), &profile, "enroll")?;
+        let profile = CertProfile::new(name, redeemed.role, flag_key, self.days);
+        let issuance = if redeemed.replace {
+            Issuance::Replace
+        } else {
+            Issuance::New
+        };
+        let issued = issue_bundle(
+            &self.dir,
+            &self.ca,
+            &Csr::from_der(csr),
+            &profile,
+            "enroll",
+            issuance,
+        )?;
         // Persisted only once the certificate exists; a token is spent by a successful join.
         tokens.save(&self.dir)?;
         Ok(issued)
@@ -396,7 +483,14 @@ impl EnrollServer {
         })?;
         let profile = CertProfile::new(&current.name, current.role, current.flag_key, self.days);
         let _guard = self.lock.lock().await;
-        issue_bundle(&self.dir, &self.ca, &Csr::from_der(csr), &profile, "renew")
+        issue_bundle(
+            &self.dir,
+            &self.ca,
+            &Csr::from_der(csr),
+            &profile,
+            "renew",
+            Issuance::Renew,
+        )
     }
 
     async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
@@ -794,5 +888,81 @@ pub async fn fetch_deny_list(dir: &StateDir, server: &str) -> Result<bool, Trust
             phase: "deny list",
             detail: "unexpected reply".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A running `serve` on 127.0.0.1 for a fresh fleet, and a client with no certificate that
+    /// pins its CA (what a joiner has).
+    async fn serve_and_anonymous_client() -> (tempfile::TempDir, SocketAddr, quinn::Connection) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path().join("ca"));
+        crate::init(&dir, "primary", 30).unwrap();
+        let server = Arc::new(EnrollServer::load(&dir).unwrap());
+        let endpoint = server.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        tokio::spawn(serve(server, endpoint, std::future::pending()));
+        let verifier = Arc::new(PinVerifier {
+            pin: Ca::load(&dir).unwrap().pin(),
+            provider: provider(),
+            mismatch: Mutex::new(None),
+        });
+        let config = rustls_client_config(None, verifier, ENROLL_ALPN).unwrap();
+        let client = client_endpoint(addr, config).unwrap();
+        let conn = client.connect(addr, SNI).unwrap().await.unwrap();
+        (tmp, addr, conn)
+    }
+
+    #[tokio::test]
+    async fn the_deny_list_is_not_handed_to_a_client_without_a_certificate() {
+        let (tmp, _, conn) = serve_and_anonymous_client().await;
+        crate::revoke(&StateDir::new(tmp.path().join("ca")), "primary").unwrap();
+        match exchange(&conn, &Request::DenyList).await.unwrap() {
+            Reply::Refused { refusal } => assert_eq!(refusal, Refusal::NotAuthorised),
+            Reply::DenyList { deny_list } => panic!("handed out {deny_list:?}"),
+            Reply::Issued { .. } => panic!("issued"),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_token_failure_gets_the_same_answer() {
+        let (tmp, _, conn) = serve_and_anonymous_client().await;
+        let dir = StateDir::new(tmp.path().join("ca"));
+        let token = crate::token_create(
+            &dir,
+            Role::Target,
+            time::Duration::hours(1),
+            "x:1",
+            None,
+            false,
+        )
+        .unwrap();
+        let real_id = token.token.split_once('.').unwrap().0.to_owned();
+        let csr = HostKey::generate().unwrap().csr("standby").unwrap();
+        let mut answers = Vec::new();
+        // A malformed id (with a newline a log would print), an unknown id, a known id with a
+        // wrong proof.
+        for id in ["12\ninjected", "0123456789ab", real_id.as_str()] {
+            let reply = exchange(
+                &conn,
+                &Request::Join {
+                    token_id: id.to_owned(),
+                    name: "standby".into(),
+                    csr: hex::encode(csr.der()),
+                    flag_key: None,
+                    proof: blake3::hash(b"wrong").to_hex().to_string(),
+                },
+            )
+            .await
+            .unwrap();
+            match reply {
+                Reply::Refused { refusal } => answers.push(refusal),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(answers, vec![Refusal::TokenRejected; 3]);
     }
 }

@@ -70,6 +70,47 @@ pub enum TrustError {
     )]
     TokenProofInvalid { id: String },
     #[error(
+        "refusing to install `{}` without `--ca-pin`: the pin is what proves the bundle's CA is \
+         your fleet's (on the CA host, `stackclone-certs show` prints it)",
+        file.display()
+    )]
+    PinRequired { file: PathBuf },
+    #[error("token `{id}` may only enroll `{bound}`, not `{name}`")]
+    TokenWrongName {
+        id: String,
+        bound: String,
+        name: String,
+    },
+    #[error(
+        "{peer} did not accept the join token: it is unknown, already used, expired, made for \
+         another name, or its secret is wrong (the CA host's log says which); check that you \
+         pasted the whole token, or create a new one with `stackclone-certs token create`"
+    )]
+    TokenRejected { peer: SocketAddr },
+    #[error(
+        "`{name}` already has a live certificate ({fingerprint}, valid until {not_after}); \
+         a second host cannot take a name that is in use. To replace that host on purpose, \
+         make a token for it: `stackclone-certs token create --name {name} --replace` (or \
+         `sign --replace` offline), which revokes the old certificate; or revoke it first with \
+         `stackclone-certs revoke {name}`"
+    )]
+    NameTaken {
+        name: String,
+        fingerprint: Fingerprint,
+        not_after: String,
+    },
+    #[error(
+        "source `{name}` presents flag key {presented}, but this host pinned {pinned} for \
+         `{name}`: refusing it, since another host may be using the name. If `{name}` was \
+         replaced on purpose, run `stackclone-certs forget-flag-key {name}` here and let it \
+         connect again"
+    )]
+    FlagKeyChanged {
+        name: String,
+        pinned: String,
+        presented: String,
+    },
+    #[error(
         "malformed token: expected `ID.SECRET` (12 and 32 hex digits), as printed by `stackclone-certs token create`"
     )]
     TokenMalformed,
@@ -119,6 +160,12 @@ pub enum TrustError {
     },
     #[error("handshake with {peer} failed: {reason}")]
     Handshake { peer: SocketAddr, reason: String },
+    #[error("connection with {peer} lost during {phase}: {reason}")]
+    ConnectionLost {
+        peer: SocketAddr,
+        phase: &'static str,
+        reason: String,
+    },
     #[error("cannot resolve `{server}`: {detail}")]
     Resolve { server: String, detail: String },
     #[error("protocol error with {peer} during {phase}: {detail}")]
@@ -149,14 +196,14 @@ pub enum TrustError {
 #[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Refusal {
-    #[error("token expired at {expires_at}")]
-    TokenExpired { expires_at: String },
-    #[error("token already used (`{id}`)")]
-    TokenUsed { id: String },
-    #[error("unknown token `{id}`")]
-    TokenUnknown { id: String },
-    #[error("token proof for `{id}` does not verify")]
-    TokenProofInvalid { id: String },
+    /// Any failure of the join token itself. The joiner is not told which (unknown id, wrong
+    /// secret, used, expired, bound to another name): an answer that differed would tell a
+    /// guesser which token ids exist. The CA host's log names the exact reason.
+    #[error("token not accepted")]
+    TokenRejected,
+    /// The request needs a client certificate of this fleet (a deny list fetch, a renewal).
+    #[error("not authorised")]
+    NotAuthorised,
     #[error("{message}")]
     Other { message: String },
 }
@@ -165,22 +212,20 @@ impl Refusal {
     /// The local error a joiner reports for this refusal.
     pub fn into_error(self, peer: SocketAddr) -> TrustError {
         match self {
-            Refusal::TokenExpired { expires_at } => TrustError::TokenExpired { expires_at },
-            Refusal::TokenUsed { id } => TrustError::TokenUsed { id },
-            Refusal::TokenUnknown { id } => TrustError::TokenUnknown { id },
-            Refusal::TokenProofInvalid { id } => TrustError::TokenProofInvalid { id },
-            refusal @ Refusal::Other { .. } => TrustError::EnrollRefused { peer, refusal },
+            Refusal::TokenRejected => TrustError::TokenRejected { peer },
+            refusal => TrustError::EnrollRefused { peer, refusal },
         }
     }
 
     pub(crate) fn from_error(err: &TrustError) -> Refusal {
         match err {
-            TrustError::TokenExpired { expires_at } => Refusal::TokenExpired {
-                expires_at: expires_at.clone(),
-            },
-            TrustError::TokenUsed { id } => Refusal::TokenUsed { id: id.clone() },
-            TrustError::TokenUnknown { id } => Refusal::TokenUnknown { id: id.clone() },
-            TrustError::TokenProofInvalid { id } => Refusal::TokenProofInvalid { id: id.clone() },
+            TrustError::TokenExpired { .. }
+            | TrustError::TokenUsed { .. }
+            | TrustError::TokenUnknown { .. }
+            | TrustError::TokenProofInvalid { .. }
+            | TrustError::TokenMalformed
+            | TrustError::TokenWrongName { .. } => Refusal::TokenRejected,
+            TrustError::NoPeerCertificate => Refusal::NotAuthorised,
             other => Refusal::Other {
                 message: other.to_string(),
             },

@@ -81,6 +81,7 @@ mod enroll;
 mod error;
 mod files;
 mod identity;
+mod pins;
 pub mod renewal;
 mod tls;
 mod token;
@@ -98,6 +99,7 @@ pub use enroll::{
 pub use error::{Refusal, TrustError};
 pub use files::{StateDir, load_flag_key, load_trusted_flag_keys};
 pub use identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, check_expiry};
+pub use pins::forget_flag_key;
 pub use tls::{
     Admission, IDLE_TIMEOUT, IDLE_TIMEOUT_ENV, KEEP_ALIVE, REFUSED, Trust, accept, admit,
     client_config, connect, hello, idle_timeout, peer_identity, server_config,

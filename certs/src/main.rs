@@ -57,8 +57,18 @@ enum Command {
         name: String,
         #[arg(long)]
         server: String,
-        #[arg(long)]
-        token: TokenSecret,
+        /// The join token. Prefer `--token-file`: a command-line argument is visible to every
+        /// local user in `/proc` while enrolling runs.
+        #[arg(
+            long,
+            conflicts_with = "token_file",
+            required_unless_present = "token_file"
+        )]
+        token: Option<TokenSecret>,
+        /// Read the join token from this file (`-`: standard input), as the command `token
+        /// create` prints does.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         #[arg(long)]
         ca_pin: CaPin,
     },
@@ -80,11 +90,17 @@ enum Command {
         /// Where to write the bundle (default `NAME.bundle.json`).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The request replaces the host of that name: its live certificates are revoked. Without
+        /// it, a name that has a live certificate is refused.
+        #[arg(long)]
+        replace: bool,
     },
     /// Offline: install a bundle made by `sign`, or a signed deny list (`deny.json`).
     Install {
         file: PathBuf,
-        /// Refuse a bundle whose CA has another pin.
+        /// The fleet CA's pin (`show` on the CA host prints it); required for a bundle, which
+        /// is refused if its CA has another pin. A deny list needs none: it is checked against
+        /// the CA this host already trusts.
         #[arg(long)]
         ca_pin: Option<CaPin>,
     },
@@ -98,8 +114,15 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
         days: i64,
     },
-    /// On the CA host: put every certificate issued to NAME on the signed deny list.
-    Revoke { name: String },
+    /// On the CA host: put every certificate issued to NAME on the signed deny list, or only the
+    /// one with fingerprint `sha256:…` (see `show`).
+    Revoke {
+        #[arg(value_name = "NAME|FINGERPRINT")]
+        name: String,
+    },
+    /// On a target: forget the flag key pinned for source NAME, so that a source replaced on
+    /// purpose (new host, new key) is accepted and pinned on its next connection.
+    ForgetFlagKey { name: String },
     /// Names, roles, fingerprints and expiry.
     Show {
         #[arg(long)]
@@ -125,6 +148,10 @@ enum TokenCommand {
         /// Bind the token to this host name.
         #[arg(long)]
         name: Option<String>,
+        /// Replace the host `--name` names: enrolling revokes its live certificates. Without
+        /// it, a name that has a live certificate cannot be enrolled again.
+        #[arg(long, requires = "name")]
+        replace: bool,
         #[arg(long)]
         json: bool,
     },
@@ -201,6 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     role,
                     server,
                     name,
+                    replace,
                     json,
                 },
         } => {
@@ -212,6 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 certs::parse_ttl(&ttl)?,
                 &server,
                 name.as_deref(),
+                replace,
             )?;
             if json {
                 stackclone_common::outln!(
@@ -226,8 +255,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 eprintln!(
-                    "single-use {} token, expires at {}; on the joining host run:",
-                    token.role, token.expires_at
+                    "single-use {} token, expires at {}. Until then it can mint a certificate: \
+                     keep it secret (the CA host keeps a key derived from it in {}, mode 0600). \
+                     On the joining host run:",
+                    token.role,
+                    token.expires_at,
+                    dir.tokens().display()
                 );
                 stackclone_common::outln!("{}", token.enroll_command());
             }
@@ -255,8 +288,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             server,
             token,
+            token_file,
             ca_pin,
         } => {
+            let token = match (token, token_file) {
+                (Some(token), _) => token,
+                (None, Some(file)) => read_token(&file)?,
+                (None, None) => anyhow::bail!("give the join token with `--token-file FILE`"),
+            };
             let opts = EnrollOptions {
                 dir: dir.clone(),
                 name,
@@ -287,9 +326,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             role,
             days,
             out,
+            replace,
         } => {
             let tmp_out = out.clone().unwrap_or_else(|| PathBuf::from("bundle.json"));
-            let bundle = certs::sign_request(&dir, &file, role, days, &tmp_out)?;
+            let bundle = certs::sign_request(&dir, &file, role, days, &tmp_out, replace)?;
             let out = match out {
                 Some(out) => out,
                 None => {
@@ -342,6 +382,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rfc3339(identity.info().not_after)
             );
         }
+        Command::ForgetFlagKey { name } => {
+            if certs::forget_flag_key(&dir, &name)? {
+                stackclone_common::outln!(
+                    "forgot the flag key of `{name}`; the next source connecting as `{name}` is pinned"
+                );
+            } else {
+                stackclone_common::outln!("no flag key was pinned for `{name}`");
+            }
+        }
         Command::Revoke { name } => {
             let list = certs::revoke(&dir, &name)?;
             stackclone_common::outln!(
@@ -361,6 +410,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The join token from a file, or standard input for `-` (the first non-empty line).
+fn read_token(file: &std::path::Path) -> anyhow::Result<TokenSecret> {
+    let text = if file == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the token from stdin")?
+    } else {
+        std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the token from {}", file.display()))?
+    };
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .context("the token file is empty")?;
+    Ok(line.parse()?)
 }
 
 fn print_status(s: &certs::Status) {

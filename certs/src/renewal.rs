@@ -113,6 +113,52 @@ pub async fn renew_if_due(dir: &StateDir, now: OffsetDateTime) -> Result<Renewal
     })
 }
 
+/// What [`refresh_deny_list`] did.
+#[derive(Debug)]
+pub enum DenyRefresh {
+    /// This host is the CA host (its `revoke` writes the list here) or has no enrollment server
+    /// recorded (enrolled offline: lists arrive by `install` or from peers).
+    NoServer,
+    /// Fetched; whether it was newer than the list in force here (and so written to `deny.json`,
+    /// where the agents' next handshake reads it).
+    Fetched { adopted: bool },
+    /// The server could not be asked; the list in force stays.
+    Failed(TrustError),
+}
+
+/// Asks the enrollment server recorded by `enroll` for the CA's newest deny list, over mutual
+/// TLS, and adopts it if newer. Agents call it with their certificate check (hourly), so a
+/// `revoke` reaches a host that no peer tells, such as a target whose only sources never
+/// carry the new list. A failure is logged as a warning here; the caller needs to do nothing.
+pub async fn refresh_deny_list(dir: &StateDir) -> DenyRefresh {
+    let outcome = fetch_if_enrolled(dir).await;
+    match &outcome {
+        DenyRefresh::Failed(e) => {
+            tracing::warn!(error = %e, "cannot fetch the deny list from the enrollment server; the one in force stays");
+        }
+        DenyRefresh::Fetched { adopted } => {
+            tracing::debug!(adopted, "deny list fetched from the enrollment server");
+        }
+        DenyRefresh::NoServer => {}
+    }
+    outcome
+}
+
+async fn fetch_if_enrolled(dir: &StateDir) -> DenyRefresh {
+    if dir.has(&dir.ca_key()) {
+        return DenyRefresh::NoServer;
+    }
+    let server = match dir.read_optional(&dir.server()) {
+        Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Ok(None) => return DenyRefresh::NoServer,
+        Err(e) => return DenyRefresh::Failed(e),
+    };
+    match crate::fetch_deny_list(dir, &server).await {
+        Ok(adopted) => DenyRefresh::Fetched { adopted },
+        Err(e) => DenyRefresh::Failed(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

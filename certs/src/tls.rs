@@ -22,6 +22,7 @@ use crate::deny::{DenyList, SignedDenyList};
 use crate::error::TrustError;
 use crate::files::StateDir;
 use crate::identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, fmt_time};
+use crate::pins::{PinCheck, PinStore};
 
 /// Application close code: the peer was refused after the TLS handshake (role, deny list, …).
 pub const REFUSED: quinn::VarInt = quinn::VarInt::from_u32(0x5c01);
@@ -53,6 +54,7 @@ struct TrustInner {
     roots: Arc<RootCertStore>,
     deny: RwLock<DenyList>,
     dir: Option<StateDir>,
+    pins: PinStore,
 }
 
 impl fmt::Debug for Trust {
@@ -92,6 +94,7 @@ impl Trust {
                 roots: Arc::new(roots),
                 deny: RwLock::new(deny),
                 dir,
+                pins: PinStore::default(),
             }),
         })
     }
@@ -122,9 +125,9 @@ impl Trust {
     }
 
     /// Re-reads `deny.json` from the state directory this trust was loaded from and adopts it if
-    /// newer (without writing). A long-running process on the CA host calls this so that a
-    /// `stackclone-certs revoke` run beside it takes effect on the next handshake; `serve` does
-    /// it for every incoming connection.
+    /// newer (without writing). [`accept`], [`connect`] and `serve` call it before every
+    /// handshake, so a `stackclone-certs revoke` on the CA host, or an `install` of a new list,
+    /// reaches a running agent on its next connection: no restart, no SIGHUP.
     pub fn reload(&self) -> Result<bool, TrustError> {
         let Some(dir) = &self.inner.dir else {
             return Ok(false);
@@ -171,6 +174,31 @@ impl Trust {
             });
         }
         Ok(())
+    }
+
+    /// Checks a source's flag key against the pin for its name (see the `pins` module),
+    /// pinning it on first use.
+    pub fn check_flag_pin(&self, peer: &PeerIdentity) -> Result<(), TrustError> {
+        let Some(key) = &peer.flag_key else {
+            return Ok(());
+        };
+        if self
+            .inner
+            .pins
+            .check(self.inner.dir.as_ref(), &peer.name, key)?
+            == PinCheck::Pinned
+        {
+            tracing::info!(source = %peer.name, flag_key = %hex::encode(key.as_bytes()),
+                "pinned the flag key of a source seen for the first time");
+        }
+        Ok(())
+    }
+
+    /// [`Trust::reload`], logging a failure (the list in force stays).
+    fn refresh(&self) {
+        if let Err(e) = self.reload() {
+            tracing::warn!(error = %e, "cannot re-read the deny list; the one in force stays");
+        }
     }
 
     pub(crate) fn roots(&self) -> Arc<RootCertStore> {
@@ -377,6 +405,10 @@ pub(crate) fn rustls_server_config(
             ],
             identity.private_key(),
         )?;
+    // No session resumption: a resumed TLS 1.3 session skips the certificate verifiers, and
+    // with them the deny list. Every connection is a full handshake (one per cycle: cheap).
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     config.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config)
         .map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -399,6 +431,8 @@ pub(crate) fn rustls_client_config(
         )?,
         None => builder.with_no_client_auth(),
     };
+    // See the server side: a resumed session would not meet the verifier (nor the deny list).
+    config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config)
         .map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -526,8 +560,10 @@ pub(crate) fn connection_error(
                 e.reason.replace(RUSTLS_OTHER, "")
             },
         },
-        other => TrustError::Handshake {
+        // Timed out, reset, closed here: nobody refused anything.
+        other => TrustError::ConnectionLost {
             peer,
+            phase,
             reason: other.to_string(),
         },
     }
@@ -702,6 +738,9 @@ pub async fn admit(
         };
         let peer = peer_identity(conn)?;
         peer.expect_role(expect)?;
+        if expect == Role::Source {
+            trust.check_flag_pin(&peer)?;
+        }
         // The list the client just taught us may name the client itself.
         if let Some(certs) = conn
             .peer_identity()
@@ -749,6 +788,7 @@ pub async fn connect(
     trust: &Trust,
     expect: Role,
 ) -> Result<(quinn::Connection, Admission), TrustError> {
+    trust.refresh();
     let connecting = endpoint
         .connect(addr, SNI)
         .map_err(|e| TrustError::Handshake {
@@ -769,6 +809,7 @@ pub async fn accept(
     expect: Role,
 ) -> Result<(quinn::Connection, Admission), TrustError> {
     let addr = incoming.remote_address();
+    trust.refresh();
     let conn = incoming
         .await
         .map_err(|e| connection_error(addr, "handshake", &e))?;

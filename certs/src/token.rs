@@ -106,6 +106,11 @@ pub(crate) struct StoredToken {
     pub role: Role,
     /// When set, the only name this token may enroll.
     pub name: Option<String>,
+    /// The token replaces the host `name` (made with `token create --name NAME --replace`):
+    /// enrolling with it revokes that name's live certificates. Without it, a name that has a
+    /// live certificate cannot be enrolled.
+    #[serde(default)]
+    pub replace: bool,
     pub created_at: String,
     pub expires_at: String,
     pub used_at: Option<String>,
@@ -139,9 +144,17 @@ impl TokenStore {
         &mut self,
         role: Role,
         name: Option<String>,
+        replace: bool,
         ttl: Duration,
         now: OffsetDateTime,
     ) -> Result<(TokenSecret, OffsetDateTime), TrustError> {
+        if replace && name.is_none() {
+            return Err(TrustError::InvalidArgument {
+                what: "token",
+                value: "--replace".into(),
+                why: "a replacing token must name the host it replaces: add `--name NAME`".into(),
+            });
+        }
         let secret = TokenSecret::generate()?;
         let expires_at = now + ttl;
         // Expired tokens are dropped once they are a day old; used ones stay as an audit trail.
@@ -154,6 +167,7 @@ impl TokenStore {
             key: hex::encode(secret.key()),
             role,
             name,
+            replace,
             created_at: fmt_time(now),
             expires_at: fmt_time(expires_at),
             used_at: None,
@@ -163,14 +177,15 @@ impl TokenStore {
     }
 
     /// Checks a proof for token `id` and marks the token used. The caller persists the store
-    /// before it answers.
+    /// before it answers. The errors say exactly what failed, for the CA host's log; the joiner
+    /// is told only that the token was not accepted (see [`crate::Refusal::from_error`]).
     pub fn redeem(
         &mut self,
         id: &str,
         name: &str,
         now: OffsetDateTime,
         check: impl FnOnce(&[u8; 32]) -> bool,
-    ) -> Result<Role, TrustError> {
+    ) -> Result<Redeemed, TrustError> {
         let token = self
             .tokens
             .iter_mut()
@@ -197,16 +212,27 @@ impl TokenStore {
         if let Some(bound) = &token.name
             && bound != name
         {
-            return Err(TrustError::InvalidArgument {
-                what: "name",
-                value: name.to_owned(),
-                why: format!("this token may only enroll `{bound}`"),
+            return Err(TrustError::TokenWrongName {
+                id: id.to_owned(),
+                bound: bound.clone(),
+                name: name.to_owned(),
             });
         }
         token.used_at = Some(fmt_time(now));
         token.used_by = Some(name.to_owned());
-        Ok(token.role)
+        Ok(Redeemed {
+            role: token.role,
+            replace: token.replace,
+        })
     }
+}
+
+/// What a redeemed token grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Redeemed {
+    pub role: Role,
+    /// It replaces the host it names (see [`StoredToken::replace`]).
+    pub replace: bool,
 }
 
 pub(crate) fn parse_time(s: &str) -> Option<OffsetDateTime> {
@@ -260,9 +286,12 @@ impl JoinToken {
             Some(n) => n.clone(),
             None => "\"$(hostname -s)\"".to_owned(),
         };
+        // The token goes in on stdin: `echo` is a shell builtin, so the secret never shows in
+        // `/proc/*/cmdline` (an argument would, to every local user, for as long as enrolling
+        // takes).
         format!(
-            "stackclone-certs enroll --name {name} --server {} --token {} --ca-pin {}",
-            self.server, self.token, self.ca_pin
+            "echo {} | stackclone-certs enroll --name {name} --server {} --token-file - --ca-pin {}",
+            self.token, self.server, self.ca_pin
         )
     }
 }
@@ -294,7 +323,7 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let mut store = TokenStore::default();
         let (t, _) = store
-            .create(Role::Target, None, Duration::hours(1), now)
+            .create(Role::Target, None, false, Duration::hours(1), now)
             .unwrap();
         let key = t.key();
         assert!(matches!(
@@ -302,7 +331,7 @@ mod tests {
             Err(TrustError::TokenProofInvalid { .. })
         ));
         assert_eq!(
-            store.redeem(t.id(), "a", now, |k| *k == key).unwrap(),
+            store.redeem(t.id(), "a", now, |k| *k == key).unwrap().role,
             Role::Target
         );
         assert!(matches!(
@@ -310,7 +339,7 @@ mod tests {
             Err(TrustError::TokenUsed { .. })
         ));
         let (t2, _) = store
-            .create(Role::Target, None, Duration::seconds(1), now)
+            .create(Role::Target, None, false, Duration::seconds(1), now)
             .unwrap();
         let key2 = t2.key();
         assert!(matches!(

@@ -46,14 +46,18 @@ fn fails(dir: &Path, args: &[&str]) -> String {
 struct Serve {
     child: Child,
     addr: SocketAddr,
+    log: PathBuf,
 }
 
 impl Serve {
     fn start(dir: &Path) -> Serve {
+        let log = dir.with_extension("serve.log");
         let mut child = bin(dir)
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("serve log"))
             .spawn()
             .expect("spawn serve");
         let stdout = child.stdout.take().expect("piped");
@@ -65,9 +69,17 @@ impl Serve {
             .unwrap_or_else(|| panic!("unexpected serve output: {line:?}"))
             .parse()
             .unwrap();
-        Serve { child, addr }
+        Serve { child, addr, log }
+    }
+
+    /// What `serve` logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+/// The one answer a joiner gets for every token failure.
+const TOKEN_REJECTED: &str = "did not accept the join token";
 
 impl Drop for Serve {
     fn drop(&mut self) {
@@ -162,10 +174,29 @@ async fn token_create_and_enroll_pair_connects() {
         &h.ca,
         &["token", "create", "--server", &server, "--name", "standby"],
     );
-    let words: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(&words[..2], ["stackclone-certs", "enroll"], "{line}");
+    // The token reaches `enroll` on stdin: never as an argument, which `/proc` shows to all.
+    assert!(line.starts_with("echo "), "{line}");
+    assert!(
+        line.contains("| stackclone-certs enroll --name standby ")
+            && line.contains("--token-file -"),
+        "{line}"
+    );
     assert!(line.contains("--ca-pin sha256:"), "{line}");
-    let out = ok(&h.joiner, &words[1..]);
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_stackclone-certs"))
+        .parent()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("sh")
+        .args(["-c", line.trim()])
+        .env("PATH", path)
+        .env("STACKCLONE_DIR", &h.joiner)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(out.contains("enrolled `standby` as target"), "{out}");
 
     let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -204,7 +235,12 @@ fn reused_token_is_refused() {
     ok(&h.joiner, &enroll_args("standby", &t));
     let other = h.joiner.with_file_name("standby2");
     let err = fails(&other, &enroll_args("standby2", &t));
-    assert!(err.contains("token already used"), "{err}");
+    assert!(err.contains(TOKEN_REJECTED), "{err}");
+    assert!(
+        serve.log().contains("token already used"),
+        "{}",
+        serve.log()
+    );
     assert!(!StateDir::new(&other).host_cert().exists());
 }
 
@@ -215,13 +251,9 @@ fn expired_token_is_refused() {
     let t = token_json(&h.ca, serve.addr, &["--ttl", "1s"]);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let err = fails(&h.joiner, &enroll_args("standby", &t));
-    assert!(
-        err.contains(&format!(
-            "token expired at {}",
-            t["expires_at"].as_str().unwrap()
-        )),
-        "{err}"
-    );
+    assert!(err.contains(TOKEN_REJECTED), "{err}");
+    let expired = format!("token expired at {}", t["expires_at"].as_str().unwrap());
+    assert!(serve.log().contains(&expired), "{}", serve.log());
     assert!(!StateDir::new(&h.joiner).host_key().exists());
 }
 
@@ -234,10 +266,18 @@ fn wrong_token_secret_is_refused() {
     let (id, _) = token.split_once('.').unwrap();
     t["token"] = format!("{id}.{}", "0".repeat(32)).into();
     let err = fails(&h.joiner, &enroll_args("standby", &t));
+    assert!(err.contains(TOKEN_REJECTED), "{err}");
+    // An id that does not exist gets the very same answer.
+    let mut unknown = t.clone();
+    unknown["token"] = format!("{}.{}", "a".repeat(12), "0".repeat(32)).into();
+    let err_unknown = fails(&h.joiner, &enroll_args("standby", &unknown));
+    assert_eq!(err, err_unknown);
+    let log = serve.log();
     assert!(
-        err.contains("token proof") && err.contains("does not verify"),
-        "{err}"
+        log.contains("token proof") && log.contains("does not verify"),
+        "{log}"
     );
+    assert!(log.contains("unknown token"), "{log}");
     assert_eq!(show(&h.ca)["tokens"][0]["state"], "unused");
 }
 
@@ -423,6 +463,12 @@ fn offline_csr_sign_install() {
         ],
     );
     let pin = show(&h.ca)["ca"]["pin"].as_str().unwrap().to_owned();
+    // Without the pin, the bundle's CA would be whatever the file says: refused, nothing
+    // written.
+    let err = fails(&h.joiner, &["install", bundle.to_str().unwrap()]);
+    assert!(err.contains("without `--ca-pin`"), "{err}");
+    assert!(!StateDir::new(&h.joiner).host_cert().exists());
+    assert!(!StateDir::new(&h.joiner).ca_cert().exists());
     let out = ok(
         &h.joiner,
         &["install", bundle.to_str().unwrap(), "--ca-pin", &pin],
@@ -440,4 +486,184 @@ fn show_json_without_state_parses() {
     let status = show(tmp.path());
     assert!(status["host"].is_null());
     assert_eq!(status["deny_list_version"], 0);
+}
+
+#[test]
+fn csr_and_sign_write_their_default_files_in_the_current_directory() {
+    let h = hosts();
+    let work = h.joiner.with_file_name("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let out = bin(&h.joiner)
+        .current_dir(&work)
+        .args(["csr", "--name", "standby"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(work.join("standby.csr.json").is_file());
+    let out = bin(&h.ca)
+        .current_dir(&work)
+        .args(["sign", "standby.csr.json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(work.join("standby.bundle.json").is_file());
+    assert!(!work.join("bundle.json").exists());
+}
+
+fn fingerprint_of(dir: &Path) -> String {
+    show(dir)["host"]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_name_with_a_live_certificate_is_not_enrolled_again() {
+    let h = hosts();
+    let serve = Serve::start(&h.ca);
+    ok(
+        &h.joiner,
+        &enroll_args("standby", &token_json(&h.ca, serve.addr, &[])),
+    );
+    let real = fingerprint_of(&h.joiner);
+
+    // An unbound token cannot take `standby` nor `primary`; the token stays unused.
+    let impostor = h.joiner.with_file_name("impostor");
+    let t = token_json(&h.ca, serve.addr, &[]);
+    for name in ["standby", "primary"] {
+        let err = fails(&impostor, &enroll_args(name, &t));
+        assert!(
+            err.contains(&format!("`{name}` already has a live certificate")),
+            "{err}"
+        );
+        assert!(err.contains("--replace"), "{err}");
+    }
+    assert!(!StateDir::new(&impostor).host_cert().exists());
+    assert_eq!(show(&h.ca)["tokens"][1]["state"], "unused");
+    // Nor offline, nor a token bound to the name without `--replace`.
+    let err = fails(
+        &h.ca,
+        &["token", "create", "--name", "standby", "--server", "x:1"],
+    );
+    assert!(err.contains("already has a live certificate"), "{err}");
+    let request = impostor.with_file_name("standby.csr.json");
+    ok(
+        &impostor,
+        &[
+            "csr",
+            "--name",
+            "standby",
+            "--out",
+            request.to_str().unwrap(),
+        ],
+    );
+    let err = fails(
+        &h.ca,
+        &["sign", request.to_str().unwrap(), "--out", "/dev/null"],
+    );
+    assert!(err.contains("already has a live certificate"), "{err}");
+    assert!(
+        pair(&h.ca, &h.joiner).await.is_ok(),
+        "the real standby still works"
+    );
+
+    // A replacement on purpose: the old standby is revoked, the new one works.
+    let t = token_json(&h.ca, serve.addr, &["--name", "standby", "--replace"]);
+    let replacement = h.joiner.with_file_name("replacement");
+    ok(&replacement, &enroll_args("standby", &t));
+    let ca = show(&h.ca);
+    let revoked: Vec<&str> = ca["revoked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["fingerprint"].as_str().unwrap())
+        .collect();
+    assert_eq!(revoked, [real.as_str()]);
+    let err = pair(&h.ca, &h.joiner)
+        .await
+        .expect_err("old standby refused")
+        .to_string();
+    assert!(err.contains("revoked"), "{err}");
+    assert!(pair(&h.ca, &replacement).await.is_ok());
+}
+
+#[tokio::test]
+async fn revoke_by_fingerprint_names_one_certificate() {
+    let h = hosts();
+    let serve = Serve::start(&h.ca);
+    ok(
+        &h.joiner,
+        &enroll_args("standby", &token_json(&h.ca, serve.addr, &[])),
+    );
+    let first = fingerprint_of(&h.joiner);
+    ok(&h.joiner, &["renew"]);
+    let second = fingerprint_of(&h.joiner);
+    assert_ne!(first, second);
+    let out = ok(&h.ca, &["revoke", &first]);
+    assert!(out.contains("names 1 certificate"), "{out}");
+    // The standby's current certificate is not the one revoked.
+    assert!(pair(&h.ca, &h.joiner).await.is_ok());
+    let err = fails(&h.ca, &["revoke", "sha256:xyz"]);
+    assert!(err.contains("sha256:"), "{err}");
+}
+
+/// A second certificate for `primary` that the CA should never have issued (a mistake on the CA
+/// host): it carries another flag key, and a target that already accepted `primary` refuses it.
+#[tokio::test]
+async fn a_source_presenting_another_flag_key_for_its_name_is_refused_until_forgotten() {
+    let h = hosts();
+    let serve = Serve::start(&h.ca);
+    ok(
+        &h.joiner,
+        &enroll_args("standby", &token_json(&h.ca, serve.addr, &[])),
+    );
+    let (_, on_target) = pair(&h.ca, &h.joiner).await.unwrap();
+    assert_eq!(on_target.peer.name, "primary");
+
+    let twin = h.ca.with_file_name("twin");
+    let ca = stackclone_certs::Ca::load(&StateDir::new(&h.ca)).unwrap();
+    let other_flag = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+    let host = ca
+        .new_host(&stackclone_certs::CertProfile::new(
+            "primary",
+            Role::Source,
+            Some(other_flag),
+            30,
+        ))
+        .unwrap();
+    host.save(&StateDir::new(&twin)).unwrap();
+    let err = pair(&twin, &h.joiner)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("source `primary` presents flag key")
+            && err.contains("forget-flag-key primary"),
+        "{err}"
+    );
+    // The real primary still gets in.
+    assert!(pair(&h.ca, &h.joiner).await.is_ok());
+    let out = ok(&h.joiner, &["forget-flag-key", "primary"]);
+    assert!(out.contains("forgot"), "{out}");
+    assert!(
+        pair(&twin, &h.joiner).await.is_ok(),
+        "pinned afresh after forgetting"
+    );
+    assert!(
+        pair(&h.ca, &h.joiner).await.is_err(),
+        "and now the other key is the stranger"
+    );
 }

@@ -326,3 +326,52 @@ fn check_expiry_counts_days_left() {
     let later = OffsetDateTime::now_utc() + Duration::days(8);
     assert!(check_expiry(id.info(), later).unwrap() < stackclone_certs::RENEW_WARN_DAYS);
 }
+
+/// A client endpoint dials twice, the server's certificate revoked in between. TLS 1.3 session
+/// resumption would skip the verifier on the second connection (and the deny list with it):
+/// resumption is off, so the second connection is refused.
+#[tokio::test]
+async fn a_second_connection_from_the_same_endpoint_meets_the_deny_list_again() {
+    let (ca, trust) = fleet();
+    let source = host(&ca, "primary", Role::Source);
+    let target = host(&ca, "standby", Role::Target);
+    let server_trust = Trust::new(ca.certificate().clone(), DenyList::empty()).unwrap();
+    let endpoint = quinn::Endpoint::server(
+        server_config(&target.identity, &server_trust).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let trust = server_trust.clone();
+            tokio::spawn(async move {
+                if let Ok((conn, _)) = accept(incoming, &trust, Role::Source).await {
+                    let _ = conn.closed().await;
+                }
+            });
+        }
+    });
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(client_config(&source.identity, &trust).unwrap());
+    let (conn, _) = connect(&client, addr, &trust, Role::Target).await.unwrap();
+    conn.close(0u32.into(), b"bye");
+
+    let revoked = DenyList::empty()
+        .revoke(
+            &ca,
+            vec![Revocation {
+                name: "standby".into(),
+                fingerprint: target.identity.info().fingerprint,
+                serial: target.identity.info().serial.clone(),
+                revoked_at: "2026-01-01T00:00:00Z".into(),
+            }],
+        )
+        .unwrap();
+    assert!(trust.adopt(revoked.signed().unwrap()).unwrap());
+    let err = text(connect(&client, addr, &trust, Role::Target).await);
+    assert!(
+        err.contains("certificate for `standby`") && err.contains("revoked"),
+        "{err}"
+    );
+}

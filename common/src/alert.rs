@@ -109,7 +109,8 @@ impl AlertConfig {
             AlertKind::Failure
             | AlertKind::Staleness
             | AlertKind::CertExpiry
-            | AlertKind::Warning => true,
+            | AlertKind::Warning
+            | AlertKind::PeerRefused => true,
         }
     }
 }
@@ -388,6 +389,9 @@ pub enum AlertKind {
     /// its stop timeout (the copy is crash-consistent only), a stack a killed process left
     /// stopped and that was started again.
     Warning,
+    /// A peer was refused: a revoked certificate, a source presenting another flag key for its
+    /// name, a certificate of another CA or of the wrong role.
+    PeerRefused,
 }
 
 impl AlertKind {
@@ -399,6 +403,7 @@ impl AlertKind {
             AlertKind::Success => "success",
             AlertKind::CertExpiry => "cert_expiry",
             AlertKind::Warning => "warning",
+            AlertKind::PeerRefused => "peer_refused",
         }
     }
 }
@@ -456,6 +461,12 @@ impl Alert {
         Alert::new(AlertKind::Warning, host, Some(stack), message)
     }
 
+    /// A peer was refused (see [`AlertKind::PeerRefused`]); `peer` is its address and, when it
+    /// presented one, its certificate's name.
+    pub fn peer_refused(host: &str, peer: &str, message: &str) -> Alert {
+        Alert::new(AlertKind::PeerRefused, host, None, message).with_peer(peer)
+    }
+
     /// A certificate of `host` expires soon.
     pub fn cert_expiry(host: &str, message: &str) -> Alert {
         Alert::new(AlertKind::CertExpiry, host, None, message)
@@ -503,6 +514,7 @@ impl Alert {
             AlertKind::Success => format!("stackclone: {stack} synced"),
             AlertKind::CertExpiry => format!("stackclone: certificate expiring on {}", self.host),
             AlertKind::Warning => format!("stackclone: {stack} needs attention on {}", self.host),
+            AlertKind::PeerRefused => format!("stackclone: a peer was refused on {}", self.host),
         };
         title
             .chars()
@@ -581,6 +593,9 @@ impl fmt::Display for Alert {
                 if let Some(generation) = self.generation {
                     write!(f, " (generation {generation})")?;
                 }
+            }
+            AlertKind::PeerRefused => {
+                write!(f, "{place} refused a peer")?;
             }
             AlertKind::CertExpiry => {
                 write!(f, "certificate of {place} expires soon")?;
@@ -773,6 +788,7 @@ impl Notifier {
             AlertKind::Staleness => "hourglass",
             AlertKind::Success => "white_check_mark",
             AlertKind::CertExpiry | AlertKind::Warning => "warning",
+            AlertKind::PeerRefused => "no_entry",
         };
         let mut tags = format!("{emoji},stackclone");
         if let Some(stack) = &alert.stack {
