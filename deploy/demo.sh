@@ -62,7 +62,7 @@ ENROLL_PID=$!; PIDS+=("$ENROLL_PID")
 for _ in $(seq 100); do grep -q listening "$W/enroll.log" && break; sleep 0.1; done
 
 say "3. On the standby: enroll with the token; the CA is checked against the pin before anything is sent"
-run stackclone-certs --dir "$W/standby/etc" enroll --name standby --server "127.0.0.1:$ENROLL_PORT" --token "$TOKEN" --ca-pin "$PIN"
+echo "$TOKEN" | run stackclone-certs --dir "$W/standby/etc" enroll --name standby --server "127.0.0.1:$ENROLL_PORT" --token-file - --ca-pin "$PIN"
 kill "$ENROLL_PID"
 
 say "4. The primary's compose stack 'shop': a PostgreSQL db and an app that depends on it and writes ./data"

@@ -423,6 +423,7 @@ async fn watch_certificate(
                     ));
             }
         }
+        stackclone_certs::renewal::refresh_deny_list(&dir).await;
         tokio::select! {
             () = tokio::time::sleep(CERT_CHECK) => {}
             _ = shutdown.changed() => return,

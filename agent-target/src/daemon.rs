@@ -338,6 +338,7 @@ impl Daemon {
     async fn watch_certificate(self: Arc<Self>) {
         loop {
             let _ = self.check_certificate().await;
+            renewal::refresh_deny_list(&self.identity_dir).await;
             tokio::time::sleep(CERT_CHECK_INTERVAL).await;
         }
     }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use stackclone_certs::{Identity, Role, Trust};
+use stackclone_certs::{Identity, Role, Trust, TrustError};
 use stackclone_common::alert::Alert;
 use stackclone_common::control::StackControl;
 use stackclone_common::docker::ComposeConfig;
@@ -88,7 +88,13 @@ pub struct TargetCtx {
     released: tokio::sync::Notify,
     /// Set once the target is shutting down: cycles still receiving end without a commit.
     shutdown: watch::Sender<bool>,
+    /// When a refusal of each kind and address was last alerted (see [`TargetCtx::refused`]).
+    refusals_alerted: Mutex<HashMap<String, Instant>>,
 }
+
+/// A peer refused again for the same reason from the same address is alerted at most this
+/// often (every refusal is logged).
+const REFUSAL_ALERT_EVERY: Duration = Duration::from_secs(3600);
 
 impl TargetCtx {
     pub fn new(
@@ -108,7 +114,46 @@ impl TargetCtx {
             busy: Mutex::new(Default::default()),
             released: tokio::sync::Notify::new(),
             shutdown: watch::Sender::new(false),
+            refusals_alerted: Mutex::default(),
         }
+    }
+
+    /// Logs and alerts a peer refused at the handshake or the hello: a certificate that is
+    /// revoked, expired, of another CA or of the wrong role, or a source presenting another
+    /// flag key than the one pinned for its name. A connection that merely broke or timed out
+    /// is not a refusal. Returns whether `err` was one.
+    fn refused(&self, remote: std::net::SocketAddr, err: &TrustError) -> bool {
+        let kind = match err {
+            TrustError::Revoked { .. } => "revoked",
+            TrustError::FlagKeyChanged { .. } => "flag key changed",
+            TrustError::WrongRole { .. } => "wrong role",
+            TrustError::NoPeerCertificate => "no certificate",
+            TrustError::UnknownCa { .. } => "unknown CA",
+            TrustError::CertificateExpired { .. } | TrustError::CertificateNotYetValid { .. } => {
+                "certificate not valid now"
+            }
+            // The verifier's refusal during the TLS handshake, as QUIC reports it.
+            TrustError::Handshake { .. } => "TLS handshake refused",
+            _ => return false,
+        };
+        warn!(%remote, reason = kind, error = %err, "refused a peer");
+        let key = format!("{kind} {}", remote.ip());
+        let due = match self.refusals_alerted.lock() {
+            Ok(mut seen) => {
+                let now = Instant::now();
+                seen.retain(|_, at| now.duration_since(*at) < REFUSAL_ALERT_EVERY);
+                seen.insert(key, now).is_none()
+            }
+            Err(_) => true,
+        };
+        if due {
+            self.ops.alert_in_background(Alert::peer_refused(
+                &self.ops.host,
+                &remote.to_string(),
+                &format!("refused a connection from {remote}: {err}"),
+            ));
+        }
+        true
     }
 
     /// The stacks served right now (a snapshot; a reload does not change it).
@@ -357,7 +402,13 @@ struct StandbyStack {
 }
 
 async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> anyhow::Result<()> {
-    let (conn, admission) = stackclone_certs::accept(incoming, &ctx.trust, Role::Source).await?;
+    let remote = incoming.remote_address();
+    let (conn, admission) = match stackclone_certs::accept(incoming, &ctx.trust, Role::Source).await
+    {
+        Ok(accepted) => accepted,
+        Err(e) if ctx.refused(remote, &e) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     let started = Instant::now();
     let peer = admission.peer.name.clone();
     let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await?;

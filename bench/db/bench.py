@@ -139,7 +139,8 @@ def main():
         certs("tgt-id", "csr", "--name", "standby", "--out", str(w / "standby.csr"))
         certs("src-id", "sign", str(w / "standby.csr"), "--role", "target", "--out",
               str(w / "standby.bundle"))
-        certs("tgt-id", "install", str(w / "standby.bundle"))
+        pin = json.loads(certs("src-id", "show", "--json").stdout)["ca"]["pin"]
+        certs("tgt-id", "install", str(w / "standby.bundle"), "--ca-pin", pin)
         src = w / "src" / "db"
         (src / "pgdata").mkdir(parents=True)
         (src / "docker-compose.yml").write_text(COMPOSE)

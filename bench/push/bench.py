@@ -167,7 +167,10 @@ shell_type = unix
             csr, bundle = os.path.join(self.sc, "standby.csr.json"), os.path.join(self.sc, "standby.bundle.json")
             self.certs(tgt_id, "csr", "--name", "standby", "--out", csr)
             self.certs(src_id, "sign", csr, "--role", "target", "--out", bundle)
-            self.certs(tgt_id, "install", bundle)
+            shown = subprocess.run([os.path.join(self.bin, "stackclone-certs"), "--dir", src_id, "show", "--json"],
+                                   check=True, capture_output=True, text=True).stdout
+            pin = json.loads(shown)["ca"]["pin"]
+            self.certs(tgt_id, "install", bundle, "--ca-pin", pin)
         self.src_id, self.tgt_id = src_id, tgt_id
 
     def write_stackclone_configs(self, datasets):

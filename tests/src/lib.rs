@@ -326,7 +326,17 @@ impl Pair {
             .arg(&bundle)
             .take_cmd())
         .ok();
-        run(certs(&self.tgt_id).arg("install").arg(&bundle).take_cmd()).ok();
+        let shown = run(certs(&self.src_id).args(["show", "--json"]).take_cmd());
+        let pin = shown.ok().json()["ca"]["pin"]
+            .as_str()
+            .expect("ca.pin in `show --json`")
+            .to_string();
+        run(certs(&self.tgt_id)
+            .arg("install")
+            .arg(&bundle)
+            .args(["--ca-pin", &pin])
+            .take_cmd())
+        .ok();
     }
 
     fn enroll_with_token(&self) {

@@ -446,3 +446,190 @@ fn a_daemon_cycle_reports_to_metrics_and_a_failure_reaches_every_alert_channel()
     let (status, log) = d.terminate(Duration::from_secs(60));
     assert!(status.success(), "{log}");
 }
+
+/// `stackclone-certs --dir DIR ARGS…`, which must succeed; its stdout.
+fn certs_ok(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(stackclone_tests::bin("stackclone-certs"))
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run stackclone-certs");
+    assert!(
+        out.status.success(),
+        "stackclone-certs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A source revoked on the CA host, whose deny list then reaches the standby as a file, is
+/// refused by the `stackclone-target run` that was already running — no restart, no SIGHUP —
+/// and the refusal is logged and alerted. The revoked source itself never carries the new list,
+/// so only the target re-reading its own `deny.json` can stop it.
+#[test]
+fn a_running_target_refuses_a_source_revoked_after_it_started() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let recorder = rt.block_on(Recorder::start(Reply::Status(200)));
+    let mut p = Pair::with(PairOptions {
+        allow: vec!["primary".into(), "primary2".into()],
+        ..Default::default()
+    });
+    let main = std::fs::read_to_string(&p.target_config).expect("target.toml");
+    fsx::write(
+        &p.target_config,
+        format!(
+            "{main}\n[alerts]\nwebhook = {{ url = \"{}/hook\" }}\n",
+            recorder.url()
+        ),
+    );
+    p.start_target();
+
+    // A second source, `primary2`, enrolled offline.
+    let t = p.tmp.path();
+    let id2 = t.join("src2-id");
+    let request = t.join("primary2.csr.json");
+    let bundle = t.join("primary2.bundle.json");
+    certs_ok(
+        &id2,
+        &[
+            "csr",
+            "--name",
+            "primary2",
+            "--out",
+            request.to_str().unwrap(),
+        ],
+    );
+    certs_ok(
+        &p.src_id,
+        &[
+            "sign",
+            request.to_str().unwrap(),
+            "--role",
+            "source",
+            "--out",
+            bundle.to_str().unwrap(),
+        ],
+    );
+    let pin: serde_json::Value =
+        serde_json::from_str(&certs_ok(&p.src_id, &["show", "--json"])).expect("json");
+    certs_ok(
+        &id2,
+        &[
+            "install",
+            bundle.to_str().unwrap(),
+            "--ca-pin",
+            pin["ca"]["pin"].as_str().unwrap(),
+        ],
+    );
+    let etc2 = t.join("etc-source2");
+    fsx::mkdir(etc2.join("conf.d"));
+    let main = std::fs::read_to_string(&p.source_config).expect("source.toml");
+    let main = main.replace(
+        &format!("{:?}", p.src_id.display().to_string()),
+        &format!("{:?}", id2.display().to_string()),
+    );
+    assert!(main.contains("src2-id"), "{main}");
+    fsx::write(etc2.join("source.toml"), main);
+    std::fs::copy(
+        p.source_config.parent().unwrap().join("conf.d/web.toml"),
+        etc2.join("conf.d/web.toml"),
+    )
+    .expect("copy stack file");
+    let push2 = || {
+        stackclone_tests::run({
+            let mut c = std::process::Command::new(stackclone_tests::bin("stackclone-source"));
+            c.arg("--config")
+                .arg(etc2.join("source.toml"))
+                .arg("--state-dir")
+                .arg(t.join("src2-state"))
+                .args(["push", STACK, "--json"])
+                .stdin(Stdio::null());
+            c
+        })
+    };
+    fsx::write(p.src.join("a.txt"), "from primary2\n");
+    let r = push2();
+    assert!(r.status.success(), "{}", r.dump());
+    assert_eq!(p.target_generation(), 1);
+
+    // Revoked on the CA host; the list installed on the standby as a file.
+    certs_ok(&p.src_id, &["revoke", "primary2"]);
+    let copy = t.join("deny-copy.json");
+    std::fs::copy(t.join("src-id/deny.json"), &copy).expect("copy deny list");
+    let out = certs_ok(&p.tgt_id, &["install", copy.to_str().unwrap()]);
+    assert!(out.contains("adopted"), "{out}");
+
+    fsx::write(p.src.join("a.txt"), "after the revocation\n");
+    let r = push2();
+    assert!(
+        !r.status.success(),
+        "a revoked source pushed:\n{}",
+        r.dump()
+    );
+    assert!(r.stderr.contains("revoked"), "{}", r.dump());
+    assert_eq!(p.target_generation(), 1, "nothing committed");
+    assert_eq!(
+        std::fs::read(p.live.join("a.txt")).expect("live a.txt"),
+        b"from primary2\n"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.target_log().contains("refused a peer") {
+        assert!(Instant::now() < deadline, "{}", p.target_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let alert = loop {
+        if let Some(r) = recorder.requests().into_iter().find(|r| r.path == "/hook") {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "no alert"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let body = alert.json();
+    assert_eq!(body["kind"], "peer_refused", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("primary2"),
+        "{body}"
+    );
+
+    // The real primary is not affected.
+    p.push_ok();
+    assert_eq!(
+        std::fs::read(p.live.join("a.txt")).expect("live a.txt"),
+        b"after the revocation\n"
+    );
+}
+
+/// A standby revoked on the CA host (the source's own state directory) is refused by the
+/// `stackclone-source run` that was already running, on its next scheduled cycle.
+#[test]
+fn a_running_source_daemon_stops_pushing_to_a_standby_revoked_after_it_started() {
+    let p = pair("schedule = \"* * * * * *\"\n");
+    fsx::write(p.src.join("a.txt"), "first\n");
+    let d = Daemon::start(&p);
+    wait_generation(&p, 1, Duration::from_secs(30), &d);
+    certs_ok(&p.src_id, &["revoke", "standby"]);
+    let before = d.count("certificate for `standby`");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.count("certificate for `standby`") == before {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let g = p.target_generation();
+    fsx::write(p.src.join("a.txt"), "never sent\n");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        p.target_generation(),
+        g,
+        "no cycle commits to a revoked standby"
+    );
+    assert_ne!(
+        std::fs::read(p.live.join("a.txt")).expect("live a.txt"),
+        b"never sent\n"
+    );
+    let (status, log) = d.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit {status}:\n{log}");
+}
