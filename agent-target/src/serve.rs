@@ -965,12 +965,7 @@ fn scan_stack(store: StackStore, started: Instant) -> Result<(StackStore, StackS
 
 /// The live dir as it is now, and what is staged for it.
 fn stack_state(store: &StackStore) -> Result<StackState, StoreError> {
-    Ok(StackState {
-        last_generation: store.last_generation(),
-        live: store.scan_live(false)?.manifest,
-        staged: store.staged()?,
-        staged_in_place: store.staged_in_place()?,
-    })
+    store.stack_state()
 }
 
 /// The delta signature of a live file, read in chunks (memory: the signature only).

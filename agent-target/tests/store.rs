@@ -30,7 +30,7 @@ use stackclone_proto::msg::{
 };
 use stackclone_proto::path::StackPath;
 use stackclone_proto::session::{
-    Commit, StackPolicy, StackState, StageOutcome, TargetAction, TargetConfig, TargetSession,
+    Commit, StackPolicy, StageOutcome, TargetAction, TargetConfig, TargetSession,
 };
 use stackclone_target::store::{
     BasisFile, CommitReport, Difference, LocalStage, StackStore, StoreConfig, StoreError,
@@ -350,25 +350,13 @@ fn cycle_with(
                 }));
             }
             TargetAction::LoadStack { .. } => {
-                let live = store.scan_live(false)?;
-                session.handle_stack(Ok(StackState {
-                    last_generation: store.last_generation(),
-                    live: live.manifest,
-                    staged: store.staged()?,
-                    staged_in_place: store.staged_in_place()?,
-                }));
+                session.handle_stack(Ok(store.stack_state()?));
             }
             // A data-only stack: nothing to stop or start.
             TargetAction::StopStack => session.handle_stack_stopped(Ok(vec![])),
             TargetAction::StartStack => session.handle_stack_started(Ok(())),
             TargetAction::ScanStopped => {
-                let live = store.scan_live(false)?;
-                session.handle_stopped_scan(Ok(StackState {
-                    last_generation: store.last_generation(),
-                    live: live.manifest,
-                    staged: store.staged()?,
-                    staged_in_place: store.staged_in_place()?,
-                }));
+                session.handle_stopped_scan(Ok(store.stack_state()?));
             }
             TargetAction::Signature { id, basis } => {
                 let b = store.open_basis(&basis)?;

@@ -80,6 +80,28 @@ impl Scan {
         self.local.get(i)
     }
 
+    /// Regular files whose inode has more links than the scan found inside the tree: the other
+    /// links are outside it (or excluded). Sorted by path.
+    ///
+    /// The target treats such a live file as drift: writing into it, or setting its owner or
+    /// mode, would change a file outside the stack, so it is only ever replaced by a rename.
+    pub fn outside_links(&self) -> Vec<StackPath> {
+        let mut found: HashMap<(u64, u64), u64> = HashMap::new();
+        for (e, f) in self.entries_with_facts() {
+            if e.file().is_some() && f.nlink > 1 {
+                *found.entry((f.dev, f.ino)).or_default() += 1;
+            }
+        }
+        self.entries_with_facts()
+            .filter(|(e, f)| {
+                e.file().is_some()
+                    && f.nlink > 1
+                    && found.get(&(f.dev, f.ino)).is_some_and(|&n| f.nlink > n)
+            })
+            .map(|(e, _)| e.path.clone())
+            .collect()
+    }
+
     /// Entries paired with their local facts, in manifest order.
     pub fn entries_with_facts(&self) -> impl Iterator<Item = (&Entry, &LocalFacts)> {
         self.manifest.entries().iter().zip(&self.local)
@@ -95,6 +117,8 @@ pub struct LocalFacts {
     pub size: u64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
+    /// The inode's link count.
+    pub nlink: u64,
 }
 
 impl LocalFacts {
@@ -107,6 +131,7 @@ impl LocalFacts {
             size: key.size,
             mtime_ns: key.mtime_ns,
             ctime_ns: key.ctime_ns,
+            nlink: md.nlink(),
         }
     }
 

@@ -669,3 +669,23 @@ fn files_and_dirs_that_vanish_while_the_tree_is_scanned_are_skipped_not_fatal() 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     churn.join().unwrap();
 }
+
+#[test]
+fn files_with_links_outside_the_tree_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let outside = write(tmp.path(), "outside.txt", b"shared");
+    let inside = root.join("in.txt");
+    fs::create_dir_all(&root).unwrap();
+    fs::hard_link(&outside, &inside).unwrap();
+    // Two links both inside: a hardlink group, not an outside link.
+    write(&root, "a", b"pair");
+    fs::hard_link(root.join("a"), root.join("b")).unwrap();
+    // Three links, two inside and one outside.
+    write(&root, "c", b"triple");
+    fs::hard_link(root.join("c"), root.join("d")).unwrap();
+    fs::hard_link(root.join("c"), tmp.path().join("c-outside")).unwrap();
+    write(&root, "lone", b"lone");
+    let scan = scan_with(&root, |_| {});
+    assert_eq!(scan.outside_links(), vec![sp("c"), sp("d"), sp("in.txt")]);
+}

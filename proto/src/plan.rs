@@ -12,7 +12,7 @@
 //! 3. Directory metadata last, deepest first (creating children changes a directory's mtime), which
 //!    the driver derives from `upserts`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +73,19 @@ fn link_leaders(m: &Manifest) -> HashMap<&StackPath, &StackPath> {
 impl Changes {
     /// Compares `live` with `want`.
     pub fn between(live: &Manifest, want: &Manifest) -> Self {
+        Self::between_with_outside(live, want, &HashSet::new())
+    }
+
+    /// Compares `live` with `want`, where the live files at `outside` have hard links outside
+    /// the live dir ([`StackState::outside_links`](crate::session::target::StackState)): such a
+    /// file is drift. Writing into it, or setting its owner or mode, would change a file
+    /// outside the stack, so a wanted file at its path is always a [`Upsert::Replace`] (a new
+    /// inode, renamed into place), even when content and metadata already match.
+    pub fn between_with_outside(
+        live: &Manifest,
+        want: &Manifest,
+        outside: &HashSet<StackPath>,
+    ) -> Self {
         let live_leaders = link_leaders(live);
         let want_leaders = link_leaders(want);
         let mut changes = Changes::default();
@@ -106,7 +119,7 @@ impl Changes {
                 }
                 Some(l) => {
                     let same_links = want_leaders.get(&w.path) == live_leaders.get(&l.path);
-                    if !w.same_content(l) || !same_links {
+                    if !w.same_content(l) || !same_links || outside.contains(&l.path) {
                         Upsert::Replace(w.clone())
                     } else if w.meta != l.meta || w.xattrs != l.xattrs {
                         Upsert::Meta(w.clone())
@@ -144,6 +157,38 @@ mod tests {
 
     fn m(entries: Vec<Entry>) -> Manifest {
         Manifest::from_unsorted(entries).unwrap()
+    }
+
+    #[test]
+    fn a_live_file_linked_outside_is_replaced_never_patched_or_chmodded() {
+        let mode = |mut e: Entry, mode: u32| {
+            e.meta.mode = mode;
+            e
+        };
+        let live = m(vec![
+            file("a", b"same"),
+            mode(file("b", b"same too"), 0o600),
+            file("c", b"old"),
+        ]);
+        let want = m(vec![
+            file("a", b"same"),
+            file("b", b"same too"),
+            file("c", b"new"),
+        ]);
+        let plain = Changes::between(&live, &want);
+        assert_eq!(plain.unchanged, 1, "{plain:?}");
+        assert!(matches!(plain.upserts[0], Upsert::Meta(_)), "{plain:?}");
+        let outside: HashSet<StackPath> = ["a", "b", "c"]
+            .iter()
+            .map(|p| StackPath::new(*p).unwrap())
+            .collect();
+        let c = Changes::between_with_outside(&live, &want, &outside);
+        assert_eq!(c.upserts.len(), 3, "{c:?}");
+        assert!(
+            c.upserts.iter().all(|u| matches!(u, Upsert::Replace(_))),
+            "{c:?}"
+        );
+        assert_eq!(c.unchanged, 0);
     }
 
     fn paths(v: &[StackPath]) -> Vec<String> {

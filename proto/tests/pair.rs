@@ -400,6 +400,7 @@ impl TargetSide {
             live: self.live.manifest(),
             staged: self.staged.keys().copied().collect(),
             staged_in_place: HashMap::new(),
+            outside_links: Default::default(),
         }
     }
 

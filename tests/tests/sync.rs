@@ -454,3 +454,63 @@ fn a_refused_peer_writes_nothing_in_the_state_dir() {
         "target state dir after a refused push",
     );
 }
+
+/// A live file on the standby that is a hard link to a file outside the stack (a container, or
+/// a careless admin, linked it there) is replaced by a new file, never written through: neither
+/// an in-place patch of a big file nor a metadata-only change reaches the outside file.
+#[test]
+fn a_standby_file_hardlinked_outside_the_stack_is_replaced_not_written_through() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut p = Pair::new();
+    let big = Rng::new(11).bytes(4 * MIB as usize);
+    fsx::write(p.src.join("big.bin"), &big);
+    fsx::write(p.src.join("meta.txt"), "same content\n");
+    fsx::write(p.src.join("same.txt"), "unchanged\n");
+    p.start_target();
+    p.push_ok();
+
+    // Outside the stack, on the same file system: files the standby's live files now share.
+    let outside = p.tmp.path().join("outside");
+    fsx::mkdir(&outside);
+    let mode = |path: &Path, m: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    for name in ["big.bin", "meta.txt", "same.txt"] {
+        let victim = outside.join(name);
+        std::fs::copy(p.live.join(name), &victim).expect("copy");
+        mode(&victim, 0o600);
+        std::fs::remove_file(p.live.join(name)).expect("unlink live");
+        std::fs::hard_link(&victim, p.live.join(name)).expect("link");
+    }
+    let before: Vec<(Vec<u8>, u32)> = ["big.bin", "meta.txt", "same.txt"]
+        .iter()
+        .map(|n| {
+            let path = outside.join(n);
+            let md = std::fs::metadata(&path).expect("stat");
+            (std::fs::read(&path).expect("read"), md.mode())
+        })
+        .collect();
+
+    // The source changes 64 KiB of the big file (an in-place patch if the live file were the
+    // stack's own) and only the mode of meta.txt.
+    let mut changed = big.clone();
+    changed[MIB as usize..MIB as usize + 65536].copy_from_slice(&Rng::new(12).bytes(65536));
+    fsx::write(p.src.join("big.bin"), &changed);
+    mode(&p.src.join("meta.txt"), 0o640);
+    p.push_ok();
+
+    // (The old live inode is kept in the generation's backup, for a rollback to restore.)
+    for (name, (data, m)) in ["big.bin", "meta.txt", "same.txt"].iter().zip(&before) {
+        let path = outside.join(name);
+        let md = std::fs::metadata(&path).expect("stat outside");
+        assert!(
+            std::fs::read(&path).expect("read") == *data,
+            "{name} outside the stack was written through its hard link"
+        );
+        assert_eq!(md.mode(), *m, "{name} outside: mode");
+        let live = std::fs::metadata(p.live.join(name)).expect("stat live");
+        assert_eq!(live.nlink(), 1, "{name} live");
+        assert_ne!(live.ino(), md.ino(), "{name}: a new inode");
+    }
+    assert_same(&snapshot(&p.src), &snapshot(&p.live), "live");
+}

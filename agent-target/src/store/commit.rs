@@ -623,7 +623,28 @@ impl StackStore {
         // commit"), which is generation N-1 unless the target's own containers changed files
         // since; then it is the tree they left, whose bytes the backup really has. A cached
         // scan: one lstat per path, re-hashing only files that changed.
-        let before = self.scan_live(false)?.manifest;
+        let scan = self.scan_live(false)?;
+        // Nothing is ever written into, chowned or chmodded through a hard link that leaves the
+        // stack: the plan replaces such files, and a link made since the plan refuses here.
+        let outside = scan.outside_links();
+        for op in &p.journal.ops {
+            if let Op::Patch { path, .. }
+            | Op::Meta {
+                path, dir: false, ..
+            } = op
+                && outside.binary_search(path).is_ok()
+            {
+                return Err(StoreError::NotPrepared {
+                    stack: self.stack.clone(),
+                    what: format!(
+                        "{} has a hard link outside the stack since the commit was planned; \
+                         it is never written through: run the cycle again",
+                        self.live.show(path)
+                    ),
+                });
+            }
+        }
+        let before = scan.manifest;
         // The safety net of planning against a stopped standby: the tree is still exactly the
         // one the changes were planned against. Anything else (a container that was not
         // stopped, a process outside Docker) refuses here, with the live dir at N-1; the next

@@ -154,6 +154,7 @@ pub use staging::{BasisFile, LocalStage, StagingFile};
 pub use state::StoreState;
 pub use verify::{Difference, Drift, compare};
 
+use stackclone_proto::session::StackState;
 #[cfg(doc)]
 use stackclone_proto::{plan::Changes, session::Commit};
 
@@ -497,6 +498,19 @@ impl StackStore {
             stack: self.stack.clone(),
             path: self.live.path().to_path_buf(),
             source: Box::new(source),
+        })
+    }
+
+    /// What a sync session needs to know of this stack: the live dir as it is now (a cached
+    /// scan), which of its files have hard links outside it, and what is staged for it.
+    pub fn stack_state(&self) -> Result<StackState, StoreError> {
+        let scan = self.scan_live(false)?;
+        Ok(StackState {
+            last_generation: self.last_generation(),
+            outside_links: scan.outside_links().into_iter().collect(),
+            live: scan.manifest,
+            staged: self.staged()?,
+            staged_in_place: self.staged_in_place()?,
         })
     }
 

@@ -19,6 +19,7 @@ fn empty() -> StackState {
         live: Manifest::default(),
         staged: HashSet::new(),
         staged_in_place: Default::default(),
+        outside_links: Default::default(),
     }
 }
 

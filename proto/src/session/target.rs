@@ -90,6 +90,16 @@ pub struct StackState {
     /// In-place patches already staged: content hash → the one live path it patches. Counts as
     /// staged only where the wanted tree has that content at exactly that path.
     pub staged_in_place: HashMap<Hash, StackPath>,
+    /// Live files whose inode has hard links outside the live dir. Never patched in place, never
+    /// given metadata: always replaced (see [`Changes::between_with_outside`]).
+    pub outside_links: HashSet<StackPath>,
+}
+
+impl StackState {
+    /// What a commit must change to turn this live dir into `want`.
+    pub fn changes_to(&self, want: &Manifest) -> Changes {
+        Changes::between_with_outside(&self.live, want, &self.outside_links)
+    }
 }
 
 /// Work for the target driver.
@@ -639,8 +649,8 @@ impl TargetSession {
             match self.standby {
                 Standby::Scanned => {}
                 Standby::Untouched => {
-                    let unchanged = stack.last_generation > 0
-                        && Changes::between(&stack.live, manifest).is_empty();
+                    let unchanged =
+                        stack.last_generation > 0 && stack.changes_to(manifest).is_empty();
                     if !unchanged {
                         self.stop_standby();
                         return;
@@ -724,7 +734,7 @@ impl TargetSession {
         let Some(stack) = self.stack_state.as_ref() else {
             return self.fail(Cause::Local("no stack state".into()), true);
         };
-        let changes = Changes::between(&stack.live, &manifest);
+        let changes = stack.changes_to(&manifest);
         if changes.delete_share() > self.max_delete {
             let cause = Cause::TooManyDeletes {
                 removed: changes.removed_files,
@@ -917,7 +927,7 @@ impl TargetSession {
             Ok(v) => v,
             Err(e) => return self.fail(Cause::Flag(e), true),
         };
-        let changes = Changes::between(&stack.live, manifest);
+        let changes = stack.changes_to(manifest);
         // Belt and braces: the pass only ends when every need is staged, but the commit must
         // never start on a generation with content missing, whatever path led here.
         if let Some(lost) = needs(&stack.live, stack, manifest).into_iter().next() {
@@ -1042,12 +1052,18 @@ fn needs(live: &Manifest, stack: &StackState, want: &Manifest) -> Vec<Need> {
             continue;
         };
         let live_here = live.get(&e.path);
-        let patched_here = stack.staged_in_place.get(&hash) == Some(&e.path) && single_use(&hash);
+        // A live file linked outside the stack is never written into, so neither a patch
+        // against it nor its being already right counts: its content comes whole.
+        let linked_outside = stack.outside_links.contains(&e.path);
+        let patched_here = stack.staged_in_place.get(&hash) == Some(&e.path)
+            && single_use(&hash)
+            && !linked_outside;
         if stack.staged.contains(&hash)
             || patched_here
-            || live_here
-                .and_then(Entry::file)
-                .is_some_and(|(_, h)| h == hash)
+            || (!linked_outside
+                && live_here
+                    .and_then(Entry::file)
+                    .is_some_and(|(_, h)| h == hash))
         {
             continue;
         }
@@ -1055,10 +1071,12 @@ fn needs(live: &Manifest, stack: &StackState, want: &Manifest) -> Vec<Need> {
             continue;
         }
         let basis = live_here.filter(|l| l.file().is_some_and(|(size, _)| size > 0));
-        let in_place = basis.is_some_and(|l| {
-            matches!(l.kind, EntryKind::File { link_group: None, size: live_size, .. }
+        let in_place = !linked_outside
+            && basis.is_some_and(|l| {
+                matches!(l.kind, EntryKind::File { link_group: None, size: live_size, .. }
                 if live_size >= IN_PLACE_MIN_SIZE)
-        }) && link_group.is_none()
+            })
+            && link_group.is_none()
             && size >= IN_PLACE_MIN_SIZE
             && single_use(&hash);
         let local = live_by_hash.get(&hash).map(|p| (*p).clone());
