@@ -401,7 +401,9 @@ impl EnrollServer {
             }
             Err(err) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, error = %err, "refused request");
+                // The error may quote what the peer sent (a name, say).
+                let error = crate::tls::peer_text(&err.to_string());
+                tracing::warn!(%peer, %error, "refused request");
                 Reply::Refused {
                     refusal: Refusal::from_error(&err),
                 }
@@ -511,7 +513,8 @@ impl EnrollServer {
             let request = match recv_json::<Request>(peer, "enrollment", &mut recv).await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(%peer, error = %e, "bad enrollment request");
+                    let error = crate::tls::peer_text(&e.to_string());
+                    tracing::warn!(%peer, %error, "bad enrollment request");
                     break;
                 }
             };

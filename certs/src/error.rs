@@ -213,6 +213,12 @@ impl Refusal {
     pub fn into_error(self, peer: SocketAddr) -> TrustError {
         match self {
             Refusal::TokenRejected => TrustError::TokenRejected { peer },
+            Refusal::Other { message } => TrustError::EnrollRefused {
+                peer,
+                refusal: Refusal::Other {
+                    message: crate::tls::peer_text(&message),
+                },
+            },
             refusal => TrustError::EnrollRefused { peer, refusal },
         }
     }

@@ -522,6 +522,11 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, TrustErro
     PeerIdentity::from_certificate(leaf)
 }
 
+/// Text that came from the peer, escaped for logs and terminals (see `stackclone_proto::text`).
+pub(crate) fn peer_text(s: &str) -> String {
+    stackclone_proto::text::escape_controls(s).into_owned()
+}
+
 /// rustls's prefix for errors our verifiers return; our messages stand on their own.
 const RUSTLS_OTHER: &str = "other error: ";
 
@@ -534,6 +539,7 @@ pub(crate) fn connection_error(
 ) -> TrustError {
     use quinn::ConnectionError as E;
     match err {
+        // Close reasons are the peer's words: escaped before anyone logs or prints them.
         E::ConnectionClosed(close) => TrustError::Refused {
             peer,
             phase,
@@ -542,7 +548,7 @@ pub(crate) fn connection_error(
             } else {
                 format!(
                     "{} ({})",
-                    String::from_utf8_lossy(&close.reason).replace(RUSTLS_OTHER, ""),
+                    peer_text(&String::from_utf8_lossy(&close.reason).replace(RUSTLS_OTHER, "")),
                     close.error_code
                 )
             },
@@ -550,14 +556,14 @@ pub(crate) fn connection_error(
         E::ApplicationClosed(close) => TrustError::Refused {
             peer,
             phase,
-            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+            reason: peer_text(&String::from_utf8_lossy(&close.reason)),
         },
         E::TransportError(e) => TrustError::Handshake {
             peer,
             reason: if e.reason.is_empty() {
                 e.to_string()
             } else {
-                e.reason.replace(RUSTLS_OTHER, "")
+                peer_text(&e.reason.replace(RUSTLS_OTHER, ""))
             },
         },
         // Timed out, reset, closed here: nobody refused anything.
@@ -706,7 +712,7 @@ pub async fn hello(
         HelloReply::Refused { reason } => Err(TrustError::Refused {
             peer: addr,
             phase,
-            reason,
+            reason: peer_text(&reason),
         }),
     }
 }

@@ -7,6 +7,7 @@
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use stackclone_proto::text::escape_controls;
 use stackclone_proto::wire::{self, HEADER_LEN, MAX_FRAME, WireError};
 
 /// Why a frame could not be read or written.
@@ -65,8 +66,9 @@ impl ControlEnd {
     pub fn of(result: Result<(), NetError>) -> ControlEnd {
         match result {
             Ok(()) => ControlEnd::Lost("the peer closed the control stream".into()),
-            Err(NetError::Wire(e)) => ControlEnd::Malformed(e.to_string()),
-            Err(e) => ControlEnd::Lost(e.to_string()),
+            // A close reason inside is the peer's text: escaped for the log.
+            Err(NetError::Wire(e)) => ControlEnd::Malformed(escape_controls(&e.to_string()).into()),
+            Err(e) => ControlEnd::Lost(escape_controls(&e.to_string()).into()),
         }
     }
 }

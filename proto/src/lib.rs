@@ -42,4 +42,5 @@ pub mod msg;
 pub mod path;
 pub mod plan;
 pub mod session;
+pub mod text;
 pub mod wire;

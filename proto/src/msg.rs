@@ -72,18 +72,36 @@ impl std::fmt::Display for Phase {
 }
 
 /// Why a target refused a cycle before anything was staged.
+///
+/// Every string field of the messages here is escaped as it is decoded (see [`crate::text`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refusal {
     #[error("protocol version {got} is not supported (this target speaks {supported})")]
     Version { got: u32, supported: u32 },
     #[error("no stack `{stack}` is configured on this target")]
-    UnknownStack { stack: String },
+    UnknownStack {
+        #[serde(deserialize_with = "crate::text::escaped")]
+        stack: String,
+    },
     #[error("source `{peer}` is not allowed to push stack `{stack}`")]
-    PeerNotAllowed { peer: String, stack: String },
+    PeerNotAllowed {
+        #[serde(deserialize_with = "crate::text::escaped")]
+        peer: String,
+        #[serde(deserialize_with = "crate::text::escaped")]
+        stack: String,
+    },
     #[error("stack `{stack}` is busy with another cycle")]
-    Busy { stack: String },
+    Busy {
+        #[serde(deserialize_with = "crate::text::escaped")]
+        stack: String,
+    },
     #[error("stack `{stack}` cannot be served: {reason}")]
-    Unavailable { stack: String, reason: String },
+    Unavailable {
+        #[serde(deserialize_with = "crate::text::escaped")]
+        stack: String,
+        #[serde(deserialize_with = "crate::text::escaped")]
+        reason: String,
+    },
 }
 
 /// Source to target.
@@ -93,6 +111,7 @@ pub enum SourceMsg {
     /// (the source's per-stack safety valve; the target enforces it).
     Hello {
         version: u32,
+        #[serde(deserialize_with = "crate::text::escaped")]
         stack: String,
         mode: Mode,
         max_delete: f64,
@@ -125,6 +144,7 @@ pub enum SourceMsg {
     /// The source could not read the file (it vanished during a pre-copy pass, say).
     FileAbort {
         id: u32,
+        #[serde(deserialize_with = "crate::text::escaped")]
         reason: String,
     },
     /// The final pass begins: the source is stopping its stack (or, with `stop = false`, scanning
@@ -137,6 +157,7 @@ pub enum SourceMsg {
     /// The source gives up; nothing is committed.
     Abort {
         phase: Phase,
+        #[serde(deserialize_with = "crate::text::escaped")]
         reason: String,
     },
 }
@@ -169,6 +190,7 @@ pub enum TargetMsg {
     /// The target gives up; nothing is committed.
     Abort {
         phase: Phase,
+        #[serde(deserialize_with = "crate::text::escaped")]
         reason: String,
     },
 }
@@ -209,8 +231,13 @@ pub enum Outcome {
     /// the target stopped them for this commit.
     Committed {
         target_downtime_ms: u64,
+        #[serde(deserialize_with = "crate::text::escaped_all")]
         standby_killed: Vec<String>,
     },
     /// The commit failed or the stack did not come up healthy; the previous generation is live.
-    Failed { phase: Phase, reason: String },
+    Failed {
+        phase: Phase,
+        #[serde(deserialize_with = "crate::text::escaped")]
+        reason: String,
+    },
 }

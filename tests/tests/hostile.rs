@@ -1660,3 +1660,55 @@ fn a_symlink_in_the_live_dir_redirects_no_write() {
     );
     p.stop_target();
 }
+
+/// What a source sends is the source's text: an abort reason or a QUIC close reason with a
+/// newline and terminal escapes cannot forge a line in the target's log, nor reach a terminal
+/// raw.
+#[test]
+fn a_peer_cannot_forge_log_lines_or_send_terminal_escapes() {
+    let mut p = attacked_pair();
+    let addr: SocketAddr = format!("127.0.0.1:{}", p.port).parse().expect("addr");
+    let forged = "INFO stackclone_target::serve: cycle committed stack=web generation=99";
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut peer = Peer::connect(&p.src_id, addr, Mode::Sync).await;
+        let abort = SourceMsg::Abort {
+            phase: stackclone_proto::msg::Phase::Transfer,
+            reason: format!("gave up\n{forged}\u{1b}[2J"),
+        };
+        peer.ctl(&[frame(&abort)]).await;
+        let _ = peer.next().await;
+        peer.close().await;
+        let peer = Peer::connect(&p.src_id, addr, Mode::Sync).await;
+        peer.conn.close(
+            7u32.into(),
+            format!("bye\n{forged}\u{1b}]0;owned\u{7}").as_bytes(),
+        );
+        peer.ep.wait_idle().await;
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Both cycles ended (the abort's reason is logged; the close may be logged as a lost
+    // connection only).
+    while p.target_log().matches("cycle failed").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the target did not log both ends:\n{}",
+            p.target_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = p.target_log();
+    assert!(log.contains("gave up\\nINFO stackclone_target"), "{log}");
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("INFO stackclone_target"),
+            "forged: {line}\n{log}"
+        );
+    }
+    assert!(
+        !log.contains('\u{1b}'),
+        "a terminal escape reached the log:\n{log}"
+    );
+    assert!(log.contains("\\u{1b}"), "{log}");
+    still_serves(&mut p);
+}

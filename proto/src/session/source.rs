@@ -502,7 +502,9 @@ impl SourceSession {
 
     /// The connection ended (closed, timed out, reset) before the cycle did.
     pub fn handle_connection_lost(&mut self, reason: &str) {
-        self.fail(Cause::ConnectionLost(reason.to_string()), false);
+        // A QUIC close reason is the peer's text.
+        let reason = crate::text::escape_controls(reason).into_owned();
+        self.fail(Cause::ConnectionLost(reason), false);
     }
 
     /// The driver is shutting down (SIGTERM): end the cycle, restarting the stack if it is down.

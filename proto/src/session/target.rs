@@ -1016,7 +1016,9 @@ impl TargetSession {
     /// The connection ended before the cycle did. A commit already under way goes on.
     pub fn handle_connection_lost(&mut self, reason: &str) {
         if self.state != State::Committing {
-            self.fail(Cause::ConnectionLost(reason.to_string()), false);
+            // A QUIC close reason is the peer's text.
+            let reason = crate::text::escape_controls(reason).into_owned();
+            self.fail(Cause::ConnectionLost(reason), false);
         }
     }
 }
