@@ -9,8 +9,8 @@
 //! [alerts]
 //! on_success = false                       # failures, staleness and certificates always alert
 //! telegram = { bot_token = "123:abc", chat_id = -1001234 }
-//! ntfy = { server = "https://ntfy.example", topic = "stackclone", priority = "high", token = "tk_…" }
-//! webhook = { url = "https://hooks.example/stackclone", headers = { "X-Token" = "…" } }
+//! ntfy = { server = "https://ntfy.home.lan", topic = "stackclone", priority = "high", token = "tk_…" }
+//! webhook = { url = "https://hooks.home.lan/stackclone", headers = { "X-Token" = "…" } }
 //! ```
 //!
 //! Request shapes:
@@ -199,6 +199,12 @@ impl TryFrom<NtfyToml> for NtfyConfig {
                 raw.topic
             ));
         }
+        if is_placeholder(&raw.topic) {
+            return Err(format!(
+                "ntfy topic {:?} is the example's placeholder: {PLACEHOLDER_HINT}",
+                raw.topic
+            ));
+        }
         let auth = match (raw.token, raw.user, raw.password) {
             (None, None, None) => None,
             (Some(token), None, None) => Some(NtfyAuth::Token(token)),
@@ -329,6 +335,11 @@ impl TryFrom<String> for Secret {
     fn try_from(value: String) -> Result<Self, Self::Error> {
         if value.is_empty() {
             Err("a credential must not be empty")
+        } else if is_placeholder(&value) {
+            Err(
+                "this credential is the example's placeholder: put your own value, or comment \
+                 the channel out",
+            )
         } else {
             Ok(Secret(value))
         }
@@ -349,7 +360,39 @@ fn http_url<'de, D: Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
             "invalid URL {s:?}: only http:// and https:// are supported"
         )));
     }
+    if let Some(host) = url.host_str()
+        && is_example_host(host)
+    {
+        return Err(de::Error::custom(format!(
+            "{s:?} is an example address, not yours: {PLACEHOLDER_HINT}"
+        )));
+    }
     Ok(url)
+}
+
+/// What to do about a placeholder left in an alert channel.
+const PLACEHOLDER_HINT: &str =
+    "put your own value, or comment the channel out (alerts would go to a stranger)";
+
+/// Whether `value` is still one of the placeholders the example configs carry
+/// (`replace-with-…`, `replace-me`, `changeme`).
+fn is_placeholder(value: &str) -> bool {
+    let v = value.to_ascii_lowercase();
+    v.contains("replace-with")
+        || v.contains("replace-me")
+        || v.contains("replace_me")
+        || v == "changeme"
+}
+
+/// The names RFC 2606 reserves for examples: `example.com`, `.net`, `.org` and their
+/// subdomains, and the `.example` and `.invalid` top-level domains.
+fn is_example_host(host: &str) -> bool {
+    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    ["example.com", "example.net", "example.org"]
+        .iter()
+        .any(|d| h == *d || h.ends_with(&format!(".{d}")))
+        || h.ends_with(".example")
+        || h.ends_with(".invalid")
 }
 
 fn header_map<'de, D: Deserializer<'de>>(d: D) -> Result<HeaderMap, D::Error> {

@@ -304,7 +304,7 @@ fn config_reads_every_spelling_and_refuses_mistakes() {
     let cfg: AlertConfig = toml::from_str(
         r#"
         telegram = { bot_token = "1:x", chat_id = "@ops" }
-        ntfy = { server = "https://ntfy.example", topic = "a_b-1", priority = 2 }
+        ntfy = { server = "https://ntfy.home.lan", topic = "a_b-1", priority = 2 }
         "#,
     )
     .expect("config");
@@ -345,6 +345,23 @@ fn config_reads_every_spelling_and_refuses_mistakes() {
         (
             r#"telegram = { bot_token = "1:x", chat_id = 1, chat = 2 }"#,
             "unknown field",
+        ),
+        // Placeholders of the example configs, and RFC 2606 example hosts.
+        (
+            r#"telegram = { bot_token = "123:replace-with-your-bot-token", chat_id = 1 }"#,
+            "placeholder",
+        ),
+        (
+            r#"ntfy = { server = "https://ntfy.sh", topic = "stackclone-replace-with-a-secret-topic" }"#,
+            "placeholder",
+        ),
+        (
+            r#"webhook = { url = "https://hooks.example.net/stackclone" }"#,
+            "example address",
+        ),
+        (
+            r#"webhook = { url = "https://a.b.example/x" }"#,
+            "example address",
         ),
         (
             r#"telegram = { bot_token = "", chat_id = 1 }"#,

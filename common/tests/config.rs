@@ -1116,12 +1116,8 @@ fn example_source_config_loads() {
     assert_eq!(cfg.stack("gitea").expect("gitea").pre_stop.len(), 2);
     assert_eq!(nc.schedule.as_ref().map(|s| s.as_str()), Some("15 3 * * *"));
     assert_eq!(nc.random_delay, Some(Duration::from_secs(600)));
-    assert_eq!(
-        cfg.alerts.channels(),
-        [Channel::Telegram, Channel::Ntfy],
-        "{:?}",
-        cfg.alerts
-    );
+    // Seeded by install.sh as is: no channel may be live.
+    assert_eq!(cfg.alerts.channels(), [], "{:?}", cfg.alerts);
     assert!(!cfg.alerts.on_success);
     assert_eq!(cfg.push_gateway, None);
     assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
@@ -1144,6 +1140,68 @@ fn example_target_config_loads() {
     );
     assert_eq!(nc.max_age, Some(Duration::from_secs(26 * 3600)));
     assert_eq!(cfg.stack("gitea").expect("gitea").max_age, None);
-    assert_eq!(cfg.alerts.channels(), [Channel::Webhook]);
+    assert_eq!(
+        cfg.alerts.channels(),
+        [],
+        "seeded by install.sh: no live channel"
+    );
     assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+}
+
+/// Each channel of the example configs, uncommented as a tired admin would: refused, naming the
+/// placeholder, instead of sending alerts to a public ntfy topic or an example host.
+#[test]
+fn example_alert_channels_uncommented_with_their_placeholders_are_refused() {
+    let d = Dir::new();
+    let example = std::fs::read_to_string(examples().join("source/source.toml")).expect("read");
+    let uncomment = |table: &str| -> String {
+        let mut out = String::new();
+        let mut inside = false;
+        for line in example.lines() {
+            if line.starts_with("# [") {
+                inside = line == format!("# [{table}]") || line == "# [alerts]";
+            }
+            let setting = |l: &str| {
+                l.starts_with('[')
+                    || l.split_once(" = ").is_some_and(|(k, _)| {
+                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    })
+            };
+            match line.strip_prefix("# ") {
+                Some(l) if inside && setting(l) && !l.starts_with("token") => out.push_str(l),
+                _ => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        out
+    };
+    for (table, says) in [
+        ("alerts.telegram", "placeholder"),
+        ("alerts.ntfy", "placeholder"),
+    ] {
+        let text = uncomment(table);
+        assert!(text.contains(&format!("\n[{table}]")), "{text}");
+        let err = d.source(&text).expect_err(table).to_string();
+        assert!(
+            err.contains(says) && err.contains("comment"),
+            "{table}: {err}"
+        );
+    }
+    let target = std::fs::read_to_string(examples().join("target/target.toml")).expect("read");
+    let text = target
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.starts_with('[')
+                    || rest.starts_with("url")
+                    || rest.starts_with("headers") =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let err = d.target(&text).expect_err("webhook").to_string();
+    assert!(err.contains("example address"), "{err}");
 }
