@@ -234,6 +234,32 @@ pub fn verify(common: &Common, stack: &str) -> anyhow::Result<Vec<Drift>> {
     Ok(store.verify()?)
 }
 
+/// What `rollback` would do, asked before it does it.
+#[derive(Debug)]
+pub struct RollbackPlan {
+    pub from: u64,
+    pub to: u64,
+    /// Against the manifest of generation `to`.
+    pub changes: stackclone_proto::plan::Changes,
+}
+
+/// Resolves `--to` and compares the committed generation with the one it would restore.
+pub fn rollback_plan(
+    common: &Common,
+    stack: &str,
+    to: Option<u64>,
+) -> anyhow::Result<RollbackPlan> {
+    let cfg = load_config(common, false)?;
+    let stack = stack_of(&cfg, stack)?;
+    let store = StackStore::open(store_config(stack))?;
+    let (to, changes) = store.rollback_preview(to)?;
+    Ok(RollbackPlan {
+        from: store.last_generation(),
+        to,
+        changes,
+    })
+}
+
 /// `rollback STACK [--to G]`: for a compose stack, stop it, restore, start it and wait for
 /// health; for a data-only stack, just restore.
 pub async fn rollback(

@@ -40,11 +40,19 @@ enum Command {
     },
     /// Re-hash the live dir against the last committed manifest; exit 1 on any drift.
     Verify { stack: String },
-    /// Restore the previous generation (or generation G) exactly.
+    /// Restore the previous generation (or generation G) exactly. Asks first on a terminal;
+    /// refuses to delete more than half of the standby's files without --force.
     Rollback {
         stack: String,
         #[arg(long)]
         to: Option<u64>,
+        /// Roll back even if it deletes more than half of the standby's files (the `max_delete`
+        /// valve pushes have too); `--to 0` empties the standby.
+        #[arg(long)]
+        force: bool,
+        /// Do not ask (needed when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// Print a shell completion script.
     Completions(CompletionsArgs),
@@ -63,7 +71,12 @@ fn main() -> ExitCode {
         Command::Run => run(&common),
         Command::Status { stack, json } => status(&common, stack.as_deref(), json),
         Command::Verify { stack } => verify(&common, &stack),
-        Command::Rollback { stack, to } => rollback(&common, &stack, to),
+        Command::Rollback {
+            stack,
+            to,
+            force,
+            yes,
+        } => rollback(&common, &stack, to, force, yes),
         Command::Completions(args) => {
             cli::completions(Cli::command(), args.shell, &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
@@ -151,9 +164,55 @@ fn verify(common: &Common, stack: &str) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn rollback(common: &Common, stack: &str, to: Option<u64>) -> anyhow::Result<ExitCode> {
+fn rollback(
+    common: &Common,
+    stack: &str,
+    to: Option<u64>,
+    force: bool,
+    yes: bool,
+) -> anyhow::Result<ExitCode> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let plan = app::rollback_plan(common, stack, to)?;
+    let summary = format!(
+        "{stack}: roll back from generation {} to {}: deletes {} of {} files, writes {}, {} unchanged{}",
+        plan.from,
+        plan.to,
+        plan.changes.removed_files,
+        plan.changes.live_files,
+        plan.changes.upserts.len(),
+        plan.changes.unchanged,
+        if plan.to == 0 {
+            " (generation 0 is the empty standby, before the first push)"
+        } else {
+            ""
+        }
+    );
+    let share = plan.changes.delete_share();
+    if share > stackclone_common::config::DEFAULT_MAX_DELETE.get() && !force {
+        anyhow::bail!(
+            "{summary}\nrefusing: that deletes {:.0}% of the standby's files, more than the {:.0}% \
+             a push may (max_delete); pass --force if that is really what you want",
+            share * 100.0,
+            stackclone_common::config::DEFAULT_MAX_DELETE.get() * 100.0
+        );
+    }
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!(
+                "{summary}\nrefusing to roll back without a terminal to ask on: pass --yes"
+            );
+        }
+        eprint!("{summary}\nroll back? [y/N] ");
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+            eprintln!("nothing changed");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
     let rt = tokio::runtime::Runtime::new()?;
-    let r = rt.block_on(app::rollback(common, stack, to))?;
+    let r = rt.block_on(app::rollback(common, stack, Some(plan.to)))?;
     stackclone_common::outln!(
         "{stack}: rolled back from generation {} to {}",
         r.from,

@@ -622,7 +622,7 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
                         let opened = Instant::now();
                         let loaded = open_stack(&serve).and_then(|store| {
                             let _ = tx.send(Event::Opened(
-                                store.last_generation(),
+                                store.generation_base(),
                                 store.state_path().to_path_buf(),
                             ));
                             scan_stack(store, opened)

@@ -221,7 +221,56 @@ fn every_kind_of_entry_arrives_identical_then_generation_two_then_rollback() {
     ss.ok();
     assert_status(&ss.json()[0], 2, &g2, "source");
 
+    // Not on a terminal and no --yes: nothing is asked, nothing changes.
     let rb = run(p.target_cmd(&["rollback", STACK]));
+    assert!(!rb.status.success(), "{}", rb.dump());
+    assert!(rb.stderr.contains("pass --yes"), "{}", rb.dump());
+    assert!(
+        rb.stderr.contains("from generation 2 to 1"),
+        "{}",
+        rb.dump()
+    );
+    assert_same(
+        &g2,
+        &snapshot(&p.live),
+        "a refused rollback changes nothing",
+    );
+    // Back to the empty standby deletes every file: the max_delete valve refuses it.
+    let rb = run(p.target_cmd(&["rollback", STACK, "--to", "0", "--yes"]));
+    assert!(!rb.status.success(), "{}", rb.dump());
+    assert!(rb.stderr.contains("--force"), "{}", rb.dump());
+    assert_same(
+        &g2,
+        &snapshot(&p.live),
+        "a refused rollback to 0 changes nothing",
+    );
+
+    // On a terminal (script(1) gives it one), it asks; "n" changes nothing.
+    let cmdline = format!(
+        "{} --config {} rollback {STACK}",
+        stackclone_tests::bin("stackclone-target").display(),
+        p.target_config.display()
+    );
+    let mut asked = std::process::Command::new("script")
+        .args(["-qec", &cmdline, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script");
+    {
+        use std::io::Write;
+        let mut stdin = asked.stdin.take().expect("stdin");
+        stdin.write_all(b"n\n").expect("answer");
+    }
+    let asked = asked.wait_with_output().expect("script output");
+    let said = String::from_utf8_lossy(&asked.stdout);
+    assert!(said.contains("roll back? [y/N]"), "{said}");
+    assert!(said.contains("nothing changed"), "{said}");
+    assert!(!asked.status.success(), "{said}");
+    assert_same(&g2, &snapshot(&p.live), "answered no: nothing changed");
+
+    let rb = run(p.target_cmd(&["rollback", STACK, "--yes"]));
     rb.ok();
     assert!(
         rb.stdout.contains("from generation 2 to 1"),
@@ -238,10 +287,12 @@ fn every_kind_of_entry_arrives_identical_then_generation_two_then_rollback() {
         "verify after rollback"
     );
 
-    // The next push brings generation 2's content back.
+    // The next push brings generation 2's content back, as generation 3: the number 2 named
+    // the tree that was rolled back, and numbers are never reused.
     let o3 = p.push_ok();
     assert_same(&g2, &snapshot(&p.live), "push after rollback");
-    assert!(o3["generation"].as_u64() > Some(1), "{o3}");
+    assert_eq!(o3["generation"], 3, "{o3}");
+    assert_eq!(p.target_status()["generation"], 3);
 }
 
 /// A small tree for the tests that are about something else than fidelity.

@@ -162,6 +162,7 @@ impl StackStore {
         let state_after = StoreState {
             stack: self.stack.clone(),
             generation: g,
+            highest_generation: g.max(self.state.highest_generation),
             committed_at: None,
             manifest_root: Some(c.manifest().root().to_hex()),
             files,
@@ -1127,6 +1128,26 @@ impl StackStore {
         Ok(out)
     }
 
+    /// What [`StackStore::rollback`] to `to` would change, against the manifest of the generation
+    /// it restores (the live tree may differ where the target's containers changed it): the
+    /// generation it resolves to, and the changes, for the `max_delete` valve and the question
+    /// a person is asked.
+    pub fn rollback_preview(&self, to: Option<u64>) -> Result<(u64, Changes), StoreError> {
+        let available = self.restorable()?;
+        let target = match to.or(available.first().copied()) {
+            Some(t) if available.contains(&t) => t,
+            other => {
+                return Err(StoreError::NoSuchGeneration {
+                    stack: self.stack.clone(),
+                    generation: other.unwrap_or(self.state.generation.saturating_sub(1)),
+                    available,
+                });
+            }
+        };
+        let want = self.load_manifest(target)?;
+        Ok((target, Changes::between(&self.manifest, &want)))
+    }
+
     /// Restores the previous generation (or generation `to`, one kept generation at a time),
     /// byte for byte and metadata-exact, through journaled commits. Call it with the stack
     /// stopped.
@@ -1202,6 +1223,7 @@ impl StackStore {
         let state_after = StoreState {
             rolled_back_from: Some(n),
             last_error: None,
+            highest_generation: self.state.highest_generation.max(n),
             ..previous
         };
         let prepared = self.plan(

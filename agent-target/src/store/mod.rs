@@ -432,6 +432,13 @@ impl StackStore {
         self.state.generation
     }
 
+    /// The generation a new cycle builds on: the committed one, or the highest ever committed
+    /// if a rollback went below it, so that generation numbers are never reused (see
+    /// [`StoreState::highest_generation`]).
+    pub fn generation_base(&self) -> u64 {
+        self.state.generation.max(self.state.highest_generation)
+    }
+
     /// What `state` says.
     pub fn state(&self) -> &StoreState {
         &self.state
@@ -506,7 +513,7 @@ impl StackStore {
     pub fn stack_state(&self) -> Result<StackState, StoreError> {
         let scan = self.scan_live(false)?;
         Ok(StackState {
-            last_generation: self.last_generation(),
+            last_generation: self.generation_base(),
             outside_links: scan.outside_links().into_iter().collect(),
             live: scan.manifest,
             staged: self.staged()?,

@@ -17,6 +17,11 @@ pub struct StoreState {
     pub stack: String,
     /// Last committed generation; 0 before the first commit.
     pub generation: u64,
+    /// The highest generation number ever committed here. A rollback lowers `generation` but
+    /// not this, and the next cycle numbers its generation above it: a number, once used,
+    /// always names the same tree (logs, alerts, `generations/`, the source's status).
+    #[serde(default)]
+    pub highest_generation: u64,
     /// Unix seconds of the commit, target clock.
     pub committed_at: Option<i64>,
     /// Root hash of the committed manifest, hex.
