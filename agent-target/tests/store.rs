@@ -1051,6 +1051,9 @@ fn dangerous_live_roots_are_refused() {
         "/tmp",
         "/opt",
         "/tmp/../../var",
+        "/etc/cron.d",
+        "/usr/local/sbin",
+        "/root/.ssh",
     ] {
         let err = StackStore::open(StoreConfig::new(STACK, p)).unwrap_err();
         assert!(
@@ -1366,4 +1369,48 @@ fn rollback_after_the_standby_changed_a_file_restores_what_the_commit_replaced()
         store.verify().unwrap().is_empty(),
         "the restored tree is what the store records"
     );
+}
+
+/// The stack dir swapped for a symlink to another directory: the store recorded which
+/// directory the live dir is, and refuses to open the other one as the stack's.
+#[test]
+fn a_live_dir_swapped_for_a_symlink_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let live = tmp.path().join("live");
+    fs::create_dir_all(&live).unwrap();
+    fs::write(live.join("f"), b"stack data").unwrap();
+    drop(open(&live, 2));
+    let elsewhere = tmp.path().join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::write(elsewhere.join("precious"), b"not the stack's").unwrap();
+    fs::rename(&live, tmp.path().join("moved")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &live).unwrap();
+    let err = StackStore::open(StoreConfig::new(STACK, &live)).unwrap_err();
+    assert!(matches!(err, StoreError::LiveRootChanged { .. }), "{err}");
+    assert!(err.to_string().contains("live-root"), "{err}");
+    assert_eq!(
+        fs::read(elsewhere.join("precious")).unwrap(),
+        b"not the stack's"
+    );
+    assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 1);
+    // Moved on purpose: the record removed, the store opens the new directory.
+    fs::remove_file(tmp.path().join(".stackclone").join(STACK).join("live-root")).unwrap();
+    drop(open(&live, 2));
+}
+
+/// The same swap with the symlink pointing into another parent directory: the default state
+/// dir sits beside the path as written, so the record is still found.
+#[test]
+fn a_live_dir_swapped_for_a_symlink_elsewhere_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let live = tmp.path().join("stacks/live");
+    fs::create_dir_all(&live).unwrap();
+    drop(open(&live, 2));
+    let elsewhere = tmp.path().join("other/home");
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::remove_dir(&live).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &live).unwrap();
+    let err = StackStore::open(StoreConfig::new(STACK, &live)).unwrap_err();
+    assert!(matches!(err, StoreError::LiveRootChanged { .. }), "{err}");
+    assert!(!tmp.path().join("other/.stackclone").exists());
 }

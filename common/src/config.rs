@@ -27,7 +27,8 @@
 //!   directory, a target `path` must be a directory or not exist yet (the target creates it). Two
 //!   stacks on one path, or one inside another, are refused on both sides (compared after
 //!   resolving symlinks when the paths exist). A target path that is a system directory
-//!   ([`DANGEROUS_ROOTS`]) is refused unless the stack sets `allow_dangerous_root = true`.
+//!   ([`DANGEROUS_ROOTS`], or inside one of [`DANGEROUS_SUBTREES`]) is refused unless the stack
+//!   sets `allow_dangerous_root = true`.
 //! - **The identity dir** is `identity_dir` from the main file, else [`DEFAULT_IDENTITY_DIR`].
 //!   The loader reads no environment: a CLI that takes `--dir` / `STACKCLONE_DIR` (clap's `env`)
 //!   overwrites the loaded `identity_dir` with it, so the order is flag, then environment, then
@@ -71,16 +72,48 @@ pub const DEFAULT_IDENTITY_DIR: &str = "/etc/stackclone";
 /// The directory beside the main file that holds one `*.toml` per stack.
 pub const STACK_DIR: &str = "conf.d";
 
-/// System directories a target refuses as a stack path unless `allow_dangerous_root = true`:
-/// a commit there would replace the host's own files.
-pub const DANGEROUS_ROOTS: &[&str] = &[
-    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/opt", "/proc",
-    "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
+/// System directories whose whole subtree a target refuses as a stack path unless
+/// `allow_dangerous_root = true`: a commit anywhere in them would replace the host's own files
+/// (`/etc/cron.d` would run the source's files as root). `/lib*` (every top-level `lib`
+/// directory: `/lib`, `/lib64`, `/libx32`) counts too. This is the one list: the config and the target's store both ask
+/// [`is_dangerous_root`].
+pub const DANGEROUS_SUBTREES: &[&str] = &[
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var/spool",
+    "/var/lib/dpkg",
+    "/var/lib/apt",
 ];
 
-/// Whether `path` is one of [`DANGEROUS_ROOTS`] (compared component-wise, so `/etc/` counts).
+/// Directories refused themselves, whose children are where stacks usually live
+/// (`/opt/containers/nextcloud`, `/srv/gitea`, `/home/alice/stacks/x`).
+pub const DANGEROUS_ROOTS: &[&str] = &[
+    "/", "/home", "/mnt", "/media", "/opt", "/srv", "/tmp", "/var", "/var/lib",
+];
+
+/// Whether a stack may not live at `path` (absolute, `.` and `..` resolved): one of
+/// [`DANGEROUS_ROOTS`], or anywhere inside one of [`DANGEROUS_SUBTREES`] or a top-level
+/// `/lib*`. Compared component-wise, so `/etc/` and `/etc/cron.d` both count.
 pub fn is_dangerous_root(path: &Path) -> bool {
-    DANGEROUS_ROOTS.iter().any(|root| Path::new(root) == path)
+    // `/lib`, `/lib32`, `/lib64`, `/libx32`, … (not `/library`).
+    let lib = path.components().nth(1).is_some_and(|c| {
+        c.as_os_str()
+            .as_encoded_bytes()
+            .strip_prefix(b"lib")
+            .is_some_and(|rest| rest.iter().all(|b| b.is_ascii_digit() || *b == b'x'))
+    });
+    lib || DANGEROUS_ROOTS.iter().any(|root| Path::new(root) == path)
+        || DANGEROUS_SUBTREES
+            .iter()
+            .any(|tree| path.starts_with(Path::new(tree)))
 }
 
 /// How much of the outside world [`SourceConfig::load_with`] / [`TargetConfig::load_with`]
@@ -129,6 +162,7 @@ fn read_files(main: &Path) -> Result<Files, ConfigError> {
         }
         Err(source) => return Err(ConfigError::ReadDir { dir, source }),
     };
+    check_not_writable_by_others(&dir)?;
     let mut paths = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|source| ConfigError::ReadDir {
@@ -157,7 +191,29 @@ fn read_files(main: &Path) -> Result<Files, ConfigError> {
     })
 }
 
+/// Refuses a config file or `conf.d` that group or others may write, as sshd's `StrictModes`
+/// does: whoever can edit it decides what the agent (root) syncs, runs as hooks and where it
+/// sends alerts. Checked on the file a symlink points to.
+fn check_not_writable_by_others(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 {
+        return Err(ConfigError::WritableByOthers {
+            file: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    Ok(())
+}
+
 fn read_file(path: &Path) -> Result<FileText, ConfigError> {
+    check_not_writable_by_others(path)?;
     let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
         file: path.to_owned(),
         source,

@@ -1027,7 +1027,32 @@ fn main_files_take_alerts_and_a_pushgateway_and_refuse_bad_ones() {
 
 #[test]
 fn dangerous_target_path_is_refused_unless_allowed() {
-    for path in ["/", "/etc", "/var/", "/usr", "/home", "/root"] {
+    use stackclone_common::config::is_dangerous_root;
+    for fine in [
+        "/opt/containers/nextcloud",
+        "/srv/gitea",
+        "/home/alice/stacks/x",
+        "/var/lib/docker/volumes/x/_data",
+        "/tmp/test-stack",
+        "/library/x",
+    ] {
+        assert!(!is_dangerous_root(Path::new(fine)), "{fine}");
+    }
+    // Whole subtrees count: a push into /etc/cron.d writes cron jobs.
+    for path in [
+        "/",
+        "/etc",
+        "/var/",
+        "/usr",
+        "/home",
+        "/root",
+        "/etc/cron.d",
+        "/usr/local/bin",
+        "/root/.ssh",
+        "/var/spool/cron",
+        "/boot/grub",
+        "/lib/systemd",
+    ] {
         let dir = Dir::new();
         dir.write(
             "conf.d/s.toml",
@@ -1204,4 +1229,76 @@ fn example_alert_channels_uncommented_with_their_placeholders_are_refused() {
         .join("\n");
     let err = d.target(&text).expect_err("webhook").to_string();
     assert!(err.contains("example address"), "{err}");
+}
+
+#[test]
+fn a_state_dir_overlapping_a_live_dir_or_another_state_dir_is_refused() {
+    let dir = Dir::new();
+    let a = dir.data("a");
+    let b = dir.data("b");
+    dir.write(
+        "conf.d/a.toml",
+        &format!("stack = \"a\"\nallow = [\"p\"]\npath = \"{a}\"\n"),
+    );
+    // b's journal and generations inside a's live dir: a's next push would sync them.
+    dir.write(
+        "conf.d/b.toml",
+        &format!("stack = \"b\"\nallow = [\"p\"]\npath = \"{b}\"\nstate_dir = \"{a}/state\"\n"),
+    );
+    let err = target_err(&dir, TARGET_MAIN);
+    assert!(matches!(err, ConfigError::StateDirOverlap { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("conf.d/b.toml") && msg.contains("stack \"a\""),
+        "{msg}"
+    );
+    // Two stacks sharing one state dir.
+    let shared = dir.path("shared").to_str().unwrap().to_owned();
+    dir.write(
+        "conf.d/a.toml",
+        &format!("stack = \"a\"\nallow = [\"p\"]\npath = \"{a}\"\nstate_dir = \"{shared}\"\n"),
+    );
+    dir.write(
+        "conf.d/b.toml",
+        &format!("stack = \"b\"\nallow = [\"p\"]\npath = \"{b}\"\nstate_dir = \"{shared}\"\n"),
+    );
+    let err = target_err(&dir, TARGET_MAIN);
+    assert!(matches!(err, ConfigError::StateDirOverlap { .. }), "{err}");
+    // Their own state dirs, side by side: fine.
+    dir.write(
+        "conf.d/b.toml",
+        &format!("stack = \"b\"\nallow = [\"p\"]\npath = \"{b}\"\n"),
+    );
+    dir.target(TARGET_MAIN).expect("separate state dirs");
+}
+
+#[test]
+fn a_config_file_or_conf_d_writable_by_group_or_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Dir::new();
+    let a = dir.data("a");
+    let stack = dir.write(
+        "conf.d/a.toml",
+        &format!("stack = \"a\"\nallow = [\"p\"]\npath = \"{a}\"\n"),
+    );
+    dir.target(TARGET_MAIN).expect("0644 is fine");
+    let chmod = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+    for (path, mode) in [
+        (dir.path("target.toml"), 0o666),
+        (stack.clone(), 0o664),
+        (dir.path("conf.d"), 0o777),
+    ] {
+        let restore = fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+        // `target` writes target.toml afresh, so chmod it after writing.
+        dir.write("target.toml", TARGET_MAIN);
+        chmod(&path, mode);
+        let err = TargetConfig::load(dir.path("target.toml")).expect_err("refused");
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::WritableByOthers { .. }), "{msg}");
+        assert!(
+            msg.contains(&format!("chmod go-w {}", path.display())),
+            "{msg}"
+        );
+        chmod(&path, restore);
+    }
 }

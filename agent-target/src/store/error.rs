@@ -23,6 +23,20 @@ pub enum StoreError {
     )]
     DangerousRoot { stack: String, path: PathBuf },
     #[error(
+        "stack `{stack}`: the live dir {} is not the directory this store recorded (device and \
+         inode {recorded}, now {now}): it was replaced, perhaps by a symlink to somewhere else. \
+         Nothing is written there. If the data was moved on purpose, remove {} and run again",
+        live.display(),
+        record.display()
+    )]
+    LiveRootChanged {
+        stack: String,
+        live: PathBuf,
+        recorded: String,
+        now: String,
+        record: PathBuf,
+    },
+    #[error(
         "stack `{stack}`: the state dir {state} is on another file system than the live dir \
          {live}; staging must be on the live dir's file system because renames must be atomic"
     )]

@@ -105,12 +105,11 @@
 //!
 //! ## Decisions
 //!
-//! - Live roots `/`, `/bin`, `/boot`, `/dev`, `/etc`, `/home`, `/lib*`, `/opt`, `/proc`, `/root`,
-//!   `/run`, `/sbin`, `/srv`, `/sys`, `/tmp`, `/usr`, `/var` and the merged-`/usr` targets
-//!   `/usr/bin`, `/usr/sbin`, `/usr/lib*` are refused unless `allow_dangerous_root`, both as
-//!   written (`.` and `..` resolved) and after canonicalisation (so `/lib` → `/usr/lib` and a
-//!   symlink to `/var` are caught). `/opt` and `/srv` are added to the usual list because they
-//!   are the parents of stack dirs.
+//! - Live roots in the one list of `stackclone_common::config::is_dangerous_root` (system
+//!   directories such as `/`, `/var` and `/opt` themselves; anything inside `/etc`, `/usr`,
+//!   `/boot`, `/root`, `/lib*`, `/var/spool` …) are refused unless `allow_dangerous_root`, both
+//!   as written (`.` and `..` resolved) and after canonicalisation (so `/lib` → `/usr/lib` and
+//!   a symlink to `/var` are caught).
 //! - The backup dir of commit G is `generations/<G>` (named after the commit that displaced the
 //!   entries), so pruning a generation removes exactly what restoring from it would need.
 //! - Staged objects are cleared after every commit: a live file that was placed from an object
@@ -190,22 +189,34 @@ impl StoreConfig {
     }
 }
 
-/// Live roots refused without `allow_dangerous_root` (plus every `/lib*`).
-const DANGEROUS: &[&str] = &[
-    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/opt", "/proc", "/root", "/run", "/sbin",
-    "/srv", "/sys", "/tmp", "/usr", "/var",
-];
+pub use stackclone_common::config::is_dangerous_root;
 
-/// True if `p` is a system directory a stack must not be synced into: one of the list above,
-/// a top-level `/lib*`, or what merged-`/usr` systems link them to (`/usr/bin`, `/usr/sbin`,
-/// `/usr/lib*`).
-pub fn is_dangerous_root(p: &Path) -> bool {
-    let s = p.as_os_str().as_encoded_bytes();
-    let lib = |rest: &[u8]| rest.starts_with(b"lib") && !rest.contains(&b'/');
-    DANGEROUS.iter().any(|d| d.as_bytes() == s)
-        || s.strip_prefix(b"/").is_some_and(lib)
-        || s.strip_prefix(b"/usr/")
-            .is_some_and(|r| r == b"bin" || r == b"sbin" || lib(r))
+/// The file in the state dir that records which directory the live dir is.
+const LIVE_ROOT: &str = "live-root";
+
+/// The path of a stack is resolved through symlinks every time the store opens; if the
+/// directory it leads to is not the one the store recorded (device and inode, at its first
+/// open), the stack dir was swapped (for a symlink to somewhere else, say) and the store
+/// refuses to write there. Someone who moved the data on purpose removes `live-root`.
+fn check_live_root(stack: &str, live: &Tree, state_dir: &Tree) -> Result<(), StoreError> {
+    let st = rustix::fs::fstat(live.fd())
+        .map_err(|e| StoreError::io(stack, "stat", live.path().display().to_string(), e.into()))?;
+    let now = format!("{} {}\n", st.st_dev, st.st_ino);
+    let at = state_dir.path().join(LIVE_ROOT);
+    match state::read_file(state_dir.fd(), LIVE_ROOT)
+        .map_err(|e| StoreError::io(stack, "read", at.display().to_string(), e))?
+    {
+        Some(recorded) if recorded == now.as_bytes() => Ok(()),
+        Some(recorded) => Err(StoreError::LiveRootChanged {
+            stack: stack.to_owned(),
+            live: live.path().to_path_buf(),
+            recorded: String::from_utf8_lossy(&recorded).trim().to_owned(),
+            now: now.trim().to_owned(),
+            record: at,
+        }),
+        None => state::write_atomic(state_dir.fd(), LIVE_ROOT, now.as_bytes())
+            .map_err(|e| StoreError::io(stack, "write", at.display().to_string(), e)),
+    }
 }
 
 /// `p` made absolute and with `.` and `..` resolved lexically (before anything exists).
@@ -297,9 +308,12 @@ impl StackStore {
                 io::Error::from_raw_os_error(Errno::NOTDIR.raw_os_error()),
             ));
         }
+        // The default is beside the path as written, not as resolved: if the stack dir is
+        // swapped for a symlink to somewhere else, the state dir (and its `live-root` record)
+        // stays where it was, and the swap is noticed.
         let state_path = match &cfg.state_dir {
             Some(p) => p.clone(),
-            None => live_path
+            None => given
                 .parent()
                 .unwrap_or(Path::new("/"))
                 .join(".stackclone")
@@ -362,6 +376,7 @@ impl StackStore {
             }
             Err(e) => return Err(io("lock", &state_path, e.into())),
         }
+        check_live_root(&stack, &live, &state_dir)?;
         let subdir = |parent: &Tree, name: &str| -> Result<Tree, StoreError> {
             let p = parent.path().join(name);
             match rustix::fs::mkdirat(parent.fd(), name, Mode::from_raw_mode(0o700)) {

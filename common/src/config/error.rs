@@ -48,6 +48,14 @@ pub enum ConfigError {
         #[source]
         source: io::Error,
     },
+    /// A config file or `conf.d` that group or others may write.
+    #[error(
+        "{}: mode {mode:04o} lets group or others change it, and with it what this agent (as \
+         root) syncs, runs and alerts; refusing it. Run `chmod go-w {}`",
+        file.display(),
+        file.display()
+    )]
+    WritableByOthers { file: PathBuf, mode: u32 },
     /// `conf.d` exists but could not be listed.
     #[error("{}: cannot list stack files: {source}", dir.display())]
     ReadDir {
@@ -152,6 +160,21 @@ pub enum ConfigError {
         other_stack: String,
         other_path: PathBuf,
     },
+    /// A stack's state dir overlaps a live dir or another stack's state dir.
+    #[error(
+        "{at}: stack \"{stack}\" keeps its state (journal, staging, generations) in {}, which \
+         overlaps {} of stack \"{other_stack}\"; set `state_dir` to a directory of its own, \
+         outside every stack's `path`",
+        state.display(),
+        other.display()
+    )]
+    StateDirOverlap {
+        at: Box<Location>,
+        stack: String,
+        state: PathBuf,
+        other_stack: String,
+        other: PathBuf,
+    },
     /// Two files declare the same stack name.
     #[error(
         "{at}: key \"stack\": stack \"{stack}\" is already declared at {other_at}; stack names \
@@ -181,7 +204,9 @@ impl ConfigError {
     /// Where in which file the error is, if it is about one place.
     pub fn location(&self) -> Option<&Location> {
         match self {
-            ConfigError::Read { .. } | ConfigError::ReadDir { .. } => None,
+            ConfigError::Read { .. }
+            | ConfigError::ReadDir { .. }
+            | ConfigError::WritableByOthers { .. } => None,
             ConfigError::Syntax { at, .. }
             | ConfigError::UnknownKey { at, .. }
             | ConfigError::MissingKey { at, .. }
@@ -192,6 +217,7 @@ impl ConfigError {
             | ConfigError::DangerousPath { at, .. }
             | ConfigError::SamePath { at, .. }
             | ConfigError::NestedPath { at, .. }
+            | ConfigError::StateDirOverlap { at, .. }
             | ConfigError::DuplicateStack { at, .. }
             | ConfigError::UnknownTarget { at, .. } => Some(at),
         }

@@ -1,5 +1,6 @@
 //! `target.toml` and the target's stack files.
 
+use std::fs;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::alert::AlertConfig;
+use crate::config::Location;
 
 use std::collections::BTreeMap;
 
@@ -164,6 +166,8 @@ impl TargetConfig {
 
         let mut names = Names::default();
         let mut paths = PathClaims::default();
+        // (stack, live key, state dir key, where the state dir is set or implied)
+        let mut dirs: Vec<(String, PathBuf, PathBuf, Box<Location>)> = Vec::new();
         for file in &files.stacks {
             let raw: RawStack = parse(file)?;
             let name = raw.stack.get_ref().0.clone();
@@ -193,6 +197,23 @@ impl TargetConfig {
             } else {
                 path.clone()
             };
+            // The store's default: `<parent of path as written>/.stackclone/<stack>`.
+            let (state, state_at) = match &raw.state_dir {
+                Some(s) => (s.0.clone(), path_at.clone()),
+                None => (
+                    path.parent()
+                        .unwrap_or(Path::new("/"))
+                        .join(".stackclone")
+                        .join(&name),
+                    path_at.clone(),
+                ),
+            };
+            let state = if options.check_paths {
+                fs::canonicalize(&state).unwrap_or(state)
+            } else {
+                state
+            };
+            dirs.push((name.clone(), key.clone(), state, state_at));
             if is_dangerous_root(&path) || is_dangerous_root(&key) {
                 if !raw.allow_dangerous_root {
                     return Err(ConfigError::DangerousPath {
@@ -256,6 +277,7 @@ impl TargetConfig {
                 max_age,
             });
         }
+        check_state_dirs(&dirs)?;
         Ok(config)
     }
 
@@ -264,4 +286,32 @@ impl TargetConfig {
     pub fn stack(&self, name: &str) -> Option<&TargetStack> {
         self.stacks.iter().find(|s| s.name == name)
     }
+}
+
+/// Refuses a state dir that overlaps a live dir (its own or another stack's) or another stack's
+/// state dir: the journal, staging and generations of one stack must never be scanned as
+/// another's data, nor two stacks share one journal.
+fn check_state_dirs(dirs: &[(String, PathBuf, PathBuf, Box<Location>)]) -> Result<(), ConfigError> {
+    let overlap = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+    for (stack, _, state, at) in dirs {
+        for (other, other_live, other_state, _) in dirs {
+            let clash = if overlap(state, other_live) {
+                Some(other_live)
+            } else if other != stack && overlap(state, other_state) {
+                Some(other_state)
+            } else {
+                None
+            };
+            if let Some(with) = clash {
+                return Err(ConfigError::StateDirOverlap {
+                    at: at.clone(),
+                    stack: stack.clone(),
+                    state: state.clone(),
+                    other_stack: other.clone(),
+                    other: with.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
