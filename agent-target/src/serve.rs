@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use stackclone_certs::{Identity, Role, Trust, TrustError};
+use stackclone_certs::{Identity, REFUSED, Role, Trust, TrustError};
 use stackclone_common::alert::Alert;
 use stackclone_common::control::StackControl;
 use stackclone_common::docker::ComposeConfig;
@@ -41,6 +41,10 @@ use crate::store::{
 /// so is the time the target spends scanning its own live dir (the source may be waiting for
 /// that scan, having sent its whole manifest).
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long an admitted source may take to open its control stream (a real one takes
+/// milliseconds); after that the connection is closed.
+pub const CONTROL_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bytes read at a time to compute a basis signature.
 const SIGNATURE_READ: usize = 1 << 20;
@@ -411,7 +415,21 @@ async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> an
     };
     let started = Instant::now();
     let peer = admission.peer.name.clone();
-    let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await?;
+    // An admitted source opens its control stream at once. One that does not is not allowed to
+    // hold the connection (QUIC keep-alives would keep it open forever).
+    let (mut ctl_send, mut ctl_recv) = match tokio::time::timeout(
+        CONTROL_STREAM_TIMEOUT,
+        conn.accept_bi(),
+    )
+    .await
+    {
+        Ok(stream) => stream?,
+        Err(_) => {
+            warn!(%peer, secs = CONTROL_STREAM_TIMEOUT.as_secs(), "an admitted source opened no control stream; closing the connection");
+            conn.close(REFUSED, b"no control stream");
+            return Ok(());
+        }
+    };
     let mut session = TargetSession::new(TargetConfig {
         target_id: ctx.name.clone(),
         peer: peer.clone(),

@@ -107,6 +107,21 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// About how much memory this entry holds: the struct and what its path, symlink target
+    /// and xattrs keep on the heap (see [`crate::msg::MAX_MANIFEST_BYTES`]).
+    pub fn held_bytes(&self) -> u64 {
+        let xattrs: usize = self
+            .xattrs
+            .iter()
+            .map(|x| std::mem::size_of::<Xattr>() + x.name.len() + x.value.len())
+            .sum();
+        let target = match &self.kind {
+            EntryKind::Symlink { target } => target.len(),
+            _ => 0,
+        };
+        (std::mem::size_of::<Entry>() + self.path.as_bytes().len() + target + xattrs) as u64
+    }
+
     /// Size and hash if this is a regular file.
     pub fn file(&self) -> Option<(u64, Hash)> {
         match self.kind {

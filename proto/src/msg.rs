@@ -23,6 +23,13 @@ pub const MANIFEST_PART_ENTRIES: usize = 2048;
 /// Most entries a manifest may have. Bounds the target's memory before it has checked anything.
 pub const MAX_MANIFEST_ENTRIES: u64 = 50_000_000;
 
+/// Most memory a manifest may take on the target while it arrives, as
+/// [`Entry::held_bytes`](crate::manifest::Entry::held_bytes) counts it: 1 GiB, some five million
+/// entries of typical paths. The entry count alone would allow long paths, symlink targets and
+/// xattrs to add up to hundreds of GiB. A stack larger than this is refused with a message
+/// that says so; split it into several stacks.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+
 /// Whether the cycle changes anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mode {

@@ -1200,6 +1200,45 @@ fn a_message_after_manifest_end_while_the_scan_runs_is_a_protocol_violation() {
     assert_eq!(err.phase, stackclone_proto::msg::Phase::Transfer);
 }
 
+/// A manifest whose entries hold more memory than the cap (long symlink targets, big xattrs)
+/// ends the cycle as soon as a part crosses it, whatever the entry count: the whole manifest
+/// is never held.
+#[test]
+fn a_manifest_over_the_memory_cap_ends_the_cycle_before_it_is_held() {
+    let mut target = TargetSide::new(Tree::default(), &flag_key());
+    target.session = TargetSession::new(target_cfg(&flag_key())).with_max_manifest_bytes(1 << 20);
+    target.receive(SourceMsg::Hello {
+        version: stackclone_proto::msg::PROTOCOL_VERSION,
+        stack: "web".into(),
+        mode: Mode::Sync,
+        max_delete: 0.5,
+    });
+    target.drive();
+    let fat = |i: usize| Entry {
+        path: p(&format!("f{i:05}")),
+        kind: EntryKind::Symlink {
+            target: vec![b'x'; 4000],
+        },
+        meta: meta(0o777),
+        xattrs: vec![],
+    };
+    // 200 entries of ~4 KiB fit under 1 MiB; the next 200 do not.
+    target.receive(SourceMsg::ManifestPart {
+        entries: (0..200).map(fat).collect(),
+    });
+    target.drive();
+    assert!(target.done.is_none(), "under the cap: still receiving");
+    target.receive(SourceMsg::ManifestPart {
+        entries: (200..400).map(fat).collect(),
+    });
+    target.drive();
+    let err = target.done.clone().expect("ended").unwrap_err();
+    assert!(
+        matches!(&err.cause, Cause::PeerMisbehaved(m) if m.contains("manifest larger than 1 MiB")),
+        "{err:?}"
+    );
+}
+
 /// The cycle cut after every single message: the target commits only if the flag arrived,
 /// the live tree is always one whole generation, the source stack always runs again, and a
 /// rerun converges without re-sending what was staged.

@@ -1712,3 +1712,45 @@ fn a_peer_cannot_forge_log_lines_or_send_terminal_escapes() {
     assert!(log.contains("\\u{1b}"), "{log}");
     still_serves(&mut p);
 }
+
+/// An admitted source that opens no control stream, keeping the connection alive with QUIC
+/// keep-alives only, is closed by the target.
+#[test]
+fn an_admitted_source_that_sends_nothing_is_disconnected() {
+    let mut p = Pair::new();
+    p.start_target();
+    let addr: SocketAddr = format!("127.0.0.1:{}", p.port).parse().expect("addr");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let closed = rt.block_on(async {
+        let dir = StateDir::new(&p.src_id);
+        let identity = Identity::load(&dir).expect("source identity");
+        let trust = Trust::load(&dir).expect("trust");
+        let mut ep =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        ep.set_default_client_config(
+            stackclone_certs::client_config(&identity, &trust).expect("client config"),
+        );
+        let (conn, _) = stackclone_certs::connect(&ep, addr, &trust, Role::Target)
+            .await
+            .expect("admitted");
+        let started = std::time::Instant::now();
+        let why = tokio::time::timeout(Duration::from_secs(40), conn.closed())
+            .await
+            .expect("the target closed the idle connection");
+        (started.elapsed(), why)
+    });
+    let (after, why) = closed;
+    assert!(
+        after < Duration::from_secs(30),
+        "closed only after {after:?}"
+    );
+    assert!(
+        format!("{why}").contains("no control stream"),
+        "closed with {why}"
+    );
+    assert!(
+        p.target_log().contains("opened no control stream"),
+        "{}",
+        p.target_log()
+    );
+}

@@ -51,8 +51,8 @@ use crate::delta::Verified;
 use crate::flag::{Expected, SignedStatus, VerifiedStatus};
 use crate::manifest::{Entry, EntryKind, Hash, Manifest};
 use crate::msg::{
-    CycleResult, MAX_MANIFEST_ENTRIES, Mode, Outcome, PROTOCOL_VERSION, Pass, Phase, PlanSummary,
-    Refusal, SourceMsg, TargetMsg,
+    CycleResult, MAX_MANIFEST_BYTES, MAX_MANIFEST_ENTRIES, Mode, Outcome, PROTOCOL_VERSION, Pass,
+    Phase, PlanSummary, Refusal, SourceMsg, TargetMsg,
 };
 use crate::path::StackPath;
 use crate::plan::{Changes, Upsert};
@@ -294,6 +294,10 @@ pub struct TargetSession {
     messages: VecDeque<TargetMsg>,
     actions: VecDeque<TargetAction>,
     parts: Vec<Entry>,
+    /// What `parts` holds, by [`Entry::held_bytes`].
+    parts_bytes: u64,
+    /// [`MAX_MANIFEST_BYTES`] unless lowered.
+    max_manifest_bytes: u64,
     /// `Welcome` went out, with this generation, before the stack state was in (see the module
     /// doc).
     welcomed: Option<u64>,
@@ -318,6 +322,13 @@ pub struct TargetSession {
 }
 
 impl TargetSession {
+    /// Lowers the most memory a manifest may take while it arrives (default
+    /// [`MAX_MANIFEST_BYTES`]): for a small host, and for tests.
+    pub fn with_max_manifest_bytes(mut self, max: u64) -> Self {
+        self.max_manifest_bytes = max.min(MAX_MANIFEST_BYTES);
+        self
+    }
+
     pub fn new(cfg: TargetConfig) -> Self {
         Self {
             cfg,
@@ -329,6 +340,8 @@ impl TargetSession {
             messages: VecDeque::new(),
             actions: VecDeque::new(),
             parts: Vec::new(),
+            parts_bytes: 0,
+            max_manifest_bytes: MAX_MANIFEST_BYTES,
             welcomed: None,
             held_end: None,
             manifest: None,
@@ -486,6 +499,15 @@ impl TargetSession {
                         "manifest longer than {MAX_MANIFEST_ENTRIES} entries"
                     ));
                 }
+                self.parts_bytes += entries.iter().map(Entry::held_bytes).sum::<u64>();
+                if self.parts_bytes > self.max_manifest_bytes {
+                    return self.misbehaved(format!(
+                        "manifest larger than {} MiB in memory after {} entries (long paths, \
+                         symlink targets or xattrs); split the stack into smaller ones",
+                        self.max_manifest_bytes >> 20,
+                        self.parts.len() + entries.len()
+                    ));
+                }
                 self.parts.extend(entries);
             }
             (
@@ -577,6 +599,7 @@ impl TargetSession {
 
     fn manifest_end(&mut self, pass: Pass, entries: u64, root: Hash) {
         let parts = std::mem::take(&mut self.parts);
+        self.parts_bytes = 0;
         if parts.len() as u64 != entries {
             return self.misbehaved(format!(
                 "manifest announced {entries} entries, {} arrived",
