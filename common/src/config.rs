@@ -59,7 +59,8 @@ use error::FileText;
 pub use error::{ConfigError, ConfigWarning, Location, Side};
 pub use source::{DEFAULT_STOP_TIMEOUT, Hook, SourceConfig, SourceStack, TargetPeer};
 pub use target::{
-    DEFAULT_HEALTH_TIMEOUT, DEFAULT_KEEP_GENERATIONS, DEFAULT_MAX_SKEW, TargetConfig, TargetStack,
+    ComposePolicy, DEFAULT_HEALTH_TIMEOUT, DEFAULT_KEEP_GENERATIONS, DEFAULT_MAX_SKEW,
+    TargetConfig, TargetStack,
 };
 pub use value::{
     Address, DEFAULT_MAX_DELETE, Fraction, check_host_name, check_stack_name, parse_bandwidth,

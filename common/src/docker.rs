@@ -77,6 +77,7 @@
 
 mod error;
 mod order;
+pub mod policy;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -153,6 +154,10 @@ pub struct ComposeConfig {
     /// process killed in between can be undone by [`ComposeStack::recover`]. `None`: nothing
     /// is recorded (what was stopped lives in memory only).
     pub restart_record: Option<PathBuf>,
+    /// `compose_policy = "strict"`: the stack's directory, outside which no container may
+    /// bind-mount (see [`policy`]). Containers are then created with `up --no-start`, checked,
+    /// and only started if every one passes. `None`: the compose file runs as written.
+    pub strict_root: Option<PathBuf>,
 }
 
 impl ComposeConfig {
@@ -170,6 +175,7 @@ impl ComposeConfig {
             hook_timeout: DEFAULT_HOOK_TIMEOUT,
             create_timeout: DEFAULT_CREATE_TIMEOUT,
             restart_record: None,
+            strict_root: None,
         }
     }
 
@@ -204,6 +210,8 @@ impl ComposeConfig {
             stop_timeout: stack.stop_timeout,
             order: stack.order.clone(),
             depends_on: stack.depends_on.clone(),
+            strict_root: (stack.compose_policy == crate::config::ComposePolicy::Strict)
+                .then(|| std::fs::canonicalize(&stack.path).unwrap_or_else(|_| stack.path.clone())),
             ..ComposeConfig::new(&stack.compose_project, &stack.compose_dir)
         }
     }
@@ -731,6 +739,12 @@ impl ComposeStack {
     /// containers that exist are the stack.
     pub async fn bring_up(&self) -> Result<StartReport, DockerError> {
         let mut state = self.state.lock().await;
+        // Strict: every container exists (created, not started) and passed the policy before
+        // anything below starts one.
+        let created_strict = match &self.config.strict_root {
+            Some(root) => self.create_checked(root).await?,
+            None => None,
+        };
         let containers = self.containers().await?;
         if containers.is_empty() {
             let command = self.create(&mut state).await?;
@@ -771,6 +785,7 @@ impl ComposeStack {
             .collect();
         let mut report = StartReport {
             started,
+            compose: created_strict,
             ..StartReport::default()
         };
         if !missing.is_empty() {
@@ -1093,10 +1108,83 @@ impl ComposeStack {
         })
     }
 
+    /// Under `compose_policy = "strict"`: creates what the compose definition has and the
+    /// project lacks, without starting anything (`up --no-start`), then inspects every
+    /// container of the project and refuses them all ([`DockerError::PolicyRefused`], nothing
+    /// started) if one breaks the policy. Returns the Compose command line if it created
+    /// something.
+    async fn create_checked(&self, root: &std::path::Path) -> Result<Option<String>, DockerError> {
+        let existing = self.containers().await?;
+        let command = if existing.is_empty() {
+            info!(project = %self.config.project, dir = %self.config.compose_dir.display(),
+                "the stack has no containers; creating them without starting (compose_policy = strict)");
+            Some(self.run_compose(&["up", "--no-start"]).await?.0)
+        } else {
+            let have: BTreeSet<String> = existing
+                .iter()
+                .map(|c| c.container.service.clone())
+                .collect();
+            let defined = self.defined_services().await.unwrap_or_default();
+            if defined.iter().any(|s| !have.contains(s)) {
+                Some(
+                    self.run_compose(&["up", "--no-start", "--no-recreate"])
+                        .await?
+                        .0,
+                )
+            } else {
+                None
+            }
+        };
+        let containers = self.containers().await?;
+        if containers.is_empty() {
+            return Err(DockerError::ComposeCreatedNothing {
+                project: self.config.project.clone(),
+                command: command.unwrap_or_default(),
+                dir: self.config.compose_dir.clone(),
+            });
+        }
+        let mut refused = Vec::new();
+        for c in &containers {
+            let inspected = self
+                .docker
+                .inspect_container(&c.container.id, None)
+                .await
+                .map_err(|source| self.api("inspect container", source))?;
+            for why in policy::violations(&inspected, root) {
+                refused.push(format!("{}: {why}", c.container.service));
+            }
+        }
+        if !refused.is_empty() {
+            return Err(DockerError::PolicyRefused {
+                project: self.config.project.clone(),
+                violations: refused,
+            });
+        }
+        Ok(command)
+    }
+
     /// `up -d` for a project with no containers; what it made is what `wait_healthy` checks.
-    /// Returns the command line.
+    /// Returns the command line. (Under `compose_policy = "strict"`, [`Self::create_checked`]
+    /// creates them, then they are started like any stopped container.)
     async fn create(&self, state: &mut State) -> Result<String, DockerError> {
         let project = &self.config.project;
+        if let Some(root) = &self.config.strict_root {
+            let command = self.create_checked(root).await?.unwrap_or_default();
+            let containers = self.containers().await?;
+            let mut refs: Vec<ContainerRef> =
+                containers.iter().map(|c| c.container.clone()).collect();
+            let plan = self.plan_for(&containers)?;
+            sort_in_start_order(&mut refs, &plan.start_order);
+            let (_, failures) = self.start_containers(refs.clone()).await;
+            if !failures.is_empty() {
+                return Err(DockerError::StartFailed {
+                    project: project.clone(),
+                    failures,
+                });
+            }
+            state.brought_up = refs;
+            return Ok(command);
+        }
         info!(project = %project, dir = %self.config.compose_dir.display(),
             "the stack has no containers; creating it");
         let (command, _) = self.run_compose(&["up", "-d"]).await?;

@@ -277,6 +277,7 @@ fn target_minimal_stack_gets_every_default() {
             order: vec![],
             stop_timeout: Duration::from_secs(30),
             max_age: None,
+            compose_policy: stackclone_common::config::ComposePolicy::Trusted,
         }]
     );
 }
@@ -1301,4 +1302,33 @@ fn a_config_file_or_conf_d_writable_by_group_or_others_is_refused() {
         );
         chmod(&path, restore);
     }
+}
+
+#[test]
+fn compose_policy_is_trusted_by_default_strict_on_request_and_checked() {
+    use stackclone_common::config::ComposePolicy;
+    let dir = Dir::new();
+    let a = dir.data("a");
+    dir.write(
+        "conf.d/a.toml",
+        &format!("stack = \"a\"\nallow = [\"p\"]\npath = \"{a}\"\n"),
+    );
+    let cfg = dir.target(TARGET_MAIN).expect("default");
+    assert_eq!(cfg.stacks[0].compose_policy, ComposePolicy::Trusted);
+    dir.write(
+        "conf.d/a.toml",
+        &format!("stack = \"a\"\nallow = [\"p\"]\npath = \"{a}\"\ncompose_policy = \"strict\"\n"),
+    );
+    let cfg = dir.target(TARGET_MAIN).expect("strict");
+    assert_eq!(cfg.stacks[0].compose_policy, ComposePolicy::Strict);
+    dir.write(
+        "conf.d/a.toml",
+        &format!("stack = \"a\"\nallow = [\"p\"]\npath = \"{a}\"\ncompose_policy = \"paranoid\"\n"),
+    );
+    let err = target_err(&dir, TARGET_MAIN).to_string();
+    assert!(
+        err.contains("compose_policy") || err.contains("paranoid"),
+        "{err}"
+    );
+    assert!(err.contains("strict"), "{err}");
 }

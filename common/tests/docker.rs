@@ -1063,3 +1063,70 @@ async fn a_stack_with_no_container_is_never_healthy() {
         other => panic!("an empty stack was {other:?}"),
     }
 }
+
+/// `compose_policy = "strict"`: a compose file the source sent that mounts the host's `/etc`
+/// or runs privileged gets its containers created but not one started; a compose file that
+/// keeps to the stack's own directory comes up as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_strict_policy_starts_nothing_when_one_container_would_escape() {
+    let escaping = format!(
+        "version: \"2.4\"\nservices:\n{}{}",
+        idle_service("web", "    volumes: [\"./data:/data\"]\n"),
+        idle_service(
+            "sneaky",
+            "    privileged: true\n    volumes: [\"/etc:/host-etc\"]\n"
+        )
+    );
+    let p = Project::new("strict", &escaping);
+    let strict = ComposeConfig {
+        strict_root: Some(std::fs::canonicalize(p.dir.path()).expect("canonical")),
+        ..p.config()
+    };
+    let stack = p.stack(strict.clone()).await;
+    let err = stack.bring_up().await.expect_err("refused");
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            err,
+            stackclone_common::docker::DockerError::PolicyRefused { .. }
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("sneaky: privileged"), "{msg}");
+    assert!(msg.contains("bind mount of /etc"), "{msg}");
+    assert!(
+        !msg.contains("web:"),
+        "the well-behaved service is not blamed: {msg}"
+    );
+    let docker = engine().await;
+    let listed = stack.containers().await.expect("list");
+    assert_eq!(listed.len(), 2, "created, for inspection");
+    for c in &listed {
+        assert!(
+            !is_running(&docker, &c.container.id).await,
+            "{} was started",
+            c.container.service
+        );
+    }
+    // Asking again (the next cycle) refuses again and still starts nothing.
+    assert!(stack.bring_up().await.is_err());
+    for c in &stack.containers().await.expect("list") {
+        assert!(!is_running(&docker, &c.container.id).await);
+    }
+
+    let tame = format!(
+        "version: \"2.4\"\nservices:\n{}",
+        idle_service("web", "    volumes: [\"./data:/data\"]\n")
+    );
+    let q = Project::new("stricttame", &tame);
+    let stack = q
+        .stack(ComposeConfig {
+            strict_root: Some(std::fs::canonicalize(q.dir.path()).expect("canonical")),
+            ..q.config()
+        })
+        .await;
+    stack.bring_up().await.expect("a tame stack comes up");
+    let listed = stack.containers().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert!(is_running(&docker, &listed[0].container.id).await);
+}

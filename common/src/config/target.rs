@@ -98,6 +98,22 @@ pub struct TargetStack {
     /// `max_age`, e.g. `"26h"`: the staleness watch. When no generation has been committed for
     /// this long, `run` alerts once and exposes the stack as stale. `None`: no watch.
     pub max_age: Option<Duration>,
+    /// `compose_policy` (default `"trusted"`): what the standby's containers may do. See
+    /// [`ComposePolicy`].
+    pub compose_policy: ComposePolicy,
+}
+
+/// `compose_policy`: how far the target trusts the compose file the source sends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComposePolicy {
+    /// The compose file runs as written: an allowed source is, in effect, root on the standby.
+    #[default]
+    Trusted,
+    /// Containers are created without starting, and none starts if one is privileged, uses a
+    /// host namespace, adds capabilities or devices, or bind-mounts a path outside the stack
+    /// (see `crate::docker::policy`).
+    Strict,
 }
 
 #[derive(Deserialize)]
@@ -134,6 +150,8 @@ struct RawStack {
     order: Option<Spanned<Vec<ServiceName>>>,
     stop_timeout: Option<Secs>,
     max_age: Option<Spanned<Secs>>,
+    #[serde(default)]
+    compose_policy: ComposePolicy,
 }
 
 impl TargetConfig {
@@ -275,6 +293,7 @@ impl TargetConfig {
                     .stop_timeout
                     .map_or(super::source::DEFAULT_STOP_TIMEOUT, |s| s.0),
                 max_age,
+                compose_policy: raw.compose_policy,
             });
         }
         check_state_dirs(&dirs)?;

@@ -286,6 +286,19 @@ pub enum DockerError {
     /// The Compose CLI succeeded but no container carries the project's label: Compose
     /// normalised the project name (v1 lowercases it and drops characters other than
     /// `a-z0-9_-`), or the compose file names another project.
+    /// `compose_policy = "strict"` and a container breaks it: nothing was started.
+    #[error(
+        "project {project}: compose_policy = \"strict\" refuses to start the stack, nothing was \
+         started: {}. The compose file came from the source; change it there, or set \
+         compose_policy = \"trusted\" on this target if the source is meant to have that power",
+        violations.join("; ")
+    )]
+    PolicyRefused {
+        /// The Compose project.
+        project: String,
+        /// `service: why`, one per breach.
+        violations: Vec<String>,
+    },
     #[error(
         "project {project}: `{command}` in {} succeeded but no container has the label \
          com.docker.compose.project={project}; use a lowercase project name of a-z, 0-9, - and _ \
