@@ -128,7 +128,8 @@ in_host primary systemctl start stackclone-certs-serve
 TOKEN_JSON=$(in_host primary stackclone-certs token create --role target --server "127.0.0.1:$ENROLL_PORT" --json)
 TOKEN=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' <<<"$TOKEN_JSON")
 PIN=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["ca_pin"])' <<<"$TOKEN_JSON")
-echo "$TOKEN" | in_host standby stackclone-certs enroll --name standby --server "127.0.0.1:$ENROLL_PORT" --token-file - --ca-pin "$PIN"
+# The token on stdin (`docker exec -i`), as the printed command gives it: never an argument.
+echo "$TOKEN" | docker exec -i "sc-sandbox-standby-$ID" stackclone-certs enroll --name standby --server "127.0.0.1:$ENROLL_PORT" --token-file - --ca-pin "$PIN"
 
 say "the stack: a data dir that needs capabilities to reproduce, and its containers on both hosts"
 D=$W/primary/data/shop/data
