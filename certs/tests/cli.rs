@@ -523,6 +523,17 @@ fn csr_and_sign_write_their_default_files_in_the_current_directory() {
     assert!(!work.join("bundle.json").exists());
 }
 
+/// Fleet hosts with `serve` running and the standby enrolled over the network.
+fn standby_enrolled() -> (Hosts, Serve) {
+    let h = hosts();
+    let serve = Serve::start(&h.ca);
+    ok(
+        &h.joiner,
+        &enroll_args("standby", &token_json(&h.ca, serve.addr, &[])),
+    );
+    (h, serve)
+}
+
 fn fingerprint_of(dir: &Path) -> String {
     show(dir)["host"]["fingerprint"]
         .as_str()
@@ -532,12 +543,7 @@ fn fingerprint_of(dir: &Path) -> String {
 
 #[tokio::test]
 async fn a_name_with_a_live_certificate_is_not_enrolled_again() {
-    let h = hosts();
-    let serve = Serve::start(&h.ca);
-    ok(
-        &h.joiner,
-        &enroll_args("standby", &token_json(&h.ca, serve.addr, &[])),
-    );
+    let (h, serve) = standby_enrolled();
     let real = fingerprint_of(&h.joiner);
 
     // An unbound token cannot take `standby` nor `primary`; the token stays unused.
@@ -602,12 +608,7 @@ async fn a_name_with_a_live_certificate_is_not_enrolled_again() {
 
 #[tokio::test]
 async fn revoke_by_fingerprint_names_one_certificate() {
-    let h = hosts();
-    let serve = Serve::start(&h.ca);
-    ok(
-        &h.joiner,
-        &enroll_args("standby", &token_json(&h.ca, serve.addr, &[])),
-    );
+    let (h, _serve) = standby_enrolled();
     let first = fingerprint_of(&h.joiner);
     ok(&h.joiner, &["renew"]);
     let second = fingerprint_of(&h.joiner);
@@ -624,12 +625,7 @@ async fn revoke_by_fingerprint_names_one_certificate() {
 /// host): it carries another flag key, and a target that already accepted `primary` refuses it.
 #[tokio::test]
 async fn a_source_presenting_another_flag_key_for_its_name_is_refused_until_forgotten() {
-    let h = hosts();
-    let serve = Serve::start(&h.ca);
-    ok(
-        &h.joiner,
-        &enroll_args("standby", &token_json(&h.ca, serve.addr, &[])),
-    );
+    let (h, _serve) = standby_enrolled();
     let (_, on_target) = pair(&h.ca, &h.joiner).await.unwrap();
     assert_eq!(on_target.peer.name, "primary");
 

@@ -95,6 +95,18 @@ enum End {
     Silent(String),
 }
 
+/// A client endpoint with the source's identity from `src_id`, and the source's trust.
+fn source_endpoint(src_id: &Path) -> (quinn::Endpoint, Trust) {
+    let dir = StateDir::new(src_id);
+    let identity = Identity::load(&dir).expect("source identity");
+    let trust = Trust::load(&dir).expect("trust");
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    ep.set_default_client_config(
+        stackclone_certs::client_config(&identity, &trust).expect("client config"),
+    );
+    (ep, trust)
+}
+
 /// A hostile source connected to the target and welcomed for `web`.
 struct Peer {
     ep: quinn::Endpoint,
@@ -107,14 +119,7 @@ impl Peer {
     /// Connects as the (allowed) source and says Hello for `web` in `mode`, retrying while the
     /// stack is busy.
     async fn connect(src_id: &Path, addr: SocketAddr, mode: Mode) -> Peer {
-        let dir = StateDir::new(src_id);
-        let identity = Identity::load(&dir).expect("source identity");
-        let trust = Trust::load(&dir).expect("trust");
-        let mut ep =
-            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-        ep.set_default_client_config(
-            stackclone_certs::client_config(&identity, &trust).expect("client config"),
-        );
+        let (ep, trust) = source_endpoint(src_id);
         // The previous cycle's stack lock may outlive its last message by a moment: retry `Busy`.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -1722,14 +1727,7 @@ fn an_admitted_source_that_sends_nothing_is_disconnected() {
     let addr: SocketAddr = format!("127.0.0.1:{}", p.port).parse().expect("addr");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let closed = rt.block_on(async {
-        let dir = StateDir::new(&p.src_id);
-        let identity = Identity::load(&dir).expect("source identity");
-        let trust = Trust::load(&dir).expect("trust");
-        let mut ep =
-            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-        ep.set_default_client_config(
-            stackclone_certs::client_config(&identity, &trust).expect("client config"),
-        );
+        let (ep, trust) = source_endpoint(&p.src_id);
         let (conn, _) = stackclone_certs::connect(&ep, addr, &trust, Role::Target)
             .await
             .expect("admitted");
