@@ -1111,8 +1111,8 @@ impl ComposeStack {
     /// Under `compose_policy = "strict"`: creates what the compose definition has and the
     /// project lacks, without starting anything (`up --no-start`), then inspects every
     /// container of the project and refuses them all ([`DockerError::PolicyRefused`], nothing
-    /// started) if one breaks the policy. Returns the Compose command line if it created
-    /// something.
+    /// started; the containers this call created are removed again) if one breaks the policy.
+    /// Returns the Compose command line if it created something.
     async fn create_checked(&self, root: &std::path::Path) -> Result<Option<String>, DockerError> {
         let existing = self.containers().await?;
         let command = if existing.is_empty() {
@@ -1155,6 +1155,27 @@ impl ComposeStack {
             }
         }
         if !refused.is_empty() {
+            // What this call created goes again, so that the next cycle creates it afresh from
+            // the compose file as it is then (fixed, perhaps); containers that were there before
+            // are the operator's.
+            let before: BTreeSet<&str> = existing.iter().map(|c| c.container.id.as_str()).collect();
+            for c in containers
+                .iter()
+                .filter(|c| !before.contains(c.container.id.as_str()))
+            {
+                let options = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .v(true)
+                    .build();
+                if let Err(e) = self
+                    .docker
+                    .remove_container(&c.container.id, Some(options))
+                    .await
+                {
+                    warn!(project = %self.config.project, container = %c.container.name, error = %e,
+                        "cannot remove a container the compose policy refused");
+                }
+            }
             return Err(DockerError::PolicyRefused {
                 project: self.config.project.clone(),
                 violations: refused,

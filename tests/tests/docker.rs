@@ -966,3 +966,56 @@ fn a_closed_terminal_or_a_closed_pipe_never_leaves_the_primary_down() {
     }
     assert_healthy(&w.tgt_proj, "the target on generation 3");
 }
+
+/// `compose_policy = "strict"` on the standby, and a source whose compose file mounts the host's
+/// `/etc` into `db` (privileged would do, but this machine's nested engine cannot run it): the
+/// push fails naming the policy, no container of the standby runs (the primary does), and once
+/// the source drops the mount, the next push brings the standby up.
+#[test]
+fn a_strict_standby_starts_nothing_from_an_escaping_compose_file() {
+    let escaping = COMPOSE.replace(
+        "  db:\n    image: IMAGE\n",
+        "  db:\n    image: IMAGE\n    volumes: [\"/etc:/host-etc:ro\"]\n",
+    );
+    assert_ne!(escaping, COMPOSE);
+    let w = World::with_compose(
+        "strict",
+        "precopy = true\n",
+        "compose_policy = \"strict\"\nauto_rollback = true\n",
+        MIB / 8,
+        &escaping,
+    );
+    let (ok, o, dump, ..) = w.push();
+    assert!(!ok, "the standby mounted the host's /etc:\n{dump}");
+    let error = o["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("compose_policy") && error.contains("db: bind mount of /etc"),
+        "{error:?}\n{dump}"
+    );
+    let standby = stack(&w.tgt_proj);
+    assert!(
+        standby.values().all(|c| !c.running),
+        "a standby container runs: {standby:?}"
+    );
+    wait_healthy(&w.src_proj, Duration::from_secs(30), "the primary");
+
+    // The source drops the mount; its stack is recreated, and the next push is accepted.
+    fsx::write(
+        w.p.src.join("docker-compose.yml"),
+        COMPOSE.replace("IMAGE", IMAGE),
+    );
+    compose::compose(
+        &w.p.src,
+        &w.src_proj,
+        &[("STACKCLONE_ROLE", "primary")],
+        &["up", "-d"],
+    );
+    wait_healthy(
+        &w.src_proj,
+        Duration::from_secs(60),
+        "the primary, recreated",
+    );
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "the tame stack was refused:\n{dump}");
+    assert_healthy(&w.tgt_proj, "the strict standby on the tame compose file");
+}
