@@ -175,7 +175,7 @@ echo "    to the primary's version)"
 run "${TGT[@]}" verify shop || true
 
 say "12. Roll the standby back to generation 1 (stop, restore, start, health check)"
-run "${TGT[@]}" rollback shop
+run "${TGT[@]}" rollback shop --yes   # (on a terminal it would ask first)
 echo "the standby's orders:"; sql "$P_STANDBY" 'select id, item from orders order by id'
 echo "standby ($P_STANDBY):"; show_stacks "$P_STANDBY"
 
