@@ -77,7 +77,7 @@ impl Changes {
     }
 
     /// Compares `live` with `want`, where the live files at `outside` have hard links outside
-    /// the live dir ([`StackState::outside_links`](crate::session::target::StackState)): such a
+    /// the live dir ([`StackState::outside_links`](crate::session::StackState::outside_links)): such a
     /// file is drift. Writing into it, or setting its owner or mode, would change a file
     /// outside the stack, so a wanted file at its path is always a [`Upsert::Replace`] (a new
     /// inode, renamed into place), even when content and metadata already match.
