@@ -7,7 +7,7 @@
 //! ```text
 //! <live dir>                         the stack's data dir (config `path`); only ever reached
 //!                                    through an fd of it, component by component (see below)
-//! <state dir>                        default <parent of live>/.stackclone/<stack>/, mode 0700,
+//! <state dir>                        default <parent of path as written>/.stackclone/<stack>/, 0700,
 //!   lock                             flock: one process per stack   on the live dir's file system
 //!   state                            StoreState as JSON, replaced atomically
 //!   manifests/<G>                    committed manifest of generation G (wire frames)
@@ -168,7 +168,9 @@ pub struct StoreConfig {
     /// The live data dir. Created if missing (the target may start empty).
     pub path: PathBuf,
     /// The state dir (staging, journal, generations); default `<parent of path>/.stackclone/
-    /// <stack>`. Must be on the live dir's file system and outside it.
+    /// <stack>`, the parent of `path` as written (not resolved through symlinks, so that a
+    /// swapped stack dir is noticed: see `live-root`). Must be on the live dir's file system and
+    /// outside it.
     pub state_dir: Option<PathBuf>,
     /// Generation dirs kept for rollback.
     pub keep_generations: u32,
