@@ -493,32 +493,24 @@ fn csr_and_sign_write_their_default_files_in_the_current_directory() {
     let h = hosts();
     let work = h.joiner.with_file_name("work");
     std::fs::create_dir_all(&work).unwrap();
-    let out = bin(&h.joiner)
-        .current_dir(&work)
-        .args(["csr", "--name", "standby"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Run where the files land, as a person at a shell would.
+    let ok_in = |dir: &Path, args: &[&str]| {
+        let out = bin(dir).current_dir(&work).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let out = ok_in(&h.joiner, &["csr", "--name", "standby"]);
     assert!(
         out.stderr.is_empty(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(work.join("standby.csr.json").is_file());
-    let out = bin(&h.ca)
-        .current_dir(&work)
-        .args(["sign", "standby.csr.json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_in(&h.ca, &["sign", "standby.csr.json"]);
     assert!(work.join("standby.bundle.json").is_file());
     assert!(!work.join("bundle.json").exists());
 }
