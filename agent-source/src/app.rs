@@ -143,6 +143,7 @@ impl Agent {
                 stack = %job.stack,
                 peer = %job.target_name,
                 phase = %e.phase(),
+                cause = %e.cause(),
                 error = %e,
                 source_downtime_ms = stats.source_downtime.map(|d| d.as_millis() as u64),
                 "cycle failed"
@@ -208,7 +209,7 @@ impl Agent {
             }
             Err(e) => {
                 let phase = e.phase();
-                ops.metrics.record_failure(&job.stack, &phase);
+                ops.metrics.record_failure(&job.stack, &phase, e.cause());
                 Alert::failure(&ops.host, &job.stack, &phase, &e.to_string())
             }
         });

@@ -308,7 +308,7 @@ async fn stack_loop(
             }
             Err(e) => {
                 error!(stack = %name, "scheduled cycle skipped: {e}");
-                agent.ops.metrics.record_failure(&name, "lock");
+                agent.ops.metrics.record_failure(&name, "lock", "lock");
                 continue;
             }
         };

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use stackclone_common::net::ControlEnd;
-use stackclone_common::{ScanConfig, net};
+use stackclone_common::ScanConfig;
+use stackclone_common::net::{ControlEnd, ControlStream};
 use stackclone_proto::delta::{CheckedSignature, FileSender, SenderConfig};
 use stackclone_proto::manifest::Manifest;
 use stackclone_proto::msg::{Mode, Pass, SourceMsg, TargetMsg};
@@ -127,6 +127,17 @@ impl PushError {
             PushError::Cycle(e) => e.phase.to_string(),
         }
     }
+
+    /// The kind of failure, for metrics and logs (see [`Cause::kind`](stackclone_proto::session::Cause::kind)).
+    pub fn cause(&self) -> &'static str {
+        match self {
+            PushError::Connect { .. } => "connect",
+            PushError::WrongTarget { .. } => "wrong_target",
+            PushError::Connection { .. } => "connection_lost",
+            PushError::Docker { .. } => "docker",
+            PushError::Cycle(e) => e.cause.kind(),
+        }
+    }
 }
 
 /// Events from helper tasks back to the session loop.
@@ -229,7 +240,10 @@ async fn drive(
         peer: job.target_name.clone(),
         source,
     };
-    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(connection_error)?;
+    let (ctl_send, ctl_recv) = conn.open_bi().await.map_err(connection_error)?;
+    // Control messages from the target are read in their own task so the loop can select on
+    // them.
+    let mut ctl = ControlStream::<TargetMsg>::new(ctl_send, ctl_recv);
 
     let mut session = SourceSession::new(
         SourceConfig {
@@ -246,35 +260,11 @@ async fn drive(
         ctx.flag_key.clone(),
     );
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
-    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Result<TargetMsg, ControlEnd>>();
-    // Control messages from the target, read in their own task so the loop can select on them.
-    let reader = tokio::spawn(async move {
-        loop {
-            match net::recv::<TargetMsg>(&mut ctl_recv).await {
-                Ok(Some(m)) => {
-                    if ctl_tx.send(Ok(m)).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => {
-                    let _ = ctl_tx.send(Err(ControlEnd::of(Ok(()))));
-                    return;
-                }
-                Err(e) => {
-                    let _ = ctl_tx.send(Err(ControlEnd::of(Err(e))));
-                    return;
-                }
-            }
-        }
-    });
-
     let files = Arc::new(Semaphore::new(PARALLEL_FILES));
     let window_budget = Arc::new(Semaphore::new(WINDOW_BUDGET_KIB as usize));
     let rate = job.bandwidth_limit.map(|bps| Arc::new(RateLimit::new(bps)));
     let mut stopped_at: Option<Instant> = None;
     let mut stop_report: Option<StopReport> = None;
-    let mut link_up = true;
-    let mut reading = true;
     let mut current_pass = Pass::Precopy;
     let mut shutting_down = *shutdown.borrow();
     if shutting_down {
@@ -282,8 +272,9 @@ async fn drive(
     }
     let outcome = loop {
         while let Some(msg) = session.poll_message() {
-            if link_up && let Err(e) = net::send(&mut ctl_send, &msg).await {
-                link_up = false;
+            if ctl.is_up()
+                && let Err(e) = ctl.send(&msg).await
+            {
                 session.handle_connection_lost(&e.to_string());
             }
         }
@@ -374,9 +365,7 @@ async fn drive(
         if let Some(result) = done {
             // Flush whatever the session queued last (an Abort, say).
             while let Some(msg) = session.poll_message() {
-                if link_up {
-                    let _ = net::send(&mut ctl_send, &msg).await;
-                }
+                let _ = ctl.send(&msg).await;
             }
             break result;
         }
@@ -418,27 +407,22 @@ async fn drive(
                 shutting_down = true;
                 session.handle_shutdown();
             },
-            Some(msg) = ctl_rx.recv(), if link_up && reading => match msg {
+            msg = ctl.recv() => match msg {
                 Ok(m) => session.handle_message(m, unix_now()),
-                Err(ControlEnd::Malformed(e)) => {
-                    reading = false;
-                    session.handle_malformed(&e);
-                }
-                Err(ControlEnd::Lost(e)) => {
-                    link_up = false;
-                    session.handle_connection_lost(&e);
-                }
+                Err(ControlEnd::Malformed(e)) => session.handle_malformed(&e),
+                Err(ControlEnd::Lost(e)) => session.handle_connection_lost(&e),
             },
         }
     };
-    reader.abort();
-    let _ = ctl_send.finish();
     // Give the last message (an Abort that tells the target why) a moment to be delivered:
     // closing the connection at once discards what is still unsent. `stopped` resolves when
     // the target has read the stream to its end, or at once if the link is gone.
-    if link_up {
-        let _ = tokio::time::timeout(Duration::from_secs(2), ctl_send.stopped()).await;
-    }
+    let linger = if ctl.is_up() {
+        Duration::from_secs(2)
+    } else {
+        Duration::ZERO
+    };
+    ctl.close(linger).await;
     conn.close(0u32.into(), b"cycle over");
     match outcome {
         Ok(report) if mode == Mode::DryRun => {

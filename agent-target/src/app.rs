@@ -13,8 +13,8 @@ use stackclone_common::metrics::Metrics;
 use stackclone_common::ops::Ops;
 use tracing::{info, warn};
 
+use crate::ctx::{StackServe, TargetCtx};
 use crate::daemon::Daemon;
-use crate::serve::{StackServe, TargetCtx};
 use crate::store::{Drift, RollbackReport, StackStore, StoreConfig, StoreError, StoreState};
 
 /// Options every command shares.

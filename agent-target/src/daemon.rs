@@ -41,7 +41,8 @@ use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 use crate::app::{Bound, Common, bind, load_config, stack_serve};
-use crate::serve::{StackServe, TargetCtx, serve};
+use crate::ctx::{StackServe, TargetCtx};
+use crate::serve::serve;
 use crate::staleness::{Change, check_period, human};
 use crate::standby::recover_left_stopped;
 use crate::store::{StackStore, StoreError, StoreState};
@@ -346,12 +347,12 @@ impl Daemon {
     async fn watch_staleness(self: Arc<Self>) {
         let ctx = &self.ctx;
         loop {
-            let period = check_period(&ctx.stacks());
+            let period = check_period(&ctx.max_ages());
             tokio::select! {
                 () = tokio::time::sleep(period) => {}
                 () = self.reloaded.notified() => {}
             }
-            for change in ctx.staleness.check(&ctx.stacks(), SystemTime::now()) {
+            for change in ctx.staleness.check(&ctx.max_ages(), SystemTime::now()) {
                 match change {
                     Change::Stale {
                         stack,

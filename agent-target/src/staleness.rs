@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use crate::serve::Stacks;
+/// The stacks the watch checks, by name, each with its `max_age` (`None`: never stale).
+pub type MaxAges = std::collections::BTreeMap<String, Option<Duration>>;
 
 /// The fastest and slowest the daemon checks.
 const MIN_PERIOD: Duration = Duration::from_millis(100);
@@ -129,13 +130,10 @@ impl Staleness {
 
     /// Compares every served stack with its `max_age` at `now` and returns what changed since
     /// the last check. A served stack the watch does not know yet counts from the watch's start.
-    pub fn check(&self, served: &Stacks, now: SystemTime) -> Vec<Change> {
+    pub fn check(&self, served: &MaxAges, now: SystemTime) -> Vec<Change> {
         let mut stacks = self.lock();
         let mut changes = Vec::new();
-        let mut names: Vec<&String> = served.keys().collect();
-        names.sort();
-        for name in names {
-            let max_age = served[name].max_age;
+        for (name, &max_age) in served {
             let f = stacks.entry(name.clone()).or_insert(Freshness {
                 generation: 0,
                 committed_at: None,
@@ -171,10 +169,10 @@ impl Staleness {
 
 /// How often the daemon checks: a tenth of the smallest `max_age`, between 100 ms and 60 s (a
 /// stack goes stale at most 10 % of its `max_age` late); 60 s when no stack has one.
-pub fn check_period(served: &Stacks) -> Duration {
+pub fn check_period(served: &MaxAges) -> Duration {
     served
         .values()
-        .filter_map(|s| s.max_age)
+        .filter_map(|age| *age)
         .min()
         .map_or(MAX_PERIOD, |age| (age / 10).clamp(MIN_PERIOD, MAX_PERIOD))
 }
@@ -207,19 +205,9 @@ pub fn human(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serve::StackServe;
-    use crate::store::StoreConfig;
 
-    fn served(max_age: Option<u64>) -> Stacks {
-        let s = StackServe {
-            stack: "web".into(),
-            store: StoreConfig::new("web", "/srv/web"),
-            allow: vec!["primary".into()],
-            compose: None,
-            auto_rollback: true,
-            max_age: max_age.map(Duration::from_secs),
-        };
-        [("web".to_string(), s)].into()
+    fn served(max_age: Option<u64>) -> MaxAges {
+        [("web".to_string(), max_age.map(Duration::from_secs))].into()
     }
 
     fn t(secs: u64) -> SystemTime {
@@ -311,13 +299,7 @@ mod tests {
             check_period(&served(Some(26 * 3600))),
             Duration::from_secs(60)
         );
-        let tiny = served(None)
-            .into_iter()
-            .map(|(k, mut v)| {
-                v.max_age = Some(Duration::from_millis(300));
-                (k, v)
-            })
-            .collect();
+        let tiny = [("web".to_string(), Some(Duration::from_millis(300)))].into();
         assert_eq!(check_period(&tiny), Duration::from_millis(100));
     }
 

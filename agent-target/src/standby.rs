@@ -25,7 +25,7 @@ use stackclone_proto::msg::Phase;
 use stackclone_proto::session::Commit;
 use tracing::{debug, info, warn};
 
-use crate::serve::{StackServe, TargetCtx};
+use crate::ctx::{StackServe, TargetCtx};
 use crate::store::StackStore;
 
 /// The stack's control: Docker for a compose stack, nothing for a data-only one. What a stop

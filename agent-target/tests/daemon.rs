@@ -450,7 +450,7 @@ async fn failed_commit_alerts_the_webhook_and_counts_a_failure() {
     assert_eq!(
         sample(
             &m,
-            r#"stackclone_cycle_failures_total{stack="web",phase="commit"}"#
+            r#"stackclone_cycle_failures_total{stack="web",phase="commit",cause="commit_failed"}"#
         ),
         Some(1.0),
         "{m}"
@@ -524,7 +524,7 @@ async fn flag_that_does_not_verify_alerts_and_success_alerts_when_asked() {
     assert_eq!(
         sample(
             &m,
-            r#"stackclone_cycle_failures_total{stack="web",phase="flag"}"#
+            r#"stackclone_cycle_failures_total{stack="web",phase="flag",cause="flag"}"#
         ),
         Some(1.0),
         "{m}"

@@ -280,12 +280,15 @@ fn cycle_with(
     patches: &mut Vec<u64>,
 ) -> Result<Commit, StoreError> {
     let want = scan_tree(src);
-    let mut session = TargetSession::new(TargetConfig {
-        target_id: "standby".into(),
-        peer: "primary".into(),
-        peer_flag_key: Some(key().verifying_key()),
-        max_skew_secs: 600,
-    });
+    let mut session = TargetSession::new(
+        TargetConfig {
+            target_id: "standby".into(),
+            peer: "primary".into(),
+            peer_flag_key: Some(key().verifying_key()),
+            max_skew_secs: 600,
+        },
+        std::time::Instant::now(),
+    );
     session.handle_message(
         SourceMsg::Hello {
             version: PROTOCOL_VERSION,

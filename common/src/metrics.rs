@@ -14,7 +14,7 @@
 //! | `stackclone_bytes_matched_total` | counter | file bytes the target rebuilt from its basis |
 //! | `stackclone_bytes_literal_total` | counter | file bytes sent as literal data |
 //! | `stackclone_files_changed_total` | counter | files created, changed or deleted by commits |
-//! | `stackclone_cycle_failures_total` | counter | failed cycles, labelled `stack` and `phase` |
+//! | `stackclone_cycle_failures_total` | counter | failed cycles, labelled `stack`, `phase` and `cause` (the kind of failure: `peer_misbehaved`, `local`, `connect`, …) |
 //! | `stackclone_stop_killed_total` | counter | containers Docker had to kill at their stop timeout when this host stopped the stack, labelled `stack` and `service` |
 //! | `stackclone_stale` | gauge | 1 while the stack is past its `max_age`, else 0 |
 //! | `stackclone_certificate_expiry_timestamp_seconds` | gauge | a certificate's `notAfter`, labelled `cert` |
@@ -82,6 +82,7 @@ struct StackLabels {
 struct FailureLabels {
     stack: String,
     phase: String,
+    cause: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -306,12 +307,14 @@ impl Metrics {
         self.last_success.get_or_create(&l).set(unix_seconds(at));
     }
 
-    /// Counts a failed cycle of `stack` in `phase`.
-    pub fn record_failure(&self, stack: &str, phase: &str) {
+    /// Counts a failed cycle of `stack` in `phase`, for a `cause` of a fixed set (the kind of
+    /// the cause, e.g. `peer_misbehaved`, `local`, `connect`; never text from a peer).
+    pub fn record_failure(&self, stack: &str, phase: &str, cause: &str) {
         self.failures
             .get_or_create(&FailureLabels {
                 stack: stack.to_owned(),
                 phase: phase.to_owned(),
+                cause: cause.to_owned(),
             })
             .inc();
     }

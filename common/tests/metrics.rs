@@ -122,9 +122,9 @@ fn recorded() -> Arc<Metrics> {
             files_changed: 1,
         },
     );
-    m.record_failure("nextcloud", "commit");
-    m.record_failure("nextcloud", "commit");
-    m.record_failure("gitea", "connect");
+    m.record_failure("nextcloud", "commit", "commit_failed");
+    m.record_failure("nextcloud", "commit", "commit_failed");
+    m.record_failure("gitea", "connect", "connect");
     m.record_stop_killed("nextcloud", "db");
     m.record_stop_killed("nextcloud", "db");
     m.set_stale("gitea", true);
@@ -205,11 +205,11 @@ async fn scrape_serves_every_series_with_the_recorded_values() {
         (r#"stackclone_bytes_literal_total{stack="gitea"}"#, 0.0),
         (r#"stackclone_files_changed_total{stack="gitea"}"#, 0.0),
         (
-            r#"stackclone_cycle_failures_total{stack="nextcloud",phase="commit"}"#,
+            r#"stackclone_cycle_failures_total{stack="nextcloud",phase="commit",cause="commit_failed"}"#,
             2.0,
         ),
         (
-            r#"stackclone_cycle_failures_total{stack="gitea",phase="connect"}"#,
+            r#"stackclone_cycle_failures_total{stack="gitea",phase="connect",cause="connect"}"#,
             1.0,
         ),
         (
@@ -365,7 +365,7 @@ async fn push_gateway_puts_the_classic_text_format_to_the_job() {
     );
     assert_eq!(p.value(r#"stackclone_generation{stack="nextcloud"}"#), 42.0);
     assert_eq!(
-        p.value(r#"stackclone_cycle_failures_total{stack="nextcloud",phase="commit"}"#),
+        p.value(r#"stackclone_cycle_failures_total{stack="nextcloud",phase="commit",cause="commit_failed"}"#),
         2.0
     );
 }

@@ -219,6 +219,39 @@ pub struct PlanSummary {
     pub unchanged: u64,
 }
 
+impl SourceMsg {
+    /// The message's name, for protocol errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceMsg::Hello { .. } => "Hello",
+            SourceMsg::ManifestPart { .. } => "ManifestPart",
+            SourceMsg::ManifestEnd { .. } => "ManifestEnd",
+            SourceMsg::FileBegin { .. } => "FileBegin",
+            SourceMsg::FileData { .. } => "FileData",
+            SourceMsg::FileEnd { .. } => "FileEnd",
+            SourceMsg::FileAbort { .. } => "FileAbort",
+            SourceMsg::FinalPass => "FinalPass",
+            SourceMsg::Flag(_) => "Flag",
+            SourceMsg::Abort { .. } => "Abort",
+        }
+    }
+}
+
+impl TargetMsg {
+    /// The message's name, for protocol errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TargetMsg::Welcome { .. } => "Welcome",
+            TargetMsg::Refused(_) => "Refused",
+            TargetMsg::Want { .. } => "Want",
+            TargetMsg::PassDone { .. } => "PassDone",
+            TargetMsg::Plan(_) => "Plan",
+            TargetMsg::Result(_) => "Result",
+            TargetMsg::Abort { .. } => "Abort",
+        }
+    }
+}
+
 impl PlanSummary {
     /// Longest list carried in one plan message; counts are always complete.
     pub const MAX_LISTED: usize = 10_000;

@@ -6,18 +6,21 @@
 //! real wire frames and can cut, duplicate or corrupt any single message.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use stackclone_proto::delta::{
     Basis, Chunk, FileReceiver, FileSender, SenderConfig, SignatureBuilder, Sink,
 };
+use stackclone_proto::flag::{SignedStatus, Status};
 use stackclone_proto::manifest::{Entry, EntryKind, Hash, Manifest, Meta, Xattr};
 use stackclone_proto::msg::{Mode, Pass, Refusal, SourceMsg, TargetMsg};
 use stackclone_proto::path::StackPath;
 use stackclone_proto::plan::Upsert;
 use stackclone_proto::session::{
-    Cause, CycleError, OnStopTimeout, SourceAction, SourceConfig, SourceReport, SourceSession,
-    StackPolicy, StackState, StageOutcome, TargetAction, TargetConfig, TargetReport, TargetSession,
+    BadStream, Cause, CycleError, OnStopTimeout, STALL_TIMEOUT, SourceAction, SourceConfig,
+    SourceReport, SourceSession, StackPolicy, StackState, StageOutcome, TargetAction, TargetConfig,
+    TargetReport, TargetSession, Violation,
 };
 use stackclone_proto::wire;
 
@@ -255,6 +258,8 @@ struct SourceSide {
     files_sent: Vec<StackPath>,
     /// Services the stop reports as killed at their stop timeout.
     killed: Vec<String>,
+    /// Starting the stack again fails (Docker's answer).
+    start_fails: Option<String>,
 }
 
 impl SourceSide {
@@ -269,6 +274,7 @@ impl SourceSide {
             done: None,
             files_sent: vec![],
             killed: vec![],
+            start_fails: None,
         }
     }
 
@@ -289,8 +295,18 @@ impl SourceSide {
                 }
                 SourceAction::StartStack => {
                     assert!(!self.running, "stack started while running");
-                    self.running = true;
-                    self.session.handle_stack_started(Ok(()));
+                    match self.start_fails.clone() {
+                        None => {
+                            self.running = true;
+                            self.session.handle_stack_started(Ok(()));
+                        }
+                        Some(e) => {
+                            // Docker's answer; the harness's check that no stack is left down
+                            // does not apply to this one.
+                            self.running = true;
+                            self.session.handle_stack_started(Err(e));
+                        }
+                    }
                 }
                 SourceAction::SendFile {
                     id, path, basis, ..
@@ -375,7 +391,7 @@ impl TargetSide {
             staged: HashMap::new(),
             last_generation: 0,
             allow: vec!["primary".into()],
-            session: TargetSession::new(target_cfg(flag_key)),
+            session: TargetSession::new(target_cfg(flag_key), Instant::now()),
             wanted: HashMap::new(),
             incoming: HashMap::new(),
             outbox: vec![],
@@ -413,7 +429,7 @@ impl TargetSide {
 
     /// A new cycle on the same host: staging and generations survive, the session is new.
     fn next_cycle(&mut self, flag_key: &SigningKey) {
-        self.session = TargetSession::new(target_cfg(flag_key));
+        self.session = TargetSession::new(target_cfg(flag_key), Instant::now());
         self.wanted.clear();
         self.incoming.clear();
         self.outbox.clear();
@@ -435,7 +451,7 @@ impl TargetSide {
                         .as_ref()
                         .and_then(|b| self.live.data(b))
                         .map(|d| d.len() as u64),
-                    None => return self.session.handle_staged(id, StageOutcome::Mismatch),
+                    None => return self.session.handle_bad_stream(BadStream::NotWanted { id }),
                 };
                 let receiver = FileReceiver::new(basis_len, len);
                 self.incoming.insert(
@@ -783,11 +799,16 @@ impl Pair {
                 assert!(self.fault != Fault::None, "deadlock; log: {:#?}", self.log);
                 cut = true;
                 self.idle_timeouts += 1;
+                if self.target.done.is_none() {
+                    // The target's own stall rule, on a virtual clock: whatever the fault, a
+                    // target that waits has a deadline.
+                    let at = self.target.session.poll_timeout().unwrap_or_else(|| {
+                        panic!("the target waits with no deadline; log: {:#?}", self.log)
+                    });
+                    self.target.session.handle_timeout(at);
+                }
                 if self.source.done.is_none() {
                     self.source.session.handle_connection_lost("idle timeout");
-                }
-                if self.target.done.is_none() {
-                    self.target.session.handle_connection_lost("idle timeout");
                 }
                 continue;
             }
@@ -1193,8 +1214,11 @@ fn a_message_after_manifest_end_while_the_scan_runs_is_a_protocol_violation() {
     target.drive();
     let err = target.done.clone().unwrap().unwrap_err();
     assert!(
-        matches!(&err.cause, Cause::PeerMisbehaved(m)
-            if m == "unexpected ManifestPart while Transfer(Final)"),
+        err.cause
+            == Cause::PeerMisbehaved(Violation::UnexpectedMessage {
+                message: "ManifestPart",
+                state: "Transfer(Final)"
+            }),
         "{err:?}"
     );
     assert_eq!(err.phase, stackclone_proto::msg::Phase::Transfer);
@@ -1206,7 +1230,8 @@ fn a_message_after_manifest_end_while_the_scan_runs_is_a_protocol_violation() {
 #[test]
 fn a_manifest_over_the_memory_cap_ends_the_cycle_before_it_is_held() {
     let mut target = TargetSide::new(Tree::default(), &flag_key());
-    target.session = TargetSession::new(target_cfg(&flag_key())).with_max_manifest_bytes(1 << 20);
+    target.session = TargetSession::new(target_cfg(&flag_key()), Instant::now())
+        .with_max_manifest_bytes(1 << 20);
     target.receive(SourceMsg::Hello {
         version: stackclone_proto::msg::PROTOCOL_VERSION,
         stack: "web".into(),
@@ -1234,7 +1259,11 @@ fn a_manifest_over_the_memory_cap_ends_the_cycle_before_it_is_held() {
     target.drive();
     let err = target.done.clone().expect("ended").unwrap_err();
     assert!(
-        matches!(&err.cause, Cause::PeerMisbehaved(m) if m.contains("manifest larger than 1 MiB")),
+        err.cause
+            == Cause::PeerMisbehaved(Violation::ManifestTooLarge {
+                max_mib: 1,
+                entries: 400
+            }),
         "{err:?}"
     );
 }
@@ -1629,4 +1658,216 @@ fn big_single_path_files_are_received_in_place_and_hardlinks_never_are() {
         ["db.dat"],
         "only the big, unlinked, single-use file goes in place"
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// The stall rule, on a virtual clock
+
+/// A target session for `web` at `t0`, past `Hello` and its policy, with the live dir of
+/// generation 1 scanned: it waits for the source's manifest. Its actions so far are drained.
+fn waiting_target(t0: Instant) -> TargetSession {
+    let mut s = TargetSession::new(target_cfg(&flag_key()), t0);
+    s.handle_message(
+        SourceMsg::Hello {
+            version: stackclone_proto::msg::PROTOCOL_VERSION,
+            stack: "web".into(),
+            mode: Mode::Sync,
+            max_delete: 0.5,
+        },
+        NOW,
+    );
+    s.handle_policy(Ok(StackPolicy {
+        allow: vec!["primary".into()],
+    }));
+    s.handle_opened(1);
+    s.handle_stack(Ok(StackState {
+        last_generation: 1,
+        live: Manifest::new(vec![]).unwrap(),
+        staged: HashSet::new(),
+        staged_in_place: HashMap::new(),
+        outside_links: HashSet::new(),
+    }));
+    while s.poll_action().is_some() {}
+    while s.poll_message().is_some() {}
+    s
+}
+
+fn ended(s: &mut TargetSession) -> Option<Result<TargetReport, CycleError>> {
+    std::iter::from_fn(|| s.poll_action()).find_map(|a| match a {
+        TargetAction::Done(r) => Some(r),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_silent_source_ends_the_cycle_after_the_stall_timeout() {
+    let t0 = Instant::now();
+    let mut s = waiting_target(t0);
+    assert_eq!(s.poll_timeout(), Some(t0 + STALL_TIMEOUT));
+    s.handle_timeout(t0 + STALL_TIMEOUT - Duration::from_secs(1));
+    assert!(ended(&mut s).is_none(), "not yet");
+    // Progress (a message, file data) moves the deadline.
+    s.handle_progress(t0 + Duration::from_secs(60));
+    assert_eq!(
+        s.poll_timeout(),
+        Some(t0 + Duration::from_secs(60) + STALL_TIMEOUT)
+    );
+    s.handle_timeout(t0 + STALL_TIMEOUT + Duration::from_secs(1));
+    assert!(ended(&mut s).is_none(), "the progress counted");
+    s.handle_timeout(t0 + Duration::from_secs(60) + STALL_TIMEOUT);
+    let err = ended(&mut s).expect("ended").unwrap_err();
+    assert_eq!(err.cause.kind(), "connection_lost");
+    assert_eq!(err.phase, stackclone_proto::msg::Phase::Manifest);
+    assert!(
+        err.cause
+            .to_string()
+            .contains("no progress from the source for 120 s")
+    );
+    assert!(s.is_finished());
+    assert_eq!(s.poll_timeout(), None, "an ended cycle has no deadline");
+    assert!(
+        s.poll_message().is_none(),
+        "a stalled peer is not told: it is not listening"
+    );
+}
+
+#[test]
+fn no_stall_while_the_target_waits_on_its_own_work() {
+    let t0 = Instant::now();
+    let hour = Duration::from_secs(3600);
+    // The live dir's scan still runs after `Welcome`.
+    let mut s = TargetSession::new(target_cfg(&flag_key()), t0);
+    s.handle_message(
+        SourceMsg::Hello {
+            version: stackclone_proto::msg::PROTOCOL_VERSION,
+            stack: "web".into(),
+            mode: Mode::Sync,
+            max_delete: 0.5,
+        },
+        NOW,
+    );
+    assert_eq!(s.poll_timeout(), None, "looking the stack up");
+    s.handle_policy(Ok(StackPolicy {
+        allow: vec!["primary".into()],
+    }));
+    s.handle_opened(1);
+    assert_eq!(s.poll_timeout(), None, "scanning the live dir");
+    s.handle_timeout(t0 + hour);
+    assert!(ended(&mut s).is_none());
+
+    // The standby's stop for the final pass takes its time.
+    let mut s = waiting_target(t0);
+    s.handle_message(SourceMsg::FinalPass, NOW);
+    assert!(
+        std::iter::from_fn(|| s.poll_action()).any(|a| matches!(a, TargetAction::StopStack)),
+        "the standby is stopped"
+    );
+    assert_eq!(s.poll_timeout(), None, "stopping the standby");
+    s.handle_timeout(t0 + hour);
+    assert!(ended(&mut s).is_none());
+    s.handle_stack_stopped(Ok(vec![]));
+    assert_eq!(s.poll_timeout(), None, "scanning the stopped standby");
+    s.handle_timeout(t0 + hour);
+    assert!(ended(&mut s).is_none());
+    // Its answer is progress: the clock starts again from there.
+    s.handle_progress(t0 + 2 * hour);
+    s.handle_stopped_scan(Ok(StackState {
+        last_generation: 1,
+        live: Manifest::new(vec![]).unwrap(),
+        staged: HashSet::new(),
+        staged_in_place: HashMap::new(),
+        outside_links: HashSet::new(),
+    }));
+    assert_eq!(s.poll_timeout(), Some(t0 + 2 * hour + STALL_TIMEOUT));
+    s.handle_timeout(t0 + 2 * hour + STALL_TIMEOUT);
+    // The stall ends the cycle; the stopped standby is started before it says so.
+    let actions: Vec<_> = std::iter::from_fn(|| s.poll_action()).collect();
+    assert!(
+        matches!(actions.as_slice(), [TargetAction::StartStack]),
+        "{actions:?}"
+    );
+    s.handle_stack_started(Ok(()));
+    let err = ended(&mut s).expect("ended").unwrap_err();
+    assert_eq!(err.cause.kind(), "connection_lost");
+}
+
+#[test]
+fn no_stall_while_a_commit_runs() {
+    let t0 = Instant::now();
+    let mut s = waiting_target(t0);
+    let empty = Manifest::new(vec![]).unwrap();
+    // The running standby already is the wanted tree: planned and staged at once.
+    s.handle_message(
+        SourceMsg::ManifestEnd {
+            pass: Pass::Final,
+            entries: 0,
+            root: empty.root(),
+        },
+        NOW,
+    );
+    let status = Status {
+        stack: "web".into(),
+        generation: 2,
+        manifest_root: empty.root(),
+        source_id: "primary".into(),
+        target_id: "standby".into(),
+        created_at: NOW,
+    };
+    s.handle_message(
+        SourceMsg::Flag(SignedStatus::sign(status, &flag_key())),
+        NOW,
+    );
+    assert!(s.is_committing());
+    assert_eq!(s.poll_timeout(), None);
+    s.handle_timeout(t0 + Duration::from_secs(3600));
+    assert!(s.is_committing(), "the commit goes on");
+    assert!(ended(&mut s).is_none());
+}
+
+/// A data stream the target did not ask for is the peer's violation, named by kind, and the
+/// source is told.
+#[test]
+fn bad_file_streams_are_violations_the_session_names() {
+    let t0 = Instant::now();
+    let cases = [
+        (BadStream::NoBegin("FileData".into()), "bad_file_stream"),
+        (
+            BadStream::Foreign {
+                id: 3,
+                got: "Hello",
+            },
+            "bad_file_stream",
+        ),
+        (BadStream::NotWanted { id: 9 }, "data_outside_transfer"),
+    ];
+    for (bad, kind) in cases {
+        let mut s = waiting_target(t0);
+        s.handle_bad_stream(bad.clone());
+        let err = ended(&mut s).expect("ended").unwrap_err();
+        assert_eq!(err.cause.kind(), "peer_misbehaved", "{bad:?}");
+        assert_eq!(err.cause.detail(), Some(kind), "{bad:?}");
+        assert!(
+            matches!(s.poll_message(), Some(TargetMsg::Abort { .. })),
+            "the source is told: {bad:?}"
+        );
+    }
+}
+
+/// The source's stack restarts as soon as the last byte is staged, before the target's result.
+/// A restart that fails then fails the cycle, even though the target committed: the primary is
+/// down, and a green push would hide it.
+#[test]
+fn a_failed_restart_fails_the_cycle_even_when_the_target_committed() {
+    let mut pair = Pair::with(gen1(), Tree::default(), source_cfg(Mode::Sync, true));
+    pair.source.start_fails = Some("port 5432 is already allocated".into());
+    pair.run();
+    assert!(
+        pair.target.done.clone().unwrap().is_ok(),
+        "the target committed"
+    );
+    assert_eq!(pair.target.live, gen1());
+    let err = pair.source.done.clone().unwrap().unwrap_err();
+    assert_eq!(err.cause.kind(), "local");
+    assert_eq!(err.cause.detail(), Some("start_stack"));
+    assert!(err.to_string().contains("port 5432"), "{err}");
 }

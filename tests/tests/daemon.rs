@@ -437,7 +437,7 @@ fn a_daemon_cycle_reports_to_metrics_and_a_failure_reaches_every_alert_channel()
     assert!(
         value(
             &m,
-            "stackclone_cycle_failures_total{stack=\"web\",phase=\"connect\"}"
+            "stackclone_cycle_failures_total{stack=\"web\",phase=\"connect\",cause=\"connect\"}"
         )
         .unwrap_or(0.0)
             >= 1.0,

@@ -800,6 +800,19 @@ fn check_cases(p: &Pair, cases: Vec<Case>) -> Vec<String> {
                         ));
                     }
                 }
+                // The line names the kind of the cause, for filters and alerts; a message out
+                // of place is a violation of its own kind.
+                if !line.contains("cause=") {
+                    fail(format!("no cause kind in the target's log line: {line}"));
+                }
+                if case.logged.starts_with("unexpected ")
+                    && !(line.contains("cause=peer_misbehaved")
+                        && line.contains("detail=unexpected_message"))
+                {
+                    fail(format!(
+                        "an unexpected message is not logged as one: {line}"
+                    ));
+                }
             }
         }
         let reason = match (&end, case.told) {

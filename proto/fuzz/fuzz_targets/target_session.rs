@@ -25,12 +25,16 @@ fn empty() -> StackState {
 
 fuzz_target!(|data: &[u8]| {
     let key = SigningKey::from_bytes(&[7; 32]);
-    let mut s = TargetSession::new(TargetConfig {
-        target_id: "standby".into(),
-        peer: "primary".into(),
-        peer_flag_key: Some(key.verifying_key()),
-        max_skew_secs: 600,
-    });
+    let t0 = std::time::Instant::now();
+    let mut s = TargetSession::new(
+        TargetConfig {
+            target_id: "standby".into(),
+            peer: "primary".into(),
+            peer_flag_key: Some(key.verifying_key()),
+            max_skew_secs: 600,
+        },
+        t0,
+    );
     let mut stopped = false;
     let mut dec = FrameDecoder::default();
     if dec.push(data).is_err() {
@@ -64,5 +68,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         while s.poll_message().is_some() {}
+        // Whatever the bytes did, a cycle still waiting has a deadline or waits on a commit.
+        if !s.is_finished() && !s.is_committing() {
+            let at = s.poll_timeout().expect("a waiting cycle without a stall deadline");
+            assert!(at >= t0);
+        }
     }
 });

@@ -15,7 +15,7 @@ use std::collections::{HashSet, VecDeque};
 
 use ed25519_dalek::SigningKey;
 
-use super::{Cause, CycleError};
+use super::{Cause, CycleError, Failure, Violation};
 use crate::delta::CheckedSignature;
 use crate::flag::{SignedStatus, Status};
 use crate::manifest::{Hash, Manifest};
@@ -107,14 +107,48 @@ pub struct SourceReport {
     pub standby_killed: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the cycle is, with what each step holds.
+#[derive(Debug)]
 enum State {
     AwaitWelcome,
     Stopping,
     Scanning(Pass),
-    Serving(Pass),
+    /// The manifest of `pass` went out; the target's wants are served from it.
+    Serving {
+        pass: Pass,
+        manifest: Manifest,
+    },
     AwaitResult,
+    /// The cycle is over, and waits for the stack to run again before it says so.
+    Closing {
+        outcome: Result<(), CycleError>,
+    },
     Finished,
+}
+
+impl State {
+    /// The state's name as protocol errors give it.
+    fn name(&self) -> &'static str {
+        match self {
+            State::AwaitWelcome => "AwaitWelcome",
+            State::Stopping => "Stopping",
+            State::Scanning(Pass::Precopy) => "Scanning(Precopy)",
+            State::Scanning(Pass::Final) => "Scanning(Final)",
+            State::Serving {
+                pass: Pass::Precopy,
+                ..
+            } => "Serving(Precopy)",
+            State::Serving {
+                pass: Pass::Final, ..
+            } => "Serving(Final)",
+            State::AwaitResult => "AwaitResult",
+            State::Closing { .. } | State::Finished => "Finished",
+        }
+    }
+
+    fn is_over(&self) -> bool {
+        matches!(self, State::Closing { .. } | State::Finished)
+    }
 }
 
 /// The source side of one cycle. See the module doc for the sequence.
@@ -125,14 +159,14 @@ pub struct SourceSession {
     state: State,
     messages: VecDeque<SourceMsg>,
     actions: VecDeque<SourceAction>,
-    manifest: Option<Manifest>,
     sending: HashSet<u32>,
     /// The stack is stopped and must be started before `Done`.
     stack_down: bool,
     /// A `StartStack` was asked for and not yet answered.
     starting: bool,
-    /// The outcome, held back until the stack is running again.
-    outcome: Option<Result<(), CycleError>>,
+    /// Starting the stack again failed: whatever the target did, the cycle failed (the primary
+    /// is down).
+    start_failed: Option<CycleError>,
     final_retries: u32,
     report: SourceReport,
 }
@@ -153,11 +187,10 @@ impl SourceSession {
             state: State::AwaitWelcome,
             messages,
             actions: VecDeque::new(),
-            manifest: None,
             sending: HashSet::new(),
             stack_down: false,
             starting: false,
-            outcome: None,
+            start_failed: None,
             final_retries: 0,
             report: SourceReport::default(),
         }
@@ -175,16 +208,15 @@ impl SourceSession {
 
     /// True once `Done` has been emitted.
     pub fn is_finished(&self) -> bool {
-        self.state == State::Finished && self.outcome.is_none()
+        matches!(self.state, State::Finished)
     }
 
     fn phase(&self) -> Phase {
         match self.state {
             State::AwaitWelcome => Phase::Hello,
             State::Stopping | State::Scanning(_) => Phase::Scan,
-            State::Serving(_) => Phase::Transfer,
-            State::AwaitResult => Phase::Result,
-            State::Finished => Phase::Result,
+            State::Serving { .. } => Phase::Transfer,
+            State::AwaitResult | State::Closing { .. } | State::Finished => Phase::Result,
         }
     }
 
@@ -199,7 +231,7 @@ impl SourceSession {
 
     /// Ends the cycle with `cause`; tells the peer unless it was the peer that ended it.
     fn fail(&mut self, cause: Cause, tell_peer: bool) {
-        if self.state == State::Finished {
+        if self.state.is_over() {
             return;
         }
         let err = self.error(self.phase(), cause);
@@ -209,14 +241,16 @@ impl SourceSession {
                 reason: err.cause.to_string(),
             });
         }
-        self.state = State::Finished;
-        self.outcome = Some(Err(err));
         self.restart_stack();
-        self.maybe_done();
+        self.end(Err(err));
     }
 
-    fn misbehaved(&mut self, what: impl Into<String>) {
-        self.fail(Cause::PeerMisbehaved(what.into()), true);
+    fn misbehaved(&mut self, violation: Violation) {
+        self.fail(Cause::PeerMisbehaved(violation), true);
+    }
+
+    fn local(&mut self, failure: Failure) {
+        self.fail(Cause::Local(failure), true);
     }
 
     fn restart_stack(&mut self) {
@@ -226,11 +260,17 @@ impl SourceSession {
         }
     }
 
-    fn maybe_done(&mut self) {
-        if self.state == State::Finished
-            && !self.starting
-            && let Some(outcome) = self.outcome.take()
-        {
+    /// The cycle's outcome is known: say it once the stack runs again. A failed restart
+    /// outranks a successful commit.
+    fn end(&mut self, outcome: Result<(), CycleError>) {
+        let outcome = match (outcome, &self.start_failed) {
+            (Ok(()), Some(e)) => Err(e.clone()),
+            (outcome, _) => outcome,
+        };
+        if self.starting {
+            self.state = State::Closing { outcome };
+        } else {
+            self.state = State::Finished;
             let report = std::mem::take(&mut self.report);
             self.actions
                 .push_back(SourceAction::Done(outcome.map(|()| report)));
@@ -240,28 +280,30 @@ impl SourceSession {
     /// A control message from the target. `now` is the source clock in Unix seconds (it dates
     /// the flag).
     pub fn handle_message(&mut self, msg: TargetMsg, now: i64) {
-        if self.state == State::Finished {
+        if self.state.is_over() {
             return;
         }
-        match (self.state, msg) {
-            (_, TargetMsg::Refused(r)) => self.fail(Cause::Refused(r), false),
-            (_, TargetMsg::Abort { phase, reason }) => {
+        let serving = match &self.state {
+            State::Serving { pass, .. } => Some(*pass),
+            _ => None,
+        };
+        match msg {
+            TargetMsg::Refused(r) => self.fail(Cause::Refused(r), false),
+            TargetMsg::Abort { phase, reason } => {
                 self.fail(Cause::PeerAborted { phase, reason }, false)
             }
-            (
-                State::AwaitWelcome,
-                TargetMsg::Welcome {
-                    version,
-                    last_generation,
-                },
-            ) => {
+            TargetMsg::Welcome {
+                version,
+                last_generation,
+            } if matches!(self.state, State::AwaitWelcome) => {
                 if version != PROTOCOL_VERSION {
-                    return self.misbehaved(format!(
-                        "target speaks protocol version {version}, this source {PROTOCOL_VERSION}"
-                    ));
+                    return self.misbehaved(Violation::Version {
+                        target: version,
+                        ours: PROTOCOL_VERSION,
+                    });
                 }
                 let Some(generation) = last_generation.checked_add(1) else {
-                    return self.misbehaved("target reports the last possible generation");
+                    return self.misbehaved(Violation::GenerationsExhausted);
                 };
                 self.report.generation = generation;
                 if self.cfg.mode == Mode::Sync && self.cfg.precopy {
@@ -270,36 +312,30 @@ impl SourceSession {
                     self.stop_then_final_scan();
                 }
             }
-            (State::Serving(pass), TargetMsg::Want { id, path, basis }) => {
-                self.handle_want(pass, id, path, basis)
+            TargetMsg::Want { id, path, basis } if serving.is_some() => {
+                self.handle_want(id, path, basis)
             }
-            (
-                State::Serving(pass),
-                TargetMsg::PassDone {
-                    pass: done,
-                    missing,
-                },
-            ) if pass == done => {
+            TargetMsg::PassDone {
+                pass: done,
+                missing,
+            } if serving == Some(done) => {
                 self.sending.clear();
-                self.pass_done(pass, missing, now);
+                self.pass_done(missing, now);
             }
-            (State::Serving(Pass::Final), TargetMsg::Plan(plan))
-                if self.cfg.mode == Mode::DryRun =>
+            TargetMsg::Plan(plan)
+                if serving == Some(Pass::Final) && self.cfg.mode == Mode::DryRun =>
             {
                 self.report.plan = Some(plan);
-                self.state = State::Finished;
-                self.outcome = Some(Ok(()));
-                self.maybe_done();
+                self.end(Ok(()));
             }
-            (State::AwaitResult, TargetMsg::Result(result)) => {
+            TargetMsg::Result(result) if matches!(self.state, State::AwaitResult) => {
                 if result.generation != self.report.generation {
-                    return self.misbehaved(format!(
-                        "result for generation {}, expected {}",
-                        result.generation, self.report.generation
-                    ));
+                    return self.misbehaved(Violation::ResultGeneration {
+                        got: result.generation,
+                        expected: self.report.generation,
+                    });
                 }
-                self.state = State::Finished;
-                self.outcome = Some(match result.outcome {
+                let outcome = match result.outcome {
                     Outcome::Committed {
                         target_downtime_ms,
                         standby_killed,
@@ -311,12 +347,13 @@ impl SourceSession {
                     Outcome::Failed { phase, reason } => {
                         Err(self.error(phase, Cause::CommitFailed(reason)))
                     }
-                });
-                self.maybe_done();
+                };
+                self.end(outcome);
             }
-            (state, msg) => {
-                self.misbehaved(format!("unexpected {} while {state:?}", short_name(&msg)))
-            }
+            msg => self.misbehaved(Violation::UnexpectedMessage {
+                message: msg.name(),
+                state: self.state.name(),
+            }),
         }
     }
 
@@ -343,7 +380,7 @@ impl SourceSession {
     /// The stack is stopped, with the services Docker had to kill at their stop timeout (or it
     /// could not be stopped).
     pub fn handle_stack_stopped(&mut self, result: Result<Vec<String>, String>) {
-        if self.state != State::Stopping {
+        if !matches!(self.state, State::Stopping) {
             return;
         }
         match result {
@@ -354,10 +391,7 @@ impl SourceSession {
                 self.report.stop_killed = killed;
                 self.scan(Pass::Final);
             }
-            Err(e) => self.fail(
-                Cause::Local(format!("stopping the stack failed: {e}")),
-                true,
-            ),
+            Err(e) => self.local(Failure::StopStack(e)),
         }
     }
 
@@ -369,23 +403,27 @@ impl SourceSession {
         self.starting = false;
         self.stack_down = false;
         if let Err(e) = result {
-            let cause = Cause::Local(format!("starting the stack again failed: {e}"));
-            // A failed restart outranks a successful commit: the primary is down.
-            if !matches!(self.outcome, Some(Err(_))) {
-                self.outcome = Some(Err(self.error(Phase::Result, cause)));
-            }
+            self.start_failed =
+                Some(self.error(Phase::Result, Cause::Local(Failure::StartStack(e))));
         }
-        self.maybe_done();
+        // Asked for when the cycle ended (`Closing`), or once the final pass was done, while
+        // the target commits (`AwaitResult`: a start that failed then turns its result into
+        // this failure, see `end`).
+        if matches!(self.state, State::Closing { .. })
+            && let State::Closing { outcome } = std::mem::replace(&mut self.state, State::Finished)
+        {
+            self.end(outcome);
+        }
     }
 
     /// A scan finished.
     pub fn handle_scanned(&mut self, pass: Pass, result: Result<Manifest, String>) {
-        if self.state != State::Scanning(pass) {
+        if !matches!(self.state, State::Scanning(p) if p == pass) {
             return;
         }
         let manifest = match result {
             Ok(m) => m,
-            Err(e) => return self.fail(Cause::Local(format!("scan failed: {e}")), true),
+            Err(e) => return self.local(Failure::Scan(e)),
         };
         if manifest.is_empty() && !self.cfg.allow_empty {
             return self.fail(Cause::EmptySource, true);
@@ -408,28 +446,34 @@ impl SourceSession {
             self.report.bytes = bytes;
             self.report.manifest_root = Some(root);
         }
-        self.manifest = Some(manifest);
-        self.state = State::Serving(pass);
+        self.state = State::Serving { pass, manifest };
     }
 
-    fn handle_want(&mut self, pass: Pass, id: u32, path: StackPath, basis: Option<Vec<u8>>) {
+    fn handle_want(&mut self, id: u32, path: StackPath, basis: Option<Vec<u8>>) {
         if self.cfg.mode == Mode::DryRun {
-            return self.misbehaved("file wanted during a dry run");
+            return self.misbehaved(Violation::WantInDryRun);
         }
-        let Some(entry) = self.manifest.as_ref().and_then(|m| m.get(&path)) else {
-            return self.misbehaved(format!(
-                "wanted {path}, which is not in the {pass:?} manifest"
-            ));
+        let State::Serving { pass, manifest } = &self.state else {
+            return;
+        };
+        let Some(entry) = manifest.get(&path) else {
+            let pass = *pass;
+            return self.misbehaved(Violation::WantNotInManifest { path, pass });
         };
         let Some((size, hash)) = entry.file() else {
-            return self.misbehaved(format!("wanted {path}, which is not a regular file"));
+            return self.misbehaved(Violation::WantNotAFile { path });
         };
         if !self.sending.insert(id) {
-            return self.misbehaved(format!("want id {id} used twice"));
+            return self.misbehaved(Violation::WantIdReused { id });
         }
         let basis = match basis.map(CheckedSignature::parse).transpose() {
             Ok(b) => b,
-            Err(e) => return self.misbehaved(format!("bad basis signature for {path}: {e}")),
+            Err(e) => {
+                return self.misbehaved(Violation::BadSignature {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
         };
         self.report.files_sent += 1;
         if basis.is_some() {
@@ -449,17 +493,24 @@ impl SourceSession {
         if !self.sending.remove(&id) {
             return;
         }
-        if let (Err(e), State::Serving(Pass::Final)) = (result, self.state) {
+        let final_pass = matches!(
+            self.state,
+            State::Serving {
+                pass: Pass::Final,
+                ..
+            }
+        );
+        if let (Err(e), true) = (result, final_pass) {
             // In a pre-copy pass a file may vanish under a running stack; the final pass will
             // send what is there then. In the final pass, a file we cannot read ends the cycle.
-            self.fail(
-                Cause::Local(format!("reading a file for the final pass failed: {e}")),
-                true,
-            );
+            self.local(Failure::ReadFinal(e));
         }
     }
 
-    fn pass_done(&mut self, pass: Pass, missing: Vec<StackPath>, now: i64) {
+    fn pass_done(&mut self, missing: Vec<StackPath>, now: i64) {
+        let State::Serving { pass, manifest } = &self.state else {
+            return;
+        };
         match pass {
             Pass::Precopy => self.stop_then_final_scan(),
             Pass::Final if !missing.is_empty() => {
@@ -473,20 +524,17 @@ impl SourceSession {
                 }
             }
             Pass::Final => {
-                let Some(root) = self.report.manifest_root else {
-                    return self.fail(Cause::Local("final pass without a manifest".into()), true);
-                };
-                // The last byte is staged on the target: the source's downtime ends here, before
-                // the target commits.
-                self.restart_stack();
                 let status = Status {
                     stack: self.cfg.stack.clone(),
                     generation: self.report.generation,
-                    manifest_root: root,
+                    manifest_root: manifest.root(),
                     source_id: self.cfg.source_id.clone(),
                     target_id: self.cfg.target_id.clone(),
                     created_at: now,
                 };
+                // The last byte is staged on the target: the source's downtime ends here, before
+                // the target commits.
+                self.restart_stack();
                 self.messages
                     .push_back(SourceMsg::Flag(SignedStatus::sign(status, &self.key)));
                 self.state = State::AwaitResult;
@@ -497,7 +545,7 @@ impl SourceSession {
     /// A control message from the target did not decode: the peer broke the protocol. The
     /// target is told why; the stack is started again if it is down.
     pub fn handle_malformed(&mut self, reason: &str) {
-        self.fail(Cause::PeerMisbehaved(reason.to_string()), true);
+        self.misbehaved(Violation::Malformed(reason.to_string()));
     }
 
     /// The connection ended (closed, timed out, reset) before the cycle did.
@@ -509,22 +557,6 @@ impl SourceSession {
 
     /// The driver is shutting down (SIGTERM): end the cycle, restarting the stack if it is down.
     pub fn handle_shutdown(&mut self) {
-        self.fail(
-            Cause::Local("the source agent is shutting down".into()),
-            true,
-        );
-    }
-}
-
-/// The message's name, for protocol errors.
-pub(crate) fn short_name(msg: &TargetMsg) -> &'static str {
-    match msg {
-        TargetMsg::Welcome { .. } => "Welcome",
-        TargetMsg::Refused(_) => "Refused",
-        TargetMsg::Want { .. } => "Want",
-        TargetMsg::PassDone { .. } => "PassDone",
-        TargetMsg::Plan(_) => "Plan",
-        TargetMsg::Result(_) => "Result",
-        TargetMsg::Abort { .. } => "Abort",
+        self.local(Failure::ShuttingDown);
     }
 }

@@ -43,10 +43,11 @@
 //! scan finished.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
 
-use super::{Cause, CycleError, MAX_IN_FLIGHT};
+use super::{Cause, CycleError, Failure, MAX_IN_FLIGHT, Violation};
 use crate::delta::Verified;
 use crate::flag::{Expected, SignedStatus, VerifiedStatus};
 use crate::manifest::{Entry, EntryKind, Hash, Manifest};
@@ -154,6 +155,23 @@ pub enum TargetAction {
     Done(Result<TargetReport, CycleError>),
 }
 
+/// What the target driver found on a data stream that is not the transfer of a file the
+/// session asked for; see [`TargetSession::handle_bad_stream`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadStream {
+    /// The stream's first frame is not a `FileBegin`, or does not decode (what it was).
+    NoBegin(String),
+    /// A `FileBegin` for a file id the session has not asked to receive (no
+    /// [`TargetAction::Receive`] for it, or one already answered).
+    NotWanted { id: u32 },
+    /// Another file's frame, or a control message (`got`), on the stream of file `id`.
+    Foreign { id: u32, got: &'static str },
+}
+
+/// How long a cycle that waits for the source may hear nothing from it (no control message, no
+/// file data) before it ends; see [`TargetSession::poll_timeout`].
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// What staging one file came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StageOutcome {
@@ -228,16 +246,67 @@ pub struct TargetReport {
     pub dry_run: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the cycle is, with what each step holds: a state that needs the stack's scan or a
+/// manifest carries it, so no step can run without it.
+#[derive(Debug)]
 enum State {
     AwaitHello,
     LookingUp,
     LoadingStack,
-    Manifest,
-    Transfer(Pass),
-    AwaitFlag,
+    /// `Welcome` went out; a manifest arrives in parts. `stack` is the scan of the live dir,
+    /// `None` while it still runs (see the module doc). A manifest that ended and passed its own
+    /// checks (count, rules, root) waits in `held` for the scans it is planned against.
+    Manifest {
+        stack: Option<StackState>,
+        held: Option<(Pass, Manifest)>,
+    },
+    /// The contents `manifest` needs are being staged.
+    Transfer {
+        pass: Pass,
+        manifest: Manifest,
+        stack: StackState,
+    },
+    /// Everything `manifest` needs is staged; the source's flag is next.
+    AwaitFlag {
+        manifest: Manifest,
+        stack: StackState,
+    },
+    /// A [`Commit`] was handed to the driver.
     Committing,
+    /// The cycle is over, and waits for the standby to run again before it says so.
+    Closing {
+        outcome: Result<TargetReport, CycleError>,
+    },
     Finished,
+}
+
+impl State {
+    /// The state's name as protocol errors give it.
+    fn name(&self) -> &'static str {
+        match self {
+            State::AwaitHello => "AwaitHello",
+            State::LookingUp => "LookingUp",
+            State::LoadingStack => "LoadingStack",
+            // A held manifest end is the transfer already, as far as the source can tell: the
+            // same message gets the same answer whether or not the scan has finished.
+            State::Manifest {
+                held: Some((pass, _)),
+                ..
+            }
+            | State::Transfer { pass, .. } => match pass {
+                Pass::Precopy => "Transfer(Precopy)",
+                Pass::Final => "Transfer(Final)",
+            },
+            State::Manifest { .. } => "Manifest",
+            State::AwaitFlag { .. } => "AwaitFlag",
+            State::Committing => "Committing",
+            State::Closing { .. } | State::Finished => "Finished",
+        }
+    }
+
+    fn is_over(&self) -> bool {
+        matches!(self, State::Closing { .. } | State::Finished)
+    }
 }
 
 /// What this cycle did to the standby's stack.
@@ -282,6 +351,13 @@ struct Need {
     in_place: bool,
 }
 
+/// What a held manifest waits for before it is planned.
+enum Ready {
+    Wait,
+    StopFirst,
+    Plan,
+}
+
 /// The target side of one cycle. See the module doc for the sequence.
 #[derive(Debug)]
 pub struct TargetSession {
@@ -290,7 +366,6 @@ pub struct TargetSession {
     stack: String,
     mode: Mode,
     max_delete: f64,
-    stack_state: Option<StackState>,
     messages: VecDeque<TargetMsg>,
     actions: VecDeque<TargetAction>,
     parts: Vec<Entry>,
@@ -301,10 +376,6 @@ pub struct TargetSession {
     /// `Welcome` went out, with this generation, before the stack state was in (see the module
     /// doc).
     welcomed: Option<u64>,
-    /// A manifest that ended and passed its own checks (count, rules, root), with its pass,
-    /// waiting for the stack state to be planned against.
-    held_end: Option<(Pass, Manifest)>,
-    manifest: Option<Manifest>,
     queue: VecDeque<Need>,
     in_flight: HashMap<u32, Need>,
     next_id: u32,
@@ -317,8 +388,9 @@ pub struct TargetSession {
     /// The pre-copy pass found the running live dir already equal to the source's tree: the
     /// standby's stop waits for the final manifest (see the module doc).
     precopy_unchanged: bool,
-    /// The outcome, held back until the standby runs again.
-    outcome: Option<Result<TargetReport, CycleError>>,
+    /// The last sign of life from the source, or of the driver's own work (see
+    /// [`TargetSession::poll_timeout`]).
+    last_progress: Instant,
 }
 
 impl TargetSession {
@@ -329,22 +401,20 @@ impl TargetSession {
         self
     }
 
-    pub fn new(cfg: TargetConfig) -> Self {
+    /// A cycle on a connection that was accepted at `now`.
+    pub fn new(cfg: TargetConfig, now: Instant) -> Self {
         Self {
             cfg,
             state: State::AwaitHello,
             stack: String::new(),
             mode: Mode::Sync,
             max_delete: super::DEFAULT_MAX_DELETE,
-            stack_state: None,
             messages: VecDeque::new(),
             actions: VecDeque::new(),
             parts: Vec::new(),
             parts_bytes: 0,
             max_manifest_bytes: MAX_MANIFEST_BYTES,
             welcomed: None,
-            held_end: None,
-            manifest: None,
             queue: VecDeque::new(),
             in_flight: HashMap::new(),
             next_id: 0,
@@ -354,7 +424,7 @@ impl TargetSession {
             standby: Standby::Untouched,
             final_begun: false,
             precopy_unchanged: false,
-            outcome: None,
+            last_progress: now,
         }
     }
 
@@ -374,40 +444,69 @@ impl TargetSession {
     /// True once a `Commit` was handed out: from here on the driver must finish the commit even
     /// if the connection is lost.
     pub fn is_committing(&self) -> bool {
-        self.state == State::Committing
+        matches!(self.state, State::Committing)
     }
 
     pub fn is_finished(&self) -> bool {
-        self.state == State::Finished && self.outcome.is_none()
+        matches!(self.state, State::Finished)
     }
 
     /// True while the session waits for the driver's own work on the stack (the store opened
     /// and scanned, the standby stopped or rescanned), not for the source: the source may be
     /// waiting for this side then, so silence from it is no stall.
-    pub fn is_waiting_on_driver(&self) -> bool {
-        match self.state {
-            State::AwaitHello | State::Finished => false,
-            State::LookingUp | State::LoadingStack => true,
-            _ => {
-                self.stack_state.is_none()
-                    || matches!(self.standby, Standby::Stopping | Standby::Stopped { .. })
-            }
+    fn is_waiting_on_driver(&self) -> bool {
+        match &self.state {
+            State::AwaitHello | State::Closing { .. } | State::Finished => false,
+            State::LookingUp | State::LoadingStack | State::Manifest { stack: None, .. } => true,
+            _ => matches!(self.standby, Standby::Stopping | Standby::Stopped { .. }),
+        }
+    }
+
+    /// The source did something (a control message arrived, file data came in), or the driver
+    /// answered one of this session's actions, at `now`: the stall clock starts again.
+    pub fn handle_progress(&mut self, now: Instant) {
+        self.last_progress = self.last_progress.max(now);
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next: [`STALL_TIMEOUT`]
+    /// after the last progress, while the cycle waits for the source. `None` while it waits
+    /// for this host's own work (a scan, the standby's stop: the source may rightly be silent
+    /// then), while a commit runs (it goes on whatever the source does), and once it is over.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.is_committing() || self.state.is_over() || self.is_waiting_on_driver() {
+            return None;
+        }
+        Some(self.last_progress + STALL_TIMEOUT)
+    }
+
+    /// The clock reached `now`: a source silent for [`STALL_TIMEOUT`] while the cycle waits for
+    /// it ends the cycle, as a lost connection (QUIC keep-alives keep a stuck peer's
+    /// connection open forever).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|at| now >= at) {
+            self.fail(
+                Cause::ConnectionLost(format!(
+                    "no progress from the source for {} s",
+                    STALL_TIMEOUT.as_secs()
+                )),
+                false,
+            );
         }
     }
 
     fn phase(&self) -> Phase {
-        match self.state {
+        match &self.state {
             State::AwaitHello | State::LookingUp | State::LoadingStack => Phase::Hello,
-            State::Manifest if self.held_end.is_some() => Phase::Transfer,
-            State::Manifest => Phase::Manifest,
-            State::Transfer(_) => Phase::Transfer,
-            State::AwaitFlag => Phase::Flag,
-            State::Committing | State::Finished => Phase::Commit,
+            State::Manifest { held: Some(_), .. } => Phase::Transfer,
+            State::Manifest { .. } => Phase::Manifest,
+            State::Transfer { .. } => Phase::Transfer,
+            State::AwaitFlag { .. } => Phase::Flag,
+            State::Committing | State::Closing { .. } | State::Finished => Phase::Commit,
         }
     }
 
     fn fail(&mut self, cause: Cause, tell_peer: bool) {
-        if self.state == State::Finished {
+        if self.state.is_over() {
             return;
         }
         let err = CycleError {
@@ -428,18 +527,22 @@ impl TargetSession {
 
     /// Ends the cycle with `outcome`, once the standby runs again if this cycle stopped it.
     fn finish(&mut self, outcome: Result<TargetReport, CycleError>) {
-        self.state = State::Finished;
         if self.standby.is_down() {
             self.standby = Standby::Starting;
-            self.outcome = Some(outcome);
+            self.state = State::Closing { outcome };
             self.actions.push_back(TargetAction::StartStack);
         } else {
+            self.state = State::Finished;
             self.actions.push_back(TargetAction::Done(outcome));
         }
     }
 
-    fn misbehaved(&mut self, what: impl Into<String>) {
-        self.fail(Cause::PeerMisbehaved(what.into()), true);
+    fn misbehaved(&mut self, violation: Violation) {
+        self.fail(Cause::PeerMisbehaved(violation), true);
+    }
+
+    fn local(&mut self, failure: Failure) {
+        self.fail(Cause::Local(failure), true);
     }
 
     fn refuse(&mut self, refusal: Refusal) {
@@ -447,26 +550,31 @@ impl TargetSession {
         self.fail(Cause::Refused(refusal), false);
     }
 
+    fn unexpected(&mut self, msg: &SourceMsg) {
+        self.misbehaved(Violation::UnexpectedMessage {
+            message: msg.name(),
+            state: self.state.name(),
+        });
+    }
+
     /// A control message from the source. `now` is this host's clock in Unix seconds.
     pub fn handle_message(&mut self, msg: SourceMsg, now: i64) {
-        if self.state == State::Finished {
+        if self.state.is_over() {
             return;
         }
-        match (self.state, msg) {
-            (_, SourceMsg::Abort { phase, reason }) => {
-                if self.state != State::Committing {
+        let collecting = matches!(self.state, State::Manifest { held: None, .. });
+        match msg {
+            SourceMsg::Abort { phase, reason } => {
+                if !self.is_committing() {
                     self.fail(Cause::PeerAborted { phase, reason }, false);
                 }
             }
-            (
-                State::AwaitHello,
-                SourceMsg::Hello {
-                    version,
-                    stack,
-                    mode,
-                    max_delete,
-                },
-            ) => {
+            SourceMsg::Hello {
+                version,
+                stack,
+                mode,
+                max_delete,
+            } if matches!(self.state, State::AwaitHello) => {
                 // NaN or out of range falls back to the default valve, never to "no valve".
                 self.max_delete = if (0.0..=1.0).contains(&max_delete) {
                     max_delete
@@ -484,51 +592,37 @@ impl TargetSession {
                 self.state = State::LookingUp;
                 self.actions.push_back(TargetAction::LookupStack { stack });
             }
-            // A held manifest end is the transfer already, as far as the source can tell: the
-            // same message gets the same answer whether or not the scan has finished.
-            (State::Manifest, msg) if let Some((pass, ..)) = self.held_end => {
-                self.misbehaved(format!(
-                    "unexpected {} while {:?}",
-                    short_name(&msg),
-                    State::Transfer(pass)
-                ))
-            }
-            (State::Manifest, SourceMsg::ManifestPart { entries }) => {
+            SourceMsg::ManifestPart { entries } if collecting => {
                 if (self.parts.len() + entries.len()) as u64 > MAX_MANIFEST_ENTRIES {
-                    return self.misbehaved(format!(
-                        "manifest longer than {MAX_MANIFEST_ENTRIES} entries"
-                    ));
+                    return self.misbehaved(Violation::ManifestTooLong {
+                        max: MAX_MANIFEST_ENTRIES,
+                    });
                 }
                 self.parts_bytes += entries.iter().map(Entry::held_bytes).sum::<u64>();
                 if self.parts_bytes > self.max_manifest_bytes {
-                    return self.misbehaved(format!(
-                        "manifest larger than {} MiB in memory after {} entries (long paths, \
-                         symlink targets or xattrs); split the stack into smaller ones",
-                        self.max_manifest_bytes >> 20,
-                        self.parts.len() + entries.len()
-                    ));
+                    return self.misbehaved(Violation::ManifestTooLarge {
+                        max_mib: self.max_manifest_bytes >> 20,
+                        entries: (self.parts.len() + entries.len()) as u64,
+                    });
                 }
                 self.parts.extend(entries);
             }
-            (
-                State::Manifest,
-                SourceMsg::ManifestEnd {
-                    pass,
-                    entries,
-                    root,
-                },
-            ) => self.manifest_end(pass, entries, root),
-            (State::Manifest, SourceMsg::FinalPass) => self.final_pass(),
-            (State::AwaitFlag, SourceMsg::Flag(flag)) => self.handle_flag(flag, now),
-            (state, msg) => {
-                self.misbehaved(format!("unexpected {} while {state:?}", short_name(&msg)))
+            SourceMsg::ManifestEnd {
+                pass,
+                entries,
+                root,
+            } if collecting => self.manifest_end(pass, entries, root),
+            SourceMsg::FinalPass if collecting => self.final_pass(),
+            SourceMsg::Flag(flag) if matches!(self.state, State::AwaitFlag { .. }) => {
+                self.handle_flag(flag, now)
             }
+            msg => self.unexpected(&msg),
         }
     }
 
     /// The driver looked the stack's config up, or refuses it (unknown, skipped).
     pub fn handle_policy(&mut self, result: Result<StackPolicy, Refusal>) {
-        if self.state != State::LookingUp {
+        if !matches!(self.state, State::LookingUp) {
             return;
         }
         let policy = match result {
@@ -551,7 +645,7 @@ impl TargetSession {
     /// its scan of the live dir is still running. The source is welcomed now, so that it stops
     /// and scans its stack while this side scans; [`TargetSession::handle_stack`] follows.
     pub fn handle_opened(&mut self, last_generation: u64) {
-        if self.state != State::LoadingStack {
+        if !matches!(self.state, State::LoadingStack) {
             return;
         }
         self.welcome(last_generation);
@@ -565,14 +659,17 @@ impl TargetSession {
         });
         self.report.stack = self.stack.clone();
         self.report.dry_run = self.mode == Mode::DryRun;
-        self.state = State::Manifest;
+        self.state = State::Manifest {
+            stack: None,
+            held: None,
+        };
     }
 
     /// The driver loaded the stack (took its lock, recovered and scanned it) or refuses it.
     pub fn handle_stack(&mut self, result: Result<StackState, Refusal>) {
         let waiting =
-            self.welcomed.is_some() && self.state == State::Manifest && self.stack_state.is_none();
-        if self.state != State::LoadingStack && !waiting {
+            self.welcomed.is_some() && matches!(self.state, State::Manifest { stack: None, .. });
+        if !matches!(self.state, State::LoadingStack) && !waiting {
             return;
         }
         let state = match result {
@@ -581,18 +678,18 @@ impl TargetSession {
         };
         match self.welcomed {
             None => self.welcome(state.last_generation),
-            Some(g) if g != state.last_generation => {
-                return self.fail(
-                    Cause::Local(format!(
-                        "the store was at generation {g} when opened and at {} after the scan",
-                        state.last_generation
-                    )),
-                    true,
-                );
+            Some(before) if before != state.last_generation => {
+                return self.local(Failure::GenerationMoved {
+                    before,
+                    after: state.last_generation,
+                    when: "after the scan",
+                });
             }
             Some(_) => {}
         }
-        self.stack_state = Some(state);
+        if let State::Manifest { stack, .. } = &mut self.state {
+            *stack = Some(state);
+        }
         self.rescan_when_ready();
         self.try_plan();
     }
@@ -601,23 +698,23 @@ impl TargetSession {
         let parts = std::mem::take(&mut self.parts);
         self.parts_bytes = 0;
         if parts.len() as u64 != entries {
-            return self.misbehaved(format!(
-                "manifest announced {entries} entries, {} arrived",
-                parts.len()
-            ));
+            return self.misbehaved(Violation::ManifestCount {
+                announced: entries,
+                arrived: parts.len() as u64,
+            });
         }
         let manifest = match Manifest::new(parts) {
             Ok(m) => m,
             Err(e) => return self.fail(Cause::Manifest(e), true),
         };
         if manifest.root() != root {
-            return self.misbehaved("manifest entries do not hash to the announced root");
+            return self.misbehaved(Violation::ManifestRoot);
         }
         if self.mode == Mode::DryRun && pass == Pass::Precopy {
-            return self.misbehaved("pre-copy pass in a dry run");
+            return self.misbehaved(Violation::PrecopyInDryRun);
         }
         if pass == Pass::Precopy && self.final_begun {
-            return self.misbehaved("pre-copy manifest after the final pass began");
+            return self.misbehaved(Violation::PrecopyAfterFinal);
         }
         if pass == Pass::Final {
             // A source that skipped `FinalPass` gets the same plan, only later.
@@ -626,7 +723,9 @@ impl TargetSession {
         // The manifest itself is checked at once; what it means for this stack waits for the
         // scan of the live dir if that is still running, and for a final pass, for the
         // standby's stop and the scan of the stopped live dir.
-        self.held_end = Some((pass, manifest));
+        if let State::Manifest { held, .. } = &mut self.state {
+            *held = Some((pass, manifest));
+        }
         self.try_plan();
     }
 
@@ -634,10 +733,10 @@ impl TargetSession {
     /// stop, unless the pre-copy pass found nothing to change (see the module doc).
     fn final_pass(&mut self) {
         if self.mode == Mode::DryRun {
-            return self.misbehaved("FinalPass in a dry run");
+            return self.misbehaved(Violation::FinalPassInDryRun);
         }
         if self.final_begun || !self.parts.is_empty() {
-            return self.misbehaved("FinalPass twice, or inside a manifest");
+            return self.misbehaved(Violation::FinalPassRepeated);
         }
         self.final_begun = true;
         if !self.precopy_unchanged {
@@ -655,7 +754,8 @@ impl TargetSession {
     /// Asks for the scan of the stopped live dir once the standby is stopped and the running
     /// scan is in (scans of one store run one at a time).
     fn rescan_when_ready(&mut self) {
-        if self.standby == (Standby::Stopped { rescanning: false }) && self.stack_state.is_some() {
+        let scanned = matches!(self.state, State::Manifest { stack: Some(_), .. });
+        if self.standby == (Standby::Stopped { rescanning: false }) && scanned {
             self.standby = Standby::Stopped { rescanning: true };
             self.actions.push_back(TargetAction::ScanStopped);
         }
@@ -665,28 +765,39 @@ impl TargetSession {
     /// for a real final pass, the scan of the stopped standby (unless the running one already
     /// is the wanted tree and the standby was never stopped).
     fn try_plan(&mut self) {
-        let (Some((pass, manifest)), Some(stack)) = (&self.held_end, &self.stack_state) else {
-            return;
-        };
-        if *pass == Pass::Final && self.mode == Mode::Sync {
-            match self.standby {
-                Standby::Scanned => {}
-                Standby::Untouched => {
-                    let unchanged =
-                        stack.last_generation > 0 && stack.changes_to(manifest).is_empty();
-                    if !unchanged {
-                        self.stop_standby();
-                        return;
-                    }
+        let ready = match &self.state {
+            State::Manifest {
+                stack: Some(stack),
+                held: Some((pass, manifest)),
+            } if *pass == Pass::Final && self.mode == Mode::Sync => match self.standby {
+                Standby::Scanned => Ready::Plan,
+                Standby::Untouched
+                    if stack.last_generation > 0 && stack.changes_to(manifest).is_empty() =>
+                {
+                    Ready::Plan
                 }
+                Standby::Untouched => Ready::StopFirst,
                 Standby::Stopping
                 | Standby::Stopped { .. }
                 | Standby::Committing
-                | Standby::Starting => return,
+                | Standby::Starting => Ready::Wait,
+            },
+            State::Manifest {
+                stack: Some(_),
+                held: Some(_),
+            } => Ready::Plan,
+            _ => Ready::Wait,
+        };
+        match ready {
+            Ready::Wait => {}
+            Ready::StopFirst => self.stop_standby(),
+            Ready::Plan => {
+                if let State::Manifest { stack, held } = &mut self.state
+                    && let (Some(stack), Some((pass, manifest))) = (stack.take(), held.take())
+                {
+                    self.plan(pass, manifest, stack);
+                }
             }
-        }
-        if let Some((pass, manifest)) = self.held_end.take() {
-            self.plan(pass, manifest);
         }
     }
 
@@ -703,10 +814,7 @@ impl TargetSession {
                 self.report.standby_killed = killed;
                 self.rescan_when_ready();
             }
-            Err(e) => self.fail(
-                Cause::Local(format!("stopping the standby's stack failed: {e}")),
-                true,
-            ),
+            Err(e) => self.local(Failure::StopStandby(e)),
         }
     }
 
@@ -718,24 +826,26 @@ impl TargetSession {
         }
         let state = match result {
             Ok(s) => s,
-            Err(e) => {
-                return self.fail(
-                    Cause::Local(format!("scanning the stopped standby failed: {e}")),
-                    true,
-                );
-            }
+            Err(e) => return self.local(Failure::ScanStopped(e)),
         };
-        let before = self.stack_state.as_ref().map(|s| s.last_generation);
-        if before != Some(state.last_generation) {
-            return self.fail(
-                Cause::Local(format!(
-                    "the store was at generation {before:?} and at {} after the standby stopped",
-                    state.last_generation
-                )),
-                true,
-            );
+        // Asked for only with the running scan in, and nothing leaves `Manifest` while the
+        // standby is stopped and not yet rescanned.
+        let State::Manifest {
+            stack: Some(running),
+            ..
+        } = &mut self.state
+        else {
+            return;
+        };
+        if running.last_generation != state.last_generation {
+            let before = running.last_generation;
+            return self.local(Failure::GenerationMoved {
+                before,
+                after: state.last_generation,
+                when: "after the standby stopped",
+            });
         }
-        self.stack_state = Some(state);
+        *running = state;
         self.standby = Standby::Scanned;
         self.try_plan();
     }
@@ -747,16 +857,13 @@ impl TargetSession {
             return;
         }
         self.standby = Standby::Untouched;
-        if let Some(outcome) = self.outcome.take() {
+        if let State::Closing { outcome } = std::mem::replace(&mut self.state, State::Finished) {
             self.actions.push_back(TargetAction::Done(outcome));
         }
     }
 
     /// Compares a checked manifest with the live dir: the `max_delete` valve, then the needs.
-    fn plan(&mut self, pass: Pass, manifest: Manifest) {
-        let Some(stack) = self.stack_state.as_ref() else {
-            return self.fail(Cause::Local("no stack state".into()), true);
-        };
+    fn plan(&mut self, pass: Pass, manifest: Manifest, stack: StackState) {
         let changes = stack.changes_to(&manifest);
         if changes.delete_share() > self.max_delete {
             let cause = Cause::TooManyDeletes {
@@ -767,7 +874,7 @@ impl TargetSession {
             };
             return self.fail(cause, true);
         }
-        self.queue = needs(&stack.live, stack, &manifest).into();
+        self.queue = needs(&stack, &manifest).into();
         if pass == Pass::Precopy {
             self.precopy_unchanged = changes.is_empty();
         }
@@ -783,17 +890,20 @@ impl TargetSession {
             return self.finish(Ok(report));
         }
         self.missing.clear();
-        self.manifest = Some(manifest);
-        self.state = State::Transfer(pass);
+        self.state = State::Transfer {
+            pass,
+            manifest,
+            stack,
+        };
         self.pump();
     }
 
     /// Starts work on queued needs while there is room in the pipeline; ends the pass when
     /// nothing is queued or in flight.
     fn pump(&mut self) {
-        let State::Transfer(pass) = self.state else {
+        if !matches!(self.state, State::Transfer { .. }) {
             return;
-        };
+        }
         while self.in_flight.len() < MAX_IN_FLIGHT {
             let Some(need) = self.queue.pop_front() else {
                 break;
@@ -816,18 +926,30 @@ impl TargetSession {
             }
             self.in_flight.insert(id, need);
         }
-        if self.in_flight.is_empty() && self.queue.is_empty() {
-            let missing = std::mem::take(&mut self.missing);
-            let complete = missing.is_empty();
-            self.messages
-                .push_back(TargetMsg::PassDone { pass, missing });
-            self.state = match (pass, complete) {
-                (Pass::Final, true) => State::AwaitFlag,
-                // After an incomplete final pass (files changed under it) the source rescans
-                // and sends a new final manifest, or gives up.
-                _ => State::Manifest,
-            };
+        if !self.in_flight.is_empty() || !self.queue.is_empty() {
+            return;
         }
+        let State::Transfer {
+            pass,
+            manifest,
+            stack,
+        } = std::mem::replace(&mut self.state, State::Finished)
+        else {
+            return;
+        };
+        let missing = std::mem::take(&mut self.missing);
+        let complete = missing.is_empty();
+        self.messages
+            .push_back(TargetMsg::PassDone { pass, missing });
+        self.state = match (pass, complete) {
+            (Pass::Final, true) => State::AwaitFlag { manifest, stack },
+            // After an incomplete final pass (files changed under it) the source rescans and
+            // sends a new final manifest, or gives up.
+            _ => State::Manifest {
+                stack: Some(stack),
+                held: None,
+            },
+        };
     }
 
     fn want(&mut self, id: u32, need: &Need, basis_sig: Option<Vec<u8>>) {
@@ -857,32 +979,29 @@ impl TargetSession {
 
     /// A file was staged (or not). Every `StageLocal` and `Receive` gets exactly one answer.
     pub fn handle_staged(&mut self, id: u32, outcome: StageOutcome) {
-        if !matches!(self.state, State::Transfer(_)) {
+        if !matches!(self.state, State::Transfer { .. }) {
             // Outside a transfer nothing is in flight: a file stream now was never wanted. (An
             // ended session ignores late answers.)
-            if !matches!(self.state, State::Committing | State::Finished) {
-                return self.misbehaved(format!(
-                    "data for file id {id} outside a transfer (nothing was wanted)"
-                ));
+            if !self.state.is_over() && !self.is_committing() {
+                return self.misbehaved(Violation::DataOutsideTransfer { id });
             }
             return;
         }
         let Some(need) = self.in_flight.remove(&id) else {
-            return self.misbehaved(format!("data for file id {id}, which was not wanted"));
+            return self.misbehaved(Violation::DataNotWanted { id });
         };
         match outcome {
             StageOutcome::Staged(verified) => {
                 let hash = verified.hash();
-                if let Some(s) = self.stack_state.as_mut() {
-                    s.staged.insert(hash);
+                if let State::Transfer { stack, .. } = &mut self.state {
+                    stack.staged.insert(hash);
                 }
                 if hash == need.hash && verified.len() != need.size {
-                    return self.misbehaved(format!(
-                        "{} is declared as {} bytes, but the content with its hash has {}",
-                        need.path,
-                        need.size,
-                        verified.len()
-                    ));
+                    return self.misbehaved(Violation::SizeMismatch {
+                        path: need.path,
+                        declared: need.size,
+                        actual: verified.len(),
+                    });
                 }
                 if hash == need.hash {
                     if need.local.is_some() {
@@ -913,29 +1032,84 @@ impl TargetSession {
                 });
             }
             StageOutcome::SourceAborted(_) => self.missing.push(need.path),
-            StageOutcome::Failed(e) => {
-                return self.fail(
-                    Cause::Local(format!("staging {} failed: {e}", need.path)),
-                    true,
-                );
+            StageOutcome::Failed(error) => {
+                return self.local(Failure::Staging {
+                    path: need.path,
+                    error,
+                });
             }
         }
         self.pump();
     }
 
+    /// The driver found a data stream that is not the transfer of a file this session asked
+    /// for (see [`BadStream`]). The session decides what it means: a stream for a file id that
+    /// was not wanted is the peer's violation like any other, and so is a stream that does not
+    /// begin as a transfer or mixes another file's frames into one; the cycle ends, the source
+    /// is told why, and nothing of the stream is staged.
+    pub fn handle_bad_stream(&mut self, bad: BadStream) {
+        if self.state.is_over() || self.is_committing() {
+            return;
+        }
+        match bad {
+            BadStream::NotWanted { id } if matches!(self.state, State::Transfer { .. }) => {
+                self.misbehaved(Violation::DataNotWanted { id })
+            }
+            BadStream::NotWanted { id } => self.misbehaved(Violation::DataOutsideTransfer { id }),
+            BadStream::NoBegin(what) => self.misbehaved(Violation::BadFileStream(format!(
+                "it does not begin with FileBegin: {what}"
+            ))),
+            BadStream::Foreign { id, got } => self.misbehaved(Violation::BadFileStream(format!(
+                "{got} on the stream of file id {id}"
+            ))),
+        }
+    }
+
     fn handle_flag(&mut self, flag: SignedStatus, now: i64) {
-        let (Some(stack), Some(manifest)) = (self.stack_state.as_ref(), self.manifest.as_ref())
-        else {
-            return self.fail(Cause::Local("flag without a staged manifest".into()), true);
+        let State::AwaitFlag { manifest, stack } = &self.state else {
+            return;
         };
+        let checked = self.check_flag(flag, now, manifest, stack);
+        let (verified, changes, standby_stopped) = match checked {
+            Ok(c) => c,
+            Err(cause) => return self.fail(cause, true),
+        };
+        let State::AwaitFlag { manifest, stack } =
+            std::mem::replace(&mut self.state, State::Committing)
+        else {
+            return;
+        };
+        let (files, bytes) = manifest.file_totals();
+        self.report.files = files;
+        self.report.bytes = bytes;
+        self.report.generation = verified.generation();
+        self.report.upserts = changes.upserts.len() as u64;
+        self.report.deletes = changes.deletes.len() as u64;
+        let commit = Commit {
+            status: verified,
+            manifest,
+            live: stack.live,
+            changes,
+            standby_stopped,
+        };
+        self.standby = Standby::Committing;
+        self.actions.push_back(TargetAction::Commit(commit));
+    }
+
+    /// Verifies the flag against the staged manifest, and checks once more that the commit may
+    /// run: everything staged, planned against a stopped standby. The changes, and whether the
+    /// standby was stopped.
+    fn check_flag(
+        &self,
+        flag: SignedStatus,
+        now: i64,
+        manifest: &Manifest,
+        stack: &StackState,
+    ) -> Result<(VerifiedStatus, Changes, bool), Cause> {
         let Some(key) = self.cfg.peer_flag_key else {
-            return self.fail(
-                Cause::Local(format!(
-                    "source `{}` has no flag key bound to its certificate",
-                    self.cfg.peer
-                )),
-                true,
-            );
+            return Err(Cause::Local(Failure::NoFlagKey {
+                peer: self.cfg.peer.clone(),
+            }));
         };
         let expected = Expected {
             stack: &self.stack,
@@ -946,52 +1120,26 @@ impl TargetSession {
             now,
             max_skew: self.cfg.max_skew_secs,
         };
-        let verified = match flag.verify(&key, &expected) {
-            Ok(v) => v,
-            Err(e) => return self.fail(Cause::Flag(e), true),
-        };
+        let verified = flag.verify(&key, &expected)?;
         let changes = stack.changes_to(manifest);
         // Belt and braces: the pass only ends when every need is staged, but the commit must
         // never start on a generation with content missing, whatever path led here.
-        if let Some(lost) = needs(&stack.live, stack, manifest).into_iter().next() {
-            return self.fail(
-                Cause::Local(format!("content of {} is not staged", lost.path)),
-                true,
-            );
+        if let Some(lost) = needs(stack, manifest).into_iter().next() {
+            return Err(Cause::Local(Failure::NotStaged { path: lost.path }));
         }
         // Likewise: only a stopped standby's scan may plan changes (see the module doc).
         let standby_stopped = match self.standby {
             Standby::Scanned => true,
             Standby::Untouched if changes.is_empty() && stack.last_generation > 0 => false,
-            _ => {
-                return self.fail(
-                    Cause::Local("the final pass was not planned against a stopped standby".into()),
-                    true,
-                );
-            }
+            _ => return Err(Cause::Local(Failure::NotPlannedStopped)),
         };
-        let (files, bytes) = manifest.file_totals();
-        self.report.files = files;
-        self.report.bytes = bytes;
-        self.report.generation = verified.generation();
-        self.report.upserts = changes.upserts.len() as u64;
-        self.report.deletes = changes.deletes.len() as u64;
-        let commit = Commit {
-            status: verified,
-            manifest: manifest.clone(),
-            live: stack.live.clone(),
-            changes,
-            standby_stopped,
-        };
-        self.state = State::Committing;
-        self.standby = Standby::Committing;
-        self.actions.push_back(TargetAction::Commit(commit));
+        Ok((verified, changes, standby_stopped))
     }
 
     /// The commit finished: the new generation is live, or the commit failed and the previous
     /// generation is live.
     pub fn handle_committed(&mut self, result: Result<u64, (Phase, String)>) {
-        if self.state != State::Committing {
+        if !self.is_committing() {
             return;
         }
         let generation = self.report.generation;
@@ -1031,14 +1179,14 @@ impl TargetSession {
     /// no message, a path with `..`): the peer broke the protocol. The source is told why, and
     /// nothing is committed; a commit already under way goes on.
     pub fn handle_malformed(&mut self, reason: &str) {
-        if self.state != State::Committing {
-            self.fail(Cause::PeerMisbehaved(reason.to_string()), true);
+        if !self.is_committing() {
+            self.misbehaved(Violation::Malformed(reason.to_string()));
         }
     }
 
     /// The connection ended before the cycle did. A commit already under way goes on.
     pub fn handle_connection_lost(&mut self, reason: &str) {
-        if self.state != State::Committing {
+        if !self.is_committing() {
             // A QUIC close reason is the peer's text.
             let reason = crate::text::escape_controls(reason).into_owned();
             self.fail(Cause::ConnectionLost(reason), false);
@@ -1051,7 +1199,8 @@ pub const IN_PLACE_MIN_SIZE: u64 = 1 << 20;
 
 /// The contents `want` needs that are neither staged nor already live at their own path, once
 /// per content, in manifest order.
-fn needs(live: &Manifest, stack: &StackState, want: &Manifest) -> Vec<Need> {
+fn needs(stack: &StackState, want: &Manifest) -> Vec<Need> {
+    let live = &stack.live;
     let mut live_by_hash: HashMap<Hash, &StackPath> = HashMap::new();
     for e in live.entries() {
         if let Some((_, hash)) = e.file() {
@@ -1147,19 +1296,4 @@ fn plan_summary(changes: &Changes, needs: &VecDeque<Need>, want: &Manifest) -> P
         .filter(|u| matches!(u, Upsert::Meta(_)))
         .count() as u64;
     plan
-}
-
-fn short_name(msg: &SourceMsg) -> &'static str {
-    match msg {
-        SourceMsg::Hello { .. } => "Hello",
-        SourceMsg::ManifestPart { .. } => "ManifestPart",
-        SourceMsg::ManifestEnd { .. } => "ManifestEnd",
-        SourceMsg::FileBegin { .. } => "FileBegin",
-        SourceMsg::FileData { .. } => "FileData",
-        SourceMsg::FileEnd { .. } => "FileEnd",
-        SourceMsg::FileAbort { .. } => "FileAbort",
-        SourceMsg::FinalPass => "FinalPass",
-        SourceMsg::Flag(_) => "Flag",
-        SourceMsg::Abort { .. } => "Abort",
-    }
 }
