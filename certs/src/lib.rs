@@ -11,7 +11,10 @@
 //! - the signed **deny list** (revocation) and its distribution;
 //! - the **QUIC endpoint configs** both agents use ([`server_config`], [`client_config`]), the
 //!   peer's identity after the handshake ([`peer_identity`]) and the application-level
-//!   hello/ack ([`hello`] / [`admit`]).
+//!   hello/ack ([`hello`] / [`admit`]);
+//! - the **command-line conventions** the three binaries share ([`cli`]: completions, man
+//!   pages, [`outln!`]). They live here, in the lowest crate with a binary, so that the PKI
+//!   tool needs nothing from the agents' shared crate (and none of Docker, HTTP or metrics).
 //!
 //! It does **not** decide which stacks a peer may push (that is the target's per-stack config),
 //! speak the sync protocol, or sign flags (the source agent does, with [`load_flag_key`]).
@@ -75,6 +78,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod ca;
+pub mod cli;
 mod cmd;
 mod deny;
 mod enroll;

@@ -46,7 +46,6 @@
 
 pub mod alert;
 pub mod cache;
-pub mod cli;
 pub mod config;
 pub mod control;
 pub mod docker;
