@@ -110,9 +110,6 @@ pub use tls::{
 };
 pub use token::{JoinToken, TokenSecret, parse_ttl};
 
-/// ALPN of the agents' sync protocol. Bump the version when the wire changes.
-pub const ALPN: &[u8] = b"stackclone/1";
-
 /// ALPN of the enrollment service (`stackclone-certs serve`).
 pub const ENROLL_ALPN: &[u8] = b"stackclone-enroll/1";
 

@@ -16,8 +16,8 @@ use rustls::{
     SignatureScheme,
 };
 use serde::{Deserialize, Serialize};
+use stackclone_proto::msg::ALPN;
 
-use crate::ALPN;
 use crate::deny::{DenyList, SignedDenyList};
 use crate::error::TrustError;
 use crate::files::StateDir;
