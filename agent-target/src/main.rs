@@ -94,7 +94,7 @@ fn main() -> ExitCode {
 
 fn run(common: &Common) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(app::run(common))?;
+    rt.block_on(stackclone_target::daemon::run(common))?;
     Ok(ExitCode::SUCCESS)
 }
 
