@@ -33,7 +33,8 @@ use crate::ca::{Ca, CertProfile, Csr, HostKey, validate_name};
 use crate::deny::{DenyList, Revocation, SignedDenyList};
 use crate::error::{Refusal, TrustError};
 use crate::files::{StateDir, generate_flag_key};
-use crate::identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, fmt_time};
+use crate::identity::{Identity, PeerIdentity, fmt_time};
+use crate::name::{CaPin, Fingerprint, Role};
 use crate::tls::{
     ClientAuth, SNI, Trust, connection_error, fleet_server_verifier, provider, recv_json,
     rustls_client_config, rustls_server_config, send_json,

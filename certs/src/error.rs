@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::{CaPin, Fingerprint, Role};
+use crate::name::{CaPin, Fingerprint, InvalidArgument, Role};
 
 /// Everything that can go wrong while creating, enrolling, loading or checking identities.
 ///
@@ -47,12 +47,8 @@ pub enum TrustError {
          starting with a letter or digit)"
     )]
     InvalidName { name: String, why: &'static str },
-    #[error("invalid {what} `{value}`: {why}")]
-    InvalidArgument {
-        what: &'static str,
-        value: String,
-        why: String,
-    },
+    #[error(transparent)]
+    InvalidArgument(#[from] InvalidArgument),
     #[error(
         "token expired at {expires_at}; create a new one on the CA host with `stackclone-certs token create`"
     )]

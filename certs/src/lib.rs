@@ -85,6 +85,7 @@ mod enroll;
 mod error;
 mod files;
 mod identity;
+mod name;
 mod pins;
 pub mod renewal;
 mod tls;
@@ -102,7 +103,8 @@ pub use enroll::{
 };
 pub use error::{Refusal, TrustError};
 pub use files::{StateDir, load_flag_key, load_trusted_flag_keys};
-pub use identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, check_expiry};
+pub use identity::{Identity, PeerIdentity, check_expiry};
+pub use name::{CaPin, Fingerprint, InvalidArgument, Role};
 pub use pins::forget_flag_key;
 pub use tls::{
     Admission, IDLE_TIMEOUT, IDLE_TIMEOUT_ENV, KEEP_ALIVE, REFUSED, Trust, accept, admit,

@@ -21,7 +21,8 @@ use stackclone_proto::msg::ALPN;
 use crate::deny::{DenyList, SignedDenyList};
 use crate::error::TrustError;
 use crate::files::StateDir;
-use crate::identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, fmt_time};
+use crate::identity::{Identity, PeerIdentity, fmt_time};
+use crate::name::{CaPin, Fingerprint, Role};
 use crate::pins::{PinCheck, PinStore};
 
 /// Application close code: the peer was refused after the TLS handshake (role, deny list, …).
