@@ -403,7 +403,7 @@ impl EnrollServer {
             Err(err) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 // The error may quote what the peer sent (a name, say).
-                let error = crate::tls::peer_text(&err.to_string());
+                let error = crate::error::peer_text(&err.to_string());
                 tracing::warn!(%peer, %error, "refused request");
                 Reply::Refused {
                     refusal: Refusal::from_error(&err),
@@ -514,7 +514,7 @@ impl EnrollServer {
             let request = match recv_json::<Request>(peer, "enrollment", &mut recv).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let error = crate::tls::peer_text(&e.to_string());
+                    let error = crate::error::peer_text(&e.to_string());
                     tracing::warn!(%peer, %error, "bad enrollment request");
                     break;
                 }

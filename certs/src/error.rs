@@ -212,7 +212,7 @@ impl Refusal {
             Refusal::Other { message } => TrustError::EnrollRefused {
                 peer,
                 refusal: Refusal::Other {
-                    message: crate::tls::peer_text(&message),
+                    message: peer_text(&message),
                 },
             },
             refusal => TrustError::EnrollRefused { peer, refusal },
@@ -233,6 +233,11 @@ impl Refusal {
             },
         }
     }
+}
+
+/// Text that came from the peer, escaped for logs and terminals (see `stackclone_proto::text`).
+pub(crate) fn peer_text(s: &str) -> String {
+    stackclone_proto::text::escape_controls(s).into_owned()
 }
 
 pub(crate) fn io(
