@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use stackclone_common::cli::{self, CompletionsArgs, ManArgs};
+use stackclone_certs::cli::{self, CompletionsArgs, ManArgs};
 use stackclone_common::logging::LogFormat;
 use stackclone_proto::msg::Mode;
 use stackclone_source::app::{self, Common, PushOptions};
@@ -104,7 +104,7 @@ fn main() -> ExitCode {
         Command::Man(args) => cli::man_pages(Cli::command(), &args.dir)
             .map(|pages| {
                 for p in pages {
-                    stackclone_common::outln!("{}", p.display());
+                    stackclone_certs::outln!("{}", p.display());
                 }
                 ExitCode::SUCCESS
             })
@@ -135,13 +135,13 @@ fn push(
     let rt = tokio::runtime::Runtime::new()?;
     let outcomes = rt.block_on(app::push(common, stacks, opts))?;
     if json {
-        stackclone_common::outln!("{}", serde_json::to_string_pretty(&outcomes)?);
+        stackclone_certs::outln!("{}", serde_json::to_string_pretty(&outcomes)?);
     } else {
         for o in &outcomes {
             match (&o.error, &o.plan) {
-                (Some(e), _) if dry_run => stackclone_common::outln!("{}: FAILED: {e}", o.stack),
+                (Some(e), _) if dry_run => stackclone_certs::outln!("{}: FAILED: {e}", o.stack),
                 (None, Some(plan)) => {
-                    stackclone_common::outln!(
+                    stackclone_certs::outln!(
                         "{}: dry run: would transfer {} file(s) ({} bytes before delta); copy {} locally; delete {}; change metadata of {}; leave {} unchanged",
                         o.stack,
                         plan["send_count"],
@@ -152,14 +152,14 @@ fn push(
                         plan["unchanged"]
                     );
                     for s in plan["send"].as_array().into_iter().flatten() {
-                        stackclone_common::outln!(
+                        stackclone_certs::outln!(
                             "  send   {} ({} bytes)",
                             s["path"].as_str().unwrap_or("?"),
                             s["bytes"]
                         );
                     }
                     for d in plan["delete"].as_array().into_iter().flatten() {
-                        stackclone_common::outln!("  delete {}", d.as_str().unwrap_or("?"));
+                        stackclone_certs::outln!("  delete {}", d.as_str().unwrap_or("?"));
                     }
                 }
                 _ => {}
@@ -167,7 +167,7 @@ fn push(
         }
         if !dry_run {
             let rows: Vec<progress::Row> = outcomes.iter().map(row).collect();
-            stackclone_common::out!("{}", progress::table(&rows));
+            stackclone_certs::out!("{}", progress::table(&rows));
         }
     }
     Ok(if outcomes.iter().all(|o| o.ok) {
@@ -204,22 +204,22 @@ fn recover(common: &Common, stacks: &[String], json: bool) -> anyhow::Result<Exi
                 v
             })
             .collect();
-        stackclone_common::outln!("{}", serde_json::to_string_pretty(&doc)?);
+        stackclone_certs::outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         for (stack, r) in &all {
             match r {
                 app::Recovery::Nothing => {
-                    stackclone_common::outln!("{stack}: nothing left stopped")
+                    stackclone_certs::outln!("{stack}: nothing left stopped")
                 }
-                app::Recovery::Busy => stackclone_common::outln!(
+                app::Recovery::Busy => stackclone_certs::outln!(
                     "{stack}: a cycle is running; it starts the stack again itself"
                 ),
-                app::Recovery::Started { containers } => stackclone_common::outln!(
+                app::Recovery::Started { containers } => stackclone_certs::outln!(
                     "{stack}: a cycle that died left it stopped; started {}",
                     containers.join(", ")
                 ),
                 app::Recovery::Failed { error } => {
-                    stackclone_common::outln!("{stack}: FAILED to start it again: {error}")
+                    stackclone_certs::outln!("{stack}: FAILED to start it again: {error}")
                 }
             }
         }
@@ -237,9 +237,9 @@ fn recover(common: &Common, stacks: &[String], json: bool) -> anyhow::Result<Exi
 fn status(common: &Common, json: bool) -> anyhow::Result<ExitCode> {
     let all = app::status(common)?;
     if json {
-        stackclone_common::outln!("{}", serde_json::to_string_pretty(&all)?);
+        stackclone_certs::outln!("{}", serde_json::to_string_pretty(&all)?);
     } else {
-        stackclone_common::outln!(
+        stackclone_certs::outln!(
             "{:<20} {:<14} {:>5} {:<20} {:>10} {:>14} {:>10} {:>10}  last error",
             "STACK",
             "TARGET",
@@ -260,7 +260,7 @@ fn status(common: &Common, json: bool) -> anyhow::Result<ExitCode> {
                 })
                 .map(|t| t.replace('T', " ").trim_end_matches('Z').to_owned())
                 .unwrap_or_else(|| "never".to_owned());
-            stackclone_common::outln!(
+            stackclone_certs::outln!(
                 "{:<20} {:<14} {:>5} {:<20} {:>10} {:>14} {:>8}ms {:>8}ms  {}",
                 s.stack,
                 s.target,

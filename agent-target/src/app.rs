@@ -1,5 +1,6 @@
 //! The commands of `stackclone-target`, as library calls: `main.rs` parses flags and calls
-//! these, tests call them too.
+//! these, tests call them too. `run` is the daemon's ([`crate::daemon::run`]); it builds on
+//! [`bind`] and [`load_config`] from here, and this module needs nothing from it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +15,6 @@ use stackclone_common::ops::Ops;
 use tracing::{info, warn};
 
 use crate::ctx::{StackServe, TargetCtx};
-use crate::daemon::Daemon;
 use crate::store::{Drift, RollbackReport, StackStore, StoreConfig, StoreError, StoreState};
 
 /// Options every command shares.
@@ -66,8 +66,8 @@ fn stack_of<'a>(cfg: &'a TargetConfig, name: &str) -> anyhow::Result<&'a TargetS
         .with_context(|| format!("no stack `{name}` in {} or its conf.d", cfg.file.display()))
 }
 
-/// A bound, ready target: what `run` serves. Split from [`run`] so tests can bind port 0 and
-/// learn the address.
+/// A bound, ready target: what `run` serves. Split from [`run`](crate::daemon::run) so tests
+/// can bind port 0 and learn the address.
 #[derive(Debug)]
 pub struct Bound {
     pub endpoint: quinn::Endpoint,
@@ -119,43 +119,6 @@ pub fn bind(common: &Common) -> anyhow::Result<Bound> {
         config: cfg,
         identity_dir: dir,
     })
-}
-
-/// `run`: serves pushes until SIGTERM or Ctrl-C, reloading the config on SIGHUP (see
-/// [`crate::daemon`]).
-pub async fn run(common: &Common) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    // First of all: SIGHUP's default action would end the process.
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let daemon = Arc::new(Daemon::start(common).await?);
-    let reloader = {
-        let daemon = daemon.clone();
-        tokio::spawn(async move {
-            while hangup.recv().await.is_some() {
-                info!("SIGHUP: reloading the config");
-                // A failed reload has been logged and changed nothing.
-                let _ = daemon.reload().await;
-            }
-        })
-    };
-    daemon.run(shutdown_signal()).await;
-    reloader.abort();
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// One stack's status, or why it cannot be read right now.

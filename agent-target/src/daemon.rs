@@ -391,6 +391,43 @@ impl Daemon {
     }
 }
 
+/// `run`: serves pushes until SIGTERM or Ctrl-C, reloading the config on SIGHUP (see the
+/// [module docs](self)).
+pub async fn run(common: &Common) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // First of all: SIGHUP's default action would end the process.
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let daemon = Arc::new(Daemon::start(common).await?);
+    let reloader = {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                info!("SIGHUP: reloading the config");
+                // A failed reload has been logged and changed nothing.
+                let _ = daemon.reload().await;
+            }
+        })
+    };
+    daemon.run(shutdown_signal()).await;
+    reloader.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// One stack's store, opened: its state, and the restart record a killed target left if the
 /// stack is still stopped because of it.
 struct Opened {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use stackclone_common::cli::{self, CompletionsArgs, ManArgs};
+use stackclone_certs::cli::{self, CompletionsArgs, ManArgs};
 use stackclone_common::logging::LogFormat;
 use stackclone_target::app::{self, Common};
 
@@ -94,16 +94,16 @@ fn main() -> ExitCode {
 
 fn run(common: &Common) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(app::run(common))?;
+    rt.block_on(stackclone_target::daemon::run(common))?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn status(common: &Common, stack: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     let all = app::status(common, stack)?;
     if json {
-        stackclone_common::outln!("{}", serde_json::to_string_pretty(&all)?);
+        stackclone_certs::outln!("{}", serde_json::to_string_pretty(&all)?);
     } else {
-        stackclone_common::outln!(
+        stackclone_certs::outln!(
             "{:<20} {:>5} {:<20} {:>10} {:>14} {:>10} {:<12}  last error",
             "STACK",
             "GEN",
@@ -123,7 +123,7 @@ fn status(common: &Common, stack: Option<&str>, json: bool) -> anyhow::Result<Ex
                     stackclone_target::staleness::human(std::time::Duration::from_secs(max))
                 ),
             };
-            stackclone_common::outln!(
+            stackclone_certs::outln!(
                 "{:<20} {:>5} {:<20} {:>10} {:>14} {:>8}ms {:<12}  {}",
                 st.stack,
                 st.generation,
@@ -145,7 +145,7 @@ fn status(common: &Common, stack: Option<&str>, json: bool) -> anyhow::Result<Ex
 
 fn man(args: &ManArgs) -> anyhow::Result<ExitCode> {
     for page in cli::man_pages(Cli::command(), &args.dir)? {
-        stackclone_common::outln!("{}", page.display());
+        stackclone_certs::outln!("{}", page.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -153,13 +153,13 @@ fn man(args: &ManArgs) -> anyhow::Result<ExitCode> {
 fn verify(common: &Common, stack: &str) -> anyhow::Result<ExitCode> {
     let drift = app::verify(common, stack)?;
     for d in &drift {
-        stackclone_common::outln!("{}: {:?}", d.path, d.what);
+        stackclone_certs::outln!("{}: {:?}", d.path, d.what);
     }
     if drift.is_empty() {
-        stackclone_common::outln!("{stack}: live dir matches the last committed generation");
+        stackclone_certs::outln!("{stack}: live dir matches the last committed generation");
         Ok(ExitCode::SUCCESS)
     } else {
-        stackclone_common::outln!("{stack}: {} path(s) drifted", drift.len());
+        stackclone_certs::outln!("{stack}: {} path(s) drifted", drift.len());
         Ok(ExitCode::FAILURE)
     }
 }
@@ -213,7 +213,7 @@ fn rollback(
     }
     let rt = tokio::runtime::Runtime::new()?;
     let r = rt.block_on(app::rollback(common, stack, Some(plan.to)))?;
-    stackclone_common::outln!(
+    stackclone_certs::outln!(
         "{stack}: rolled back from generation {} to {}",
         r.from,
         r.to

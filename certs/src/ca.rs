@@ -16,7 +16,8 @@ use time::{Duration, OffsetDateTime};
 use crate::FLAG_KEY_OID;
 use crate::error::TrustError;
 use crate::files::{StateDir, generate_flag_key};
-use crate::identity::{CaPin, Identity, Role, encode_flag_extension};
+use crate::identity::{Identity, encode_flag_extension};
+use crate::name::{CaPin, Role};
 
 /// Clock skew tolerated between hosts: certificates start this long before they are issued.
 const BACKDATE: Duration = Duration::minutes(5);

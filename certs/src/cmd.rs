@@ -13,7 +13,8 @@ use crate::deny::{DenyList, Revocation, SignedDenyList};
 use crate::enroll::{Bundle, Issuance, IssuedStore, issue_bundle};
 use crate::error::TrustError;
 use crate::files::{StateDir, generate_flag_key};
-use crate::identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, check_expiry, fmt_time};
+use crate::identity::{Identity, PeerIdentity, check_expiry, fmt_time};
+use crate::name::{CaPin, Fingerprint, Role};
 use crate::tls::Trust;
 use crate::token::{JoinToken, TokenStore, parse_time};
 

@@ -9,7 +9,8 @@ use time::OffsetDateTime;
 use crate::ca::Ca;
 use crate::error::TrustError;
 use crate::files::StateDir;
-use crate::identity::{Fingerprint, fmt_time};
+use crate::identity::fmt_time;
+use crate::name::Fingerprint;
 
 /// Domain separation for the CA's signature over a deny list body.
 const SIGNING_CONTEXT: &[u8] = b"stackclone deny list v1\0";

@@ -33,7 +33,8 @@ use crate::ca::{Ca, CertProfile, Csr, HostKey, validate_name};
 use crate::deny::{DenyList, Revocation, SignedDenyList};
 use crate::error::{Refusal, TrustError};
 use crate::files::{StateDir, generate_flag_key};
-use crate::identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, fmt_time};
+use crate::identity::{Identity, PeerIdentity, fmt_time};
+use crate::name::{CaPin, Fingerprint, Role};
 use crate::tls::{
     ClientAuth, SNI, Trust, connection_error, fleet_server_verifier, provider, recv_json,
     rustls_client_config, rustls_server_config, send_json,
@@ -402,7 +403,7 @@ impl EnrollServer {
             Err(err) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 // The error may quote what the peer sent (a name, say).
-                let error = crate::tls::peer_text(&err.to_string());
+                let error = crate::error::peer_text(&err.to_string());
                 tracing::warn!(%peer, %error, "refused request");
                 Reply::Refused {
                     refusal: Refusal::from_error(&err),
@@ -513,7 +514,7 @@ impl EnrollServer {
             let request = match recv_json::<Request>(peer, "enrollment", &mut recv).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let error = crate::tls::peer_text(&e.to_string());
+                    let error = crate::error::peer_text(&e.to_string());
                     tracing::warn!(%peer, %error, "bad enrollment request");
                     break;
                 }

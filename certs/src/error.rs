@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::{CaPin, Fingerprint, Role};
+use crate::name::{CaPin, Fingerprint, InvalidArgument, Role};
 
 /// Everything that can go wrong while creating, enrolling, loading or checking identities.
 ///
@@ -47,12 +47,8 @@ pub enum TrustError {
          starting with a letter or digit)"
     )]
     InvalidName { name: String, why: &'static str },
-    #[error("invalid {what} `{value}`: {why}")]
-    InvalidArgument {
-        what: &'static str,
-        value: String,
-        why: String,
-    },
+    #[error(transparent)]
+    InvalidArgument(#[from] InvalidArgument),
     #[error(
         "token expired at {expires_at}; create a new one on the CA host with `stackclone-certs token create`"
     )]
@@ -216,7 +212,7 @@ impl Refusal {
             Refusal::Other { message } => TrustError::EnrollRefused {
                 peer,
                 refusal: Refusal::Other {
-                    message: crate::tls::peer_text(&message),
+                    message: peer_text(&message),
                 },
             },
             refusal => TrustError::EnrollRefused { peer, refusal },
@@ -237,6 +233,11 @@ impl Refusal {
             },
         }
     }
+}
+
+/// Text that came from the peer, escaped for logs and terminals (see `stackclone_proto::text`).
+pub(crate) fn peer_text(s: &str) -> String {
+    stackclone_proto::text::escape_controls(s).into_owned()
 }
 
 pub(crate) fn io(

@@ -1,136 +1,24 @@
-//! Host identities: the facts a certificate states (name, role, flag key, validity) and the
-//! hashes that name certificates (`Fingerprint`) and CAs (`CaPin`).
+//! Host identities: the facts a certificate states (name, role, flag key, validity), read from
+//! the certificate, and this host's own certificate and key. The values that name roles,
+//! certificates and CAs are [`crate::name`]'s.
 
 use std::fmt;
-use std::str::FromStr;
 
 use ed25519_dalek::VerifyingKey;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::FLAG_KEY_OID;
 use crate::error::TrustError;
+use crate::name::{CaPin, Fingerprint, Role};
 
-/// What a host does in a pair. Carried in the certificate's OU; enforced by the application with
-/// [`PeerIdentity::expect_role`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Pushes stacks and signs flags; holds the flag key.
-    Source,
-    /// Receives stacks; accepts flags from its source's key alone.
-    Target,
+pub(crate) fn fmt_time(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| format!("{} (unix)", t.unix_timestamp()))
 }
 
-impl Role {
-    /// The word used in certificates, tokens and the CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Source => "source",
-            Role::Target => "target",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = TrustError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "source" => Ok(Role::Source),
-            "target" => Ok(Role::Target),
-            other => Err(TrustError::InvalidArgument {
-                what: "role",
-                value: other.to_owned(),
-                why: "expected `source` or `target`".into(),
-            }),
-        }
-    }
-}
-
-macro_rules! sha256_name {
-    ($ty:ident, $what:literal, $doc:literal) => {
-        #[doc = $doc]
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $ty([u8; 32]);
-
-        impl $ty {
-            /// The raw 32 bytes.
-            pub fn as_bytes(&self) -> &[u8; 32] {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "sha256:{}", hex::encode(self.0))
-            }
-        }
-
-        impl fmt::Debug for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Display::fmt(self, f)
-            }
-        }
-
-        impl FromStr for $ty {
-            type Err = TrustError;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                let bad = |why: &str| TrustError::InvalidArgument {
-                    what: $what,
-                    value: s.to_owned(),
-                    why: why.to_owned(),
-                };
-                let hex_part = s
-                    .strip_prefix("sha256:")
-                    .ok_or_else(|| bad("expected `sha256:` followed by 64 hex digits"))?;
-                let mut out = [0u8; 32];
-                hex::decode_to_slice(hex_part, &mut out)
-                    .map_err(|_| bad("expected 64 hex digits after `sha256:`"))?;
-                Ok($ty(out))
-            }
-        }
-
-        impl Serialize for $ty {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $ty {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
-            }
-        }
-    };
-}
-
-sha256_name!(
-    Fingerprint,
-    "certificate fingerprint",
-    "SHA-256 of a certificate's DER; names one certificate (deny lists, `show`)."
-);
-sha256_name!(
-    CaPin,
-    "CA pin",
-    "SHA-256 of a CA certificate's SubjectPublicKeyInfo (kubeadm's `--discovery-token-ca-cert-hash`)."
-);
-
-impl Fingerprint {
-    /// Fingerprint of a DER certificate.
-    pub fn of(der: &[u8]) -> Fingerprint {
-        Fingerprint(sha256(der))
-    }
-}
-
+// Reading a certificate is this module's business, so the pin's constructor from one lives here.
 impl CaPin {
     /// The pin of a CA certificate (hash of its SubjectPublicKeyInfo).
     pub fn of_certificate(der: &[u8]) -> Result<CaPin, TrustError> {
@@ -138,20 +26,8 @@ impl CaPin {
             x509_parser::parse_x509_certificate(der).map_err(|e| TrustError::BadCertificate {
                 detail: format!("cannot parse CA certificate: {e}"),
             })?;
-        Ok(CaPin(sha256(cert.tbs_certificate.subject_pki.raw)))
+        Ok(CaPin::of_spki(cert.tbs_certificate.subject_pki.raw))
     }
-}
-
-pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
-    out
-}
-
-pub(crate) fn fmt_time(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339)
-        .unwrap_or_else(|_| format!("{} (unix)", t.unix_timestamp()))
 }
 
 /// What a fleet certificate says about its holder, read from the peer's certificate after the

@@ -11,7 +11,10 @@
 //! - the signed **deny list** (revocation) and its distribution;
 //! - the **QUIC endpoint configs** both agents use ([`server_config`], [`client_config`]), the
 //!   peer's identity after the handshake ([`peer_identity`]) and the application-level
-//!   hello/ack ([`hello`] / [`admit`]).
+//!   hello/ack ([`hello`] / [`admit`]);
+//! - the **command-line conventions** the three binaries share ([`cli`]: completions, man
+//!   pages, [`outln!`]). They live here, in the lowest crate with a binary, so that the PKI
+//!   tool needs nothing from the agents' shared crate (and none of Docker, HTTP or metrics).
 //!
 //! It does **not** decide which stacks a peer may push (that is the target's per-stack config),
 //! speak the sync protocol, or sign flags (the source agent does, with [`load_flag_key`]).
@@ -75,12 +78,14 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod ca;
+pub mod cli;
 mod cmd;
 mod deny;
 mod enroll;
 mod error;
 mod files;
 mod identity;
+mod name;
 mod pins;
 pub mod renewal;
 mod tls;
@@ -98,16 +103,14 @@ pub use enroll::{
 };
 pub use error::{Refusal, TrustError};
 pub use files::{StateDir, load_flag_key, load_trusted_flag_keys};
-pub use identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, check_expiry};
+pub use identity::{Identity, PeerIdentity, check_expiry};
+pub use name::{CaPin, Fingerprint, InvalidArgument, Role};
 pub use pins::forget_flag_key;
 pub use tls::{
     Admission, IDLE_TIMEOUT, IDLE_TIMEOUT_ENV, KEEP_ALIVE, REFUSED, Trust, accept, admit,
     client_config, connect, hello, idle_timeout, peer_identity, server_config,
 };
 pub use token::{JoinToken, TokenSecret, parse_ttl};
-
-/// ALPN of the agents' sync protocol. Bump the version when the wire changes.
-pub const ALPN: &[u8] = b"stackclone/1";
 
 /// ALPN of the enrollment service (`stackclone-certs serve`).
 pub const ENROLL_ALPN: &[u8] = b"stackclone-enroll/1";

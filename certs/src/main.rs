@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
+use stackclone_certs::cli::{self as cli_docs, CompletionsArgs, ManArgs};
 use stackclone_certs::{
     self as certs, CaPin, DEFAULT_CERT_DAYS, DEFAULT_ENROLL_PORT, EnrollOptions, EnrollServer,
     Installed, RenewOptions, Role, StateDir, TokenSecret,
 };
-use stackclone_common::cli::{self as cli_docs, CompletionsArgs, ManArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -203,13 +203,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Man(args) => {
             for page in cli_docs::man_pages(Cli::command(), &args.dir)? {
-                stackclone_common::outln!("{}", page.display());
+                stackclone_certs::outln!("{}", page.display());
             }
         }
         Command::Init { name, days } => {
             let identity = certs::init(&dir, &name, days)?;
             let pin = CaPin::of_certificate(identity.ca_certificate())?;
-            stackclone_common::outln!(
+            stackclone_certs::outln!(
                 "created fleet CA in {} (pin {pin})\nthis host: `{}` ({}, {}), valid until {}",
                 dir.root().display(),
                 identity.name(),
@@ -217,7 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 identity.info().fingerprint,
                 rfc3339(identity.info().not_after),
             );
-            stackclone_common::outln!(
+            stackclone_certs::outln!(
                 "next: `stackclone-certs serve` and `stackclone-certs token create`"
             );
         }
@@ -243,7 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 replace,
             )?;
             if json {
-                stackclone_common::outln!(
+                stackclone_certs::outln!(
                     "{}",
                     serde_json::json!({
                         "token": token.token,
@@ -262,7 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     token.expires_at,
                     dir.tokens().display()
                 );
-                stackclone_common::outln!("{}", token.enroll_command());
+                stackclone_certs::outln!("{}", token.enroll_command());
             }
         }
         Command::Serve { listen, days } => {
@@ -270,7 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(async move {
                 let endpoint = server.bind(listen)?;
                 let addr = endpoint.local_addr().context("cannot read the bound address")?;
-                stackclone_common::outln!("listening on {addr}");
+                stackclone_certs::outln!("listening on {addr}");
                 let shutdown = async {
                     let mut term =
                         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -304,7 +304,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ca_pin,
             };
             let identity = runtime()?.block_on(certs::enroll(&opts))?;
-            stackclone_common::outln!(
+            stackclone_certs::outln!(
                 "enrolled `{}` as {} ({}), valid until {}",
                 identity.name(),
                 identity.role(),
@@ -315,7 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Csr { name, out } => {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.csr.json")));
             certs::make_csr(&dir, &name, &out)?;
-            stackclone_common::outln!(
+            stackclone_certs::outln!(
                 "wrote {}; on the CA host run `stackclone-certs sign {}`, then bring the bundle back and run `stackclone-certs install FILE`",
                 out.display(),
                 out.display()
@@ -339,7 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     named
                 }
             };
-            stackclone_common::outln!(
+            stackclone_certs::outln!(
                 "issued a {} certificate for `{}`; wrote {} — carry it back and run `stackclone-certs install {}`",
                 bundle.role,
                 bundle.name,
@@ -348,14 +348,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Install { file, ca_pin } => match certs::install(&dir, &file, ca_pin)? {
-            Installed::Identity(info) => stackclone_common::outln!(
+            Installed::Identity(info) => stackclone_certs::outln!(
                 "installed `{}` as {} ({}), valid until {}",
                 info.name,
                 info.role,
                 info.fingerprint,
                 rfc3339(info.not_after)
             ),
-            Installed::DenyList { version, adopted } => stackclone_common::outln!(
+            Installed::DenyList { version, adopted } => stackclone_certs::outln!(
                 "deny list v{version} {}",
                 if adopted {
                     "adopted"
@@ -363,7 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "is not newer than the one in force; kept the current one"
                 }
             ),
-            other => stackclone_common::outln!("{other:?}"),
+            other => stackclone_certs::outln!("{other:?}"),
         },
         Command::Renew { server, days } => {
             let identity = if server.is_none() && dir.ca_key().exists() {
@@ -375,7 +375,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 runtime()?.block_on(certs::renew(&opts))?
             };
-            stackclone_common::outln!(
+            stackclone_certs::outln!(
                 "renewed `{}` ({}), valid until {}",
                 identity.name(),
                 identity.info().fingerprint,
@@ -384,16 +384,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::ForgetFlagKey { name } => {
             if certs::forget_flag_key(&dir, &name)? {
-                stackclone_common::outln!(
+                stackclone_certs::outln!(
                     "forgot the flag key of `{name}`; the next source connecting as `{name}` is pinned"
                 );
             } else {
-                stackclone_common::outln!("no flag key was pinned for `{name}`");
+                stackclone_certs::outln!("no flag key was pinned for `{name}`");
             }
         }
         Command::Revoke { name } => {
             let list = certs::revoke(&dir, &name)?;
-            stackclone_common::outln!(
+            stackclone_certs::outln!(
                 "revoked `{name}`: deny list v{} now names {} certificate(s). It reaches peers through `serve`, through the source agent's hello, or as a file: `stackclone-certs install {}`",
                 list.version(),
                 list.entries().len(),
@@ -403,7 +403,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Show { json } => {
             let status = certs::show(&dir)?;
             if json {
-                stackclone_common::outln!("{}", serde_json::to_string_pretty(&status)?);
+                stackclone_certs::outln!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print_status(&status);
             }
@@ -429,9 +429,9 @@ fn read_token(file: &std::path::Path) -> anyhow::Result<TokenSecret> {
 }
 
 fn print_status(s: &certs::Status) {
-    stackclone_common::outln!("state directory: {}", s.dir.display());
+    stackclone_certs::outln!("state directory: {}", s.dir.display());
     match &s.ca {
-        Some(ca) => stackclone_common::outln!(
+        Some(ca) => stackclone_certs::outln!(
             "fleet CA: {} (until {}){}",
             ca.pin,
             ca.not_after,
@@ -441,10 +441,10 @@ fn print_status(s: &certs::Status) {
                 ""
             }
         ),
-        None => stackclone_common::outln!("fleet CA: none (run `init` or `enroll`)"),
+        None => stackclone_certs::outln!("fleet CA: none (run `init` or `enroll`)"),
     }
     if let Some(h) = &s.host {
-        stackclone_common::outln!(
+        stackclone_certs::outln!(
             "this host: `{}` {} {} until {} ({} days left){}",
             h.name,
             h.role,
@@ -454,19 +454,19 @@ fn print_status(s: &certs::Status) {
             if h.revoked { " REVOKED" } else { "" }
         );
         if let Some(k) = &h.flag_key {
-            stackclone_common::outln!("flag key: {k}");
+            stackclone_certs::outln!("flag key: {k}");
         }
     }
-    stackclone_common::outln!(
+    stackclone_certs::outln!(
         "deny list: v{} ({} revoked)",
         s.deny_list_version,
         s.revoked.len()
     );
     for (name, key) in &s.trusted_flag_keys {
-        stackclone_common::outln!("source flag key: `{name}` {key}");
+        stackclone_certs::outln!("source flag key: `{name}` {key}");
     }
     for c in &s.issued {
-        stackclone_common::outln!(
+        stackclone_certs::outln!(
             "issued: `{}` {} {} until {} via {}{}",
             c.name,
             c.role,
@@ -477,7 +477,7 @@ fn print_status(s: &certs::Status) {
         );
     }
     for t in &s.tokens {
-        stackclone_common::outln!(
+        stackclone_certs::outln!(
             "token: {} {} expires {} {}{}",
             t.id,
             t.role,

@@ -16,12 +16,13 @@ use rustls::{
     SignatureScheme,
 };
 use serde::{Deserialize, Serialize};
+use stackclone_proto::msg::ALPN;
 
-use crate::ALPN;
 use crate::deny::{DenyList, SignedDenyList};
-use crate::error::TrustError;
+use crate::error::{TrustError, peer_text};
 use crate::files::StateDir;
-use crate::identity::{CaPin, Fingerprint, Identity, PeerIdentity, Role, fmt_time};
+use crate::identity::{Identity, PeerIdentity, fmt_time};
+use crate::name::{CaPin, Fingerprint, Role};
 use crate::pins::{PinCheck, PinStore};
 
 /// Application close code: the peer was refused after the TLS handshake (role, deny list, …).
@@ -520,11 +521,6 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, TrustErro
         .ok_or(TrustError::NoPeerCertificate)?;
     let leaf = certs.first().ok_or(TrustError::NoPeerCertificate)?;
     PeerIdentity::from_certificate(leaf)
-}
-
-/// Text that came from the peer, escaped for logs and terminals (see `stackclone_proto::text`).
-pub(crate) fn peer_text(s: &str) -> String {
-    stackclone_proto::text::escape_controls(s).into_owned()
 }
 
 /// rustls's prefix for errors our verifiers return; our messages stand on their own.

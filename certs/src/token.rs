@@ -9,7 +9,8 @@ use time::{Duration, OffsetDateTime};
 
 use crate::error::TrustError;
 use crate::files::StateDir;
-use crate::identity::{CaPin, Role, fmt_time};
+use crate::identity::fmt_time;
+use crate::name::{CaPin, InvalidArgument, Role};
 
 const KEY_CONTEXT: &str = "stackclone join token v1 2026-11 proof key";
 const PROOF_DOMAIN: &[u8] = b"stackclone enroll proof v1\0";
@@ -149,11 +150,12 @@ impl TokenStore {
         now: OffsetDateTime,
     ) -> Result<(TokenSecret, OffsetDateTime), TrustError> {
         if replace && name.is_none() {
-            return Err(TrustError::InvalidArgument {
+            return Err(InvalidArgument {
                 what: "token",
                 value: "--replace".into(),
                 why: "a replacing token must name the host it replaces: add `--name NAME`".into(),
-            });
+            }
+            .into());
         }
         let secret = TokenSecret::generate()?;
         let expires_at = now + ttl;
@@ -241,10 +243,12 @@ pub(crate) fn parse_time(s: &str) -> Option<OffsetDateTime> {
 
 /// Parses a duration such as `90s`, `30m`, `1h`, `7d`.
 pub fn parse_ttl(s: &str) -> Result<Duration, TrustError> {
-    let bad = || TrustError::InvalidArgument {
-        what: "duration",
-        value: s.to_owned(),
-        why: "expected a number and a unit: s, m, h or d (e.g. `1h`)".into(),
+    let bad = || {
+        TrustError::from(InvalidArgument {
+            what: "duration",
+            value: s.to_owned(),
+            why: "expected a number and a unit: s, m, h or d (e.g. `1h`)".into(),
+        })
     };
     let unit_at = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
     let (n, unit) = s.split_at(unit_at);

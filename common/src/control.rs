@@ -2,11 +2,23 @@
 //! [`ComposeStack`](crate::docker::ComposeStack) for a Compose project and by [`DataOnly`] for a
 //! stack with `docker = false`, which has nothing to stop (the source's final pass is still the
 //! pass the flag signs).
+//!
+//! The trait's vocabulary lives here too: the reports its methods return ([`StopReport`],
+//! [`StartReport`], [`HealthReport`], [`Creation`]) and [`DockerError`]. So
+//! [`docker`](crate::docker), one implementation, depends on this module and not the other way
+//! round.
+
+mod error;
+mod report;
 
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::docker::{Creation, DockerError, HealthReport, StartReport, StopReport};
+pub use error::{DockerError, NotReady, StartFailure};
+pub use report::{
+    ContainerEvent, ContainerHealth, ContainerRef, Creation, Health, HealthReport, HookPhase,
+    HookRun, StartReport, StopReport,
+};
 
 /// The future every [`StackControl`] method returns.
 pub type ControlFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DockerError>> + Send + 'a>>;

@@ -16,9 +16,10 @@
 //! create_if_missing(): no container at all → `docker compose -p P up -d` (else `docker-compose`)
 //! ```
 //!
-//! What it owns: [`ComposeStack`] (the [`StackControl`] for a Compose project),
-//! [`ComposeConfig`], the reports callers measure downtime with ([`StopReport`],
-//! [`StartReport`], [`HealthReport`]), and [`DockerError`].
+//! What it owns: [`ComposeStack`] (the [`StackControl`] for a Compose project) and
+//! [`ComposeConfig`]. The reports callers measure downtime with ([`StopReport`],
+//! [`StartReport`], [`HealthReport`]) and [`DockerError`] are the trait's, defined in
+//! [`control`](crate::control) and re-exported here.
 //!
 //! What it does not do: it never pulls or builds an image, never recreates a container (stop and
 //! start reuse the existing ones, so binds and volumes are untouched), and runs a CLI only in
@@ -75,13 +76,12 @@
 //! - **Connecting** honours `DOCKER_HOST` and negotiates the API version (bollard speaks 1.53 by
 //!   default; Debian's engine 20.10 speaks 1.41). A missing socket is [`DockerError::Connect`].
 
-mod error;
 mod order;
 pub mod policy;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use bollard::Docker;
@@ -92,7 +92,11 @@ use futures_util::StreamExt;
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
-pub use error::{DockerError, HookPhase, NotReady, StartFailure};
+// The trait's reports and error, beside the type that makes them; callers import them from here.
+pub use crate::control::{
+    ContainerEvent, ContainerHealth, ContainerRef, Creation, DockerError, Health, HealthReport,
+    HookPhase, HookRun, NotReady, StartFailure, StartReport, StopReport,
+};
 pub use order::{OrderSource, parse_depends_on_label};
 
 use crate::config::{DEFAULT_HEALTH_TIMEOUT, DEFAULT_STOP_TIMEOUT, Hook, SourceStack, TargetStack};
@@ -217,17 +221,6 @@ impl ComposeConfig {
     }
 }
 
-/// One container of a stack, as reports and errors name it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct ContainerRef {
-    /// Its `com.docker.compose.service` label.
-    pub service: String,
-    /// Its name, without the leading `/`.
-    pub name: String,
-    /// Its full id.
-    pub id: String,
-}
-
 /// A container of the stack as listed by label.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StackContainer {
@@ -254,126 +247,6 @@ pub struct Plan {
     pub source: OrderSource,
     /// Services in start order.
     pub start_order: Vec<String>,
-}
-
-/// A container stopped or started: `began` when the call was made, `done` when the engine
-/// said it was done. A container's downtime runs from its stop's `began` (the signal) to its
-/// start's `done`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerEvent {
-    /// Which container.
-    pub container: ContainerRef,
-    /// When the call was made.
-    pub began: SystemTime,
-    /// When it returned.
-    pub done: SystemTime,
-}
-
-/// A hook that ran and exited 0.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HookRun {
-    /// `pre_stop` or `post_start`.
-    pub phase: HookPhase,
-    /// Where it ran.
-    pub container: ContainerRef,
-    /// Its argv.
-    pub command: Vec<String>,
-    /// Its stdout and stderr as received (the last 64 KiB).
-    pub output: String,
-    /// How long it ran.
-    pub took: Duration,
-}
-
-/// What [`StackControl::stop`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StopReport {
-    /// The `pre_stop` hooks, in order.
-    pub hooks: Vec<HookRun>,
-    /// The containers stopped, in stop order.
-    pub stopped: Vec<ContainerEvent>,
-    /// Of those, the ones that did not exit on their stop signal within the stop timeout, so
-    /// that Docker killed them (exit code 137, not an OOM kill): what they left on disk is
-    /// crash-consistent only.
-    pub killed: Vec<ContainerRef>,
-}
-
-impl StopReport {
-    /// When the first container was told to stop: the stack's downtime begins here.
-    pub fn first_stop(&self) -> Option<SystemTime> {
-        self.stopped.iter().map(|e| e.began).min()
-    }
-
-    /// The services of [`killed`](Self::killed), sorted, each once.
-    pub fn killed_services(&self) -> Vec<String> {
-        let services: BTreeSet<&str> = self.killed.iter().map(|c| c.service.as_str()).collect();
-        services.into_iter().map(str::to_owned).collect()
-    }
-}
-
-/// What [`StackControl::start`] or [`StackControl::bring_up`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StartReport {
-    /// The containers started, in start order.
-    pub started: Vec<ContainerEvent>,
-    /// The `post_start` hooks, in order.
-    pub hooks: Vec<HookRun>,
-    /// The Compose command that created missing containers (`bring_up` only).
-    pub compose: Option<String>,
-}
-
-impl StartReport {
-    /// When the last container was running again: the stack's downtime ends here.
-    pub fn last_start(&self) -> Option<SystemTime> {
-        self.started.iter().map(|e| e.done).max()
-    }
-
-    /// From the first stop to the last start; `None` if either did nothing.
-    pub fn downtime_since(&self, stop: &StopReport) -> Option<Duration> {
-        self.last_start()?.duration_since(stop.first_stop()?).ok()
-    }
-}
-
-/// How a container passed [`StackControl::wait_healthy`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    /// Its health check says `healthy`.
-    Healthy,
-    /// It has no health check and is running.
-    Running,
-    /// It exited with code 0 (a one-shot service).
-    Completed,
-}
-
-/// One container's outcome in a [`HealthReport`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerHealth {
-    /// Which container.
-    pub container: ContainerRef,
-    /// How it passed.
-    pub health: Health,
-}
-
-/// What [`StackControl::wait_healthy`] saw.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HealthReport {
-    /// Every container checked, in the order they became ready.
-    pub containers: Vec<ContainerHealth>,
-    /// How long it took.
-    pub waited: Duration,
-}
-
-/// What [`StackControl::create_if_missing`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Creation {
-    /// The project already had containers (running or not); nothing was run.
-    Existed,
-    /// The Compose CLI created (and started) these.
-    Created {
-        /// The command line that ran.
-        command: String,
-        /// The project's containers afterwards.
-        containers: Vec<ContainerRef>,
-    },
 }
 
 /// A Compose project, controlled through the Docker API. See the [module docs](self).
@@ -894,7 +767,7 @@ impl ComposeStack {
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             let output = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-            return Err(failed(error::exit_status(out.status), output));
+            return Err(failed(exit_status(out.status), output));
         }
         debug!(project = %project, command, stdout, stderr = %String::from_utf8_lossy(&out.stderr), "compose finished");
         Ok((command, stdout))
@@ -1252,7 +1125,7 @@ impl ComposeStack {
                 Ok(Ok(out)) => reasons.push(format!(
                     "`{} version`: {}: {}",
                     argv.join(" "),
-                    error::exit_status(out.status),
+                    exit_status(out.status),
                     String::from_utf8_lossy(&out.stderr).trim()
                 )),
                 Ok(Err(e)) => reasons.push(format!("`{} version`: {e}", argv.join(" "))),
@@ -1592,5 +1465,12 @@ impl<'a> HookOutput<'a> {
 
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.kept).into_owned()
+    }
+}
+
+fn exit_status(status: ExitStatus) -> String {
+    match status.code() {
+        Some(code) => format!("exit code {code}"),
+        None => status.to_string(),
     }
 }

@@ -19,7 +19,7 @@
 //!   `/metrics` and a Pushgateway push.
 //! - [`config`]: load and check `source.toml` / `target.toml` and their `conf.d/` stack files.
 //! - [`docker`]: stop, start, health-check and create a Compose stack through the Docker API;
-//!   [`control`]: the trait both agents drive a stack through.
+//!   [`control`]: the trait both agents drive a stack through, with its reports and errors.
 //! - [`net`]: wire frames over QUIC streams, bounded before allocation.
 //!
 //! What it does not do: no writes below a scanned root (the scanner's only write is its cache
@@ -46,7 +46,6 @@
 
 pub mod alert;
 pub mod cache;
-pub mod cli;
 pub mod config;
 pub mod control;
 pub mod docker;

@@ -12,7 +12,26 @@ use crate::flag::SignedStatus;
 use crate::manifest::{Entry, Hash};
 use crate::path::StackPath;
 
-/// Protocol version, sent in the first message of each side. Bumped on any incompatible change.
+/// The sync protocol's ALPN, negotiated in the TLS handshake of every agent connection (the
+/// endpoint configs of `stackclone-certs` offer it and nothing else).
+///
+/// It guards the *framing generation*: what a QUIC stream carries and how its bytes become
+/// messages ([`crate::wire`] frames, the stream layout, the encoding), up to and including the
+/// opening [`SourceMsg::Hello`] and [`TargetMsg::Welcome`]. Bump it (`stackclone/2`) only when a
+/// peer of the old generation could no longer read those: peers that differ here fail in the
+/// handshake, with no message of ours to tell the person why. Everything else is
+/// [`PROTOCOL_VERSION`]'s: keep this value while the framing stays, or an old peer's clear
+/// version error becomes a bare TLS failure.
+pub const ALPN: &[u8] = b"stackclone/1";
+
+/// Protocol version, sent in the first message of each side ([`SourceMsg::Hello`],
+/// [`TargetMsg::Welcome`]) and checked by both sessions, which refuse another version with an
+/// error that names both ([`Refusal::Version`] on the target).
+///
+/// It guards the *message semantics*: which messages and fields exist and what they mean. Bump it
+/// on any incompatible change to them; as long as the framing and the opening messages stay
+/// readable, the peers then meet, and part with that clear error. When they would not stay
+/// readable, bump [`ALPN`] instead.
 ///
 /// 2: [`SourceMsg::FinalPass`], and the standby's killed services in [`Outcome::Committed`].
 pub const PROTOCOL_VERSION: u32 = 2;

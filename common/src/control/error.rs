@@ -1,30 +1,10 @@
 //! What can go wrong controlling a stack. Every variant that concerns a stack names its Compose
 //! project; container-level variants name the service and container.
 
-use std::fmt;
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::time::Duration;
 
-use super::ContainerRef;
-
-/// When a hook runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HookPhase {
-    /// Before the stack is stopped (a database flush); a failure stops nothing.
-    PreStop,
-    /// After the stack was started again.
-    PostStart,
-}
-
-impl fmt::Display for HookPhase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            HookPhase::PreStop => "pre_stop",
-            HookPhase::PostStart => "post_start",
-        })
-    }
-}
+use super::report::{ContainerRef, HookPhase};
 
 /// One container that did not come up, for [`DockerError::StartFailed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -313,11 +293,4 @@ pub enum DockerError {
         /// Where it ran.
         dir: PathBuf,
     },
-}
-
-pub(super) fn exit_status(status: ExitStatus) -> String {
-    match status.code() {
-        Some(code) => format!("exit code {code}"),
-        None => status.to_string(),
-    }
 }

@@ -1,5 +1,6 @@
-//! What every stackclone binary's command line shares: shell completions and man pages made
-//! from its clap definition, so they never drift from the real flags.
+//! The command-line conventions the three binaries (`stackclone-source`, `stackclone-target`,
+//! `stackclone-certs`) share: shell completions and man pages made from each one's clap
+//! definition, so they never drift from the real flags, and stdout that never panics.
 //!
 //! Each binary has `completions SHELL` (to stdout) and `man DIR` (one page per command and
 //! subcommand, e.g. `stackclone-source.1`, `stackclone-source-push.1`); `deploy/install.sh`
