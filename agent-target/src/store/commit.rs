@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use stackclone_common::ScanConfig;
 use stackclone_proto::manifest::{Entry, EntryKind, Hash, Manifest};
 use stackclone_proto::path::StackPath;
-use stackclone_proto::plan::{Changes, Upsert};
+use stackclone_proto::plan::{Changes, Upsert, link_leaders};
 use stackclone_proto::session::Commit;
 
 use super::journal::{Journal, Op};
@@ -93,23 +93,6 @@ struct Applied {
     backed_up: usize,
     placed: usize,
     patched: usize,
-}
-
-/// The first path of each hardlink group, by path.
-fn link_leaders(m: &Manifest) -> HashMap<StackPath, StackPath> {
-    let mut first: HashMap<u32, StackPath> = HashMap::new();
-    let mut leaders = HashMap::new();
-    for e in m.entries() {
-        if let EntryKind::File {
-            link_group: Some(g),
-            ..
-        } = e.kind
-        {
-            let leader = first.entry(g).or_insert_with(|| e.path.clone()).clone();
-            leaders.insert(e.path.clone(), leader);
-        }
-    }
-    leaders
 }
 
 impl StackStore {
@@ -312,7 +295,7 @@ impl StackStore {
                 }
                 (EntryKind::File { .. }, Upsert::Create(_) | Upsert::Replace(_)) => {
                     match leaders.get(&e.path) {
-                        Some(leader) if *leader != e.path => ops.push(Op::Link {
+                        Some(&leader) if *leader != e.path => ops.push(Op::Link {
                             leader: leader.clone(),
                             path,
                         }),
