@@ -6,6 +6,7 @@
 
 mod apply;
 mod generations;
+mod plan;
 mod prepare;
 mod recover;
 mod rollback;

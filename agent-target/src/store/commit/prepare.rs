@@ -3,17 +3,18 @@
 //! what in-place patches will overwrite, and the checks of the ops against the live dir. Nothing
 //! in the live dir changes here.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::AsFd;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
-use stackclone_proto::manifest::{Entry, EntryKind, Hash, Manifest};
+use stackclone_proto::manifest::{Entry, Hash, Manifest};
 use stackclone_proto::path::StackPath;
-use stackclone_proto::plan::{Changes, Upsert, link_leaders};
+use stackclone_proto::plan::Changes;
 use stackclone_proto::session::Commit;
 
 use super::generations::GenerationRecord;
+use super::plan::{self, Staged};
 use super::{Prepared, show};
 use crate::store::journal::{Journal, Op};
 use crate::store::patch::{self, PatchHeader};
@@ -80,7 +81,7 @@ impl StackStore {
         };
         let undo = gen_path.join("patches");
         std::fs::create_dir(&undo).map_err(|e| self.io_err("create", show(&undo), e))?;
-        let mut prepared = self.plan(
+        let mut prepared = self.make_ready(
             c.manifest(),
             c.changes(),
             format!("{g}/data"),
@@ -92,8 +93,11 @@ impl StackStore {
         Ok(prepared)
     }
 
-    /// Builds the ops and the prepared files for turning the live dir into `want`.
-    pub(super) fn plan(
+    /// Plans the ops that turn the live dir into `want` ([`plan::plan`]) and makes what they
+    /// need: the prepared files, and with an `undo_dir` (a commit, not a rollback) the undo
+    /// copies of what in-place patches will overwrite; then checks the ops against the live dir
+    /// and makes it all durable.
+    pub(super) fn make_ready(
         &mut self,
         want: &Manifest,
         changes: &Changes,
@@ -103,173 +107,53 @@ impl StackStore {
         undo_dir: Option<&std::path::Path>,
     ) -> Result<Prepared, StoreError> {
         self.reset_prep()?;
-        // Replacements that can be written in place: an applicable patch is staged for exactly
-        // this path and content, and no whole object is.
-        let mut patched: HashMap<StackPath, (Hash, PatchHeader)> = HashMap::new();
-        if undo_dir.is_some() {
-            let patches: HashMap<Hash, PatchHeader> = self.patches()?.into_iter().collect();
-            for u in &changes.upserts {
-                if let Upsert::Replace(e) = u
-                    && let EntryKind::File {
-                        hash,
-                        link_group: None,
-                        ..
-                    } = e.kind
-                    && !self.staging.object_exists(&hash)
-                    && let Some(h) = patches.get(&hash)
-                    && h.path == e.path
-                {
-                    if !self.patch_applies(h) {
-                        return Err(StoreError::NotPrepared {
-                            stack: self.stack.clone(),
-                            what: format!(
-                                "{} changed since its in-place patch was staged; run the cycle \
-                                 again (the file will be transferred again)",
-                                self.live.show(&e.path)
-                            ),
-                        });
-                    }
-                    patched.insert(e.path.clone(), (hash, h.clone()));
-                }
+        // A rollback stages every content whole, so it has no patch to write.
+        let staged = match undo_dir {
+            Some(_) => self.staged_for_plan()?,
+            None => Staged::default(),
+        };
+        let plan = plan::plan(want, changes, &staged);
+        for h in &plan.patches {
+            if !self.patch_applies(h) {
+                return Err(StoreError::NotPrepared {
+                    stack: self.stack.clone(),
+                    what: format!(
+                        "{} changed since its in-place patch was staged; run the cycle again (the \
+                         file will be transferred again)",
+                        self.live.show(&h.path)
+                    ),
+                });
             }
         }
         let prep_path = self.staging_dir.path().join("prep");
         let prep = Tree::open_at(self.staging_dir.fd(), "prep", prep_path.clone())
             .map_err(|e| self.io_err("open", show(&prep_path), e))?;
+        let mut used: HashSet<Hash> = HashSet::new();
+        let mut counts = (0u64, 0u64, 0u64);
+        for (n, e) in (0u64..).zip(&plan.prep) {
+            self.prepare_file(&prep, n, e, &mut used, &mut counts)?;
+        }
+        if let Some(undo) = undo_dir {
+            for (n, h) in plan.patches.iter().enumerate() {
+                self.write_undo(h, &undo.join(n.to_string()))?;
+            }
+        }
+        self.validate(&plan.ops)?;
+        let (files_linked, files_copied, files_staged_locally) = counts;
         let mut prepared = Prepared {
             token: 0,
             journal: Journal {
                 backup,
-                ops: Vec::new(),
+                ops: plan.ops,
                 state_after,
                 drop_generations,
             },
             manifest: want.clone(),
             planned_against: None,
-            files_linked: 0,
-            files_copied: 0,
-            files_staged_locally: 0,
+            files_linked,
+            files_copied,
+            files_staged_locally,
         };
-        let ops = &mut prepared.journal.ops;
-
-        let mut slot = 0u64;
-        for p in &changes.deletes {
-            ops.push(Op::Backup {
-                path: p.clone(),
-                slot,
-            });
-            slot += 1;
-        }
-        // Whatever occupies a path to create or replace goes too (a create's path may have been
-        // filled since the scan by the running stack). Deepest first.
-        for u in changes.upserts.iter().rev() {
-            if let Upsert::Create(e) | Upsert::Replace(e) = u
-                && !patched.contains_key(&e.path)
-            {
-                ops.push(Op::Backup {
-                    path: e.path.clone(),
-                    slot,
-                });
-                slot += 1;
-            }
-        }
-        ops.push(Op::EndBackups);
-
-        let leaders = link_leaders(want);
-        let mut used: HashSet<Hash> = HashSet::new();
-        let mut dirs: BTreeSet<StackPath> = BTreeSet::new();
-        let mut next_prep = 0u64;
-        let mut next_undo = 0u64;
-        for p in &changes.deletes {
-            dirs.extend(p.parent());
-        }
-        let mut counts = (0u64, 0u64, 0u64);
-        for u in &changes.upserts {
-            let e = u.entry();
-            dirs.extend(e.path.parent());
-            let path = e.path.clone();
-            match (&e.kind, u) {
-                (EntryKind::Dir, Upsert::Create(_)) => {
-                    ops.push(Op::Mkdir { path: path.clone() });
-                    dirs.insert(path);
-                }
-                (EntryKind::Dir, _) => {
-                    dirs.insert(path);
-                }
-                (EntryKind::Symlink { target }, Upsert::Create(_) | Upsert::Replace(_)) => {
-                    ops.push(Op::Symlink {
-                        path,
-                        target: target.clone(),
-                        meta: e.meta,
-                    });
-                }
-                (EntryKind::Symlink { .. }, Upsert::Meta(_)) => {
-                    ops.push(Op::SymlinkMeta { path, meta: e.meta });
-                }
-                (EntryKind::File { .. }, Upsert::Replace(_))
-                    if let (Some((hash, h)), Some(undo)) = (patched.get(&e.path), undo_dir) =>
-                {
-                    self.write_undo(h, &undo.join(next_undo.to_string()))?;
-                    next_undo += 1;
-                    ops.push(Op::Patch {
-                        patch: hash.to_hex(),
-                        path,
-                        base: h.base,
-                        meta: e.meta,
-                        xattrs: e.xattrs.clone(),
-                    });
-                }
-                (EntryKind::File { .. }, Upsert::Create(_) | Upsert::Replace(_)) => {
-                    match leaders.get(&e.path) {
-                        Some(&leader) if *leader != e.path => ops.push(Op::Link {
-                            leader: leader.clone(),
-                            path,
-                        }),
-                        _ => {
-                            self.prepare_file(&prep, next_prep, e, &mut used, &mut counts)?;
-                            ops.push(Op::Place {
-                                prep: next_prep,
-                                path,
-                            });
-                            next_prep += 1;
-                        }
-                    }
-                }
-                (EntryKind::File { .. }, Upsert::Meta(_)) => ops.push(Op::Meta {
-                    path,
-                    dir: false,
-                    meta: e.meta,
-                    xattrs: e.xattrs.clone(),
-                }),
-            }
-        }
-        // Directory metadata last, deepest first: creating or removing children moves a
-        // directory's mtime.
-        let mut dir_entries: Vec<&Entry> = dirs
-            .iter()
-            .filter_map(|p| want.get(p))
-            .filter(|e| e.is_dir())
-            .collect();
-        dir_entries.sort_by(|a, b| {
-            b.path
-                .depth()
-                .cmp(&a.path.depth())
-                .then_with(|| a.path.cmp(&b.path))
-        });
-        for e in dir_entries {
-            ops.push(Op::Meta {
-                path: e.path.clone(),
-                dir: true,
-                meta: e.meta,
-                xattrs: e.xattrs.clone(),
-            });
-        }
-        (
-            prepared.files_linked,
-            prepared.files_copied,
-            prepared.files_staged_locally,
-        ) = counts;
-        self.validate(&prepared.journal.ops)?;
         // One flush of the whole file system makes every staged object, prepared file and their
         // metadata durable before a journal can point at them (staged files are not fsynced one
         // by one; the state dir and the live dir are on this same file system). It also makes
@@ -290,6 +174,18 @@ impl StackStore {
         prepared.token = self.next_token;
         self.prepared = Some(prepared.token);
         Ok(prepared)
+    }
+
+    /// What [`plan::plan`] needs to know of staging: the readable in-place patches, and which
+    /// of their contents are staged whole too.
+    fn staged_for_plan(&self) -> Result<Staged, StoreError> {
+        let patches: HashMap<Hash, PatchHeader> = self.patches()?.into_iter().collect();
+        let whole = patches
+            .keys()
+            .filter(|h| self.staging.object_exists(h))
+            .copied()
+            .collect();
+        Ok(Staged { patches, whole })
     }
 
     /// Re-hashes the staged object `hash` before a commit uses it. Objects were verified as

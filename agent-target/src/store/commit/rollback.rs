@@ -135,7 +135,7 @@ impl StackStore {
             highest_generation: self.state.highest_generation.max(n),
             ..previous
         };
-        let prepared = self.plan(
+        let prepared = self.make_ready(
             &want,
             &changes,
             format!("{n}/undo"),
