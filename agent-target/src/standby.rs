@@ -296,3 +296,6 @@ pub(crate) async fn roll_back(
 pub(crate) fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
+
+#[cfg(test)]
+mod tests;
