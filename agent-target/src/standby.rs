@@ -119,12 +119,39 @@ async fn recover_once(ctx: &Arc<TargetCtx>, serve: &StackServe) -> Result<(), St
 /// The store work runs with `block_in_place`: it owns the store, and a commit must not be torn
 /// apart by task cancellation.
 pub(crate) async fn commit_stack(
-    mut store: StackStore,
+    store: StackStore,
     commit: Commit,
     serve: &StackServe,
     stopped: Option<(Arc<dyn StackControl>, Instant)>,
     bytes_received: u64,
 ) -> (Result<u64, (Phase, String)>, StackStore) {
+    let state_path = store.state_path().to_path_buf();
+    let connect = || control_for(serve, &state_path);
+    commit_with(
+        store,
+        commit,
+        serve.auto_rollback,
+        stopped,
+        bytes_received,
+        connect,
+    )
+    .await
+}
+
+/// [`commit_stack`], where the control for a commit without a stop comes from `connect`, called
+/// once that commit is done: the stack's own (see [`control_for`]), or a test's fake.
+async fn commit_with<F, Fut>(
+    mut store: StackStore,
+    commit: Commit,
+    auto_rollback: bool,
+    stopped: Option<(Arc<dyn StackControl>, Instant)>,
+    bytes_received: u64,
+    connect: F,
+) -> (Result<u64, (Phase, String)>, StackStore)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Arc<dyn StackControl>, String>>,
+{
     let generation = commit.generation();
     let started = Instant::now();
     if commit.without_stop() {
@@ -141,7 +168,7 @@ pub(crate) async fn commit_stack(
         });
         // Not stopped by this cycle is not running: a standby stopped by hand, or whose
         // creation failed, is brought up here too (running containers are left as they are).
-        let control = match control_for(serve, store.state_path()).await {
+        let control = match connect().await {
             Ok(c) => c,
             Err(e) => return (Err((Phase::Health, format!("docker: {e}"))), store),
         };
@@ -226,7 +253,7 @@ pub(crate) async fn commit_stack(
             info!(generation, downtime_ms, "generation committed");
             (Ok(downtime_ms), store)
         }
-        Err(why) if serve.auto_rollback && generation > 1 => {
+        Err(why) if auto_rollback && generation > 1 => {
             warn!(generation, error = %why, "stack not healthy on the new generation; rolling back");
             let back = roll_back(&mut store, &*control).await;
             let reason = match back {
@@ -269,3 +296,6 @@ pub(crate) async fn roll_back(
 pub(crate) fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
+
+#[cfg(test)]
+mod tests;

@@ -53,8 +53,15 @@ pub struct Changes {
     pub live_files: u64,
 }
 
-/// The first path of each hardlink group, by path; `None` for a file outside any group.
-fn link_leaders(m: &Manifest) -> HashMap<&StackPath, &StackPath> {
+/// The leader of each hardlinked file of `m`: every path of a hardlink group maps to the group's
+/// first path in manifest order (the leader maps to itself); a file outside any group is not in
+/// the map.
+///
+/// Two manifests whose leaders agree for a path have the same hardlink membership there, which
+/// is how [`Changes::between`] sees a membership change. A commit makes the leader from content
+/// and links every other member to it; since a manifest is sorted parents first, as
+/// [`Changes::upserts`] are, the leader comes before its followers.
+pub fn link_leaders(m: &Manifest) -> HashMap<&StackPath, &StackPath> {
     let mut first: HashMap<u32, &StackPath> = HashMap::new();
     let mut leaders = HashMap::new();
     for e in m.entries() {

@@ -29,7 +29,9 @@
 //!    already stopped then (the final pass was planned against a scan of the stopped live dir:
 //!    a running database rewrites its files, at the latest when it stops), except for a
 //!    generation that changes nothing. It builds the op list from the
-//!    [`Commit`]'s [`Changes`] and makes, for every file to create or replace, a ready file in
+//!    [`Commit`]'s [`Changes`] (a pure function of them, the wanted manifest and what is
+//!    staged: the `commit::plan` module, tested without a file system) and makes, for every
+//!    file to create or replace, a ready file in
 //!    `staging/prep/` — a hardlink of the staged object for the first path that needs that
 //!    content, a (sparse) copy for any other path not in the same hardlink group — with owner,
 //!    mode, xattrs and mtime already set. It also writes the new manifest and the generation
