@@ -1148,6 +1148,24 @@ fn out_of_order_messages_end_the_cycle() {
             "data for file id 999, which was not wanted",
             Script::ctl(with_new.clone()).answer(always(|_| literal(999, b"abc"))),
         ),
+        // The session, not the driver, judges a data stream that is no valid transfer (it
+        // used to be dropped silently, or retried literally).
+        Case::new(
+            "a file stream that does not begin with FileBegin",
+            "transfer",
+            "a file stream that is no valid transfer: it does not begin with FileBegin: FileData",
+            Script::ctl(with_new.clone()).answer(always(move |id| vec![data(id)])),
+        ),
+        Case::new(
+            "another file's frame on a file stream",
+            "transfer",
+            "a file stream that is no valid transfer: FileData on the stream of file id",
+            Script::ctl(with_new.clone()).answer(always(move |id| {
+                let mut frames = literal(id, b"abc");
+                frames[1] = data(id + 1);
+                frames
+            })),
+        ),
         Case::new(
             "a file stream before any manifest",
             "manifest",
