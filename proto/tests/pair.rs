@@ -1663,6 +1663,17 @@ fn big_single_path_files_are_received_in_place_and_hardlinks_never_are() {
 // ------------------------------------------------------------------------------------------------
 // The stall rule, on a virtual clock
 
+/// An empty live dir at generation 1, nothing staged.
+fn empty_live_at_generation_1() -> StackState {
+    StackState {
+        last_generation: 1,
+        live: Manifest::new(vec![]).unwrap(),
+        staged: HashSet::new(),
+        staged_in_place: HashMap::new(),
+        outside_links: HashSet::new(),
+    }
+}
+
 /// A target session for `web` at `t0`, past `Hello` and its policy, with the live dir of
 /// generation 1 scanned: it waits for the source's manifest. Its actions so far are drained.
 fn waiting_target(t0: Instant) -> TargetSession {
@@ -1680,13 +1691,7 @@ fn waiting_target(t0: Instant) -> TargetSession {
         allow: vec!["primary".into()],
     }));
     s.handle_opened(1);
-    s.handle_stack(Ok(StackState {
-        last_generation: 1,
-        live: Manifest::new(vec![]).unwrap(),
-        staged: HashSet::new(),
-        staged_in_place: HashMap::new(),
-        outside_links: HashSet::new(),
-    }));
+    s.handle_stack(Ok(empty_live_at_generation_1()));
     while s.poll_action().is_some() {}
     while s.poll_message().is_some() {}
     s
@@ -1771,13 +1776,7 @@ fn no_stall_while_the_target_waits_on_its_own_work() {
     assert!(ended(&mut s).is_none());
     // Its answer is progress: the clock starts again from there.
     s.handle_progress(t0 + 2 * hour);
-    s.handle_stopped_scan(Ok(StackState {
-        last_generation: 1,
-        live: Manifest::new(vec![]).unwrap(),
-        staged: HashSet::new(),
-        staged_in_place: HashMap::new(),
-        outside_links: HashSet::new(),
-    }));
+    s.handle_stopped_scan(Ok(empty_live_at_generation_1()));
     assert_eq!(s.poll_timeout(), Some(t0 + 2 * hour + STALL_TIMEOUT));
     s.handle_timeout(t0 + 2 * hour + STALL_TIMEOUT);
     // The stall ends the cycle; the stopped standby is started before it says so.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use stackclone_certs::{CertProfile, Role, StateDir, Trust};
-use stackclone_common::net::{self, ControlEnd};
+use stackclone_common::net::{self, ControlEnd, ControlStream};
 use stackclone_common::{ScanConfig, scan};
 use stackclone_proto::delta::{FileSender, SenderConfig};
 use stackclone_proto::msg::{Mode, SourceMsg, TargetMsg};
@@ -28,7 +28,7 @@ use stackclone_proto::session::{
 use stackclone_target::app::Common;
 use stackclone_target::daemon::Daemon;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 pub const SOURCE: &str = "primary";
 pub const TARGET: &str = "standby";
@@ -278,7 +278,8 @@ impl Source {
         let (conn, _) = stackclone_certs::connect(&self.endpoint, addr, &self.trust, Role::Target)
             .await
             .expect("connect to the target");
-        let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.expect("control stream");
+        let (ctl_send, ctl_recv) = conn.open_bi().await.expect("control stream");
+        let mut ctl = ControlStream::<TargetMsg>::new(ctl_send, ctl_recv);
         let mut session = SourceSession::new(
             SourceConfig {
                 stack: stack.to_owned(),
@@ -296,21 +297,6 @@ impl Source {
                 .take()
                 .unwrap_or_else(|| self.flag_key.clone()),
         );
-        let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Result<TargetMsg, ControlEnd>>();
-        let reader = tokio::spawn(async move {
-            loop {
-                let msg = match net::recv::<TargetMsg>(&mut ctl_recv).await {
-                    Ok(Some(m)) => Ok(m),
-                    Ok(None) => Err(ControlEnd::of(Ok(()))),
-                    Err(e) => Err(ControlEnd::of(Err(e))),
-                };
-                let end = msg.is_err();
-                if ctl_tx.send(msg).is_err() || end {
-                    return;
-                }
-            }
-        });
-        let mut link_up = true;
         let outcome = loop {
             let mut progress = false;
             while let Some(msg) = session.poll_message() {
@@ -321,8 +307,9 @@ impl Source {
                     let _ = reached.send(());
                     let _ = resume.await;
                 }
-                if link_up && let Err(e) = net::send(&mut ctl_send, &msg).await {
-                    link_up = false;
+                if ctl.is_up()
+                    && let Err(e) = ctl.send(&msg).await
+                {
                     session.handle_connection_lost(&e.to_string());
                 }
             }
@@ -353,30 +340,21 @@ impl Source {
             }
             if let Some(result) = done {
                 while let Some(msg) = session.poll_message() {
-                    if link_up {
-                        let _ = net::send(&mut ctl_send, &msg).await;
-                    }
+                    let _ = ctl.send(&msg).await;
                 }
                 break result;
             }
             if progress {
                 continue;
             }
-            match ctl_rx.recv().await {
-                Some(Ok(m)) => session.handle_message(m, unix_now()),
-                Some(Err(ControlEnd::Malformed(e))) => session.handle_malformed(&e),
-                Some(Err(ControlEnd::Lost(e))) => {
-                    link_up = false;
-                    session.handle_connection_lost(&e);
-                }
-                None => {
-                    link_up = false;
-                    session.handle_connection_lost("control reader ended");
-                }
+            match ctl.recv().await {
+                Ok(m) => session.handle_message(m, unix_now()),
+                Err(ControlEnd::Malformed(e)) => session.handle_malformed(&e),
+                Err(ControlEnd::Lost(e)) => session.handle_connection_lost(&e),
             }
         };
-        reader.abort();
-        let _ = ctl_send.finish();
+        let link_up = ctl.is_up();
+        ctl.close(Duration::ZERO).await;
         // The target updates its metrics and staleness watch after sending the result and
         // before it closes the connection: return once it has, so the tests read them settled.
         if link_up {
