@@ -1,5 +1,5 @@
 //! What a running target knows across connections: the stacks it serves ([`StackServe`], a
-//! snapshot a reload replaces whole), who holds each stack ([`BusyGuard`]: one cycle at a time
+//! snapshot a reload replaces whole), who holds each stack (`BusyGuard`: one cycle at a time
 //! per stack, a newer session of the same source supersedes an older one), refused peers
 //! (logged, alerted at most hourly), the shutdown signal and the staleness watch.
 

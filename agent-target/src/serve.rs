@@ -1,6 +1,6 @@
 //! The target's network side: accepts sources over mutual-TLS QUIC, admits each (certificate,
-//! role, deny list, flag-key pin), and runs one [`Cycle`](crate::cycle) per connection until the
-//! target shuts down.
+//! role, deny list, flag-key pin), and runs one `Cycle` (the private `cycle` module) per
+//! connection until the target shuts down.
 //!
 //! A connection lost before the flag leaves staging in place (the next cycle resumes); once the
 //! flag verified, the commit runs to the end even if the source is gone, and shutdown waits for

@@ -4,7 +4,14 @@
 //! (`handle_*`: a message arrived, a scan finished, a file was staged, the stack stopped) and
 //! carries out what the session asks for (`poll_message` for control messages to send,
 //! `poll_action` for work to do). Every decision about what the sync does next lives here, so it
-//! can be tested without sockets: see `tests/pair.rs`.
+//! can be tested without sockets: see `tests/pair.rs`. The target session also owns its clock
+//! rule: it is made with the time of the connection, hears of progress (`handle_progress`), says
+//! when it must be woken (`poll_timeout`) and ends a stalled cycle itself (`handle_timeout`), as
+//! quinn-proto's connection does; the pair harness runs it on a virtual clock.
+//!
+//! A cycle that ends badly says why as a `CycleError` around a `Cause`; the peer's protocol
+//! violations are a `Violation` and this host's failures a `Failure`, each with a stable `kind()`
+//! for logs, metrics and tests (see `error.rs`).
 //!
 //! File data is the one thing that does not pass through a session: the source driver streams
 //! `FileBegin`/`FileData`/`FileEnd` for each [`SourceAction::SendFile`] with [`crate::delta`], and
