@@ -1674,10 +1674,8 @@ fn empty_live_at_generation_1() -> StackState {
     }
 }
 
-/// A target session for `web` at `t0`, past `Hello` and its policy, with the live dir of
-/// generation 1 scanned: it waits for the source's manifest. Its actions so far are drained.
-fn waiting_target(t0: Instant) -> TargetSession {
-    let mut s = TargetSession::new(target_cfg(&flag_key()), t0);
+/// The source's `Hello` for `web`, a sync with the default valve.
+fn hello_web(s: &mut TargetSession) {
     s.handle_message(
         SourceMsg::Hello {
             version: stackclone_proto::msg::PROTOCOL_VERSION,
@@ -1687,6 +1685,13 @@ fn waiting_target(t0: Instant) -> TargetSession {
         },
         NOW,
     );
+}
+
+/// A target session for `web` at `t0`, past `Hello` and its policy, with the live dir of
+/// generation 1 scanned: it waits for the source's manifest. Its actions so far are drained.
+fn waiting_target(t0: Instant) -> TargetSession {
+    let mut s = TargetSession::new(target_cfg(&flag_key()), t0);
+    hello_web(&mut s);
     s.handle_policy(Ok(StackPolicy {
         allow: vec!["primary".into()],
     }));
@@ -1742,15 +1747,7 @@ fn no_stall_while_the_target_waits_on_its_own_work() {
     let hour = Duration::from_secs(3600);
     // The live dir's scan still runs after `Welcome`.
     let mut s = TargetSession::new(target_cfg(&flag_key()), t0);
-    s.handle_message(
-        SourceMsg::Hello {
-            version: stackclone_proto::msg::PROTOCOL_VERSION,
-            stack: "web".into(),
-            mode: Mode::Sync,
-            max_delete: 0.5,
-        },
-        NOW,
-    );
+    hello_web(&mut s);
     assert_eq!(s.poll_timeout(), None, "looking the stack up");
     s.handle_policy(Ok(StackPolicy {
         allow: vec!["primary".into()],
