@@ -307,6 +307,30 @@ pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
     })
 }
 
+/// The entry for a scanned root itself, as the directory `at` of a bigger tree: the root's
+/// owner, mode, mtime and (with `xattrs`) `user.*` xattrs, the root reached through symlinks as
+/// [`scan`] does. A named volume's root directory is grafted this way, so the standby's volume
+/// gets the owner and mode its database checks (PostgreSQL refuses a data dir not owned by it
+/// or not `0700`).
+pub fn root_entry(root: &Path, at: StackPath, xattrs: bool) -> Result<Entry, ScanError> {
+    let resolved = resolve_root(root)?;
+    let md = fs::metadata(&resolved).map_err(|source| ScanError::Stat {
+        path: resolved.clone(),
+        source,
+    })?;
+    let xattrs = if xattrs {
+        user_xattrs(&resolved)?.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    Ok(Entry {
+        path: at,
+        kind: EntryKind::Dir,
+        meta: meta(&md),
+        xattrs,
+    })
+}
+
 fn resolve_root(root: &Path) -> Result<PathBuf, ScanError> {
     let resolved = fs::canonicalize(root).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => ScanError::RootMissing {

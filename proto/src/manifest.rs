@@ -18,6 +18,14 @@ use serde::{Deserialize, Serialize};
 use crate::path::StackPath;
 use crate::wire;
 
+/// The top-level directory under which a stack's named volumes travel: the volume with Compose
+/// key `db` is the tree `.stackclone-volumes/db`, its root directory an entry of its own (owner
+/// and mode of the volume), its content below it. Both agents agree on this name: the source
+/// grafts each replicated volume there, and the target keeps the tree there in its live dir,
+/// where the standby's volume of that key points. A data dir's own `.stackclone-volumes` is
+/// data like any other, unless a volume would be grafted onto the same key (the source refuses).
+pub const VOLUMES_DIR: &str = ".stackclone-volumes";
+
 /// A BLAKE3 content hash.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Hash(pub [u8; 32]);
