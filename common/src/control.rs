@@ -47,6 +47,11 @@ pub trait StackControl: Send + Sync + std::fmt::Debug {
     /// [`ComposeStack::recover`](crate::docker::ComposeStack::recover)); `None` if nothing was.
     /// Call it before the first `stop` of a process.
     fn recover(&self) -> ControlFuture<'_, Option<StartReport>>;
+    /// Every mount of the stack's containers, for [`coverage`](crate::coverage) to judge
+    /// before a cycle stops anything. A stack without containers (data only) has none.
+    fn mounts(&self) -> ControlFuture<'_, Vec<crate::coverage::MountUse>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }
 
 /// A data-only stack: nothing to stop or start.

@@ -76,6 +76,7 @@
 //! - **Connecting** honours `DOCKER_HOST` and negotiates the API version (bollard speaks 1.53 by
 //!   default; Debian's engine 20.10 speaks 1.41). A missing socket is [`DockerError::Connect`].
 
+pub mod mounts;
 mod order;
 pub mod policy;
 
@@ -162,6 +163,11 @@ pub struct ComposeConfig {
     /// bind-mount (see [`policy`]). Containers are then created with `up --no-start`, checked,
     /// and only started if every one passes. `None`: the compose file runs as written.
     pub strict_root: Option<PathBuf>,
+    /// The standby's replicated volumes: the directory holding one tree per Compose volume key
+    /// (`<live dir>/.stackclone-volumes`). Before bringing the stack up or creating it, each
+    /// key's volume is made to point at its tree ([`ComposeStack::adopt_volumes`]). `None` on
+    /// the source, whose volumes are its own.
+    pub volume_trees: Option<PathBuf>,
 }
 
 impl ComposeConfig {
@@ -180,6 +186,7 @@ impl ComposeConfig {
             create_timeout: DEFAULT_CREATE_TIMEOUT,
             restart_record: None,
             strict_root: None,
+            volume_trees: None,
         }
     }
 
@@ -216,6 +223,7 @@ impl ComposeConfig {
             depends_on: stack.depends_on.clone(),
             strict_root: (stack.compose_policy == crate::config::ComposePolicy::Strict)
                 .then(|| std::fs::canonicalize(&stack.path).unwrap_or_else(|_| stack.path.clone())),
+            volume_trees: Some(stack.path.join(stackclone_proto::manifest::VOLUMES_DIR)),
             ..ComposeConfig::new(&stack.compose_project, &stack.compose_dir)
         }
     }
@@ -612,6 +620,7 @@ impl ComposeStack {
     /// containers that exist are the stack.
     pub async fn bring_up(&self) -> Result<StartReport, DockerError> {
         let mut state = self.state.lock().await;
+        self.adopt_volumes().await?;
         // Strict: every container exists (created, not started) and passed the policy before
         // anything below starts one.
         let created_strict = match &self.config.strict_root {
@@ -974,6 +983,7 @@ impl ComposeStack {
         if !self.containers().await?.is_empty() {
             return Ok(Creation::Existed);
         }
+        self.adopt_volumes().await?;
         let command = self.create(&mut state).await?;
         Ok(Creation::Created {
             command,
@@ -1346,6 +1356,9 @@ impl StackControl for ComposeStack {
     }
     fn bring_up(&self) -> ControlFuture<'_, StartReport> {
         Box::pin(ComposeStack::bring_up(self))
+    }
+    fn mounts(&self) -> ControlFuture<'_, Vec<crate::coverage::MountUse>> {
+        Box::pin(ComposeStack::mounts(self))
     }
     fn recover(&self) -> ControlFuture<'_, Option<StartReport>> {
         Box::pin(ComposeStack::recover(self))

@@ -48,6 +48,7 @@ pub mod alert;
 pub mod cache;
 pub mod config;
 pub mod control;
+pub mod coverage;
 pub mod docker;
 pub mod logging;
 pub mod metrics;
@@ -55,6 +56,7 @@ pub mod net;
 pub mod ops;
 pub mod scan;
 pub mod schedule;
+pub mod trees;
 
 pub use cache::CacheStatus;
 pub use scan::{LocalFacts, Scan, ScanConfig, ScanError, ScanStats, SkipReason, Skipped, scan};

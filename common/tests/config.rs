@@ -145,6 +145,7 @@ fn source_minimal_stack_gets_every_default() {
         post_start: vec![],
         schedule: None,
         random_delay: None,
+        ignore_mounts: BTreeMap::new(),
     };
     assert_eq!(cfg.stacks, vec![expected.clone()]);
     assert_eq!(cfg.stack("nextcloud"), Some(&expected));

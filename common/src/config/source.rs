@@ -119,6 +119,13 @@ pub struct SourceStack {
     pub schedule: Option<Schedule>,
     /// `random_delay`: up to this much random delay after each scheduled time.
     pub random_delay: Option<Duration>,
+    /// `ignore_mounts = { "/srv/media" = "on the NAS, mounted on both hosts", cache = "rebuilt
+    /// on start" }`: mounts of the stack's containers that the standby does without, each with
+    /// the reason (shown in `push --dry-run` and the logs). A key is a host path (a bind mount
+    /// at or below it) or a volume's Compose key or Docker name. A named volume not listed is
+    /// replicated; a bind-mounted directory outside `path` not listed fails the cycle before
+    /// anything stops (see `stackclone_common::coverage`). Default none.
+    pub ignore_mounts: BTreeMap<String, String>,
 }
 
 /// A command run by exec in one of the stack's services: `{ service = "db", command = ["sh",
@@ -180,6 +187,7 @@ struct RawStack {
     post_start: Hooks,
     schedule: Option<Spanned<String>>,
     random_delay: Option<Secs>,
+    ignore_mounts: Option<Spanned<BTreeMap<String, String>>>,
 }
 
 #[derive(Deserialize)]
@@ -392,6 +400,7 @@ impl SourceConfig {
                 post_start: hooks(file, "post_start", raw.post_start)?,
                 schedule,
                 random_delay: raw.random_delay.map(|s| s.0),
+                ignore_mounts: ignore_mounts(file, raw.ignore_mounts)?,
             });
         }
         Ok(config)
@@ -433,6 +442,44 @@ fn excludes(
         })?;
     }
     Ok(patterns)
+}
+
+/// `ignore_mounts`: each key a host path or a volume name, each with a reason.
+fn ignore_mounts(
+    file: &FileText,
+    raw: Option<Spanned<BTreeMap<String, String>>>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(BTreeMap::new());
+    };
+    let span = raw.span();
+    let mounts = raw.into_inner();
+    for (key, reason) in &mounts {
+        let volume_name = !key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !(volume_name || key.starts_with('/')) {
+            return Err(file.invalid(
+                span,
+                "ignore_mounts",
+                format!(
+                    "{key:?} is neither an absolute host path nor a volume name; use                      \"/srv/media\" for a bind mount or the volume's key, such as \"cache\""
+                ),
+            ));
+        }
+        if reason.trim().is_empty() {
+            return Err(file.invalid(
+                span,
+                "ignore_mounts",
+                format!(
+                    "{key:?} has no reason; say why the standby can do without it, such as \
+                     {key:?} = \"rebuilt on start\""
+                ),
+            ));
+        }
+    }
+    Ok(mounts)
 }
 
 /// `order`, each service at most once.

@@ -293,4 +293,12 @@ pub enum DockerError {
         /// Where it ran.
         dir: PathBuf,
     },
+    #[error("project {project}: standby volume {volume}: {reason}")]
+    Volume {
+        /// The Compose project.
+        project: String,
+        /// The Docker volume name.
+        volume: String,
+        reason: String,
+    },
 }

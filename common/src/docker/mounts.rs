@@ -1,0 +1,273 @@
+//! A stack's mounts, as the Docker API reports them, and the standby's named volumes.
+//!
+//! [`ComposeStack::mounts`] lists every mount of every container of the project for
+//! [`coverage`](crate::coverage) to judge; [`ComposeStack::adopt_volume`] makes the standby's
+//! volume of a key point at the tree the target committed (see its docs for why a symlink).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use bollard::models::VolumeCreateRequest;
+use tracing::{info, warn};
+
+use super::{ComposeStack, PROJECT_LABEL};
+use crate::control::DockerError;
+use crate::coverage::{MountKind, MountUse};
+
+/// The label Compose puts on a volume it made: the volume's key in the compose file.
+pub const VOLUME_LABEL: &str = "com.docker.compose.volume";
+/// The label Compose puts on what it made: its version.
+pub const VERSION_LABEL: &str = "com.docker.compose.version";
+
+/// What [`ComposeStack::adopt_volume`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adopted {
+    /// The volume already pointed at the tree.
+    Already,
+    /// The volume was created (or its empty data dir replaced) and now points at the tree.
+    Linked,
+    /// The volume held data of its own, which was moved aside to `kept` first.
+    Replaced { kept: PathBuf },
+}
+
+impl ComposeStack {
+    /// Every mount of every container of the project (one-off containers left out), one entry
+    /// per container and mount; a volume's labels and data dir come from inspecting it.
+    pub async fn mounts(&self) -> Result<Vec<MountUse>, DockerError> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{PROJECT_LABEL}={}", self.config.project)],
+        )]);
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let listed = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| self.api("listing the project's containers", e))?;
+        let mut volumes: HashMap<String, (String, Option<String>, Option<PathBuf>)> =
+            HashMap::new();
+        let mut found = Vec::new();
+        for c in listed {
+            let labels = c.labels.unwrap_or_default();
+            if labels
+                .get(super::ONEOFF_LABEL)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            {
+                continue;
+            }
+            let Some(service) = labels.get(super::SERVICE_LABEL) else {
+                continue;
+            };
+            for m in c.mounts.unwrap_or_default() {
+                let destination = m.destination.clone().unwrap_or_default();
+                let kind = match m.typ.as_deref() {
+                    Some("bind") => MountKind::Bind {
+                        source: PathBuf::from(m.source.clone().unwrap_or_default()),
+                    },
+                    Some("volume") => {
+                        let name = m.name.clone().unwrap_or_default();
+                        if !volumes.contains_key(&name) {
+                            let v =
+                                self.docker.inspect_volume(&name).await.map_err(|e| {
+                                    self.api(&format!("inspecting volume {name}"), e)
+                                })?;
+                            let key = (v.labels.get(PROJECT_LABEL) == Some(&self.config.project))
+                                .then(|| v.labels.get(VOLUME_LABEL).cloned())
+                                .flatten();
+                            let mountpoint =
+                                (!v.mountpoint.is_empty()).then(|| PathBuf::from(&v.mountpoint));
+                            volumes.insert(name.clone(), (v.driver, key, mountpoint));
+                        }
+                        let (driver, compose_key, mountpoint) = volumes[&name].clone();
+                        MountKind::Volume {
+                            name,
+                            driver,
+                            compose_key,
+                            mountpoint,
+                        }
+                    }
+                    Some("tmpfs") => MountKind::Tmpfs,
+                    other => MountKind::Other {
+                        typ: other.unwrap_or("unknown").to_owned(),
+                    },
+                };
+                found.push(MountUse {
+                    service: service.clone(),
+                    destination,
+                    rw: m.rw.unwrap_or(true),
+                    kind,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Makes the volume `name` the standby's volume of Compose key `key`, with its data at
+    /// `tree` (a directory the target committed, inside its live dir).
+    ///
+    /// The volume is created if missing, with the labels Compose gives its own volumes (so
+    /// `up` adopts it without a warning), and its data directory (`Mountpoint`,
+    /// `…/volumes/NAME/_data`) becomes a symlink to `tree`. Docker mounts a local volume by
+    /// bind-mounting its data directory, which follows the link, so the containers see the
+    /// committed tree itself: the volume needs no copy, and it is committed, rolled back and
+    /// verified with the rest of the generation in one journal. Why not a volume with
+    /// `driver_opts: {type: none, o: bind, device: …}`: Compose v1 refuses an existing volume
+    /// whose driver options differ from the compose file's ("Configuration for volume … specifies
+    /// driver_opt …"), so a user's own `docker-compose up` would fail on the standby. As a
+    /// side effect `docker volume rm` (and `down -v`) refuses to delete such a volume ("outside
+    /// of the local volume root"): the replicated data cannot be lost by a stray `down -v`.
+    ///
+    /// A data directory that already holds something (the standby ran before this volume was
+    /// replicated and made its own, empty database) is moved aside to `_data.before-stackclone`
+    /// (or `…-2`, …), never deleted, and the result says where. Call it with the standby's
+    /// containers stopped: a running container keeps the directory it mounted.
+    pub async fn adopt_volume(
+        &self,
+        key: &str,
+        name: &str,
+        tree: &Path,
+    ) -> Result<Adopted, DockerError> {
+        let fs_err = |what: &str, path: &Path, e: std::io::Error| DockerError::Volume {
+            project: self.config.project.clone(),
+            volume: name.to_owned(),
+            reason: format!("{what} {}: {e}", path.display()),
+        };
+        let volume = match self.docker.inspect_volume(name).await {
+            Ok(v) => v,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {
+                let labels = HashMap::from([
+                    (PROJECT_LABEL.to_owned(), self.config.project.clone()),
+                    (VOLUME_LABEL.to_owned(), key.to_owned()),
+                    (VERSION_LABEL.to_owned(), "stackclone".to_owned()),
+                ]);
+                let request = VolumeCreateRequest {
+                    name: Some(name.to_owned()),
+                    driver: Some("local".to_owned()),
+                    labels: Some(labels),
+                    ..VolumeCreateRequest::default()
+                };
+                self.docker
+                    .create_volume(request)
+                    .await
+                    .map_err(|e| self.api(&format!("creating volume {name}"), e))?
+            }
+            Err(e) => return Err(self.api(&format!("inspecting volume {name}"), e)),
+        };
+        if volume.driver != "local" || volume.mountpoint.is_empty() {
+            return Err(DockerError::Volume {
+                project: self.config.project.clone(),
+                volume: name.to_owned(),
+                reason: format!(
+                    "it exists with driver `{}`; only a `local` volume can hold the replicated \
+                     data (remove it, and stackclone creates it at the next commit)",
+                    volume.driver
+                ),
+            });
+        }
+        let data = PathBuf::from(&volume.mountpoint);
+        let md = std::fs::symlink_metadata(&data);
+        if md.as_ref().is_ok_and(|m| m.file_type().is_symlink()) {
+            let points = std::fs::read_link(&data).map_err(|e| fs_err("reading", &data, e))?;
+            if points == tree {
+                return Ok(Adopted::Already);
+            }
+            std::fs::remove_file(&data).map_err(|e| fs_err("removing the old link", &data, e))?;
+            std::os::unix::fs::symlink(tree, &data).map_err(|e| fs_err("linking", &data, e))?;
+            info!(project = %self.config.project, volume = name, tree = %tree.display(),
+                "standby volume re-pointed at the replicated tree");
+            return Ok(Adopted::Linked);
+        }
+        let mut adopted = Adopted::Linked;
+        match md {
+            Ok(m) if m.is_dir() => {
+                if std::fs::remove_dir(&data).is_err() {
+                    let kept = free_name(&data);
+                    std::fs::rename(&data, &kept).map_err(|e| fs_err("moving aside", &data, e))?;
+                    warn!(project = %self.config.project, volume = name, kept = %kept.display(),
+                        "the standby's volume held data of its own; moved aside, not deleted");
+                    adopted = Adopted::Replaced { kept };
+                }
+            }
+            Ok(_) => {
+                return Err(fs_err(
+                    "expected a directory or a link at",
+                    &data,
+                    std::io::Error::other("something else is there"),
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fs_err("looking at", &data, e)),
+        }
+        std::os::unix::fs::symlink(tree, &data).map_err(|e| fs_err("linking", &data, e))?;
+        info!(project = %self.config.project, volume = name, tree = %tree.display(),
+            "standby volume points at the replicated tree");
+        Ok(adopted)
+    }
+}
+
+impl ComposeStack {
+    /// Points the standby's volume of every tree in [`ComposeConfig::volume_trees`] at that
+    /// tree ([`adopt_volume`](Self::adopt_volume)); nothing without volume trees. Called before
+    /// the standby is brought up or created, so a container never mounts an empty volume where
+    /// the generation has data.
+    ///
+    /// [`ComposeConfig::volume_trees`]: super::ComposeConfig::volume_trees
+    pub async fn adopt_volumes(&self) -> Result<Vec<(String, Adopted)>, DockerError> {
+        let Some(dir) = &self.config.volume_trees else {
+            return Ok(Vec::new());
+        };
+        let read_err = |e: std::io::Error| DockerError::Volume {
+            project: self.config.project.clone(),
+            volume: "*".to_owned(),
+            reason: format!("reading {}: {e}", dir.display()),
+        };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(read_err(e)),
+        };
+        let mut keys = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(read_err)?;
+            // Trees are directories the commit made; anything else is not a volume's.
+            if entry.file_type().map_err(read_err)?.is_dir()
+                && let Some(key) = entry.file_name().to_str()
+            {
+                keys.push(key.to_owned());
+            }
+        }
+        keys.sort();
+        let canonical = std::fs::canonicalize(dir).map_err(read_err)?;
+        let mut done = Vec::with_capacity(keys.len());
+        for key in keys {
+            let name = self.standby_volume_name(&key);
+            let adopted = self
+                .adopt_volume(&key, &name, &canonical.join(&key))
+                .await?;
+            done.push((name, adopted));
+        }
+        Ok(done)
+    }
+
+    /// The Docker name Compose gives the volume of `key` in this project.
+    fn standby_volume_name(&self, key: &str) -> String {
+        format!("{}_{key}", self.config.project)
+    }
+}
+
+/// `DIR.before-stackclone`, or with `-2`, `-3`, … the first that does not exist.
+fn free_name(data: &Path) -> PathBuf {
+    let base = format!("{}.before-stackclone", data.display());
+    let mut candidate = PathBuf::from(&base);
+    let mut n = 2;
+    while std::fs::symlink_metadata(&candidate).is_ok() {
+        candidate = PathBuf::from(format!("{base}-{n}"));
+        n += 1;
+    }
+    candidate
+}
