@@ -19,7 +19,7 @@ use tracing::warn;
 use crate::lock::{LockError, StackLock};
 use crate::progress::{CycleProgress, Style, Viewer};
 use crate::push::{Ctx, CycleStats, PushError, StackJob, run_cycle};
-use crate::status::{self, StackStatus};
+use crate::status::{self, MountStatus, StackStatus};
 
 /// Where the source keeps its state (status files, hash caches) when not told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/stackclone";
@@ -68,6 +68,8 @@ pub struct PushOutcome {
     pub error: Option<String>,
     /// Dry run only.
     pub plan: Option<serde_json::Value>,
+    /// The stack's mounts as this cycle judged them.
+    pub mounts: Vec<MountStatus>,
 }
 
 /// How `push` runs.
@@ -310,6 +312,7 @@ fn refused(job: &StackJob, error: &str, took: Duration) -> PushOutcome {
         duration_ms: took.as_millis() as u64,
         error: Some(error.to_owned()),
         plan: None,
+        mounts: Vec::new(),
     }
 }
 
@@ -353,6 +356,7 @@ fn job_from(
         bandwidth_limit: stack.bandwidth_limit.map(|b| b.get()),
         cache: Some(common.state_dir.join(format!("{}.hashcache", stack.name))),
         compose: compose_config(stack, &common.state_dir),
+        ignore_mounts: stack.ignore_mounts.clone(),
         target_name,
         target_addr,
     }
@@ -382,6 +386,10 @@ fn record(
     st.target = job.target_name.clone();
     let now = crate::push::unix_now();
     st.last_attempt_at = Some(now);
+    // Only a cycle that got to ask Docker knows the mounts; keep the last known otherwise.
+    if !stats.mounts.is_empty() {
+        st.mounts = stats.mounts.iter().map(MountStatus::from).collect();
+    }
     match result {
         Ok(()) => {
             st.generation = stats.report.generation;
@@ -416,6 +424,7 @@ fn outcome(job: &StackJob, s: &CycleStats, result: Result<(), PushError>) -> Pus
         duration_ms: s.duration.as_millis() as u64,
         error: result.err().map(|e| e.to_string()),
         plan: s.report.plan.as_ref().map(plan_json),
+        mounts: s.mounts.iter().map(MountStatus::from).collect(),
     }
 }
 
@@ -483,9 +492,10 @@ pub fn restart_record(state_dir: &Path, stack: &str) -> PathBuf {
     state_dir.join(format!("{stack}.stopped.json"))
 }
 
-/// Docker control for a compose stack in a real cycle; nothing to control for a data-only stack
-/// or a dry run (which never stops anything). A stack that a killed cycle left stopped is
-/// started again first (the caller holds the stack's lock, so that cycle is over).
+/// Docker control for a compose stack; nothing to control for a data-only stack. In a real
+/// cycle, a stack that a killed cycle left stopped is started again first (the caller holds the
+/// stack's lock, so that cycle is over). A dry run never stops anything, but asks Docker for the
+/// stack's mounts, so that it shows what would be replicated and fails where the push would.
 async fn control_for(job: &StackJob, mode: Mode) -> Result<Arc<dyn StackControl>, PushError> {
     let docker_error = |e: stackclone_common::docker::DockerError| PushError::Docker {
         stack: job.stack.clone(),
@@ -499,7 +509,12 @@ async fn control_for(job: &StackJob, mode: Mode) -> Result<Arc<dyn StackControl>
             control.recover_for_cycle().await.map_err(docker_error)?;
             Ok(Arc::new(control))
         }
-        _ => Ok(Arc::new(DataOnly)),
+        (Some(cfg), Mode::DryRun) => Ok(Arc::new(
+            ComposeStack::connect(cfg.clone())
+                .await
+                .map_err(docker_error)?,
+        )),
+        (None, _) => Ok(Arc::new(DataOnly)),
     }
 }
 

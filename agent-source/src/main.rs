@@ -138,6 +138,11 @@ fn push(
         stackclone_certs::outln!("{}", serde_json::to_string_pretty(&outcomes)?);
     } else {
         for o in &outcomes {
+            if dry_run {
+                for m in &o.mounts {
+                    stackclone_certs::outln!("{}: mount  {m}", o.stack);
+                }
+            }
             match (&o.error, &o.plan) {
                 (Some(e), _) if dry_run => stackclone_certs::outln!("{}: FAILED: {e}", o.stack),
                 (None, Some(plan)) => {
@@ -272,6 +277,12 @@ fn status(common: &Common, json: bool) -> anyhow::Result<ExitCode> {
                 s.target_downtime_ms.unwrap_or(0),
                 s.last_error.as_deref().unwrap_or("-")
             );
+        }
+        for s in all.iter().filter(|s| !s.mounts.is_empty()) {
+            stackclone_certs::outln!("\n{} mounts (as of the last cycle):", s.stack);
+            for m in &s.mounts {
+                stackclone_certs::outln!("  {m}");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

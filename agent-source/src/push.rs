@@ -10,13 +10,15 @@
 //! appeared in the tree after the scan.
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use stackclone_common::ScanConfig;
+use stackclone_common::coverage::{CoverageError, MountLine};
 use stackclone_common::net::{ControlEnd, ControlStream};
+use stackclone_common::trees::{Graft, StackTrees};
 use stackclone_proto::delta::{CheckedSignature, FileSender, SenderConfig};
 use stackclone_proto::manifest::Manifest;
 use stackclone_proto::msg::{Mode, Pass, SourceMsg, TargetMsg};
@@ -67,6 +69,8 @@ pub struct StackJob {
     pub cache: Option<PathBuf>,
     /// The Compose project to stop and start around the final pass; `None` for data only.
     pub compose: Option<stackclone_common::docker::ComposeConfig>,
+    /// `ignore_mounts`: mount (host path or volume) → why the standby does without it.
+    pub ignore_mounts: std::collections::BTreeMap<String, String>,
     /// The target's certificate name and address.
     pub target_name: String,
     pub target_addr: std::net::SocketAddr,
@@ -85,6 +89,9 @@ pub struct CycleStats {
     /// Services Docker had to kill at their stop timeout when the stack was stopped.
     pub stop_killed: Vec<String>,
     pub duration: Duration,
+    /// The stack's mounts as this cycle judged them (empty for a data-only stack, or when
+    /// Docker could not be asked).
+    pub mounts: Vec<MountLine>,
 }
 
 /// Why a cycle could not even start, or how it ended badly.
@@ -112,6 +119,9 @@ pub enum PushError {
     },
     #[error("stack `{stack}`: cannot control its containers: {cause}")]
     Docker { stack: String, cause: String },
+    /// A mount that holds data is neither replicated nor ignored: nothing was stopped.
+    #[error(transparent)]
+    Mounts(#[from] CoverageError),
     #[error(transparent)]
     Cycle(#[from] CycleError),
 }
@@ -124,6 +134,7 @@ impl PushError {
             PushError::Connect { .. } | PushError::WrongTarget { .. } => "connect".into(),
             PushError::Connection { .. } => "transfer".into(),
             PushError::Docker { .. } => "docker".into(),
+            PushError::Mounts(_) => "mounts".into(),
             PushError::Cycle(e) => e.phase.to_string(),
         }
     }
@@ -135,6 +146,7 @@ impl PushError {
             PushError::WrongTarget { .. } => "wrong_target",
             PushError::Connection { .. } => "connection_lost",
             PushError::Docker { .. } => "docker",
+            PushError::Mounts(_) => "uncovered_mount",
             PushError::Cycle(e) => e.cause.kind(),
         }
     }
@@ -212,6 +224,8 @@ async fn drive(
     progress: &Arc<CycleProgress>,
     stats: &mut CycleStats,
 ) -> Result<(), PushError> {
+    // Before anything connects or stops: which of the stack's mounts the generation carries.
+    let trees = Arc::new(discover(job, control.as_ref(), stats).await?);
     progress.set_stage(Stage::Connect);
     let (conn, admission) = stackclone_certs::connect(
         &ctx.endpoint(),
@@ -294,20 +308,19 @@ async fn drive(
                         checksum: job.checksum,
                         xattrs: true,
                     };
-                    let tx = events_tx.clone();
+                    let (tx, trees) = (events_tx.clone(), trees.clone());
                     tokio::task::spawn_blocking(move || {
                         let started = Instant::now();
-                        let result = stackclone_common::scan(&cfg)
-                            .map(|s| {
+                        let result = trees
+                            .scan(&cfg)
+                            .inspect(|m| {
                                 debug!(
                                     ?pass,
                                     ms = started.elapsed().as_millis() as u64,
-                                    entries = s.stats.entries,
-                                    hashed = s.stats.files_hashed,
-                                    from_cache = s.stats.files_from_cache,
+                                    entries = m.len(),
+                                    volumes = trees.grafts.len(),
                                     "scanned"
                                 );
-                                s.manifest
                             })
                             .map_err(|e| e.to_string());
                         let _ = tx.send(Event::Scanned(pass, result));
@@ -346,7 +359,7 @@ async fn drive(
                     progress.file_queued(size);
                     let ctx = FileCtx {
                         conn: conn.clone(),
-                        root: job.path.clone(),
+                        trees: trees.clone(),
                         compress: job.compress,
                         rate: rate.clone(),
                         permits: files.clone(),
@@ -454,13 +467,46 @@ async fn drive(
     }
 }
 
+/// Lists the stack's mounts and judges them ([`coverage`](stackclone_common::coverage)): a
+/// mount that holds data and is neither replicated nor ignored ends the cycle here, before
+/// anything is connected or stopped. The named volumes it replicates become grafts of the
+/// stack's tree. A stack without containers yet has no mounts to judge.
+async fn discover(
+    job: &StackJob,
+    control: &dyn StackControl,
+    stats: &mut CycleStats,
+) -> Result<StackTrees, PushError> {
+    let mounts = control.mounts().await.map_err(|e| PushError::Docker {
+        stack: job.stack.clone(),
+        cause: format!("listing the containers' mounts: {e}"),
+    })?;
+    let path = std::fs::canonicalize(&job.path).unwrap_or_else(|_| job.path.clone());
+    let coverage = stackclone_common::coverage::classify(&path, &mounts, &job.ignore_mounts);
+    for line in &coverage.lines {
+        debug!(stack = %job.stack, mount = %line, "mount");
+    }
+    stats.mounts = coverage.lines.clone();
+    coverage.check(&job.stack)?;
+    Ok(StackTrees {
+        root: job.path.clone(),
+        grafts: coverage
+            .volumes
+            .into_iter()
+            .map(|v| Graft {
+                key: v.key,
+                dir: v.dir,
+            })
+            .collect(),
+    })
+}
+
 pub(crate) fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 struct FileCtx {
     conn: quinn::Connection,
-    root: PathBuf,
+    trees: Arc<StackTrees>,
     compress: bool,
     rate: Option<Arc<RateLimit>>,
     permits: Arc<Semaphore>,
@@ -490,9 +536,9 @@ async fn send_file(
         .map_err(|e| e.to_string())?;
     let mut stream = ctx.conn.open_uni().await.map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::channel::<SourceMsg>(FILE_QUEUE);
-    let (root, compress) = (ctx.root.clone(), ctx.compress);
+    let (trees, compress) = (ctx.trees.clone(), ctx.compress);
     let reader =
-        tokio::task::spawn_blocking(move || read_and_diff(&root, &path, basis, compress, id, &tx));
+        tokio::task::spawn_blocking(move || read_and_diff(&trees, &path, basis, compress, id, &tx));
     let mut sent = 0u64;
     while let Some(msg) = rx.recv().await {
         let frame = wire::encode_frame(&msg).map_err(|e| e.to_string())?;
@@ -513,7 +559,7 @@ async fn send_file(
 /// Reads `path` in windows and turns them into messages. On a read error it sends `FileAbort`
 /// (the session decides whether that ends the cycle) and reports the error.
 fn read_and_diff(
-    root: &Path,
+    trees: &StackTrees,
     path: &StackPath,
     basis: Option<CheckedSignature>,
     compress: bool,
@@ -521,7 +567,7 @@ fn read_and_diff(
     tx: &mpsc::Sender<SourceMsg>,
 ) -> Result<(), String> {
     let result = (|| -> Result<(), String> {
-        let file = open_beneath(root, path).map_err(|e| format!("{path}: {e}"))?;
+        let file = trees.open_file(path).map_err(|e| format!("{path}: {e}"))?;
         let len = file.metadata().map_err(|e| format!("{path}: {e}"))?.len();
         let cfg = SenderConfig {
             zstd_level: compress.then_some(3),
@@ -579,26 +625,4 @@ fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::R
         }
     }
     Ok(filled)
-}
-
-/// Opens `path` for reading strictly beneath `root`: no symlink anywhere on the way, no `..`.
-pub fn open_beneath(root: &Path, path: &StackPath) -> std::io::Result<std::fs::File> {
-    use rustix::fs::{Mode as FsMode, OFlags, ResolveFlags};
-    let dir = rustix::fs::open(
-        root,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        FsMode::empty(),
-    )?;
-    let fd = rustix::fs::openat2(
-        &dir,
-        path.as_bytes(),
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-        FsMode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    )?;
-    let file = std::fs::File::from(fd);
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    Ok(file)
 }

@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use stackclone_common::coverage::{MountLine, Verdict};
+use stackclone_proto::manifest::VOLUMES_DIR;
 
 /// What `status --json` prints per stack.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +27,56 @@ pub struct StackStatus {
     pub last_attempt_at: Option<i64>,
     /// The last failure, cleared by the next success.
     pub last_error: Option<String>,
+    /// The stack's mounts as the last cycle judged them: what is replicated, ignored, only
+    /// reported or refused (see `stackclone_common::coverage`).
+    #[serde(default)]
+    pub mounts: Vec<MountStatus>,
+}
+
+/// One mount of one service, judged, as `status` and `push --json` show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountStatus {
+    pub service: String,
+    /// Where it is mounted in the container.
+    pub destination: String,
+    /// `volume NAME`, `bind /host/path`, `tmpfs`.
+    pub mount: String,
+    /// `in-path`, `replicated`, `ignored`, `reported` or `refused`.
+    pub verdict: String,
+    /// The reason, or the tree a volume is replicated as.
+    pub detail: Option<String>,
+}
+
+impl From<&MountLine> for MountStatus {
+    fn from(l: &MountLine) -> Self {
+        let detail = match &l.verdict {
+            Verdict::InPath => None,
+            Verdict::Replicated { key } => Some(format!("{VOLUMES_DIR}/{key}")),
+            Verdict::Ignored { reason } => Some(reason.clone()),
+            Verdict::Reported { why } | Verdict::Refused { why } => Some(why.clone()),
+        };
+        MountStatus {
+            service: l.service.clone(),
+            destination: l.destination.clone(),
+            mount: l.what.clone(),
+            verdict: l.verdict.word().to_owned(),
+            detail,
+        }
+    }
+}
+
+impl std::fmt::Display for MountStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<10} {}: {} at {}",
+            self.verdict, self.service, self.mount, self.destination
+        )?;
+        match &self.detail {
+            Some(d) => write!(f, " ({d})"),
+            None => Ok(()),
+        }
+    }
 }
 
 fn file_of(dir: &Path, stack: &str) -> PathBuf {
