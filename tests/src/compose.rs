@@ -119,6 +119,20 @@ impl Drop for Cleanup {
                     .args(&containers)
                     .output();
             }
+            // A standby volume stackclone adopted has a data dir that links into the live dir;
+            // Docker refuses to remove it until the link is gone.
+            for v in by_label(&["volume", "ls"], project) {
+                let mountpoint = Command::new("docker")
+                    .args(["volume", "inspect", "-f", "{{.Mountpoint}}", &v])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                    .unwrap_or_default();
+                let data = Path::new(&mountpoint);
+                if !mountpoint.is_empty() && data.is_symlink() {
+                    let _ = std::fs::remove_file(data);
+                }
+                let _ = Command::new("docker").args(["volume", "rm", &v]).output();
+            }
             let mut networks = by_label(&["network", "ls"], project);
             networks.push(format!("{project}_default"));
             for n in networks {
