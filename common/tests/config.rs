@@ -585,6 +585,45 @@ fn unknown_key_in_a_hook() {
 }
 
 #[test]
+fn ignore_mounts_needs_a_host_path_or_volume_name_and_a_reason() {
+    let dir = Dir::new();
+    let data = dir.data("s");
+    let stack = |mounts: &str| {
+        format!(
+            "stack = \"s\"\npath = \"{data}\"\ntarget = \"standby\"\nignore_mounts = {mounts}\n"
+        )
+    };
+    dir.write(
+        "conf.d/s.toml",
+        &stack(r#"{ "/srv/media" = "on the NAS", cache = "rebuilt on start" }"#),
+    );
+    let cfg = dir.source(SOURCE_MAIN).expect("loads");
+    assert_eq!(cfg.stacks[0].ignore_mounts.len(), 2);
+    assert_eq!(cfg.stacks[0].ignore_mounts["cache"], "rebuilt on start");
+
+    dir.write("conf.d/s.toml", &stack(r#"{ "/srv/media" = " " }"#));
+    let msg = assert_names(
+        &source_err(&dir, SOURCE_MAIN),
+        "conf.d/s.toml",
+        4,
+        "ignore_mounts",
+    );
+    assert!(msg.contains("no reason"), "{msg}");
+
+    dir.write("conf.d/s.toml", &stack(r#"{ "srv/media" = "relative" }"#));
+    let msg = assert_names(
+        &source_err(&dir, SOURCE_MAIN),
+        "conf.d/s.toml",
+        4,
+        "ignore_mounts",
+    );
+    assert!(
+        msg.contains("neither an absolute host path nor a volume name"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn missing_key_names_file_key_and_table() {
     let dir = Dir::new();
     dir.write("conf.d/s.toml", "stack = \"s\"\ntarget = \"standby\"\n");
@@ -1141,6 +1180,10 @@ fn example_source_config_loads() {
     assert_eq!(nc.bandwidth_limit, NonZeroU64::new(20 << 20));
     assert_eq!(nc.pre_stop.len(), 1);
     assert_eq!(cfg.stack("gitea").expect("gitea").pre_stop.len(), 2);
+    assert_eq!(
+        cfg.stack("gitea").expect("gitea").ignore_mounts["/srv/gitea-lfs"],
+        "LFS objects are on the NAS, mounted on both hosts"
+    );
     assert_eq!(nc.schedule.as_ref().map(|s| s.as_str()), Some("15 3 * * *"));
     assert_eq!(nc.random_delay, Some(Duration::from_secs(600)));
     // Seeded by install.sh as is: no channel may be live.
