@@ -5,8 +5,10 @@
 # It builds the binaries and two local test images (busybox and PostgreSQL 15 from Debian's
 # packages; no registry needed), makes a fleet CA, enrolls the standby with a one-time token,
 # starts the target agent, brings up a two-service compose stack as the primary (a PostgreSQL
-# database and an app that depends on it and writes to a bind-mounted data dir, both
-# health-checked), pushes it, shows the standby's database answering with the same rows, writes
+# database in a named volume, as official compose examples keep it, and an app that depends on
+# it and writes to a bind-mounted data dir, both health-checked), shows which mounts the push
+# replicates, pushes it, shows the standby's database answering with the same rows from its own
+# volume, writes
 # to the database and the data while pgbench loads it, pushes again (only the change crosses;
 # the primary is down only for the final pass), and prints both status tables, a verify and a
 # rollback.
@@ -32,6 +34,13 @@ cleanup() {
     ids=$(docker ps -aq --filter "label=com.docker.compose.project=$p")
     [ -z "$ids" ] || docker rm -f $ids >/dev/null 2>&1 || true
     docker network rm "${p}_default" >/dev/null 2>&1 || true
+    # The standby's volume links to its replicated tree, and Docker removes it only once the
+    # link is gone (README: "A named volume is part of the generation").
+    for v in $(docker volume ls -q --filter "label=com.docker.compose.project=$p"); do
+      mp=$(docker volume inspect -f '{{.Mountpoint}}' "$v")
+      if [ -L "$mp" ]; then rm -f "$mp"; fi
+      docker volume rm "$v" >/dev/null 2>&1 || true
+    done
   done
   if [ "$KEEP" = 0 ]; then rm -rf "$W"; fi
 }
@@ -65,15 +74,15 @@ say "3. On the standby: enroll with the token; the CA is checked against the pin
 echo "$TOKEN" | run stackclone-certs --dir "$W/standby/etc" enroll --name standby --server "127.0.0.1:$ENROLL_PORT" --token-file - --ca-pin "$PIN"
 kill "$ENROLL_PID"
 
-say "4. The primary's compose stack 'shop': a PostgreSQL db and an app that depends on it and writes ./data"
+say "4. The primary's compose stack 'shop': a PostgreSQL db in a named volume, and an app that depends on it and writes ./data"
 S=$W/primary/stacks/shop
-mkdir -p "$S/data" "$S/pgdata"
+mkdir -p "$S/data"
 cat >"$S/docker-compose.yml" <<'YML'
 version: "2.4"
 services:
   db:
     image: stackclone-test/postgres:15
-    volumes: ["./pgdata:/var/lib/postgresql/data"]
+    volumes: ["pgdata:/var/lib/postgresql/data"]
     healthcheck: {test: ["CMD", "pg_isready", "-U", "postgres", "-h", "127.0.0.1"], interval: 1s, retries: 60}
   app:
     image: stackclone-test/busybox:1
@@ -81,6 +90,8 @@ services:
     volumes: ["./data:/data"]
     command: ["sh", "-c", "trap 'exit 0' TERM; echo \"app started $$(date -u +%T)\" >> /data/log; touch /tmp/ready; while :; do sleep 1 & wait; done"]
     healthcheck: {test: ["CMD-SHELL", "test -f /tmp/ready"], interval: 1s, retries: 30}
+volumes:
+  pgdata: {}
 YML
 head -c $((16 * 1024 * 1024)) /dev/urandom >"$S/data/catalog.db"
 (cd "$S" && run "${COMPOSE[@]}" -p "$P_PRIMARY" up -d)
@@ -129,16 +140,20 @@ SRC=(stackclone-source --config "$W/primary/conf/source.toml" --state-dir "$W/pr
 TGT=(stackclone-target --config "$W/standby/conf/target.toml")
 show_stacks() { docker ps --filter "label=com.docker.compose.project=$1" --format '  {{.Label "com.docker.compose.service"}}: {{.Status}}'; }
 
-say "7. First push: pre-copy while the primary runs, then a short stop for the final pass"
+say "7. What the push will replicate: every mount of the stack, judged before anything stops"
+run "${SRC[@]}" push shop --dry-run | grep ' mount '
+
+say "8. First push: pre-copy while the primary runs, then a short stop for the final pass"
 run "${SRC[@]}" push shop
 
-say "8. The standby runs its own copy, healthy, on the same data; its database answers"
+say "9. The standby runs its own copy, healthy, on the same data; its database answers from its own volume"
 echo "primary ($P_PRIMARY):"; show_stacks "$P_PRIMARY"
 echo "standby ($P_STANDBY):"; show_stacks "$P_STANDBY"
+run docker volume ls --filter "label=com.docker.compose.project=$P_STANDBY"
 cmp "$S/data/catalog.db" "$W/standby/stacks/shop/data/catalog.db" && echo "catalog.db: identical on both hosts"
 echo "the standby's orders:"; sql "$P_STANDBY" 'select id, item from orders order by id'
 
-say "9. A new order and pgbench load on the primary's database, 1% of the catalog changes; push again"
+say "10. A new order and pgbench load on the primary's database, 1% of the catalog changes; push again"
 run sql "$P_PRIMARY" "insert into orders (item) values ('1 tea');"
 docker exec -u postgres "$(docker ps -q --filter "label=com.docker.compose.project=$P_PRIMARY" --filter label=com.docker.compose.service=db)" \
     pgbench -i -s 1 -U postgres postgres >/dev/null 2>&1
@@ -165,16 +180,16 @@ echo "the standby's orders:"; sql "$P_STANDBY" 'select id, item from orders orde
 echo "pgbench history rows: primary $(sql "$P_PRIMARY" 'select count(*) from pgbench_history'), standby $(sql "$P_STANDBY" 'select count(*) from pgbench_history')"
 echo "standby ($P_STANDBY):"; show_stacks "$P_STANDBY"
 
-say "10. Status on both sides"
+say "11. Status on both sides"
 run "${SRC[@]}" status
 run "${TGT[@]}" status
 
-say "11. Verify the standby's live copy (its own app appended to data/log and its database wrote"
+say "12. Verify the standby's live copy (its own app appended to data/log and its database wrote"
 echo "    its files when it started: that drift is reported here, and the next push brings it back"
 echo "    to the primary's version)"
 run "${TGT[@]}" verify shop || true
 
-say "12. Roll the standby back to generation 1 (stop, restore, start, health check)"
+say "13. Roll the standby back to generation 1 (stop, restore, start, health check)"
 run "${TGT[@]}" rollback shop --yes   # (on a terminal it would ask first)
 echo "the standby's orders:"; sql "$P_STANDBY" 'select id, item from orders order by id'
 echo "standby ($P_STANDBY):"; show_stacks "$P_STANDBY"
