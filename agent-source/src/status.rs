@@ -51,6 +51,7 @@ impl From<&MountLine> for MountStatus {
     fn from(l: &MountLine) -> Self {
         let detail = match &l.verdict {
             Verdict::InPath => None,
+            Verdict::ExtraPath { path } => Some(format!("extra_paths: {}", path.display())),
             Verdict::Replicated { key } => Some(format!("{VOLUMES_DIR}/{key}")),
             Verdict::Ignored { reason } => Some(reason.clone()),
             Verdict::Reported { why } | Verdict::Refused { why } => Some(why.clone()),

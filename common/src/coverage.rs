@@ -10,6 +10,7 @@
 //! | mount | verdict |
 //! |---|---|
 //! | bind mount inside `path` | [`Verdict::InPath`] |
+//! | bind mount inside one of `extra_paths` | [`Verdict::ExtraPath`]: grafted as `.stackclone-paths/<key>` |
 //! | named volume, local driver | [`Verdict::Replicated`]: grafted into the generation as `.stackclone-volumes/<key>` |
 //! | named volume whose data lies inside `path` | [`Verdict::InPath`] |
 //! | anything listed in `ignore_mounts` | [`Verdict::Ignored`], with the reason the config gives |
@@ -82,6 +83,9 @@ pub enum MountKind {
 pub enum Verdict {
     /// Its data is inside the stack's `path`, so it is in every generation already.
     InPath,
+    /// Its data is inside this outside path of the stack's `extra_paths`, replicated as
+    /// `.stackclone-paths/<key>`.
+    ExtraPath { path: PathBuf },
     /// A named volume, replicated as the tree `.stackclone-volumes/<key>`.
     Replicated { key: String },
     /// Listed in `ignore_mounts`, with the config's reason.
@@ -99,6 +103,7 @@ impl Verdict {
     pub fn word(&self) -> &'static str {
         match self {
             Verdict::InPath => "in-path",
+            Verdict::ExtraPath { .. } => "extra-path",
             Verdict::Replicated { .. } => "replicated",
             Verdict::Ignored { .. } => "ignored",
             Verdict::Reported { .. } => "reported",
@@ -129,6 +134,7 @@ impl fmt::Display for MountLine {
         )?;
         match &self.verdict {
             Verdict::InPath => Ok(()),
+            Verdict::ExtraPath { path } => write!(f, " (extra_paths: {})", path.display()),
             Verdict::Replicated { key } => {
                 write!(f, " as {}/{key}", stackclone_proto::manifest::VOLUMES_DIR)
             }
@@ -161,8 +167,9 @@ pub struct Coverage {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "stack `{stack}`: {} not replicated, so the standby would run without {}:\n{}\n\
-     Either replicate it (put the data inside `path`, or use a named volume, which is replicated), \
-     or add it to `ignore_mounts` in the stack file with the reason, e.g. \
+     Either replicate it (list it in the stack file's `extra_paths`, put the data inside `path`, or \
+     use a named volume, which is replicated), or add it to `ignore_mounts` in the stack file \
+     with the reason, e.g. \
      ignore_mounts = {{ \"{example}\" = \"restored from the NAS\" }}",
     if refused.len() == 1 { "a mount that holds data is" } else { "mounts that hold data are" },
     if refused.len() == 1 { "it" } else { "them" },
@@ -200,11 +207,17 @@ impl Coverage {
     }
 }
 
-/// Judges `mounts` for a stack whose data dir is `path` (canonical), with the stack file's
-/// `ignore_mounts` (key → reason). Pure: the caller lists the mounts and resolves `path`.
-/// Host paths are compared as given and after [`std::fs::canonicalize`] where that succeeds.
-pub fn classify(path: &Path, mounts: &[MountUse], ignore: &BTreeMap<String, String>) -> Coverage {
-    classify_with(path, mounts, ignore, &|p: &Path| {
+/// Judges `mounts` for a stack whose data dir is `path` (canonical) and whose outside paths are
+/// `extra` (`extra_paths`), with the stack file's `ignore_mounts` (key → reason). Pure: the
+/// caller lists the mounts and resolves `path`. Host paths are compared as given and after
+/// [`std::fs::canonicalize`] where that succeeds.
+pub fn classify(
+    path: &Path,
+    extra: &[PathBuf],
+    mounts: &[MountUse],
+    ignore: &BTreeMap<String, String>,
+) -> Coverage {
+    classify_with(path, extra, mounts, ignore, &|p: &Path| {
         let md = std::fs::metadata(p).ok();
         HostPath {
             canonical: std::fs::canonicalize(p).ok(),
@@ -224,12 +237,25 @@ pub struct HostPath {
 /// [`classify`] with the host's file system behind `host` (tests give a table).
 pub fn classify_with(
     path: &Path,
+    extra: &[PathBuf],
     mounts: &[MountUse],
     ignore: &BTreeMap<String, String>,
     host: &dyn Fn(&Path) -> HostPath,
 ) -> Coverage {
     let inside =
         |p: &Path| p.starts_with(path) || host(p).canonical.is_some_and(|c| c.starts_with(path));
+    let in_extra = |p: &Path| {
+        let canonical = host(p).canonical;
+        extra
+            .iter()
+            .find(|x| {
+                p.starts_with(x)
+                    || canonical.as_ref().is_some_and(|c| {
+                        c.starts_with(x) || host(x).canonical.is_some_and(|xc| c.starts_with(xc))
+                    })
+            })
+            .cloned()
+    };
     let ignored_path = |p: &Path| {
         ignore.iter().find_map(|(k, reason)| {
             let k = Path::new(k);
@@ -245,6 +271,8 @@ pub fn classify_with(
                 let facts = host(source);
                 let verdict = if inside(source) {
                     Verdict::InPath
+                } else if let Some(path) = in_extra(source) {
+                    Verdict::ExtraPath { path }
                 } else if let Some(reason) = ignored_path(source) {
                     Verdict::Ignored { reason }
                 } else if facts.is_dir == Some(false) {
@@ -409,7 +437,13 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        classify_with(Path::new("/srv/stacks/app"), mounts, &ignore, &host)
+        classify_with(
+            Path::new("/srv/stacks/app"),
+            &[PathBuf::from("/srv/photos")],
+            mounts,
+            &ignore,
+            &host,
+        )
     }
 
     fn verdicts(c: &Coverage) -> Vec<(&str, &str)> {
@@ -521,6 +555,13 @@ mod tests {
         );
         let keys: Vec<&str> = c.volumes.iter().map(|v| v.key.as_str()).collect();
         assert_eq!(keys, ["db", "shared_certs"]);
+        assert!(c.check("app").is_ok());
+    }
+
+    #[test]
+    fn a_bind_mount_inside_an_extra_path_is_replicated_with_it() {
+        let c = run(&[bind("app", "/srv/photos/2026", "/photos")], &[]);
+        assert_eq!(verdicts(&c), vec![("bind /srv/photos/2026", "extra-path")]);
         assert!(c.check("app").is_ok());
     }
 

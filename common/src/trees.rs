@@ -1,12 +1,14 @@
 //! A stack's data as one tree: the data dir (`path`) with each replicated named volume grafted
-//! in as [`VOLUMES_DIR`]`/<key>`.
+//! in as [`VOLUMES_DIR`]`/<key>` and each outside path (`extra_paths`) as
+//! [`PATHS_DIR`]`/<key>` ([`extra_path_key`]).
 //!
 //! ```text
-//! manifest path                        read from (source)
-//! config/app.ini                       <path>/config/app.ini
-//! .stackclone-volumes                  (made up: root-owned, 0700, mtime 0)
-//! .stackclone-volumes/db               <volume mountpoint> itself: its owner, mode, mtime, xattrs
-//! .stackclone-volumes/db/PG_VERSION    <volume mountpoint>/PG_VERSION
+//! manifest path                          read from (source)
+//! config/app.ini                         <path>/config/app.ini
+//! .stackclone-volumes                    (made up: root-owned, 0700, mtime 0)
+//! .stackclone-volumes/db                 <volume mountpoint> itself: its owner, mode, mtime, xattrs
+//! .stackclone-volumes/db/PG_VERSION      <volume mountpoint>/PG_VERSION
+//! .stackclone-paths/srv%2Fmedia/a.jpg    /srv/media/a.jpg
 //! ```
 //!
 //! One manifest, one flag, one generation: a volume goes through the same deltas, staging,
@@ -22,18 +24,67 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use stackclone_proto::manifest::{Entry, EntryKind, Manifest, Meta, VOLUMES_DIR};
+use stackclone_proto::manifest::{
+    Entry, EntryKind, Manifest, Meta, PATHS_DIR, VOLUMES_DIR, extra_path_key,
+};
 use stackclone_proto::path::StackPath;
 
 use crate::scan::{ScanConfig, ScanError, root_entry, scan};
 
-/// A directory grafted into the stack's tree at [`VOLUMES_DIR`]`/<key>`.
+/// A directory grafted into the stack's tree at [`VOLUMES_DIR`]`/<key>` (a named volume) or
+/// [`PATHS_DIR`]`/<key>` (an outside path).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Graft {
-    /// One path component: the volume's Compose key (or Docker name).
+    /// One path component: the volume's Compose key (or Docker name), or the outside path's
+    /// [`extra_path_key`].
     pub key: String,
     /// Where its data is on this host.
     pub dir: PathBuf,
+    /// An outside path (else a named volume).
+    pub extra: bool,
+}
+
+impl Graft {
+    /// The named volume of `key`, whose data is in `dir`.
+    pub fn volume(key: impl Into<String>, dir: impl Into<PathBuf>) -> Graft {
+        Graft {
+            key: key.into(),
+            dir: dir.into(),
+            extra: false,
+        }
+    }
+
+    /// The outside path `path` (absolute), from `extra_paths`.
+    pub fn extra_path(path: &Path) -> Graft {
+        Graft {
+            key: extra_path_key(&path.to_string_lossy()),
+            dir: path.to_path_buf(),
+            extra: true,
+        }
+    }
+
+    /// Where it is in the manifest.
+    pub fn at(&self) -> Result<StackPath, TreesError> {
+        let bad = || TreesError::BadKey {
+            key: self.key.clone(),
+        };
+        if self.key.contains('/') {
+            return Err(bad());
+        }
+        StackPath::new(format!("{}/{}", self.parent(), self.key)).map_err(|_| bad())
+    }
+
+    fn parent(&self) -> &'static str {
+        if self.extra { PATHS_DIR } else { VOLUMES_DIR }
+    }
+
+    fn what(&self) -> String {
+        if self.extra {
+            format!("outside path {}", self.dir.display())
+        } else {
+            format!("named volume `{}`", self.key)
+        }
+    }
 }
 
 /// The data dir and its grafts.
@@ -49,22 +100,31 @@ pub struct StackTrees {
 pub enum TreesError {
     #[error(transparent)]
     Scan(#[from] ScanError),
-    #[error("named volume `{key}` ({dir}): {source}")]
-    Volume {
-        key: String,
+    #[error("{what} ({dir}): {source}")]
+    Graft {
+        what: String,
         dir: PathBuf,
         source: Box<ScanError>,
     },
     #[error(
-        "{root} already holds {VOLUMES_DIR}/{key}, where the named volume `{key}` is replicated; \
-         rename that directory, or list the volume in `ignore_mounts`"
+        "{root} already holds {at}, where the {what} is replicated; rename that directory, or \
+         leave the {what} out"
     )]
-    Collision { root: PathBuf, key: String },
-    #[error("{root} holds a {VOLUMES_DIR} that is not a directory; rename it")]
-    NotDir { root: PathBuf },
+    Collision {
+        root: PathBuf,
+        at: String,
+        what: String,
+    },
+    #[error("{root} holds a {name} that is not a directory; rename it")]
+    NotDir { root: PathBuf, name: &'static str },
+    #[error(
+        "outside path {dir} is empty: refusing to push it, since that would empty the standby's \
+         copy (is a network share not mounted?); set allow_empty = true to push it anyway"
+    )]
+    EmptyExtra { dir: PathBuf },
     #[error("named volume key {key:?} is not a single path component")]
     BadKey { key: String },
-    #[error("named volume `{key}`: {path} is longer than a stack path may be")]
+    #[error("graft `{key}`: {path} is longer than a stack path may be")]
     TooLong { key: String, path: String },
     #[error("the trees are not one manifest: {0}")]
     Manifest(#[from] stackclone_proto::manifest::ManifestError),
@@ -79,20 +139,11 @@ impl StackTrees {
         }
     }
 
-    /// The manifest path of the graft `key`.
-    pub fn graft_path(key: &str) -> Result<StackPath, TreesError> {
-        let bad = || TreesError::BadKey {
-            key: key.to_owned(),
-        };
-        if key.contains('/') {
-            return Err(bad());
-        }
-        StackPath::new(format!("{VOLUMES_DIR}/{key}")).map_err(|_| bad())
-    }
-
     /// Scans the data dir with `main` (its root is replaced by [`root`](Self::root)) and every
-    /// graft, into one manifest. Without grafts this is exactly [`scan`] of the data dir.
-    pub fn scan(&self, main: &ScanConfig) -> Result<Manifest, TreesError> {
+    /// graft, into one manifest. Without grafts this is exactly [`scan`] of the data dir. An
+    /// outside path with nothing in it is refused unless `allow_empty` (a share that is not
+    /// mounted looks like that, and would empty the standby's copy).
+    pub fn scan(&self, main: &ScanConfig, allow_empty: bool) -> Result<Manifest, TreesError> {
         let cfg = ScanConfig {
             root: self.root.clone(),
             ..main.clone()
@@ -101,16 +152,6 @@ impl StackTrees {
         if self.grafts.is_empty() {
             return Ok(data);
         }
-        let volumes_dir = StackPath::new(VOLUMES_DIR).expect("a valid path");
-        match data.get(&volumes_dir) {
-            Some(e) if !e.is_dir() => {
-                return Err(TreesError::NotDir {
-                    root: self.root.clone(),
-                });
-            }
-            _ => {}
-        }
-        let has_volumes_dir = data.get(&volumes_dir).is_some();
         let mut entries = data.into_entries();
         let mut next_group = entries
             .iter()
@@ -120,41 +161,58 @@ impl StackTrees {
             })
             .max()
             .map_or(0, |g| g + 1);
-        if !has_volumes_dir {
-            entries.push(Entry {
-                path: volumes_dir,
-                kind: EntryKind::Dir,
-                meta: Meta {
-                    mode: 0o700,
-                    uid: 0,
-                    gid: 0,
-                    mtime_ns: 0,
-                },
-                xattrs: Vec::new(),
-            });
-        }
         for graft in &self.grafts {
-            let at = Self::graft_path(&graft.key)?;
+            let parent = graft.parent();
+            let parent_path = StackPath::new(parent).expect("a valid path");
+            match entries.iter().find(|e| e.path == parent_path) {
+                Some(e) if !e.is_dir() => {
+                    return Err(TreesError::NotDir {
+                        root: self.root.clone(),
+                        name: parent,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    entries.push(Entry {
+                        path: parent_path,
+                        kind: EntryKind::Dir,
+                        meta: Meta {
+                            mode: 0o700,
+                            uid: 0,
+                            gid: 0,
+                            mtime_ns: 0,
+                        },
+                        xattrs: Vec::new(),
+                    });
+                }
+            }
+            let at = graft.at()?;
             if entries.iter().any(|e| e.path == at) {
                 return Err(TreesError::Collision {
                     root: self.root.clone(),
-                    key: graft.key.clone(),
+                    at: at.to_string(),
+                    what: graft.what(),
                 });
             }
-            let volume_err = |source| TreesError::Volume {
-                key: graft.key.clone(),
+            let graft_err = |source| TreesError::Graft {
+                what: graft.what(),
                 dir: graft.dir.clone(),
                 source: Box::new(source),
             };
-            entries.push(root_entry(&graft.dir, at.clone(), main.xattrs).map_err(volume_err)?);
+            entries.push(root_entry(&graft.dir, at.clone(), main.xattrs).map_err(graft_err)?);
             let cfg = ScanConfig {
                 root: graft.dir.clone(),
                 exclude: Vec::new(),
-                cache: main.cache.as_ref().map(|c| graft_cache(c, &graft.key)),
+                cache: main.cache.as_ref().map(|c| graft_cache(c, graft)),
                 checksum: main.checksum,
                 xattrs: main.xattrs,
             };
-            let tree = scan(&cfg).map_err(volume_err)?.manifest;
+            let tree = scan(&cfg).map_err(graft_err)?.manifest;
+            if graft.extra && tree.is_empty() && !allow_empty {
+                return Err(TreesError::EmptyExtra {
+                    dir: graft.dir.clone(),
+                });
+            }
             let groups = next_group;
             for mut e in tree.into_entries() {
                 let mut bytes = at.as_bytes().to_vec();
@@ -179,17 +237,17 @@ impl StackTrees {
     }
 
     /// Which root `path` lies in and its path relative to that root: a graft's dir for a path
-    /// below [`VOLUMES_DIR`]`/<key>`, else the data dir. `None` for a graft's root itself (a
-    /// directory, never read as a file).
+    /// below its place, else the data dir. `None` for a graft's root itself (a directory, never
+    /// read as a file).
     pub fn locate(&self, path: &StackPath) -> Option<(&Path, StackPath)> {
         let bytes = path.as_bytes();
-        let Some(rest) = bytes
-            .strip_prefix(VOLUMES_DIR.as_bytes())
-            .and_then(|r| r.strip_prefix(b"/"))
-        else {
-            return Some((&self.root, path.clone()));
-        };
         for graft in &self.grafts {
+            let Some(rest) = bytes
+                .strip_prefix(graft.parent().as_bytes())
+                .and_then(|r| r.strip_prefix(b"/"))
+            else {
+                continue;
+            };
             if let Some(below) = rest.strip_prefix(graft.key.as_bytes()) {
                 if below.is_empty() {
                     return None;
@@ -212,10 +270,11 @@ impl StackTrees {
     }
 }
 
-/// The hash cache of graft `key`, next to the stack's cache file `cache`.
-fn graft_cache(cache: &Path, key: &str) -> PathBuf {
+/// The hash cache of `graft`, next to the stack's cache file `cache`.
+fn graft_cache(cache: &Path, graft: &Graft) -> PathBuf {
     let mut name = cache.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".volume.{key}"));
+    let kind = if graft.extra { "path" } else { "volume" };
+    name.push(format!(".{kind}.{}", graft.key));
     cache.with_file_name(name)
 }
 
@@ -267,10 +326,7 @@ mod tests {
         fs::set_permissions(&vol, fs::Permissions::from_mode(0o700)).unwrap();
         let trees = StackTrees {
             root: data,
-            grafts: vec![Graft {
-                key: "db".into(),
-                dir: vol,
-            }],
+            grafts: vec![Graft::volume("db", vol)],
         };
         (t, trees)
     }
@@ -278,7 +334,7 @@ mod tests {
     #[test]
     fn a_volume_is_grafted_with_its_root_and_content() {
         let (_t, trees) = setup();
-        let m = trees.scan(&ScanConfig::new("")).unwrap();
+        let m = trees.scan(&ScanConfig::new(""), false).unwrap();
         let paths: Vec<String> = m.entries().iter().map(|e| e.path.to_string()).collect();
         assert_eq!(
             paths,
@@ -313,7 +369,7 @@ mod tests {
     fn without_grafts_the_manifest_is_the_data_dir_scan() {
         let (_t, mut trees) = setup();
         trees.grafts.clear();
-        let m = trees.scan(&ScanConfig::new("")).unwrap();
+        let m = trees.scan(&ScanConfig::new(""), false).unwrap();
         assert_eq!(m, scan(&ScanConfig::new(&trees.root)).unwrap().manifest);
     }
 
@@ -346,9 +402,9 @@ mod tests {
     fn a_data_dir_that_already_holds_the_graft_is_refused() {
         let (_t, trees) = setup();
         fs::create_dir_all(trees.root.join(".stackclone-volumes/db")).unwrap();
-        let err = trees.scan(&ScanConfig::new("")).unwrap_err();
+        let err = trees.scan(&ScanConfig::new(""), false).unwrap_err();
         assert!(
-            matches!(err, TreesError::Collision { ref key, .. } if key == "db"),
+            matches!(err, TreesError::Collision { ref at, .. } if at == ".stackclone-volumes/db"),
             "{err}"
         );
         // Another key beside it is fine, and the data dir's own directory keeps its metadata.
@@ -357,7 +413,7 @@ mod tests {
             trees.root.join(".stackclone-volumes/other"),
         )
         .unwrap();
-        let m = trees.scan(&ScanConfig::new("")).unwrap();
+        let m = trees.scan(&ScanConfig::new(""), false).unwrap();
         assert!(m.get(&p(".stackclone-volumes/other")).is_some());
         assert_ne!(m.get(&p(".stackclone-volumes")).unwrap().meta.mtime_ns, 0);
     }
@@ -366,14 +422,52 @@ mod tests {
     fn a_missing_volume_dir_names_the_volume() {
         let (_t, mut trees) = setup();
         trees.grafts[0].dir = trees.root.join("nope");
-        let err = trees.scan(&ScanConfig::new("")).unwrap_err().to_string();
+        let err = trees
+            .scan(&ScanConfig::new(""), false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("named volume `db`"), "{err}");
+    }
+
+    #[test]
+    fn an_outside_path_is_grafted_and_refused_when_empty() {
+        let (t, mut trees) = setup();
+        let media = t.path().join("srv/media");
+        fs::create_dir_all(&media).unwrap();
+        trees.grafts.push(Graft::extra_path(&media));
+        let err = trees
+            .scan(&ScanConfig::new(""), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is empty") && err.contains("allow_empty"),
+            "{err}"
+        );
+        assert!(trees.scan(&ScanConfig::new(""), true).is_ok());
+        fs::write(media.join("a.jpg"), "jpeg").unwrap();
+        let m = trees.scan(&ScanConfig::new(""), false).unwrap();
+        let at = format!(
+            ".stackclone-paths/{}/a.jpg",
+            extra_path_key(&media.to_string_lossy())
+        );
+        assert!(m.get(&p(&at)).is_some(), "{at}");
+        assert_eq!(m.get(&p(".stackclone-paths")).unwrap().meta.mode, 0o700);
+        let mut s = String::new();
+        trees
+            .open_file(&p(&at))
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "jpeg");
     }
 
     #[test]
     fn graft_caches_sit_beside_the_stacks_cache() {
         assert_eq!(
-            graft_cache(Path::new("/var/lib/stackclone/app.hashcache"), "db"),
+            graft_cache(
+                Path::new("/var/lib/stackclone/app.hashcache"),
+                &Graft::volume("db", "/x")
+            ),
             Path::new("/var/lib/stackclone/app.hashcache.volume.db")
         );
     }

@@ -26,6 +26,39 @@ use crate::wire;
 /// data like any other, unless a volume would be grafted onto the same key (the source refuses).
 pub const VOLUMES_DIR: &str = ".stackclone-volumes";
 
+/// The top-level directory under which a stack's outside paths travel (`extra_paths` in the
+/// source's stack file): the host directory `/srv/media` is the tree
+/// `.stackclone-paths/srv%2Fmedia` (see [`extra_path_key`]). The target keeps the tree there in
+/// its live dir and links the path its own stack file maps it to.
+pub const PATHS_DIR: &str = ".stackclone-paths";
+
+/// The one-component key of the outside path `path` (absolute, as the source's stack file gives
+/// it) under [`PATHS_DIR`]: the path without its leading `/`, with `%` written `%25` and `/`
+/// written `%2F`, so that distinct paths have distinct keys and the key gives the path back
+/// ([`extra_path_of_key`]).
+pub fn extra_path_key(path: &str) -> String {
+    path.trim_start_matches('/')
+        .replace('%', "%25")
+        .replace('/', "%2F")
+}
+
+/// The absolute path an [`extra_path_key`] was made from; `None` if `key` is not one.
+pub fn extra_path_of_key(key: &str) -> Option<String> {
+    let mut out = String::from("/");
+    let mut rest = key;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        match rest.get(i..i + 3) {
+            Some("%25") => out.push('%'),
+            Some("%2F") => out.push('/'),
+            _ => return None,
+        }
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+    (out.len() > 1 && !key.contains('/')).then_some(out)
+}
+
 /// A BLAKE3 content hash.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Hash(pub [u8; 32]);
@@ -327,6 +360,27 @@ impl Manifest {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn extra_path_keys_are_one_component_and_give_the_path_back() {
+        for path in [
+            "/srv/media",
+            "/srv/a-b",
+            "/srv/a/b",
+            "/x%2Fy",
+            "/100%",
+            "/a%25b/c",
+        ] {
+            let key = extra_path_key(path);
+            assert!(!key.contains('/'), "{key}");
+            assert_eq!(extra_path_of_key(&key).as_deref(), Some(path), "{key}");
+        }
+        assert_eq!(extra_path_key("/srv/media"), "srv%2Fmedia");
+        assert_ne!(extra_path_key("/srv/a/b"), extra_path_key("/srv/a%2Fb"));
+        assert_eq!(extra_path_of_key("bad%2"), None);
+        assert_eq!(extra_path_of_key("bad%41"), None);
+        assert_eq!(extra_path_of_key(""), None);
+    }
 
     pub(crate) fn meta() -> Meta {
         Meta {
