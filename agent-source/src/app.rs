@@ -357,6 +357,7 @@ fn job_from(
         cache: Some(common.state_dir.join(format!("{}.hashcache", stack.name))),
         compose: compose_config(stack, &common.state_dir),
         ignore_mounts: stack.ignore_mounts.clone(),
+        extra_paths: stack.extra_paths.clone(),
         target_name,
         target_addr,
     }

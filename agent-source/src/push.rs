@@ -71,6 +71,8 @@ pub struct StackJob {
     pub compose: Option<stackclone_common::docker::ComposeConfig>,
     /// `ignore_mounts`: mount (host path or volume) → why the standby does without it.
     pub ignore_mounts: std::collections::BTreeMap<String, String>,
+    /// `extra_paths`: outside directories replicated with `path`.
+    pub extra_paths: Vec<PathBuf>,
     /// The target's certificate name and address.
     pub target_name: String,
     pub target_addr: std::net::SocketAddr,
@@ -309,10 +311,11 @@ async fn drive(
                         xattrs: true,
                     };
                     let (tx, trees) = (events_tx.clone(), trees.clone());
+                    let allow_empty = job.allow_empty;
                     tokio::task::spawn_blocking(move || {
                         let started = Instant::now();
                         let result = trees
-                            .scan(&cfg)
+                            .scan(&cfg, allow_empty)
                             .inspect(|m| {
                                 debug!(
                                     ?pass,
@@ -481,22 +484,21 @@ async fn discover(
         cause: format!("listing the containers' mounts: {e}"),
     })?;
     let path = std::fs::canonicalize(&job.path).unwrap_or_else(|_| job.path.clone());
-    let coverage = stackclone_common::coverage::classify(&path, &mounts, &job.ignore_mounts);
+    let coverage =
+        stackclone_common::coverage::classify(&path, &job.extra_paths, &mounts, &job.ignore_mounts);
     for line in &coverage.lines {
         debug!(stack = %job.stack, mount = %line, "mount");
     }
     stats.mounts = coverage.lines.clone();
     coverage.check(&job.stack)?;
+    let volumes = coverage
+        .volumes
+        .into_iter()
+        .map(|v| Graft::volume(v.key, v.dir));
+    let extra = job.extra_paths.iter().map(|p| Graft::extra_path(p));
     Ok(StackTrees {
         root: job.path.clone(),
-        grafts: coverage
-            .volumes
-            .into_iter()
-            .map(|v| Graft {
-                key: v.key,
-                dir: v.dir,
-            })
-            .collect(),
+        grafts: volumes.chain(extra).collect(),
     })
 }
 

@@ -168,6 +168,11 @@ pub struct ComposeConfig {
     /// key's volume is made to point at its tree ([`ComposeStack::adopt_volumes`]). `None` on
     /// the source, whose volumes are its own.
     pub volume_trees: Option<PathBuf>,
+    /// The standby's outside paths: the directory holding one tree per outside path
+    /// (`<live dir>/.stackclone-paths`), and where each source path goes on this host (the
+    /// target stack file's `extra_paths`). Linked with the volumes
+    /// ([`ComposeStack::adopt_volumes`]).
+    pub extra_trees: Option<(PathBuf, BTreeMap<String, PathBuf>)>,
 }
 
 impl ComposeConfig {
@@ -187,6 +192,7 @@ impl ComposeConfig {
             restart_record: None,
             strict_root: None,
             volume_trees: None,
+            extra_trees: None,
         }
     }
 
@@ -224,6 +230,10 @@ impl ComposeConfig {
             strict_root: (stack.compose_policy == crate::config::ComposePolicy::Strict)
                 .then(|| std::fs::canonicalize(&stack.path).unwrap_or_else(|_| stack.path.clone())),
             volume_trees: Some(stack.path.join(stackclone_proto::manifest::VOLUMES_DIR)),
+            extra_trees: Some((
+                stack.path.join(stackclone_proto::manifest::PATHS_DIR),
+                stack.extra_paths.clone(),
+            )),
             ..ComposeConfig::new(&stack.compose_project, &stack.compose_dir)
         }
     }

@@ -146,6 +146,7 @@ fn source_minimal_stack_gets_every_default() {
         schedule: None,
         random_delay: None,
         ignore_mounts: BTreeMap::new(),
+        extra_paths: vec![],
     };
     assert_eq!(cfg.stacks, vec![expected.clone()]);
     assert_eq!(cfg.stack("nextcloud"), Some(&expected));
@@ -279,6 +280,7 @@ fn target_minimal_stack_gets_every_default() {
             stop_timeout: Duration::from_secs(30),
             max_age: None,
             compose_policy: stackclone_common::config::ComposePolicy::Trusted,
+            extra_paths: BTreeMap::new(),
         }]
     );
 }
@@ -621,6 +623,75 @@ fn ignore_mounts_needs_a_host_path_or_volume_name_and_a_reason() {
         msg.contains("neither an absolute host path nor a volume name"),
         "{msg}"
     );
+}
+
+#[test]
+fn extra_paths_must_exist_and_not_be_system_dirs_or_overlap() {
+    let dir = Dir::new();
+    let data = dir.data("s");
+    let media = dir.data("media");
+    let stack = |extra: &str| {
+        format!("stack = \"s\"\npath = \"{data}\"\ntarget = \"standby\"\nextra_paths = {extra}\n")
+    };
+    dir.write("conf.d/s.toml", &stack(&format!("[\"{media}\"]")));
+    let cfg = dir.source(SOURCE_MAIN).expect("loads");
+    assert_eq!(cfg.stacks[0].extra_paths, vec![PathBuf::from(&media)]);
+
+    dir.write("conf.d/s.toml", &stack("[\"/etc\"]"));
+    let msg = assert_names(
+        &source_err(&dir, SOURCE_MAIN),
+        "conf.d/s.toml",
+        4,
+        "extra_paths",
+    );
+    assert!(msg.contains("system directory"), "{msg}");
+
+    dir.write("conf.d/s.toml", &stack(&format!("[\"{media}/nope\"]")));
+    let msg = source_err(&dir, SOURCE_MAIN).to_string();
+    assert!(msg.contains("nope"), "{msg}");
+
+    dir.write("conf.d/s.toml", &stack(&format!("[\"{data}/sub\"]")));
+    fs::create_dir_all(format!("{data}/sub")).expect("mkdir");
+    let msg = source_err(&dir, SOURCE_MAIN).to_string();
+    assert!(msg.contains("inside"), "{msg}");
+}
+
+#[test]
+fn target_extra_paths_map_absolute_source_paths_outside_the_stack() {
+    let dir = Dir::new();
+    let data = dir.data("t");
+    let stack = |extra: &str| {
+        format!("stack = \"t\"\npath = \"{data}\"\nallow = [\"primary\"]\nextra_paths = {extra}\n")
+    };
+    dir.write(
+        "conf.d/t.toml",
+        &stack(r#"{ "/srv/media" = "/srv/standby-media" }"#),
+    );
+    let cfg = dir.target(TARGET_MAIN).expect("loads");
+    assert_eq!(
+        cfg.stacks[0].extra_paths["/srv/media"],
+        PathBuf::from("/srv/standby-media")
+    );
+    for (extra, needle) in [
+        (r#"{ "srv/media" = "/srv/media" }"#.to_owned(), "absolute"),
+        (
+            r#"{ "/srv/media" = "/etc/media" }"#.to_owned(),
+            "system directory",
+        ),
+        (
+            format!(r#"{{ "/srv/media" = "{data}/media" }}"#),
+            "inside the stack's path",
+        ),
+    ] {
+        dir.write("conf.d/t.toml", &stack(&extra));
+        let msg = assert_names(
+            &target_err(&dir, TARGET_MAIN),
+            "conf.d/t.toml",
+            4,
+            "extra_paths",
+        );
+        assert!(msg.contains(needle), "{needle}: {msg}");
+    }
 }
 
 #[test]

@@ -126,6 +126,12 @@ pub struct SourceStack {
     /// replicated; a bind-mounted directory outside `path` not listed fails the cycle before
     /// anything stops (see `stackclone_common::coverage`). Default none.
     pub ignore_mounts: BTreeMap<String, String>,
+    /// `extra_paths = ["/srv/media"]`: directories outside `path` that the stack's containers
+    /// bind-mount, replicated with it in the same generation (each as
+    /// `.stackclone-paths/<key>`); the target's stack file says where each goes there. Each
+    /// must exist, may not be a system directory, and may not overlap `path` or another
+    /// stack's. An empty one is refused unless `allow_empty`. Default none.
+    pub extra_paths: Vec<PathBuf>,
 }
 
 /// A command run by exec in one of the stack's services: `{ service = "db", command = ["sh",
@@ -188,6 +194,8 @@ struct RawStack {
     schedule: Option<Spanned<String>>,
     random_delay: Option<Secs>,
     ignore_mounts: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    extra_paths: Vec<Spanned<AbsPath>>,
 }
 
 #[derive(Deserialize)]
@@ -322,6 +330,35 @@ impl SourceConfig {
                 at: path_at,
             })?;
 
+            let mut extra_paths = Vec::with_capacity(raw.extra_paths.len());
+            for extra in raw.extra_paths {
+                let span = extra.span();
+                let at = file.at(span.start);
+                let dir = extra.into_inner().0;
+                if super::is_dangerous_root(&dir) {
+                    return Err(file.invalid(
+                        span,
+                        "extra_paths",
+                        format!(
+                            "{} is a system directory; replicate the stack's own data directories",
+                            dir.display()
+                        ),
+                    ));
+                }
+                let key = if options.check_paths {
+                    check_stack_dir(Side::Source, &name, &dir, &at)?
+                } else {
+                    dir.clone()
+                };
+                paths.claim(PathClaim {
+                    key,
+                    path: dir.clone(),
+                    stack: name.clone(),
+                    at,
+                })?;
+                extra_paths.push(dir);
+            }
+
             let target = raw.target.get_ref().0.clone();
             if !config.targets.contains_key(&target) {
                 return Err(ConfigError::UnknownTarget {
@@ -401,6 +438,7 @@ impl SourceConfig {
                 schedule,
                 random_delay: raw.random_delay.map(|s| s.0),
                 ignore_mounts: ignore_mounts(file, raw.ignore_mounts)?,
+                extra_paths,
             });
         }
         Ok(config)

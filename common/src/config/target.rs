@@ -101,6 +101,15 @@ pub struct TargetStack {
     /// `compose_policy` (default `"trusted"`): what the standby's containers may do. See
     /// [`ComposePolicy`].
     pub compose_policy: ComposePolicy,
+    /// `extra_paths = { "/srv/media" = "/srv/media" }`: where each outside path the source
+    /// replicates (its `extra_paths`, the key) goes on this host (the value, the path the
+    /// standby's containers bind-mount). The tree is kept in the live dir as
+    /// `.stackclone-paths/<key>`, and the value becomes a symlink to it before the standby is
+    /// brought up; what was there is moved aside, never deleted. Only paths listed here are
+    /// ever linked: a source cannot make the target write outside its stack's `path`. Values
+    /// are absolute, outside `path`, not system directories (unless `allow_dangerous_root`),
+    /// and not another stack's. Default none.
+    pub extra_paths: BTreeMap<String, PathBuf>,
 }
 
 /// `compose_policy`: how far the target trusts the compose file the source sends.
@@ -152,6 +161,7 @@ struct RawStack {
     max_age: Option<Spanned<Secs>>,
     #[serde(default)]
     compose_policy: ComposePolicy,
+    extra_paths: Option<Spanned<BTreeMap<String, AbsPath>>>,
 }
 
 impl TargetConfig {
@@ -257,6 +267,41 @@ impl TargetConfig {
                 at: path_at,
             })?;
 
+            let mut extra_paths = BTreeMap::new();
+            if let Some(raw_extra) = raw.extra_paths {
+                let span = raw_extra.span();
+                let at = file.at(span.start);
+                for (from, AbsPath(to)) in raw_extra.into_inner() {
+                    let bad = |why: String| file.invalid(span.clone(), "extra_paths", why);
+                    if !from.starts_with('/') {
+                        return Err(bad(format!(
+                            "{from:?}: a key is the source's path, absolute, as its extra_paths \
+                             lists it"
+                        )));
+                    }
+                    if to.starts_with(&path) {
+                        return Err(bad(format!(
+                            "{} lies inside the stack's path; the tree is kept there already \
+                             (as .stackclone-paths/…), name the path the standby mounts",
+                            to.display()
+                        )));
+                    }
+                    if is_dangerous_root(&to) && !raw.allow_dangerous_root {
+                        return Err(bad(format!(
+                            "{} is a system directory; stackclone would replace it with a link",
+                            to.display()
+                        )));
+                    }
+                    paths.claim(PathClaim {
+                        key: to.clone(),
+                        path: to.clone(),
+                        stack: name.clone(),
+                        at: at.clone(),
+                    })?;
+                    extra_paths.insert(from, to);
+                }
+            }
+
             let max_age = match raw.max_age {
                 Some(age) if age.get_ref().0.is_zero() => {
                     return Err(file.invalid(
@@ -294,6 +339,7 @@ impl TargetConfig {
                     .map_or(super::source::DEFAULT_STOP_TIMEOUT, |s| s.0),
                 max_age,
                 compose_policy: raw.compose_policy,
+                extra_paths,
             });
         }
         check_state_dirs(&dirs)?;

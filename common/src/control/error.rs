@@ -293,12 +293,13 @@ pub enum DockerError {
         /// Where it ran.
         dir: PathBuf,
     },
-    #[error("project {project}: standby volume {volume}: {reason}")]
+    /// The standby's volume or outside path could not be made to hold the replicated tree.
+    #[error("project {project}: {what}: {reason}")]
     Volume {
         /// The Compose project.
         project: String,
-        /// The Docker volume name.
-        volume: String,
+        /// `standby volume NAME` or `outside path PATH`.
+        what: String,
         reason: String,
     },
 }

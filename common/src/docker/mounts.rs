@@ -132,7 +132,7 @@ impl ComposeStack {
     ) -> Result<Adopted, DockerError> {
         let fs_err = |what: &str, path: &Path, e: std::io::Error| DockerError::Volume {
             project: self.config.project.clone(),
-            volume: name.to_owned(),
+            what: format!("standby volume {name}"),
             reason: format!("{what} {}: {e}", path.display()),
         };
         let volume = match self.docker.inspect_volume(name).await {
@@ -161,7 +161,7 @@ impl ComposeStack {
         if volume.driver != "local" || volume.mountpoint.is_empty() {
             return Err(DockerError::Volume {
                 project: self.config.project.clone(),
-                volume: name.to_owned(),
+                what: format!("standby volume {name}"),
                 reason: format!(
                     "it exists with driver `{}`; only a `local` volume can hold the replicated \
                      data (remove it, and stackclone creates it at the next commit)",
@@ -218,17 +218,18 @@ impl ComposeStack {
     ///
     /// [`ComposeConfig::volume_trees`]: super::ComposeConfig::volume_trees
     pub async fn adopt_volumes(&self) -> Result<Vec<(String, Adopted)>, DockerError> {
+        let mut done = self.link_extra_paths()?;
         let Some(dir) = &self.config.volume_trees else {
-            return Ok(Vec::new());
+            return Ok(done);
         };
         let read_err = |e: std::io::Error| DockerError::Volume {
             project: self.config.project.clone(),
-            volume: "*".to_owned(),
+            what: "standby volumes".to_owned(),
             reason: format!("reading {}: {e}", dir.display()),
         };
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
             Err(e) => return Err(read_err(e)),
         };
         let mut keys = Vec::new();
@@ -243,7 +244,6 @@ impl ComposeStack {
         }
         keys.sort();
         let canonical = std::fs::canonicalize(dir).map_err(read_err)?;
-        let mut done = Vec::with_capacity(keys.len());
         for key in keys {
             let name = self.standby_volume_name(&key);
             let adopted = self
@@ -254,10 +254,102 @@ impl ComposeStack {
         Ok(done)
     }
 
+    /// Makes each outside path the generation carries (a tree in
+    /// [`ComposeConfig::extra_trees`]) a symlink, at the place this host's stack file maps it
+    /// to, to its tree: the standby's containers bind-mount that place and see the committed
+    /// tree. A tree the stack file has no place for is an error that names the line to add: the
+    /// standby would run without that data. What was at the place is moved aside (an empty
+    /// directory is removed), never deleted; a missing parent is created.
+    ///
+    /// [`ComposeConfig::extra_trees`]: super::ComposeConfig::extra_trees
+    fn link_extra_paths(&self) -> Result<Vec<(String, Adopted)>, DockerError> {
+        let Some((dir, places)) = &self.config.extra_trees else {
+            return Ok(Vec::new());
+        };
+        let err = |what: &str, reason: String| DockerError::Volume {
+            project: self.config.project.clone(),
+            what: format!("outside path {what}"),
+            reason,
+        };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(err("*", format!("reading {}: {e}", dir.display()))),
+        };
+        let canonical = std::fs::canonicalize(dir)
+            .map_err(|e| err("*", format!("resolving {}: {e}", dir.display())))?;
+        let mut keys: Vec<String> = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| err("*", format!("reading {}: {e}", dir.display())))?;
+            if entry.file_type().is_ok_and(|t| t.is_dir())
+                && let Some(key) = entry.file_name().to_str()
+            {
+                keys.push(key.to_owned());
+            }
+        }
+        keys.sort();
+        let mut done = Vec::new();
+        for key in keys {
+            let Some(source_path) = stackclone_proto::manifest::extra_path_of_key(&key) else {
+                continue;
+            };
+            let Some(place) = places.get(&source_path) else {
+                return Err(err(
+                    &source_path,
+                    format!(
+                        "the primary replicates its outside path {source_path}, but this \
+                         target's stack file does not say where it goes; add \
+                         extra_paths = {{ \"{source_path}\" = \"/the/path/the/standby/mounts\" }} \
+                         (often the same path)"
+                    ),
+                ));
+            };
+            let tree = canonical.join(&key);
+            let adopted = link_place(place, &tree)
+                .map_err(|e| err(&source_path, format!("{}: {e}", place.display())))?;
+            if adopted != Adopted::Already {
+                info!(project = %self.config.project, path = %place.display(),
+                    tree = %tree.display(), "outside path linked to the replicated tree");
+            }
+            done.push((place.display().to_string(), adopted));
+        }
+        Ok(done)
+    }
+
     /// The Docker name Compose gives the volume of `key` in this project.
     fn standby_volume_name(&self, key: &str) -> String {
         format!("{}_{key}", self.config.project)
     }
+}
+
+/// Makes `place` a symlink to `tree`: already one, re-pointed, created (parents too), or
+/// replacing an empty directory; anything else there is moved aside first.
+fn link_place(place: &Path, tree: &Path) -> std::io::Result<Adopted> {
+    let mut adopted = Adopted::Linked;
+    match std::fs::symlink_metadata(place) {
+        Ok(m) if m.file_type().is_symlink() => {
+            if std::fs::read_link(place)? == tree {
+                return Ok(Adopted::Already);
+            }
+            std::fs::remove_file(place)?;
+        }
+        Ok(m) if m.is_dir() && std::fs::remove_dir(place).is_ok() => {}
+        Ok(_) => {
+            let kept = free_name(place);
+            std::fs::rename(place, &kept)?;
+            warn!(path = %place.display(), kept = %kept.display(),
+                "an outside path held data of its own; moved aside, not deleted");
+            adopted = Adopted::Replaced { kept };
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = place.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    std::os::unix::fs::symlink(tree, place)?;
+    Ok(adopted)
 }
 
 /// `DIR.before-stackclone`, or with `-2`, `-3`, … the first that does not exist.
