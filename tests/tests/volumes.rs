@@ -257,3 +257,78 @@ services:
         status.dump()
     );
 }
+
+#[test]
+fn an_outside_path_is_replicated_where_the_targets_stack_file_says() {
+    compose::ensure_image(compose::BUSYBOX);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let (src_media, tgt_media) = (dirs.path().join("src/media"), dirs.path().join("tgt/media"));
+    fsx::write(src_media.join("photo.jpg"), "jpeg");
+    fsx::chown(src_media.join("photo.jpg"), 1234, 1234);
+    fsx::chmod(src_media.join("photo.jpg"), 0o640);
+    let file = format!(
+        r#"version: "2.4"
+services:
+  media:
+    image: {}
+    volumes: ["./data:/data", "${{MEDIA_DIR:-/nonexistent}}:/media"]
+    command: ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1 & wait $$!; done"]
+"#,
+        compose::BUSYBOX
+    );
+    let source_extra = format!(
+        "stop_timeout = \"5s\"\nextra_paths = [\"{}\"]\n",
+        src_media.display()
+    );
+    // The standby's containers mount the same compose file's path, which the target agent's
+    // environment points elsewhere: a host whose layout differs.
+    let mut s = Stacks::new("extra", &file, &source_extra, "");
+    s.p.opts.env = vec![("MEDIA_DIR".into(), tgt_media.display().to_string())];
+    fsx::write(s.p.src.join("data/db"), "rows\n");
+    s.up_source(&[("MEDIA_DIR", &src_media.display().to_string())]);
+    wait_up(&s.src_proj, &["media"], Duration::from_secs(60), "source");
+    s.p.start_target();
+
+    // The target's stack file does not say where the path goes: the standby is not brought up
+    // without it, and the error says what to add.
+    let r = s.p.push(&["--json"]);
+    assert!(!r.status.success(), "{}", r.dump());
+    let error = r.json()[0]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains(&format!("extra_paths = {{ \"{}\" = ", src_media.display())),
+        "{error}"
+    );
+    assert!(
+        !tgt_media.exists(),
+        "a path the target's config does not name was written"
+    );
+
+    s.p.write_target_stack(&format!(
+        "compose_project = \"{}\"\nextra_paths = {{ \"{}\" = \"{}\" }}\n",
+        s.tgt_proj,
+        src_media.display(),
+        tgt_media.display()
+    ));
+    s.p.stop_target();
+    s.p.start_target();
+    let o = s.p.push_ok();
+    let media = o["mounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["destination"] == "/media").cloned())
+        .unwrap_or_default();
+    assert_eq!(media["verdict"], "extra-path", "{o}");
+    let link = std::fs::read_link(&tgt_media).expect("the target path is a link");
+    assert!(
+        link.starts_with(std::fs::canonicalize(&s.p.live).expect("live"))
+            && link.to_string_lossy().contains(".stackclone-paths/"),
+        "{}",
+        link.display()
+    );
+    let photo = std::fs::metadata(tgt_media.join("photo.jpg")).expect("photo");
+    assert_eq!(
+        (photo.uid(), photo.gid(), photo.mode() & 0o7777),
+        (1234, 1234, 0o640)
+    );
+    assert_eq!(read_in(&s.tgt_proj, "media", "/media/photo.jpg"), "jpeg");
+    assert_eq!(read_in(&s.tgt_proj, "media", "/data/db"), "rows\n");
+}
