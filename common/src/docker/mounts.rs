@@ -158,6 +158,18 @@ impl ComposeStack {
             }
             Err(e) => return Err(self.api(&format!("inspecting volume {name}"), e)),
         };
+        if let Some(owner) = volume.labels.get(PROJECT_LABEL)
+            && *owner != self.config.project
+        {
+            return Err(DockerError::Volume {
+                project: self.config.project.clone(),
+                what: format!("standby volume {name}"),
+                reason: format!(
+                    "it belongs to the Compose project `{owner}`; stackclone only points this \
+                     project's volumes at the replicated data"
+                ),
+            });
+        }
         if volume.driver != "local" || volume.mountpoint.is_empty() {
             return Err(DockerError::Volume {
                 project: self.config.project.clone(),
@@ -245,6 +257,21 @@ impl ComposeStack {
         keys.sort();
         let canonical = std::fs::canonicalize(dir).map_err(read_err)?;
         for key in keys {
+            // Docker's rule for volume names; anything else is not a volume's tree.
+            let valid = key
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphanumeric())
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            if !valid {
+                return Err(DockerError::Volume {
+                    project: self.config.project.clone(),
+                    what: format!("standby volume {key:?}"),
+                    reason: "not a valid volume name".to_owned(),
+                });
+            }
             let name = self.standby_volume_name(&key);
             let adopted = self
                 .adopt_volume(&key, &name, &canonical.join(&key))
@@ -362,4 +389,45 @@ fn free_name(data: &Path) -> PathBuf {
         n += 1;
     }
     candidate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_place_becomes_a_link_and_what_was_there_is_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let tree = t.path().join("live/.stackclone-paths/srv%2Fmedia");
+        std::fs::create_dir_all(&tree).unwrap();
+        // Missing, parents too: created.
+        let place = t.path().join("srv/media");
+        assert_eq!(link_place(&place, &tree).unwrap(), Adopted::Linked);
+        assert_eq!(std::fs::read_link(&place).unwrap(), tree);
+        assert_eq!(link_place(&place, &tree).unwrap(), Adopted::Already);
+        // A directory with data: moved aside, then linked.
+        std::fs::remove_file(&place).unwrap();
+        std::fs::create_dir(&place).unwrap();
+        std::fs::write(place.join("own.jpg"), "mine").unwrap();
+        let Adopted::Replaced { kept } = link_place(&place, &tree).unwrap() else {
+            panic!("not replaced");
+        };
+        assert_eq!(
+            std::fs::read_to_string(kept.join("own.jpg")).unwrap(),
+            "mine"
+        );
+        assert_eq!(std::fs::read_link(&place).unwrap(), tree);
+        // A link elsewhere: re-pointed; an empty directory: replaced without a trace.
+        let other = t.path().join("other");
+        std::fs::remove_file(&place).unwrap();
+        std::os::unix::fs::symlink(&other, &place).unwrap();
+        assert_eq!(link_place(&place, &tree).unwrap(), Adopted::Linked);
+        std::fs::remove_file(&place).unwrap();
+        std::fs::create_dir(&place).unwrap();
+        assert_eq!(link_place(&place, &tree).unwrap(), Adopted::Linked);
+        assert_eq!(
+            free_name(&place),
+            kept.with_file_name("media.before-stackclone-2")
+        );
+    }
 }
