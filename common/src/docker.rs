@@ -26,11 +26,22 @@
 //! [`ComposeStack::create_if_missing`]. It does not decide *when* to stop: the sync sessions do.
 //!
 //! Decisions worth knowing:
-//! - **Order.** From Compose v2's `com.docker.compose.depends_on` labels when any container has
-//!   one, else the config's `depends_on` (Compose v1 writes no such label), with the config's
-//!   `order` breaking ties (alone it is the whole order), else service names. A cycle is a
-//!   [`DockerError::DependencyCycle`] before anything runs. Several containers of one service
-//!   (`scale`) go by name.
+//! - **Order.** The first of these that says anything ([`OrderSource`]):
+//!   1. Compose v2's `com.docker.compose.depends_on` labels, when any container has one;
+//!   2. the stack file's `depends_on`, with its `order` breaking ties (alone, `order` is the whole
+//!      order);
+//!   3. the compose file's `depends_on` (and `links`, `volumes_from`, `network_mode:
+//!      service:…`), read from `compose_dir` as Compose would read it ([`crate::compose_file`];
+//!      on the target with its `compose_override` and `compose_env`) — Compose v1 orders by it
+//!      but writes no label;
+//!   4. service names.
+//!
+//!   The compose file is read only when 1 and 2 say nothing. When a stack of several services
+//!   ends at 4, a [`ComposeStack`] warns once (naming the stack and the fix), since stopping a
+//!   database before its application is the kind of mistake no test of the data shows; a compose
+//!   file that cannot be read is named in that warning and is no error (the stack still stops and
+//!   starts). A cycle is a [`DockerError::DependencyCycle`] before anything runs. Several
+//!   containers of one service (`scale`) go by name.
 //! - **What `start` starts** is exactly what `stop` saw running (`running` or `restarting`) when
 //!   it got past the `pre_stop` hooks — never a container that was already stopped. A stop that
 //!   fails part-way keeps that list, so `start` (which the agents call on every failure path)
@@ -82,6 +93,7 @@ pub mod policy;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bollard::Docker;
@@ -99,6 +111,7 @@ pub use crate::control::{
 };
 pub use order::{OrderSource, parse_depends_on_label};
 
+use crate::compose_file::{ComposeFile, ComposeFileError};
 use crate::config::{DEFAULT_HEALTH_TIMEOUT, DEFAULT_STOP_TIMEOUT, Hook, SourceStack, TargetStack};
 use crate::control::{ControlFuture, StackControl};
 
@@ -133,6 +146,8 @@ const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// What [`ComposeStack`] needs to know about a stack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ComposeConfig {
+    /// The stack's name, for messages (the project's name may differ).
+    pub stack: String,
     /// The `com.docker.compose.project` label value. Compose v1 lowercases project names, so
     /// use lowercase `a-z0-9_-` for a project this creates.
     pub project: String,
@@ -142,7 +157,8 @@ pub struct ComposeConfig {
     pub stop_timeout: Duration,
     /// Start order of services (stop is the reverse); ties broken by name.
     pub order: Vec<String>,
-    /// Service → services it needs started first, for Compose v1 (no depends_on label).
+    /// Service → services it needs started first, for Compose v1 (no depends_on label). With
+    /// neither this nor `order`, the compose file's `depends_on` is read (see the module docs).
     pub depends_on: BTreeMap<String, Vec<String>>,
     /// Run in order before stopping; a failure stops nothing.
     pub pre_stop: Vec<Hook>,
@@ -166,9 +182,12 @@ pub struct ComposeConfig {
 
 impl ComposeConfig {
     /// A config with no order, no hooks and the default timeouts.
+    /// The stack is named like the project.
     pub fn new(project: impl Into<String>, compose_dir: impl Into<PathBuf>) -> ComposeConfig {
+        let project = project.into();
         ComposeConfig {
-            project: project.into(),
+            stack: project.clone(),
+            project,
             compose_dir: compose_dir.into(),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             order: Vec::new(),
@@ -201,6 +220,7 @@ impl ComposeConfig {
             depends_on: stack.depends_on.clone(),
             pre_stop: stack.pre_stop.clone(),
             post_start: stack.post_start.clone(),
+            stack: stack.name.clone(),
             ..ComposeConfig::new(&stack.compose_project, &stack.path)
         }
     }
@@ -216,6 +236,7 @@ impl ComposeConfig {
             depends_on: stack.depends_on.clone(),
             strict_root: (stack.compose_policy == crate::config::ComposePolicy::Strict)
                 .then(|| std::fs::canonicalize(&stack.path).unwrap_or_else(|_| stack.path.clone())),
+            stack: stack.name.clone(),
             ..ComposeConfig::new(&stack.compose_project, &stack.compose_dir)
         }
     }
@@ -260,6 +281,8 @@ pub struct ComposeStack {
     docker: Docker,
     config: ComposeConfig,
     state: Mutex<State>,
+    /// Whether it warned that no start order is known (once per `ComposeStack`, i.e. per cycle).
+    warned_no_order: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -316,6 +339,7 @@ impl ComposeStack {
             docker,
             config,
             state: Mutex::new(State::default()),
+            warned_no_order: AtomicBool::new(false),
         }
     }
 
@@ -379,7 +403,7 @@ impl ComposeStack {
     }
 
     /// The start order for these containers (see the module docs for where it comes from).
-    pub fn plan_for(&self, containers: &[StackContainer]) -> Result<Plan, DockerError> {
+    pub async fn plan_for(&self, containers: &[StackContainer]) -> Result<Plan, DockerError> {
         let services: BTreeSet<String> = containers
             .iter()
             .map(|c| c.container.service.clone())
@@ -400,7 +424,15 @@ impl ComposeStack {
         } else if !self.config.order.is_empty() {
             (OrderSource::ConfigOrder, BTreeMap::new())
         } else {
-            (OrderSource::Names, BTreeMap::new())
+            match self.read_compose_file().await {
+                Ok(file) if file.has_dependencies() => {
+                    (OrderSource::ComposeFile, file.depends_on())
+                }
+                read => {
+                    self.warn_no_order(&services, read.err());
+                    (OrderSource::Names, BTreeMap::new())
+                }
+            }
         };
         let start_order =
             order::start_order(&services, &depends_on, &self.config.order).map_err(|cycle| {
@@ -418,7 +450,51 @@ impl ComposeStack {
     /// Lists the project and plans its start order.
     pub async fn plan(&self) -> Result<Plan, DockerError> {
         let containers = self.containers().await?;
-        self.plan_for(&containers)
+        self.plan_for(&containers).await
+    }
+
+    /// Warns, once per `ComposeStack`, that the services of a stack with several go by name
+    /// because nothing says in which order they depend on each other.
+    fn warn_no_order(&self, services: &BTreeSet<String>, unreadable: Option<ComposeFileError>) {
+        if services.len() < 2 {
+            if let Some(e) = unreadable {
+                debug!(stack = %self.config.stack, error = %e, "compose file not read for the order");
+            }
+            return;
+        }
+        if self.warned_no_order.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let services: Vec<&str> = services.iter().map(String::as_str).collect();
+        let compose_file = match &unreadable {
+            None => "the compose file names no depends_on".to_owned(),
+            Some(e) => format!("the compose file could not be read ({e})"),
+        };
+        warn!(stack = %self.config.stack, project = %self.config.project, services = ?services,
+            "no start order is known for stack {}: its containers carry no \
+             com.docker.compose.depends_on label (Compose v1 writes none), its stack file sets \
+             neither depends_on nor order, and {compose_file}; so its services stop and start in \
+             name order ({}), which may stop a database before the application that writes to \
+             it. Fix: write depends_on in the compose file, or set order = [...] (or depends_on) \
+             in the stack's conf.d file on both sides; an order also silences this where the \
+             order does not matter",
+            self.config.stack, services.join(", "));
+    }
+
+    /// The compose files of `compose_dir`, read as Compose would read them (see
+    /// [`crate::compose_file`]).
+    async fn read_compose_file(&self) -> Result<ComposeFile, ComposeFileError> {
+        let dir = self.config.compose_dir.clone();
+        let read = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || ComposeFile::load(&dir, &BTreeMap::new()))
+        };
+        read.await.unwrap_or_else(|e| {
+            Err(ComposeFileError::Read {
+                file: dir,
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
     }
 
     /// Runs the `pre_stop` hooks, remembers which containers are running, and stops them in
@@ -428,7 +504,7 @@ impl ComposeStack {
     pub async fn stop(&self) -> Result<StopReport, DockerError> {
         let mut state = self.state.lock().await;
         let containers = self.containers().await?;
-        let plan = self.plan_for(&containers)?;
+        let plan = self.plan_for(&containers).await?;
         let hooks = self
             .run_hooks(HookPhase::PreStop, &self.config.pre_stop, &containers)
             .await?;
@@ -632,7 +708,7 @@ impl ComposeStack {
             }
             return Ok(report);
         }
-        let plan = self.plan_for(&containers)?;
+        let plan = self.plan_for(&containers).await?;
         let mut down: Vec<ContainerRef> = containers
             .iter()
             .filter(|c| !c.is_running() && c.state != "paused")
@@ -1067,7 +1143,7 @@ impl ComposeStack {
             let containers = self.containers().await?;
             let mut refs: Vec<ContainerRef> =
                 containers.iter().map(|c| c.container.clone()).collect();
-            let plan = self.plan_for(&containers)?;
+            let plan = self.plan_for(&containers).await?;
             sort_in_start_order(&mut refs, &plan.start_order);
             let (_, failures) = self.start_containers(refs.clone()).await;
             if !failures.is_empty() {
@@ -1472,5 +1548,145 @@ fn exit_status(status: ExitStatus) -> String {
     match status.code() {
         Some(code) => format!("exit code {code}"),
         None => status.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stack whose engine is never asked: `plan_for` gets its containers from the test.
+    fn stack_in(dir: &std::path::Path, config: ComposeConfig) -> ComposeStack {
+        let docker =
+            Docker::connect_with_http("http://127.0.0.1:9", 1, bollard::API_DEFAULT_VERSION)
+                .expect("a client is made without connecting");
+        ComposeStack::with_docker(
+            docker,
+            ComposeConfig {
+                compose_dir: dir.to_owned(),
+                ..config
+            },
+        )
+    }
+
+    fn container(service: &str, depends_on_label: Option<&str>) -> StackContainer {
+        StackContainer {
+            container: ContainerRef {
+                service: service.to_owned(),
+                name: format!("p_{service}_1"),
+                id: format!("id-{service}"),
+            },
+            state: "running".to_owned(),
+            depends_on: depends_on_label.map(parse_depends_on_label),
+        }
+    }
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// A dir whose compose file says `app` depends on `db` and `cache` on nothing: names alone
+    /// would start `app` first.
+    fn compose_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("docker-compose.yml"),
+            "services:\n  app:\n    depends_on: [db]\n  db: {}\n  cache: {}\n",
+        )
+        .expect("write");
+        dir
+    }
+
+    #[tokio::test]
+    async fn the_compose_file_orders_a_stack_that_says_nothing_else() {
+        let dir = compose_dir();
+        let stack = stack_in(dir.path(), ComposeConfig::new("p", "/unused"));
+        let containers = [
+            container("app", None),
+            container("cache", None),
+            container("db", None),
+        ];
+        let plan = stack.plan_for(&containers).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::ComposeFile);
+        assert_eq!(plan.start_order, ["cache", "db", "app"]);
+        assert!(!stack.warned_no_order.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn labels_and_then_the_stack_file_come_before_the_compose_file() {
+        let dir = compose_dir();
+        // Labels say db needs app: they win over everything.
+        let labelled = [
+            container("app", Some("")),
+            container("db", Some("app:service_started:false")),
+        ];
+        let with_config = ComposeConfig {
+            depends_on: [("cache".to_owned(), strings(&["app"]))].into(),
+            order: strings(&["cache"]),
+            ..ComposeConfig::new("p", "/unused")
+        };
+        let stack = stack_in(dir.path(), with_config.clone());
+        let plan = stack.plan_for(&labelled).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::Labels);
+        assert_eq!(plan.start_order, ["app", "db"]);
+
+        // No labels: the stack file's depends_on, not the compose file's.
+        let plain = [
+            container("app", None),
+            container("cache", None),
+            container("db", None),
+        ];
+        let plan = stack.plan_for(&plain).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::ConfigDependsOn);
+        assert_eq!(plan.start_order, ["app", "cache", "db"]);
+
+        // The stack file's order alone also beats the compose file.
+        let stack = stack_in(
+            dir.path(),
+            ComposeConfig {
+                order: strings(&["app", "db"]),
+                ..ComposeConfig::new("p", "/unused")
+            },
+        );
+        let plan = stack.plan_for(&plain).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::ConfigOrder);
+        assert_eq!(plan.start_order, ["app", "db", "cache"]);
+    }
+
+    #[tokio::test]
+    async fn no_dependency_anywhere_goes_by_name_and_warns_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("compose.yaml"),
+            "services:\n  app: {}\n  db: {}\n",
+        )
+        .expect("write");
+        let stack = stack_in(dir.path(), ComposeConfig::new("p", "/unused"));
+        let plain = [container("db", None), container("app", None)];
+        let plan = stack.plan_for(&plain).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::Names);
+        assert_eq!(plan.start_order, ["app", "db"]);
+        assert!(stack.warned_no_order.load(Ordering::Relaxed));
+
+        // One service: nothing to order, nothing to warn about.
+        let single = stack_in(dir.path(), ComposeConfig::new("p", "/unused"));
+        let plan = single.plan_for(&plain[..1]).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::Names);
+        assert!(!single.warned_no_order.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_compose_file_that_cannot_be_read_is_no_error_for_the_order() {
+        for text in [None, Some("services:\n  app: [\n")] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            if let Some(text) = text {
+                std::fs::write(dir.path().join("compose.yaml"), text).expect("write");
+            }
+            let stack = stack_in(dir.path(), ComposeConfig::new("p", "/unused"));
+            let plain = [container("db", None), container("app", None)];
+            let plan = stack.plan_for(&plain).await.expect("plan");
+            assert_eq!(plan.source, OrderSource::Names, "{text:?}");
+            assert!(stack.warned_no_order.load(Ordering::Relaxed), "{text:?}");
+        }
     }
 }

@@ -387,9 +387,12 @@ async fn stop_and_start_follow_dependency_order() {
         order: strings(&["zdb", "mid", "app"]),
         ..p.config()
     };
+    // Nothing in the stack's config: the compose file's depends_on, which Compose v1 ordered
+    // the creation by but wrote no label of.
     for (config, source) in [
         (by_depends_on, OrderSource::ConfigDependsOn),
         (by_order, OrderSource::ConfigOrder),
+        (p.config(), OrderSource::ComposeFile),
     ] {
         let stack = p.stack(config).await;
         let plan = stack.plan().await.expect("plan");
@@ -425,11 +428,50 @@ async fn stop_and_start_follow_dependency_order() {
             "{source:?}: started at zdb {zdb}, mid {mid}, app {app}"
         );
     }
+}
 
-    // Without any order in the config, Compose v1 leaves nothing but the names.
-    let plan = p.stack(p.config()).await.plan().await.expect("plan");
+// current_thread: the log capture is per thread.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stack_with_no_order_anywhere_goes_by_name_and_warns_once_per_cycle() {
+    let captured = LogCapture::start();
+    let compose = format!(
+        "version: \"2.4\"\nservices:\n{}{}",
+        idle_service("web", ""),
+        idle_service("db", "")
+    );
+    let p = Project::new("noorder", &compose);
+    p.up().await;
+
+    // One ComposeStack is one cycle: stop, start, and another plan warn once between them.
+    let stack = p.stack(p.config()).await;
+    let plan = stack.plan().await.expect("plan");
     assert_eq!(plan.source, OrderSource::Names);
-    assert_eq!(plan.start_order, ["app", "mid", "zdb"]);
+    assert_eq!(plan.start_order, ["db", "web"]);
+    stack.stop().await.expect("stop");
+    stack.start().await.expect("start");
+    let text = captured.text();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("no start order is known"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    for want in [
+        &format!("stack {}", p.name),
+        "db, web",
+        "depends_on in the compose file",
+        "order = [...]",
+    ] {
+        assert!(
+            warnings[0].contains(want),
+            "{want:?} missing from: {}",
+            warnings[0]
+        );
+    }
+
+    // The next cycle warns again.
+    p.stack(p.config()).await.plan().await.expect("plan");
+    let text = captured.text();
+    assert_eq!(text.matches("no start order is known").count(), 2, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,7 +90,7 @@ pub struct TargetStack {
     pub allow_dangerous_root: bool,
     /// `depends_on = { app = ["db"] }` and `order = ["db", "app"]`: the start order (stop is
     /// the reverse) where the containers carry no `com.docker.compose.depends_on` label (Compose
-    /// v1). As on the source.
+    /// v1). As on the source; without either, the compose file's `depends_on` is read.
     pub depends_on: BTreeMap<String, Vec<String>>,
     pub order: Vec<String>,
     /// `stop_timeout` (default 30 s): grace time before Docker kills a stopping container.
