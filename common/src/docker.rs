@@ -84,6 +84,12 @@
 //!   output line is logged (`tracing`, target `stackclone::hook`) and the last 64 KiB are returned
 //!   in the report or the error. The Docker API cannot kill an exec, so a timed-out hook may go on
 //!   running in its container.
+//! - **The standby's own settings.** With [`ComposeConfig::compose_override`], every Compose
+//!   command names the project's files with `-f` (as [`ComposeFiles::find`] finds them:
+//!   `COMPOSE_FILE`, or the first compose file and override file) and the override last;
+//!   without it no `-f` is passed and Compose finds the files itself, as before.
+//!   [`ComposeConfig::compose_env`] is the environment of every Compose command, so it wins over
+//!   the synced `.env`. Both also apply when the compose file is read for the order.
 //! - **Connecting** honours `DOCKER_HOST` and negotiates the API version (bollard speaks 1.53 by
 //!   default; Debian's engine 20.10 speaks 1.41). A missing socket is [`DockerError::Connect`].
 
@@ -111,7 +117,7 @@ pub use crate::control::{
 };
 pub use order::{OrderSource, parse_depends_on_label};
 
-use crate::compose_file::{ComposeFile, ComposeFileError};
+use crate::compose_file::{ComposeFile, ComposeFileError, ComposeFiles, ProjectEnv};
 use crate::config::{DEFAULT_HEALTH_TIMEOUT, DEFAULT_STOP_TIMEOUT, Hook, SourceStack, TargetStack};
 use crate::control::{ControlFuture, StackControl};
 
@@ -178,6 +184,13 @@ pub struct ComposeConfig {
     /// bind-mount (see [`policy`]). Containers are then created with `up --no-start`, checked,
     /// and only started if every one passes. `None`: the compose file runs as written.
     pub strict_root: Option<PathBuf>,
+    /// A compose file passed to every Compose command after the project's own files, which are
+    /// then named with `-f` too ([`ComposeFiles::find`]); it is read for the start order as well.
+    /// The target's `compose_override`.
+    pub compose_override: Option<PathBuf>,
+    /// Variables set for every Compose command (they win over `.env`), and used when the
+    /// compose file is read for the start order. The target's `compose_env`.
+    pub compose_env: BTreeMap<String, String>,
 }
 
 impl ComposeConfig {
@@ -199,6 +212,8 @@ impl ComposeConfig {
             create_timeout: DEFAULT_CREATE_TIMEOUT,
             restart_record: None,
             strict_root: None,
+            compose_override: None,
+            compose_env: BTreeMap::new(),
         }
     }
 
@@ -237,6 +252,8 @@ impl ComposeConfig {
             strict_root: (stack.compose_policy == crate::config::ComposePolicy::Strict)
                 .then(|| std::fs::canonicalize(&stack.path).unwrap_or_else(|_| stack.path.clone())),
             stack: stack.name.clone(),
+            compose_override: stack.compose_override.clone(),
+            compose_env: stack.compose_env.clone(),
             ..ComposeConfig::new(&stack.compose_project, &stack.compose_dir)
         }
     }
@@ -481,20 +498,55 @@ impl ComposeStack {
             self.config.stack, services.join(", "));
     }
 
-    /// The compose files of `compose_dir`, read as Compose would read them (see
-    /// [`crate::compose_file`]).
+    /// The compose files of `compose_dir` and the `compose_override`, read as Compose would
+    /// read them with `compose_env` (see [`crate::compose_file`]).
     async fn read_compose_file(&self) -> Result<ComposeFile, ComposeFileError> {
-        let dir = self.config.compose_dir.clone();
-        let read = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || ComposeFile::load(&dir, &BTreeMap::new()))
-        };
-        read.await.unwrap_or_else(|e| {
-            Err(ComposeFileError::Read {
-                file: dir,
-                source: std::io::Error::other(e.to_string()),
-            })
+        self.off_runtime(|config| {
+            let (files, env) = project_files(config)?;
+            ComposeFile::read(&files.files, &env)
         })
+        .await
+    }
+
+    /// `-f FILE` for each of the project's files and the `compose_override` after them; nothing
+    /// without a `compose_override` (Compose then finds the files itself, as it always did).
+    async fn file_args(&self) -> Result<Vec<String>, DockerError> {
+        if self.config.compose_override.is_none() {
+            return Ok(Vec::new());
+        }
+        let files = self
+            .off_runtime(|config| project_files(config).map(|(files, _)| files))
+            .await
+            .map_err(|source| DockerError::ComposeFiles {
+                project: self.config.project.clone(),
+                source,
+            })?;
+        if !files.ignored.is_empty() {
+            warn!(stack = %self.config.stack, used = ?files.files, ignored = ?files.ignored,
+                "the compose dir holds more than one compose (or override) file; passing the \
+                 first of each as Compose v2 chooses (Compose v1 would prefer docker-compose.yml)");
+        }
+        Ok(files
+            .files
+            .iter()
+            .flat_map(|f| ["-f".to_owned(), f.display().to_string()])
+            .collect())
+    }
+
+    /// Runs `read` on the config on a blocking thread: it reads files.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&ComposeConfig) -> Result<T, ComposeFileError> + Send + 'static,
+    ) -> Result<T, ComposeFileError> {
+        let config = self.config.clone();
+        tokio::task::spawn_blocking(move || read(&config))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ComposeFileError::Read {
+                    file: self.config.compose_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
     }
 
     /// Runs the `pre_stop` hooks, remembers which containers are running, and stops them in
@@ -815,6 +867,7 @@ impl ComposeStack {
         }
         let mut argv = self.compose_cli().await?;
         argv.extend(["-p", project.as_str()].map(str::to_owned));
+        argv.extend(self.file_args().await?);
         argv.extend(args.iter().map(|a| (*a).to_owned()));
         let command = argv.join(" ");
         let failed = |status: String, output: String| DockerError::ComposeFailed {
@@ -826,6 +879,7 @@ impl ComposeStack {
         };
         let run = tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
+            .envs(&self.config.compose_env)
             .current_dir(dir)
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -1428,6 +1482,15 @@ impl StackControl for ComposeStack {
     }
 }
 
+/// The project's files and variables as Compose reads them in `compose_dir` (`compose_env` over
+/// `.env`), with the `compose_override` last.
+fn project_files(config: &ComposeConfig) -> Result<(ComposeFiles, ProjectEnv), ComposeFileError> {
+    let env = ProjectEnv::load(&config.compose_dir, &config.compose_env)?;
+    let mut files = ComposeFiles::find(&config.compose_dir, &env)?;
+    files.files.extend(config.compose_override.iter().cloned());
+    Ok((files, env))
+}
+
 /// `path` with `bytes`, durably: temporary file beside it, fsync, rename, fsync of the dir.
 fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -1673,6 +1736,85 @@ mod tests {
         let plan = single.plan_for(&plain[..1]).await.expect("plan");
         assert_eq!(plan.source, OrderSource::Names);
         assert!(!single.warned_no_order.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn with_compose_override_the_projects_files_are_named_and_the_override_comes_last() {
+        let dir = compose_dir();
+        std::fs::write(
+            dir.path().join("docker-compose.override.yml"),
+            "services:\n  db:\n    depends_on: [cache]\n",
+        )
+        .expect("write");
+        let outside = tempfile::tempdir().expect("temp dir");
+        let over = outside.path().join("standby.yml");
+        std::fs::write(
+            &over,
+            "services:\n  cache:\n    depends_on: [extra]\n  extra: {}\n",
+        )
+        .expect("write");
+
+        // Without an override Compose finds the files itself: no -f at all.
+        let plain = stack_in(dir.path(), ComposeConfig::new("p", "/unused"));
+        assert_eq!(plain.file_args().await.expect("args"), Vec::<String>::new());
+
+        let config = ComposeConfig {
+            compose_override: Some(over.clone()),
+            ..ComposeConfig::new("p", "/unused")
+        };
+        let stack = stack_in(dir.path(), config.clone());
+        let f = |p: std::path::PathBuf| ["-f".to_owned(), p.display().to_string()];
+        let want: Vec<String> = [
+            f(dir.path().join("docker-compose.yml")),
+            f(dir.path().join("docker-compose.override.yml")),
+            f(over.clone()),
+        ]
+        .concat();
+        assert_eq!(stack.file_args().await.expect("args"), want);
+
+        // The order reads the same files: the override's dependencies count.
+        let containers = [
+            container("app", None),
+            container("cache", None),
+            container("db", None),
+            container("extra", None),
+        ];
+        let plan = stack.plan_for(&containers).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::ComposeFile);
+        assert_eq!(plan.start_order, ["extra", "cache", "db", "app"]);
+
+        // COMPOSE_FILE given in compose_env replaces the search, as it does for Compose.
+        std::fs::write(dir.path().join("only.yml"), "services: {}\n").expect("write");
+        let stack = stack_in(
+            dir.path(),
+            ComposeConfig {
+                compose_env: [("COMPOSE_FILE".to_owned(), "only.yml".to_owned())].into(),
+                ..config
+            },
+        );
+        let want: Vec<String> = [f(dir.path().join("only.yml")), f(over)].concat();
+        assert_eq!(stack.file_args().await.expect("args"), want);
+
+        // No compose file at all: an error that says why, not a Compose run without files.
+        let empty = tempfile::tempdir().expect("temp dir");
+        let stack = stack_in(
+            empty.path(),
+            ComposeConfig {
+                compose_override: Some(outside.path().join("standby.yml")),
+                ..ComposeConfig::new("p", "/unused")
+            },
+        );
+        let err = stack.file_args().await.expect_err("no files");
+        assert!(
+            matches!(
+                &err,
+                DockerError::ComposeFiles {
+                    source: ComposeFileError::NotFound { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

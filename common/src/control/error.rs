@@ -293,4 +293,17 @@ pub enum DockerError {
         /// Where it ran.
         dir: PathBuf,
     },
+
+    /// With a `compose_override`, the project's own compose files must be named to Compose, and
+    /// they could not be found or read.
+    #[error(
+        "project {project}: cannot tell Compose which of the project's files to read before \
+         compose_override: {source}"
+    )]
+    ComposeFiles {
+        /// The Compose project.
+        project: String,
+        /// What was wrong.
+        source: crate::compose_file::ComposeFileError,
+    },
 }
