@@ -90,6 +90,10 @@
 //!   without it no `-f` is passed and Compose finds the files itself, as before.
 //!   [`ComposeConfig::compose_env`] is the environment of every Compose command, so it wins over
 //!   the synced `.env`. Both also apply when the compose file is read for the order.
+//! - **A first creation that collides with the host** (a published port or a `container_name`
+//!   taken) is [`DockerError::HostConflict`], which says which of those settings to use, and the
+//!   containers it made are removed, so that the next cycle creates them with the new settings
+//!   instead of starting them as they were made.
 //! - **Connecting** honours `DOCKER_HOST` and negotiates the API version (bollard speaks 1.53 by
 //!   default; Debian's engine 20.10 speaks 1.41). A missing socket is [`DockerError::Connect`].
 
@@ -113,7 +117,7 @@ use tracing::{debug, info, warn};
 // The trait's reports and error, beside the type that makes them; callers import them from here.
 pub use crate::control::{
     ContainerEvent, ContainerHealth, ContainerRef, Creation, DockerError, Health, HealthReport,
-    HookPhase, HookRun, NotReady, StartFailure, StartReport, StopReport,
+    HookPhase, HookRun, HostConflict, NotReady, StartFailure, StartReport, StopReport,
 };
 pub use order::{OrderSource, parse_depends_on_label};
 
@@ -1191,6 +1195,74 @@ impl ComposeStack {
     /// Returns the command line. (Under `compose_policy = "strict"`, [`Self::create_checked`]
     /// creates them, then they are started like any stopped container.)
     async fn create(&self, state: &mut State) -> Result<String, DockerError> {
+        match self.create_from_nothing(state).await {
+            Err(e) => Err(self.explain_first_creation(e).await),
+            created => created,
+        }
+    }
+
+    /// A first creation that failed because it collided with something else on the host (a
+    /// published port, a container name) becomes [`DockerError::HostConflict`], which says how
+    /// the standby may differ; the containers it made are removed (the project had none), so
+    /// that the next try creates them with the new settings rather than starting them as they
+    /// were made. Other errors are returned as they are.
+    async fn explain_first_creation(&self, e: DockerError) -> DockerError {
+        let output = match &e {
+            DockerError::ComposeFailed {
+                command,
+                status,
+                output,
+                ..
+            } => format!("`{command}` ({status}):\n{output}"),
+            DockerError::StartFailed { failures, .. } => failures
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{} ({}): {}",
+                        f.container.name, f.container.service, f.error
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => return e,
+        };
+        let conflicts = HostConflict::find_all(&output);
+        if conflicts.is_empty() {
+            return e;
+        }
+        match self.containers().await {
+            Ok(made) => {
+                for c in made {
+                    let options =
+                        bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                            .force(true)
+                            .v(true)
+                            .build();
+                    if let Err(err) = self
+                        .docker
+                        .remove_container(&c.container.id, Some(options))
+                        .await
+                    {
+                        warn!(stack = %self.config.stack, container = %c.container.name, error = %err,
+                            "cannot remove a container of a creation that collided with the host");
+                    }
+                }
+            }
+            Err(err) => {
+                warn!(stack = %self.config.stack, error = %err,
+                    "cannot list the containers of a creation that collided with the host");
+            }
+        }
+        DockerError::HostConflict {
+            stack: self.config.stack.clone(),
+            project: self.config.project.clone(),
+            conflicts,
+            output,
+        }
+    }
+
+    /// [`create`](Self::create) itself.
+    async fn create_from_nothing(&self, state: &mut State) -> Result<String, DockerError> {
         let project = &self.config.project;
         if let Some(root) = &self.config.strict_root {
             let command = self.create_checked(root).await?.unwrap_or_default();
