@@ -1344,6 +1344,22 @@ fn example_target_config_loads() {
     assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
 }
 
+#[test]
+fn example_override_is_a_compose_file() {
+    use stackclone_common::compose_file::{ComposeFile, ProjectEnv};
+    let file = examples().join("target/overrides/nextcloud.yml");
+    let read = ComposeFile::read(std::slice::from_ref(&file), &ProjectEnv::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let services: Vec<&str> = read.services.keys().map(String::as_str).collect();
+    assert_eq!(services, ["app", "cron"]);
+    let example =
+        fs::read_to_string(examples().join("target/conf.d/nextcloud.toml")).expect("read");
+    assert!(
+        example.contains("# compose_override = \"/etc/stackclone/overrides/nextcloud.yml\""),
+        "the stack example names the override example's place"
+    );
+}
+
 /// Each channel of the example configs, uncommented as a tired admin would: refused, naming the
 /// placeholder, instead of sending alerts to a public ntfy topic or an example host.
 #[test]
