@@ -184,9 +184,11 @@ both) seed source && seed target ;;
 esac
 # Example stacks go to the docs only: a stack file in conf.d is live (the target would create
 # and accept /opt/containers/nextcloud), so each host's are written by its admin.
-run install -d -m 0755 "$D_DOC/examples/source/conf.d" "$D_DOC/examples/target/conf.d"
+run install -d -m 0755 "$D_DOC/examples/source/conf.d" "$D_DOC/examples/target/conf.d" \
+    "$D_DOC/examples/target/overrides"
 for f in deploy/examples/source/*.toml deploy/examples/source/conf.d/*.toml \
-    deploy/examples/target/*.toml deploy/examples/target/conf.d/*.toml; do
+    deploy/examples/target/*.toml deploy/examples/target/conf.d/*.toml \
+    deploy/examples/target/overrides/*.yml; do
     run install -m 0644 "$f" "$D_DOC/examples/${f#deploy/examples/}"
 done
 [ ! -f deploy/INSTALL.md ] || run install -m 0644 deploy/INSTALL.md "$D_DOC/INSTALL.md"

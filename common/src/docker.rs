@@ -26,11 +26,22 @@
 //! [`ComposeStack::create_if_missing`]. It does not decide *when* to stop: the sync sessions do.
 //!
 //! Decisions worth knowing:
-//! - **Order.** From Compose v2's `com.docker.compose.depends_on` labels when any container has
-//!   one, else the config's `depends_on` (Compose v1 writes no such label), with the config's
-//!   `order` breaking ties (alone it is the whole order), else service names. A cycle is a
-//!   [`DockerError::DependencyCycle`] before anything runs. Several containers of one service
-//!   (`scale`) go by name.
+//! - **Order.** The first of these that says anything ([`OrderSource`]):
+//!   1. Compose v2's `com.docker.compose.depends_on` labels, when any container has one;
+//!   2. the stack file's `depends_on`, with its `order` breaking ties (alone, `order` is the whole
+//!      order);
+//!   3. the compose file's `depends_on` (and `links`, `volumes_from`, `network_mode:
+//!      service:…`), read from `compose_dir` as Compose would read it ([`crate::compose_file`];
+//!      on the target with its `compose_override` and `compose_env`) — Compose v1 orders by it
+//!      but writes no label;
+//!   4. service names.
+//!
+//!   The compose file is read only when 1 and 2 say nothing. When a stack of several services
+//!   ends at 4, a [`ComposeStack`] warns once (naming the stack and the fix), since stopping a
+//!   database before its application is the kind of mistake no test of the data shows; a compose
+//!   file that cannot be read is named in that warning and is no error (the stack still stops and
+//!   starts). A cycle is a [`DockerError::DependencyCycle`] before anything runs. Several
+//!   containers of one service (`scale`) go by name.
 //! - **What `start` starts** is exactly what `stop` saw running (`running` or `restarting`) when
 //!   it got past the `pre_stop` hooks — never a container that was already stopped. A stop that
 //!   fails part-way keeps that list, so `start` (which the agents call on every failure path)
@@ -73,6 +84,16 @@
 //!   output line is logged (`tracing`, target `stackclone::hook`) and the last 64 KiB are returned
 //!   in the report or the error. The Docker API cannot kill an exec, so a timed-out hook may go on
 //!   running in its container.
+//! - **The standby's own settings.** With [`ComposeConfig::compose_override`], every Compose
+//!   command names the project's files with `-f` (as [`ComposeFiles::find`] finds them:
+//!   `COMPOSE_FILE`, or the first compose file and override file) and the override last;
+//!   without it no `-f` is passed and Compose finds the files itself, as before.
+//!   [`ComposeConfig::compose_env`] is the environment of every Compose command, so it wins over
+//!   the synced `.env`. Both also apply when the compose file is read for the order.
+//! - **A first creation that collides with the host** (a published port or a `container_name`
+//!   taken) is [`DockerError::HostConflict`], which says which of those settings to use, and the
+//!   containers it made are removed, so that the next cycle creates them with the new settings
+//!   instead of starting them as they were made.
 //! - **Connecting** honours `DOCKER_HOST` and negotiates the API version (bollard speaks 1.53 by
 //!   default; Debian's engine 20.10 speaks 1.41). A missing socket is [`DockerError::Connect`].
 
@@ -83,6 +104,7 @@ pub mod policy;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bollard::Docker;
@@ -96,10 +118,11 @@ use tracing::{debug, info, warn};
 // The trait's reports and error, beside the type that makes them; callers import them from here.
 pub use crate::control::{
     ContainerEvent, ContainerHealth, ContainerRef, Creation, DockerError, Health, HealthReport,
-    HookPhase, HookRun, NotReady, StartFailure, StartReport, StopReport,
+    HookPhase, HookRun, HostConflict, NotReady, StartFailure, StartReport, StopReport,
 };
 pub use order::{OrderSource, parse_depends_on_label};
 
+use crate::compose_file::{ComposeFile, ComposeFileError, ComposeFiles, ProjectEnv};
 use crate::config::{DEFAULT_HEALTH_TIMEOUT, DEFAULT_STOP_TIMEOUT, Hook, SourceStack, TargetStack};
 use crate::control::{ControlFuture, StackControl};
 
@@ -134,6 +157,8 @@ const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// What [`ComposeStack`] needs to know about a stack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ComposeConfig {
+    /// The stack's name, for messages (the project's name may differ).
+    pub stack: String,
     /// The `com.docker.compose.project` label value. Compose v1 lowercases project names, so
     /// use lowercase `a-z0-9_-` for a project this creates.
     pub project: String,
@@ -143,7 +168,8 @@ pub struct ComposeConfig {
     pub stop_timeout: Duration,
     /// Start order of services (stop is the reverse); ties broken by name.
     pub order: Vec<String>,
-    /// Service → services it needs started first, for Compose v1 (no depends_on label).
+    /// Service → services it needs started first, for Compose v1 (no depends_on label). With
+    /// neither this nor `order`, the compose file's `depends_on` is read (see the module docs).
     pub depends_on: BTreeMap<String, Vec<String>>,
     /// Run in order before stopping; a failure stops nothing.
     pub pre_stop: Vec<Hook>,
@@ -173,13 +199,23 @@ pub struct ComposeConfig {
     /// target stack file's `extra_paths`). Linked with the volumes
     /// ([`ComposeStack::adopt_volumes`]).
     pub extra_trees: Option<(PathBuf, BTreeMap<String, PathBuf>)>,
+    /// A compose file passed to every Compose command after the project's own files, which are
+    /// then named with `-f` too ([`ComposeFiles::find`]); it is read for the start order as well.
+    /// The target's `compose_override`.
+    pub compose_override: Option<PathBuf>,
+    /// Variables set for every Compose command (they win over `.env`), and used when the
+    /// compose file is read for the start order. The target's `compose_env`.
+    pub compose_env: BTreeMap<String, String>,
 }
 
 impl ComposeConfig {
     /// A config with no order, no hooks and the default timeouts.
+    /// The stack is named like the project.
     pub fn new(project: impl Into<String>, compose_dir: impl Into<PathBuf>) -> ComposeConfig {
+        let project = project.into();
         ComposeConfig {
-            project: project.into(),
+            stack: project.clone(),
+            project,
             compose_dir: compose_dir.into(),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             order: Vec::new(),
@@ -193,6 +229,8 @@ impl ComposeConfig {
             strict_root: None,
             volume_trees: None,
             extra_trees: None,
+            compose_override: None,
+            compose_env: BTreeMap::new(),
         }
     }
 
@@ -214,6 +252,7 @@ impl ComposeConfig {
             depends_on: stack.depends_on.clone(),
             pre_stop: stack.pre_stop.clone(),
             post_start: stack.post_start.clone(),
+            stack: stack.name.clone(),
             ..ComposeConfig::new(&stack.compose_project, &stack.path)
         }
     }
@@ -234,6 +273,9 @@ impl ComposeConfig {
                 stack.path.join(stackclone_proto::manifest::PATHS_DIR),
                 stack.extra_paths.clone(),
             )),
+            stack: stack.name.clone(),
+            compose_override: stack.compose_override.clone(),
+            compose_env: stack.compose_env.clone(),
             ..ComposeConfig::new(&stack.compose_project, &stack.compose_dir)
         }
     }
@@ -278,6 +320,8 @@ pub struct ComposeStack {
     docker: Docker,
     config: ComposeConfig,
     state: Mutex<State>,
+    /// Whether it warned that no start order is known (once per `ComposeStack`, i.e. per cycle).
+    warned_no_order: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -334,6 +378,7 @@ impl ComposeStack {
             docker,
             config,
             state: Mutex::new(State::default()),
+            warned_no_order: AtomicBool::new(false),
         }
     }
 
@@ -397,7 +442,7 @@ impl ComposeStack {
     }
 
     /// The start order for these containers (see the module docs for where it comes from).
-    pub fn plan_for(&self, containers: &[StackContainer]) -> Result<Plan, DockerError> {
+    pub async fn plan_for(&self, containers: &[StackContainer]) -> Result<Plan, DockerError> {
         let services: BTreeSet<String> = containers
             .iter()
             .map(|c| c.container.service.clone())
@@ -418,7 +463,15 @@ impl ComposeStack {
         } else if !self.config.order.is_empty() {
             (OrderSource::ConfigOrder, BTreeMap::new())
         } else {
-            (OrderSource::Names, BTreeMap::new())
+            match self.read_compose_file().await {
+                Ok(file) if file.has_dependencies() => {
+                    (OrderSource::ComposeFile, file.depends_on())
+                }
+                read => {
+                    self.warn_no_order(&services, read.err());
+                    (OrderSource::Names, BTreeMap::new())
+                }
+            }
         };
         let start_order =
             order::start_order(&services, &depends_on, &self.config.order).map_err(|cycle| {
@@ -436,7 +489,86 @@ impl ComposeStack {
     /// Lists the project and plans its start order.
     pub async fn plan(&self) -> Result<Plan, DockerError> {
         let containers = self.containers().await?;
-        self.plan_for(&containers)
+        self.plan_for(&containers).await
+    }
+
+    /// Warns, once per `ComposeStack`, that the services of a stack with several go by name
+    /// because nothing says in which order they depend on each other.
+    fn warn_no_order(&self, services: &BTreeSet<String>, unreadable: Option<ComposeFileError>) {
+        if services.len() < 2 {
+            if let Some(e) = unreadable {
+                debug!(stack = %self.config.stack, error = %e, "compose file not read for the order");
+            }
+            return;
+        }
+        if self.warned_no_order.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let services: Vec<&str> = services.iter().map(String::as_str).collect();
+        let compose_file = match &unreadable {
+            None => "the compose file names no depends_on".to_owned(),
+            Some(e) => format!("the compose file could not be read ({e})"),
+        };
+        warn!(stack = %self.config.stack, project = %self.config.project, services = ?services,
+            "no start order is known for stack {}: its containers carry no \
+             com.docker.compose.depends_on label (Compose v1 writes none), its stack file sets \
+             neither depends_on nor order, and {compose_file}; so its services stop and start in \
+             name order ({}), which may stop a database before the application that writes to \
+             it. Fix: write depends_on in the compose file, or set order = [...] (or depends_on) \
+             in the stack's conf.d file on both sides; an order also silences this where the \
+             order does not matter",
+            self.config.stack, services.join(", "));
+    }
+
+    /// The compose files of `compose_dir` and the `compose_override`, read as Compose would
+    /// read them with `compose_env` (see [`crate::compose_file`]).
+    async fn read_compose_file(&self) -> Result<ComposeFile, ComposeFileError> {
+        self.off_runtime(|config| {
+            let (files, env) = project_files(config)?;
+            ComposeFile::read(&files.files, &env)
+        })
+        .await
+    }
+
+    /// `-f FILE` for each of the project's files and the `compose_override` after them; nothing
+    /// without a `compose_override` (Compose then finds the files itself, as it always did).
+    async fn file_args(&self) -> Result<Vec<String>, DockerError> {
+        if self.config.compose_override.is_none() {
+            return Ok(Vec::new());
+        }
+        let files = self
+            .off_runtime(|config| project_files(config).map(|(files, _)| files))
+            .await
+            .map_err(|source| DockerError::ComposeFiles {
+                project: self.config.project.clone(),
+                source,
+            })?;
+        if !files.ignored.is_empty() {
+            warn!(stack = %self.config.stack, used = ?files.files, ignored = ?files.ignored,
+                "the compose dir holds more than one compose (or override) file; passing the \
+                 first of each as Compose v2 chooses (Compose v1 would prefer docker-compose.yml)");
+        }
+        Ok(files
+            .files
+            .iter()
+            .flat_map(|f| ["-f".to_owned(), f.display().to_string()])
+            .collect())
+    }
+
+    /// Runs `read` on the config on a blocking thread: it reads files.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&ComposeConfig) -> Result<T, ComposeFileError> + Send + 'static,
+    ) -> Result<T, ComposeFileError> {
+        let config = self.config.clone();
+        tokio::task::spawn_blocking(move || read(&config))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ComposeFileError::Read {
+                    file: self.config.compose_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
     }
 
     /// Runs the `pre_stop` hooks, remembers which containers are running, and stops them in
@@ -446,7 +578,7 @@ impl ComposeStack {
     pub async fn stop(&self) -> Result<StopReport, DockerError> {
         let mut state = self.state.lock().await;
         let containers = self.containers().await?;
-        let plan = self.plan_for(&containers)?;
+        let plan = self.plan_for(&containers).await?;
         let hooks = self
             .run_hooks(HookPhase::PreStop, &self.config.pre_stop, &containers)
             .await?;
@@ -651,7 +783,7 @@ impl ComposeStack {
             }
             return Ok(report);
         }
-        let plan = self.plan_for(&containers)?;
+        let plan = self.plan_for(&containers).await?;
         let mut down: Vec<ContainerRef> = containers
             .iter()
             .filter(|c| !c.is_running() && c.state != "paused")
@@ -758,6 +890,7 @@ impl ComposeStack {
         }
         let mut argv = self.compose_cli().await?;
         argv.extend(["-p", project.as_str()].map(str::to_owned));
+        argv.extend(self.file_args().await?);
         argv.extend(args.iter().map(|a| (*a).to_owned()));
         let command = argv.join(" ");
         let failed = |status: String, output: String| DockerError::ComposeFailed {
@@ -769,6 +902,7 @@ impl ComposeStack {
         };
         let run = tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
+            .envs(&self.config.compose_env)
             .current_dir(dir)
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -1081,13 +1215,81 @@ impl ComposeStack {
     /// Returns the command line. (Under `compose_policy = "strict"`, [`Self::create_checked`]
     /// creates them, then they are started like any stopped container.)
     async fn create(&self, state: &mut State) -> Result<String, DockerError> {
+        match self.create_from_nothing(state).await {
+            Err(e) => Err(self.explain_first_creation(e).await),
+            created => created,
+        }
+    }
+
+    /// A first creation that failed because it collided with something else on the host (a
+    /// published port, a container name) becomes [`DockerError::HostConflict`], which says how
+    /// the standby may differ; the containers it made are removed (the project had none), so
+    /// that the next try creates them with the new settings rather than starting them as they
+    /// were made. Other errors are returned as they are.
+    async fn explain_first_creation(&self, e: DockerError) -> DockerError {
+        let output = match &e {
+            DockerError::ComposeFailed {
+                command,
+                status,
+                output,
+                ..
+            } => format!("`{command}` ({status}):\n{output}"),
+            DockerError::StartFailed { failures, .. } => failures
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{} ({}): {}",
+                        f.container.name, f.container.service, f.error
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => return e,
+        };
+        let conflicts = HostConflict::find_all(&output);
+        if conflicts.is_empty() {
+            return e;
+        }
+        match self.containers().await {
+            Ok(made) => {
+                for c in made {
+                    let options =
+                        bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                            .force(true)
+                            .v(true)
+                            .build();
+                    if let Err(err) = self
+                        .docker
+                        .remove_container(&c.container.id, Some(options))
+                        .await
+                    {
+                        warn!(stack = %self.config.stack, container = %c.container.name, error = %err,
+                            "cannot remove a container of a creation that collided with the host");
+                    }
+                }
+            }
+            Err(err) => {
+                warn!(stack = %self.config.stack, error = %err,
+                    "cannot list the containers of a creation that collided with the host");
+            }
+        }
+        DockerError::HostConflict {
+            stack: self.config.stack.clone(),
+            project: self.config.project.clone(),
+            conflicts,
+            output,
+        }
+    }
+
+    /// [`create`](Self::create) itself.
+    async fn create_from_nothing(&self, state: &mut State) -> Result<String, DockerError> {
         let project = &self.config.project;
         if let Some(root) = &self.config.strict_root {
             let command = self.create_checked(root).await?.unwrap_or_default();
             let containers = self.containers().await?;
             let mut refs: Vec<ContainerRef> =
                 containers.iter().map(|c| c.container.clone()).collect();
-            let plan = self.plan_for(&containers)?;
+            let plan = self.plan_for(&containers).await?;
             sort_in_start_order(&mut refs, &plan.start_order);
             let (_, failures) = self.start_containers(refs.clone()).await;
             if !failures.is_empty() {
@@ -1375,6 +1577,15 @@ impl StackControl for ComposeStack {
     }
 }
 
+/// The project's files and variables as Compose reads them in `compose_dir` (`compose_env` over
+/// `.env`), with the `compose_override` last.
+fn project_files(config: &ComposeConfig) -> Result<(ComposeFiles, ProjectEnv), ComposeFileError> {
+    let env = ProjectEnv::load(&config.compose_dir, &config.compose_env)?;
+    let mut files = ComposeFiles::find(&config.compose_dir, &env)?;
+    files.files.extend(config.compose_override.iter().cloned());
+    Ok((files, env))
+}
+
 /// `path` with `bytes`, durably: temporary file beside it, fsync, rename, fsync of the dir.
 fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -1495,5 +1706,224 @@ fn exit_status(status: ExitStatus) -> String {
     match status.code() {
         Some(code) => format!("exit code {code}"),
         None => status.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stack whose engine is never asked: `plan_for` gets its containers from the test.
+    fn stack_in(dir: &std::path::Path, config: ComposeConfig) -> ComposeStack {
+        let docker =
+            Docker::connect_with_http("http://127.0.0.1:9", 1, bollard::API_DEFAULT_VERSION)
+                .expect("a client is made without connecting");
+        ComposeStack::with_docker(
+            docker,
+            ComposeConfig {
+                compose_dir: dir.to_owned(),
+                ..config
+            },
+        )
+    }
+
+    fn container(service: &str, depends_on_label: Option<&str>) -> StackContainer {
+        StackContainer {
+            container: ContainerRef {
+                service: service.to_owned(),
+                name: format!("p_{service}_1"),
+                id: format!("id-{service}"),
+            },
+            state: "running".to_owned(),
+            depends_on: depends_on_label.map(parse_depends_on_label),
+        }
+    }
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// A dir whose compose file says `app` depends on `db` and `cache` on nothing: names alone
+    /// would start `app` first.
+    fn compose_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("docker-compose.yml"),
+            "services:\n  app:\n    depends_on: [db]\n  db: {}\n  cache: {}\n",
+        )
+        .expect("write");
+        dir
+    }
+
+    #[tokio::test]
+    async fn the_compose_file_orders_a_stack_that_says_nothing_else() {
+        let dir = compose_dir();
+        let stack = stack_in(dir.path(), ComposeConfig::new("p", "/unused"));
+        let containers = [
+            container("app", None),
+            container("cache", None),
+            container("db", None),
+        ];
+        let plan = stack.plan_for(&containers).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::ComposeFile);
+        assert_eq!(plan.start_order, ["cache", "db", "app"]);
+        assert!(!stack.warned_no_order.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn labels_and_then_the_stack_file_come_before_the_compose_file() {
+        let dir = compose_dir();
+        // Labels say db needs app: they win over everything.
+        let labelled = [
+            container("app", Some("")),
+            container("db", Some("app:service_started:false")),
+        ];
+        let with_config = ComposeConfig {
+            depends_on: [("cache".to_owned(), strings(&["app"]))].into(),
+            order: strings(&["cache"]),
+            ..ComposeConfig::new("p", "/unused")
+        };
+        let stack = stack_in(dir.path(), with_config.clone());
+        let plan = stack.plan_for(&labelled).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::Labels);
+        assert_eq!(plan.start_order, ["app", "db"]);
+
+        // No labels: the stack file's depends_on, not the compose file's.
+        let plain = [
+            container("app", None),
+            container("cache", None),
+            container("db", None),
+        ];
+        let plan = stack.plan_for(&plain).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::ConfigDependsOn);
+        assert_eq!(plan.start_order, ["app", "cache", "db"]);
+
+        // The stack file's order alone also beats the compose file.
+        let stack = stack_in(
+            dir.path(),
+            ComposeConfig {
+                order: strings(&["app", "db"]),
+                ..ComposeConfig::new("p", "/unused")
+            },
+        );
+        let plan = stack.plan_for(&plain).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::ConfigOrder);
+        assert_eq!(plan.start_order, ["app", "db", "cache"]);
+    }
+
+    #[tokio::test]
+    async fn no_dependency_anywhere_goes_by_name_and_warns_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("compose.yaml"),
+            "services:\n  app: {}\n  db: {}\n",
+        )
+        .expect("write");
+        let stack = stack_in(dir.path(), ComposeConfig::new("p", "/unused"));
+        let plain = [container("db", None), container("app", None)];
+        let plan = stack.plan_for(&plain).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::Names);
+        assert_eq!(plan.start_order, ["app", "db"]);
+        assert!(stack.warned_no_order.load(Ordering::Relaxed));
+
+        // One service: nothing to order, nothing to warn about.
+        let single = stack_in(dir.path(), ComposeConfig::new("p", "/unused"));
+        let plan = single.plan_for(&plain[..1]).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::Names);
+        assert!(!single.warned_no_order.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn with_compose_override_the_projects_files_are_named_and_the_override_comes_last() {
+        let dir = compose_dir();
+        std::fs::write(
+            dir.path().join("docker-compose.override.yml"),
+            "services:\n  db:\n    depends_on: [cache]\n",
+        )
+        .expect("write");
+        let outside = tempfile::tempdir().expect("temp dir");
+        let over = outside.path().join("standby.yml");
+        std::fs::write(
+            &over,
+            "services:\n  cache:\n    depends_on: [extra]\n  extra: {}\n",
+        )
+        .expect("write");
+
+        // Without an override Compose finds the files itself: no -f at all.
+        let plain = stack_in(dir.path(), ComposeConfig::new("p", "/unused"));
+        assert_eq!(plain.file_args().await.expect("args"), Vec::<String>::new());
+
+        let config = ComposeConfig {
+            compose_override: Some(over.clone()),
+            ..ComposeConfig::new("p", "/unused")
+        };
+        let stack = stack_in(dir.path(), config.clone());
+        let f = |p: std::path::PathBuf| ["-f".to_owned(), p.display().to_string()];
+        let want: Vec<String> = [
+            f(dir.path().join("docker-compose.yml")),
+            f(dir.path().join("docker-compose.override.yml")),
+            f(over.clone()),
+        ]
+        .concat();
+        assert_eq!(stack.file_args().await.expect("args"), want);
+
+        // The order reads the same files: the override's dependencies count.
+        let containers = [
+            container("app", None),
+            container("cache", None),
+            container("db", None),
+            container("extra", None),
+        ];
+        let plan = stack.plan_for(&containers).await.expect("plan");
+        assert_eq!(plan.source, OrderSource::ComposeFile);
+        assert_eq!(plan.start_order, ["extra", "cache", "db", "app"]);
+
+        // COMPOSE_FILE given in compose_env replaces the search, as it does for Compose.
+        std::fs::write(dir.path().join("only.yml"), "services: {}\n").expect("write");
+        let stack = stack_in(
+            dir.path(),
+            ComposeConfig {
+                compose_env: [("COMPOSE_FILE".to_owned(), "only.yml".to_owned())].into(),
+                ..config
+            },
+        );
+        let want: Vec<String> = [f(dir.path().join("only.yml")), f(over)].concat();
+        assert_eq!(stack.file_args().await.expect("args"), want);
+
+        // No compose file at all: an error that says why, not a Compose run without files.
+        let empty = tempfile::tempdir().expect("temp dir");
+        let stack = stack_in(
+            empty.path(),
+            ComposeConfig {
+                compose_override: Some(outside.path().join("standby.yml")),
+                ..ComposeConfig::new("p", "/unused")
+            },
+        );
+        let err = stack.file_args().await.expect_err("no files");
+        assert!(
+            matches!(
+                &err,
+                DockerError::ComposeFiles {
+                    source: ComposeFileError::NotFound { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_compose_file_that_cannot_be_read_is_no_error_for_the_order() {
+        for text in [None, Some("services:\n  app: [\n")] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            if let Some(text) = text {
+                std::fs::write(dir.path().join("compose.yaml"), text).expect("write");
+            }
+            let stack = stack_in(dir.path(), ComposeConfig::new("p", "/unused"));
+            let plain = [container("db", None), container("app", None)];
+            let plan = stack.plan_for(&plain).await.expect("plan");
+            assert_eq!(plan.source, OrderSource::Names, "{text:?}");
+            assert!(stack.warned_no_order.load(Ordering::Relaxed), "{text:?}");
+        }
     }
 }

@@ -18,6 +18,8 @@
 //! - [`alert`] and [`metrics`]: Telegram / ntfy / webhook alerts; Prometheus metrics on
 //!   `/metrics` and a Pushgateway push.
 //! - [`config`]: load and check `source.toml` / `target.toml` and their `conf.d/` stack files.
+//! - [`compose_file`]: what Compose reads in a project dir (which files, `.env`), and from those
+//!   files the services' dependencies and the named volumes, without running Compose.
 //! - [`docker`]: stop, start, health-check and create a Compose stack through the Docker API;
 //!   [`control`]: the trait both agents drive a stack through, with its reports and errors.
 //! - [`net`]: wire frames over QUIC streams, bounded before allocation.
@@ -46,6 +48,7 @@
 
 pub mod alert;
 pub mod cache;
+pub mod compose_file;
 pub mod config;
 pub mod control;
 pub mod coverage;

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use stackclone_common::alert::Channel;
 use stackclone_common::config::{
-    Address, ConfigError, DEFAULT_MAX_DELETE, Fraction, Hook, LoadOptions, SkippedStack,
-    SourceConfig, SourceStack, TargetConfig, TargetPeer, TargetStack, parse_bandwidth,
-    parse_duration,
+    Address, ConfigError, DEFAULT_MAX_DELETE, Fraction, Hook, LoadOptions, OverrideProblem,
+    SkippedStack, SourceConfig, SourceStack, TargetConfig, TargetPeer, TargetStack,
+    parse_bandwidth, parse_duration,
 };
 use stackclone_proto::session::OnStopTimeout;
 use tempfile::TempDir;
@@ -281,6 +281,8 @@ fn target_minimal_stack_gets_every_default() {
             max_age: None,
             compose_policy: stackclone_common::config::ComposePolicy::Trusted,
             extra_paths: BTreeMap::new(),
+            compose_override: None,
+            compose_env: BTreeMap::new(),
         }]
     );
 }
@@ -1230,6 +1232,174 @@ fn identity_dir_override_is_the_callers_job() {
     assert_eq!(cfg.identity_dir, PathBuf::from("/from/flag"));
 }
 
+// ---- What the standby may do differently -----------------------------------------------------
+
+#[test]
+fn target_compose_override_and_compose_env_are_read() {
+    let dir = Dir::new();
+    let data = dir.data("app");
+    let over = dir.write("overrides/app.yml", "services: {}\n");
+    dir.write(
+        "conf.d/app.toml",
+        &format!(
+            "stack = \"app\"\npath = \"{data}\"\nallow = [\"primary\"]\n\
+             compose_override = \"{}\"\n\
+             compose_env = {{ HTTP_PORT = 18080, _Name = \"standby copy\", EMPTY = \"\" }}\n",
+            over.display()
+        ),
+    );
+    let cfg = dir.target(TARGET_MAIN).expect("loads");
+    let s = cfg.stack("app").expect("app");
+    assert_eq!(s.compose_override, Some(over));
+    assert_eq!(
+        s.compose_env,
+        BTreeMap::from([
+            ("EMPTY".to_owned(), String::new()),
+            ("HTTP_PORT".to_owned(), "18080".to_owned()),
+            ("_Name".to_owned(), "standby copy".to_owned()),
+        ])
+    );
+}
+
+#[test]
+fn a_compose_override_that_is_relative_missing_or_not_a_file_is_refused() {
+    let dir = Dir::new();
+    let data = dir.data("app");
+    let stack = |over: &str| {
+        format!(
+            "stack = \"app\"\npath = \"{data}\"\nallow = [\"primary\"]\n\
+             compose_override = \"{over}\"\n"
+        )
+    };
+
+    dir.write("conf.d/app.toml", &stack("overrides/app.yml"));
+    let err = target_err(&dir, TARGET_MAIN);
+    let msg = assert_names(&err, "conf.d/app.toml", 4, "compose_override");
+    assert!(msg.contains("not an absolute path"), "{msg}");
+
+    let missing = dir.path("overrides/missing.yml");
+    dir.write("conf.d/app.toml", &stack(&missing.display().to_string()));
+    let err = target_err(&dir, TARGET_MAIN);
+    let msg = assert_names(&err, "conf.d/app.toml", 4, "compose_override");
+    assert!(
+        matches!(
+            &err,
+            ConfigError::ComposeOverride { problem: OverrideProblem::Unreadable(e), path, .. }
+                if e.kind() == std::io::ErrorKind::NotFound && *path == missing
+        ),
+        "{err:?}"
+    );
+    assert!(
+        msg.contains("cannot be read") && msg.contains("create it"),
+        "{msg}"
+    );
+    // A config written for another host is checked without its files.
+    let unchecked = LoadOptions { check_paths: false };
+    let cfg = dir
+        .target_with_options(TARGET_MAIN, &unchecked)
+        .expect("loads unchecked");
+    assert_eq!(cfg.stacks[0].compose_override, Some(missing));
+
+    let a_dir = dir.path("overrides");
+    fs::create_dir_all(&a_dir).expect("mkdir");
+    dir.write("conf.d/app.toml", &stack(&a_dir.display().to_string()));
+    let err = target_err(&dir, TARGET_MAIN);
+    assert_names(&err, "conf.d/app.toml", 4, "compose_override");
+    assert!(
+        matches!(
+            &err,
+            ConfigError::ComposeOverride {
+                problem: OverrideProblem::NotAFile,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_compose_override_inside_a_synced_path_is_refused_even_through_a_symlink() {
+    let dir = Dir::new();
+    let app = dir.data("app");
+    let other = dir.data("other");
+    let write_stacks = |over: &Path| {
+        dir.write(
+            "conf.d/app.toml",
+            &format!(
+                "stack = \"app\"\npath = \"{app}\"\nallow = [\"primary\"]\n\
+                 compose_override = \"{}\"\n",
+                over.display()
+            ),
+        );
+        dir.write(
+            "conf.d/other.toml",
+            &format!("stack = \"other\"\npath = \"{other}\"\nallow = [\"primary\"]\n"),
+        );
+    };
+    let refused_for = |err: &ConfigError| match err {
+        ConfigError::ComposeOverride {
+            problem: OverrideProblem::InsideStackPath { stack, path },
+            ..
+        } => (stack.clone(), path.clone()),
+        other => panic!("expected InsideStackPath, got {other:?}"),
+    };
+
+    // Its own path: the next commit would delete it.
+    let own = dir.write("data/app/standby.yml", "services: {}\n");
+    write_stacks(&own);
+    let err = target_err(&dir, TARGET_MAIN);
+    let msg = assert_names(&err, "conf.d/app.toml", 4, "compose_override");
+    assert_eq!(refused_for(&err), ("app".to_owned(), PathBuf::from(&app)));
+    assert!(
+        msg.contains("every commit replaces") && msg.contains("/etc/stackclone/overrides/app.yml"),
+        "{msg}"
+    );
+    // Even unchecked: that much is visible in the text.
+    let unchecked = LoadOptions { check_paths: false };
+    let err = dir
+        .target_with_options(TARGET_MAIN, &unchecked)
+        .expect_err("refused unchecked");
+    assert_eq!(refused_for(&err).0, "app");
+
+    // Another stack's path, declared in a later file.
+    let theirs = dir.write("data/other/app.yml", "services: {}\n");
+    write_stacks(&theirs);
+    let err = target_err(&dir, TARGET_MAIN);
+    assert_eq!(
+        refused_for(&err),
+        ("other".to_owned(), PathBuf::from(&other))
+    );
+
+    // Through a symlink to the stack's directory.
+    std::os::unix::fs::symlink(dir.path("data/app"), dir.path("via-link")).expect("symlink");
+    write_stacks(&dir.path("via-link/standby.yml"));
+    let err = target_err(&dir, TARGET_MAIN);
+    assert_eq!(refused_for(&err).0, "app");
+
+    // Beside the stacks is fine.
+    let beside = dir.write("overrides/app.yml", "services: {}\n");
+    write_stacks(&beside);
+    dir.target(TARGET_MAIN)
+        .expect("an override outside every path loads");
+}
+
+#[test]
+fn compose_env_names_must_be_variable_names() {
+    let dir = Dir::new();
+    let data = dir.data("app");
+    dir.write(
+        "conf.d/app.toml",
+        &format!(
+            "stack = \"app\"\npath = \"{data}\"\nallow = [\"primary\"]\n\
+             compose_env = {{ \"HTTP-PORT\" = \"1\" }}\n"
+        ),
+    );
+    let err = target_err(&dir, TARGET_MAIN);
+    let msg = err.to_string();
+    assert!(msg.contains("conf.d/app.toml:4:"), "{msg}");
+    assert!(msg.contains("invalid variable name \"HTTP-PORT\""), "{msg}");
+}
+
 // ---- The shipped examples ---------------------------------------------------------------------
 
 fn examples() -> PathBuf {
@@ -1287,6 +1457,22 @@ fn example_target_config_loads() {
         "seeded by install.sh: no live channel"
     );
     assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+}
+
+#[test]
+fn example_override_is_a_compose_file() {
+    use stackclone_common::compose_file::{ComposeFile, ProjectEnv};
+    let file = examples().join("target/overrides/nextcloud.yml");
+    let read = ComposeFile::read(std::slice::from_ref(&file), &ProjectEnv::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let services: Vec<&str> = read.services.keys().map(String::as_str).collect();
+    assert_eq!(services, ["app", "cron"]);
+    let example =
+        fs::read_to_string(examples().join("target/conf.d/nextcloud.toml")).expect("read");
+    assert!(
+        example.contains("# compose_override = \"/etc/stackclone/overrides/nextcloud.yml\""),
+        "the stack example names the override example's place"
+    );
 }
 
 /// Each channel of the example configs, uncommented as a tired admin would: refused, naming the

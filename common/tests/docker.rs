@@ -17,8 +17,8 @@ use bollard::models::ContainerState;
 use stackclone_common::config::Hook;
 use stackclone_common::control::StackControl;
 use stackclone_common::docker::{
-    ComposeConfig, ComposeStack, Creation, DockerError, Health, HookPhase, OrderSource,
-    StackContainer,
+    ComposeConfig, ComposeStack, Creation, DockerError, Health, HookPhase, HostConflict,
+    OrderSource, StackContainer,
 };
 use tempfile::TempDir;
 use time::OffsetDateTime;
@@ -387,9 +387,12 @@ async fn stop_and_start_follow_dependency_order() {
         order: strings(&["zdb", "mid", "app"]),
         ..p.config()
     };
+    // Nothing in the stack's config: the compose file's depends_on, which Compose v1 ordered
+    // the creation by but wrote no label of.
     for (config, source) in [
         (by_depends_on, OrderSource::ConfigDependsOn),
         (by_order, OrderSource::ConfigOrder),
+        (p.config(), OrderSource::ComposeFile),
     ] {
         let stack = p.stack(config).await;
         let plan = stack.plan().await.expect("plan");
@@ -425,11 +428,50 @@ async fn stop_and_start_follow_dependency_order() {
             "{source:?}: started at zdb {zdb}, mid {mid}, app {app}"
         );
     }
+}
 
-    // Without any order in the config, Compose v1 leaves nothing but the names.
-    let plan = p.stack(p.config()).await.plan().await.expect("plan");
+// current_thread: the log capture is per thread.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stack_with_no_order_anywhere_goes_by_name_and_warns_once_per_cycle() {
+    let captured = LogCapture::start();
+    let compose = format!(
+        "version: \"2.4\"\nservices:\n{}{}",
+        idle_service("web", ""),
+        idle_service("db", "")
+    );
+    let p = Project::new("noorder", &compose);
+    p.up().await;
+
+    // One ComposeStack is one cycle: stop, start, and another plan warn once between them.
+    let stack = p.stack(p.config()).await;
+    let plan = stack.plan().await.expect("plan");
     assert_eq!(plan.source, OrderSource::Names);
-    assert_eq!(plan.start_order, ["app", "mid", "zdb"]);
+    assert_eq!(plan.start_order, ["db", "web"]);
+    stack.stop().await.expect("stop");
+    stack.start().await.expect("start");
+    let text = captured.text();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("no start order is known"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    for want in [
+        &format!("stack {}", p.name),
+        "db, web",
+        "depends_on in the compose file",
+        "order = [...]",
+    ] {
+        assert!(
+            warnings[0].contains(want),
+            "{want:?} missing from: {}",
+            warnings[0]
+        );
+    }
+
+    // The next cycle warns again.
+    p.stack(p.config()).await.plan().await.expect("plan");
+    let text = captured.text();
+    assert_eq!(text.matches("no start order is known").count(), 2, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1135,4 +1177,114 @@ async fn the_strict_policy_starts_nothing_when_one_container_would_escape() {
     let listed = stack.containers().await.expect("list");
     assert_eq!(listed.len(), 1);
     assert!(is_running(&docker, &listed[0].container.id).await);
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `web` publishes `127.0.0.1:${WEB_PORT:-default}:80` and carries `ROLE: primary`.
+fn web_publishing(default_port: u16) -> String {
+    format!(
+        "version: \"2.4\"\nservices:\n{}",
+        idle_service(
+            "web",
+            &format!(
+                "    ports: [\"127.0.0.1:${{WEB_PORT:-{default_port}}}:80\"]\n    environment:\n      \
+                 ROLE: primary\n      KEPT: from-the-compose-file\n"
+            )
+        )
+    )
+}
+
+/// The standby of a stack whose port is taken on its host: the first creation fails with an
+/// error that says to use compose_env, leaves no container behind, and with compose_env (over
+/// the synced `.env`) and a compose_override the next creation runs the standby's variant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_whose_port_is_taken_is_told_how_to_differ_and_then_differs() {
+    let (taken, free) = (free_port(), free_port());
+    let holder = Project::new("holder", &web_publishing(taken));
+    holder.up().await;
+    let standby = Project::new("standby", &web_publishing(taken));
+    // The primary's .env, synced with the data: what the standby must override.
+    std::fs::write(
+        standby.dir.path().join(".env"),
+        format!("WEB_PORT={taken}\n"),
+    )
+    .expect(".env");
+
+    let stack = standby.stack(standby.config()).await;
+    let err = stack.bring_up().await.expect_err("the port is taken");
+    let DockerError::HostConflict {
+        conflicts,
+        stack: name,
+        ..
+    } = &err
+    else {
+        panic!("expected HostConflict, got {err:?}");
+    };
+    assert_eq!(name, &standby.name);
+    assert!(
+        matches!(&conflicts[..], [HostConflict::Port { detail }] if detail.contains(&format!(":{taken}"))),
+        "{conflicts:?}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("compose_env = { HTTP_PORT"), "{text}");
+    assert!(
+        stack.containers().await.expect("list").is_empty(),
+        "the failed creation left containers behind"
+    );
+
+    // The standby's own settings: the override lives outside the synced dir.
+    let outside = tempfile::tempdir().expect("temp dir");
+    let over = outside.path().join("standby.yml");
+    std::fs::write(
+        &over,
+        "version: \"2.4\"\nservices:\n  web:\n    environment:\n      ROLE: standby\n",
+    )
+    .expect("override");
+    let config = ComposeConfig {
+        compose_override: Some(over.clone()),
+        compose_env: [("WEB_PORT".to_owned(), free.to_string())].into(),
+        ..standby.config()
+    };
+    let stack = standby.stack(config).await;
+    let report = stack.bring_up().await.expect("the standby comes up");
+    let command = report.compose.expect("created with compose");
+    assert!(
+        command.contains(&format!("-f {}", over.display()))
+            && command.contains(&format!(
+                "-f {}",
+                standby.dir.path().join("docker-compose.yml").display()
+            )),
+        "{command}"
+    );
+    stack.wait_healthy().await.expect("healthy");
+
+    let docker = engine().await;
+    let id = ids(&stack.containers().await.expect("list"))["web"].clone();
+    let inspected = docker.inspect_container(&id, None).await.expect("inspect");
+    let env = inspected.config.and_then(|c| c.env).unwrap_or_default();
+    assert!(env.iter().any(|e| e == "ROLE=standby"), "{env:?}");
+    assert!(
+        env.iter().any(|e| e == "KEPT=from-the-compose-file"),
+        "{env:?}"
+    );
+    let bindings = inspected
+        .host_config
+        .and_then(|h| h.port_bindings)
+        .unwrap_or_default();
+    let published: Vec<String> = bindings
+        .get("80/tcp")
+        .cloned()
+        .flatten()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|b| b.host_port)
+        .collect();
+    assert_eq!(published, [free.to_string()], "{bindings:?}");
 }

@@ -1019,3 +1019,58 @@ fn a_strict_standby_starts_nothing_from_an_escaping_compose_file() {
     assert!(ok, "the tame stack was refused:\n{dump}");
     assert_healthy(&w.tgt_proj, "the strict standby on the tame compose file");
 }
+
+/// `docker inspect`'s `Config.Env` of a container.
+fn env_of(id: &str) -> Vec<String> {
+    serde_json::from_str(&docker(&[
+        "inspect",
+        "--format",
+        "{{json .Config.Env}}",
+        id,
+    ]))
+    .expect("Config.Env as JSON")
+}
+
+/// The standby differs where it must: `compose_env` wins over the `.env` synced from the
+/// primary in Compose's interpolation, and a `compose_override` kept outside the synced path
+/// adds to the project's files; the primary runs its own definition, and the override survives
+/// the commit (a file only the standby had in the synced path would not).
+#[test]
+fn the_standby_runs_with_its_own_compose_env_and_override_and_the_primary_with_its_files() {
+    let own = tempfile::tempdir().expect("temp dir");
+    let over = own.path().join("web.yml");
+    let over_text = "version: \"2.4\"\nservices:\n  app:\n    environment:\n      \
+                     STANDBY_ONLY: from-the-override\n";
+    fsx::write(&over, over_text);
+    let w = World::new(
+        "differ",
+        "precopy = true\n",
+        &format!(
+            "compose_override = \"{}\"\ncompose_env = {{ STACKCLONE_ROLE = \"warm\" }}\n",
+            over.display()
+        ),
+        MIB / 8,
+    );
+    // The primary's .env, synced with the data: without compose_env the standby would use it.
+    fsx::write(w.p.src.join(".env"), "STACKCLONE_ROLE=from-dotenv\n");
+
+    let (ok, _, dump, ..) = w.push();
+    assert!(ok, "push failed:\n{dump}");
+    let tgt = assert_healthy(&w.tgt_proj, "the standby after the push");
+    let standby_env = env_of(&tgt["app"].id);
+    for want in ["STACKCLONE_ROLE=warm", "STANDBY_ONLY=from-the-override"] {
+        assert!(
+            standby_env.iter().any(|e| e == want),
+            "{want} missing on the standby: {standby_env:?}\n{dump}"
+        );
+    }
+    let src = wait_healthy(&w.src_proj, Duration::from_secs(30), "the primary");
+    let primary_env = env_of(&src["app"].id);
+    assert!(
+        primary_env.iter().any(|e| e == "STACKCLONE_ROLE=primary")
+            && !primary_env.iter().any(|e| e.starts_with("STANDBY_ONLY=")),
+        "the primary's app: {primary_env:?}"
+    );
+    assert_same_file(&w.p.src.join(".env"), &w.p.live.join(".env"));
+    assert_eq!(std::fs::read_to_string(&over).expect("override"), over_text);
+}

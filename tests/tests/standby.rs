@@ -249,8 +249,8 @@ fn a_standby_that_writes_while_running_and_when_stopping_commits_the_source_tree
 }
 
 /// The compose file of the health tests: `web` publishes a port (`$STACKCLONE_PORT`, set per
-/// side), so a port taken on the standby's host makes its creation fail half-way, as a
-/// collision with another service does; `db` has a health check, `web` has none.
+/// side), so a port taken on the standby's host makes its creation fail, as a collision with
+/// another service does; `db` has a health check, `web` has none.
 const TWO: &str = r#"version: "2.4"
 services:
   db:
@@ -283,8 +283,9 @@ fn assert_all_running(project: &str, what: &str) -> HashMap<String, State> {
 
 /// Issue "Real databases" (3): a standby whose creation failed half-way, or that was stopped by
 /// hand, is brought up by the next cycle — every service running, healthy where it has a check
-/// — and a creation that fails fails the cycle with Compose's own words; a cycle never says
-/// "healthy" about a stack that does not run.
+/// — and a creation that fails fails the cycle with Compose's own words (one that collides with
+/// the host's ports also names the setting to use, and leaves no container behind); a cycle never
+/// says "healthy" about a stack that does not run.
 #[test]
 fn a_standby_that_is_not_running_is_brought_up_by_the_next_cycle_never_called_healthy() {
     compose::ensure_image(compose::BUSYBOX);
@@ -309,8 +310,9 @@ fn a_standby_that_is_not_running_is_brought_up_by_the_next_cycle_never_called_he
     s.p.start_target();
     let p = &s.p;
 
-    // 1. The standby's port is taken: its creation fails half-way (db created and started,
-    //    web created but not started). The push fails and says why, in Compose's words.
+    // 1. The standby's port is taken: its creation fails. The push fails and says why, in
+    //    Compose's words and with the setting that lets the standby differ; what the creation
+    //    made is removed, so that the next one is made with whatever fixed the collision.
     let r = p.push(&["--json"]);
     assert!(
         !r.status.success(),
@@ -319,21 +321,41 @@ fn a_standby_that_is_not_running_is_brought_up_by_the_next_cycle_never_called_he
     );
     let error = r.json()[0]["error"].as_str().unwrap_or_default().to_owned();
     assert!(
-        error.contains("up -d") && error.contains(&standby_port.to_string()),
-        "the error does not quote Compose's failure: {error}\n{}",
+        error.contains("up -d")
+            && error.contains(&standby_port.to_string())
+            && error.contains("compose_env"),
+        "the error does not quote Compose's failure and the fix: {error}\n{}",
         r.dump()
     );
-    let half = stack(&s.tgt_proj);
+    let left = stack(&s.tgt_proj);
     assert!(
-        half.get("web").is_some_and(|c| !c.running),
-        "the port collision did not stop web from starting: {half:#?}"
+        left.is_empty(),
+        "the colliding creation left containers: {left:#?}"
     );
 
-    // 2. The cause is fixed; the next cycle brings the whole stack up (web was `created`).
+    // 2. The cause is fixed, and the standby is as a creation that failed half-way for another
+    //    reason leaves it: containers `created`, never started. The next cycle starts them.
     drop(taken);
+    compose::compose(
+        &p.live,
+        &s.tgt_proj,
+        &[("STACKCLONE_PORT", &standby_port.to_string())],
+        &["up", "--no-start"],
+    );
+    let created = stack(&s.tgt_proj);
+    assert!(
+        created.len() == 2 && created.values().all(|c| c.status == "created"),
+        "{created:#?}"
+    );
     let o = p.push_ok();
     assert_eq!(o["generation"], 2, "{o}");
-    assert_all_running(&s.tgt_proj, "after the port was freed");
+    let up = assert_all_running(&s.tgt_proj, "after the port was freed");
+    for (service, c) in &created {
+        assert_eq!(
+            up[service].id, c.id,
+            "{service} was re-created, not started"
+        );
+    }
     assert_eq!(
         std::fs::read(p.live.join("data/orders")).expect("orders"),
         b"order 1\n"

@@ -185,6 +185,19 @@ pub enum ConfigError {
         stack: String,
         other_at: Box<Location>,
     },
+    /// A target stack's `compose_override` names no file the target can use, or a file that a
+    /// commit would replace.
+    #[error(
+        "{at}: key \"compose_override\" of stack \"{stack}\": {}: {}",
+        path.display(),
+        override_problem(problem, stack)
+    )]
+    ComposeOverride {
+        at: Box<Location>,
+        stack: String,
+        path: PathBuf,
+        problem: OverrideProblem,
+    },
     /// A source stack's `target` names no `[targets.NAME]` table in the main file.
     #[error(
         "{at}: key \"target\" of stack \"{stack}\": no [targets.{target}] in {} ({})",
@@ -218,9 +231,42 @@ impl ConfigError {
             | ConfigError::SamePath { at, .. }
             | ConfigError::NestedPath { at, .. }
             | ConfigError::StateDirOverlap { at, .. }
+            | ConfigError::ComposeOverride { at, .. }
             | ConfigError::DuplicateStack { at, .. }
             | ConfigError::UnknownTarget { at, .. } => Some(at),
         }
+    }
+}
+
+/// What is wrong with a `compose_override` file.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum OverrideProblem {
+    /// It does not exist, or cannot be examined.
+    Unreadable(io::Error),
+    /// It exists but is not a regular file.
+    NotAFile,
+    /// It lies inside the synced `path` of a stack (this one or another), which every commit of
+    /// that stack makes a copy of the primary's.
+    InsideStackPath { stack: String, path: PathBuf },
+}
+
+fn override_problem(problem: &OverrideProblem, stack: &str) -> String {
+    let outside = format!(
+        "keep the standby's own compose file outside every stack's path, e.g. \
+         /etc/stackclone/overrides/{stack}.yml"
+    );
+    match problem {
+        OverrideProblem::Unreadable(e) => format!(
+            "cannot be read ({e}); create it (a compose file with what the standby must do \
+             differently, e.g. other published ports) or fix the path"
+        ),
+        OverrideProblem::NotAFile => format!("is not a file; {outside}"),
+        OverrideProblem::InsideStackPath { stack: other, path } => format!(
+            "lies inside {}, the synced path of stack \"{other}\", which every commit replaces \
+             with the primary's copy (a file only the standby has is deleted); {outside}",
+            path.display()
+        ),
     }
 }
 

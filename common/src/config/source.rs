@@ -99,7 +99,8 @@ pub struct SourceStack {
     /// `compose_project` (default the stack name): the `com.docker.compose.project` label.
     pub compose_project: String,
     /// `depends_on = { app = ["db"] }`: service → services it needs started first, for Compose
-    /// v1, which writes no `com.docker.compose.depends_on` label. Default empty.
+    /// v1, which writes no `com.docker.compose.depends_on` label. Default empty: then the
+    /// compose file's own `depends_on` is read, if there is no `order` either.
     pub depends_on: BTreeMap<String, Vec<String>>,
     /// `order = ["db", "app"]`: start order (stop is the reverse), the simpler alternative to
     /// `depends_on`. Each service at most once. Default empty.

@@ -13,10 +13,11 @@ use crate::config::Location;
 
 use std::collections::BTreeMap;
 
-use super::value::{AbsPath, HostName, Secs, ServiceName, StackName};
+use super::value::{AbsPath, EnvName, EnvValue, HostName, Secs, ServiceName, StackName};
 use super::{
-    Address, ConfigError, ConfigWarning, DEFAULT_IDENTITY_DIR, LoadOptions, Names, PathClaim,
-    PathClaims, Side, SkippedStack, check_stack_dir, is_dangerous_root, parse, read_files,
+    Address, ConfigError, ConfigWarning, DEFAULT_IDENTITY_DIR, LoadOptions, Names, OverrideProblem,
+    PathClaim, PathClaims, Side, SkippedStack, check_stack_dir, is_dangerous_root, parse,
+    read_files,
 };
 
 /// `max_skew` when the main file sets none: how far a source's signed timestamp may be from
@@ -90,7 +91,7 @@ pub struct TargetStack {
     pub allow_dangerous_root: bool,
     /// `depends_on = { app = ["db"] }` and `order = ["db", "app"]`: the start order (stop is
     /// the reverse) where the containers carry no `com.docker.compose.depends_on` label (Compose
-    /// v1). As on the source.
+    /// v1). As on the source; without either, the compose file's `depends_on` is read.
     pub depends_on: BTreeMap<String, Vec<String>>,
     pub order: Vec<String>,
     /// `stop_timeout` (default 30 s): grace time before Docker kills a stopping container.
@@ -110,6 +111,22 @@ pub struct TargetStack {
     /// are absolute, outside `path`, not system directories (unless `allow_dangerous_root`),
     /// and not another stack's. Default none.
     pub extra_paths: BTreeMap<String, PathBuf>,
+    /// `compose_override = "/etc/stackclone/overrides/nextcloud.yml"`: the standby's own compose
+    /// file, for what it must do differently from the primary (another `container_name`, other
+    /// `environment` values, another `command`, …). Every Compose command of the target then
+    /// names the project's own files with `-f` (those Compose would find itself, override file
+    /// included) and this one last. Compose merges it like any override: single values and
+    /// `environment` keys are replaced, but lists such as `ports` are added to, so a published
+    /// port is changed with `compose_env` instead. Absolute; it must be a file (when paths are
+    /// checked) and lie outside every stack's `path`, since each commit makes that a copy of the
+    /// primary's. Relative paths in it resolve against `compose_dir`, like those of the
+    /// project's files.
+    pub compose_override: Option<PathBuf>,
+    /// `compose_env = { HTTP_PORT = "18080" }`: variables set for every Compose command of the
+    /// target. They win over the synced `.env` in Compose's interpolation, as a shell's
+    /// variables do; so a value the compose file takes from a variable can differ on the
+    /// standby without touching the primary's files.
+    pub compose_env: BTreeMap<String, String>,
 }
 
 /// `compose_policy`: how far the target trusts the compose file the source sends.
@@ -162,6 +179,9 @@ struct RawStack {
     #[serde(default)]
     compose_policy: ComposePolicy,
     extra_paths: Option<Spanned<BTreeMap<String, AbsPath>>>,
+    compose_override: Option<Spanned<AbsPath>>,
+    #[serde(default)]
+    compose_env: BTreeMap<EnvName, EnvValue>,
 }
 
 impl TargetConfig {
@@ -196,6 +216,7 @@ impl TargetConfig {
         let mut paths = PathClaims::default();
         // (stack, live key, state dir key, where the state dir is set or implied)
         let mut dirs: Vec<(String, PathBuf, PathBuf, Box<Location>)> = Vec::new();
+        let mut overrides: Vec<Override> = Vec::new();
         for file in &files.stacks {
             let raw: RawStack = parse(file)?;
             let name = raw.stack.get_ref().0.clone();
@@ -301,6 +322,25 @@ impl TargetConfig {
                     extra_paths.insert(from, to);
                 }
             }
+            let compose_override = match raw.compose_override {
+                Some(o) => {
+                    let at = file.at(o.span().start);
+                    let path = o.into_inner().0;
+                    let key = if options.check_paths {
+                        check_override_file(&name, &path, &at)?
+                    } else {
+                        path.clone()
+                    };
+                    overrides.push(Override {
+                        stack: name.clone(),
+                        path: path.clone(),
+                        key,
+                        at,
+                    });
+                    Some(path)
+                }
+                None => None,
+            };
 
             let max_age = match raw.max_age {
                 Some(age) if age.get_ref().0.is_zero() => {
@@ -340,9 +380,16 @@ impl TargetConfig {
                 max_age,
                 compose_policy: raw.compose_policy,
                 extra_paths,
+                compose_override,
+                compose_env: raw
+                    .compose_env
+                    .into_iter()
+                    .map(|(k, v)| (k.0, v.0))
+                    .collect(),
             });
         }
         check_state_dirs(&dirs)?;
+        check_overrides(&overrides, &paths)?;
         Ok(config)
     }
 
@@ -351,6 +398,54 @@ impl TargetConfig {
     pub fn stack(&self, name: &str) -> Option<&TargetStack> {
         self.stacks.iter().find(|s| s.name == name)
     }
+}
+
+/// A `compose_override` as written and as compared (symlinks resolved when paths are checked).
+struct Override {
+    stack: String,
+    path: PathBuf,
+    key: PathBuf,
+    at: Box<Location>,
+}
+
+/// Checks that a `compose_override` is a file; the key to compare it by (symlinks resolved).
+fn check_override_file(stack: &str, path: &Path, at: &Location) -> Result<PathBuf, ConfigError> {
+    let problem = match fs::metadata(path) {
+        Ok(m) if m.is_file() => {
+            return Ok(fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()));
+        }
+        Ok(_) => OverrideProblem::NotAFile,
+        Err(e) => OverrideProblem::Unreadable(e),
+    };
+    Err(ConfigError::ComposeOverride {
+        at: Box::new(at.clone()),
+        stack: stack.to_owned(),
+        path: path.to_owned(),
+        problem,
+    })
+}
+
+/// Refuses a `compose_override` inside any stack's `path`: a commit of that stack would delete
+/// it (or replace it with the primary's file of that name).
+fn check_overrides(overrides: &[Override], paths: &PathClaims) -> Result<(), ConfigError> {
+    for o in overrides {
+        if let Some(claim) = paths
+            .0
+            .iter()
+            .find(|c| o.path.starts_with(&c.path) || o.key.starts_with(&c.key))
+        {
+            return Err(ConfigError::ComposeOverride {
+                at: o.at.clone(),
+                stack: o.stack.clone(),
+                path: o.path.clone(),
+                problem: OverrideProblem::InsideStackPath {
+                    stack: claim.stack.clone(),
+                    path: claim.path.clone(),
+                },
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a state dir that overlaps a live dir (its own or another stack's) or another stack's

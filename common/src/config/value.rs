@@ -289,6 +289,24 @@ fn check_service_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Environment variable names: a letter or `_`, then letters, digits and `_` (what a shell and
+/// Compose's interpolation accept).
+fn check_env_name(name: &str) -> Result<(), String> {
+    let mut bytes = name.bytes();
+    let ok = bytes
+        .next()
+        .is_some_and(|b| b == b'_' || b.is_ascii_alphabetic())
+        && bytes.all(|b| b == b'_' || b.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid variable name {name:?}: use letters, digits and `_`, not starting with a \
+             digit"
+        ))
+    }
+}
+
 /// An absolute path without `..`, normalised (no `.` components, no trailing slash), so that
 /// comparing two of them compares the directories they name (symlinks aside).
 fn normalise_path(s: &str) -> Result<PathBuf, String> {
@@ -373,6 +391,8 @@ deserialize_via_config_value!(
     StackName,
     HostName,
     ServiceName,
+    EnvName,
+    EnvValue,
     AbsPath,
 );
 
@@ -466,6 +486,22 @@ string_value!(
     "a Compose service name string",
     check_service_name
 );
+string_value!(EnvName, "a variable name string", check_env_name);
+
+/// The value of an environment variable: a string, or an integer written without quotes
+/// (`HTTP_PORT = 18080`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EnvValue(pub(crate) String);
+
+impl ConfigValue for EnvValue {
+    const EXPECTING: &'static str = "a string (or an integer)";
+    fn from_toml_str(s: &str) -> Result<Self, String> {
+        Ok(EnvValue(s.to_owned()))
+    }
+    fn from_toml_int(i: i64) -> Result<Self, String> {
+        Ok(EnvValue(i.to_string()))
+    }
+}
 
 /// See [`normalise_path`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,6 +26,125 @@ pub struct NotReady {
     pub health_log: Vec<String>,
 }
 
+/// What a first creation of the standby collided with on its host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HostConflict {
+    /// A port the compose file publishes is taken on this host (Docker's `port is already
+    /// allocated`, or `address already in use` from its proxy).
+    Port {
+        /// Docker's words, e.g. `Bind for 0.0.0.0:8080 failed: port is already allocated`.
+        detail: String,
+    },
+    /// A `container_name` the compose file sets is taken: container names are global to the
+    /// engine.
+    ContainerName {
+        /// The name.
+        name: String,
+    },
+}
+
+impl HostConflict {
+    /// The conflicts Compose's or Docker's output reports, each once, in the order seen.
+    pub fn find_all(output: &str) -> Vec<HostConflict> {
+        let mut found = Vec::new();
+        for line in output.lines() {
+            let conflict = if let Some(detail) = port_taken(line) {
+                HostConflict::Port { detail }
+            } else if line.contains("is already in use by container")
+                && let Some((_, rest)) = line.split_once("container name \"")
+            {
+                let name = rest.split('"').next().unwrap_or("");
+                HostConflict::ContainerName {
+                    name: name.trim_start_matches('/').to_owned(),
+                }
+            } else {
+                continue;
+            };
+            if !found.contains(&conflict) {
+                found.push(conflict);
+            }
+        }
+        found
+    }
+}
+
+/// `Bind for 0.0.0.0:8080 failed: port is already allocated` (or the `listen …: address already
+/// in use` of Docker's proxy) out of a line that reports it.
+fn port_taken(line: &str) -> Option<String> {
+    ["port is already allocated", "address already in use"]
+        .iter()
+        .find_map(|phrase| {
+            let end = line.find(phrase)? + phrase.len();
+            let line = &line[..end];
+            let start = ["Bind for ", "listen "]
+                .iter()
+                .filter_map(|p| line.find(p))
+                .min()
+                .unwrap_or(0);
+            Some(line[start..].trim().to_owned())
+        })
+}
+
+impl std::fmt::Display for HostConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostConflict::Port { detail } => {
+                write!(f, "a port it publishes is taken on this host ({detail})")
+            }
+            HostConflict::ContainerName { name } => write!(
+                f,
+                "its container name {name} is taken on this host (container_name is global to \
+                 the engine)"
+            ),
+        }
+    }
+}
+
+fn host_conflicts(conflicts: &[HostConflict]) -> String {
+    conflicts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn host_conflict_fix(conflicts: &[HostConflict], stack: &str) -> String {
+    let mut fixes = vec![
+        "The standby may differ from the primary where it must, in the target's stack file"
+            .to_owned(),
+    ];
+    if conflicts
+        .iter()
+        .any(|c| matches!(c, HostConflict::Port { .. }))
+    {
+        fixes.push(
+            "for a port: write it with a variable in the compose file on the primary \
+             (\"${HTTP_PORT:-8080}:80\") and set compose_env = { HTTP_PORT = \"18080\" } on the \
+             target, which wins over the synced .env (an override file cannot take a published \
+             port away: Compose adds its ports to the project's, unless Compose v2.24+ reads \
+             `ports: !override [...]` in it)"
+                .to_owned(),
+        );
+    }
+    if conflicts
+        .iter()
+        .any(|c| matches!(c, HostConflict::ContainerName { .. }))
+    {
+        fixes.push(format!(
+            "for a container name: set compose_override = \
+             \"/etc/stackclone/overrides/{stack}.yml\", a compose file kept outside the synced \
+             path and passed after the project's own, whose service sets another \
+             container_name (or compose_env, if the name comes from a variable)"
+        ));
+    }
+    format!(
+        "{}. The containers this attempt created were removed, so the next cycle creates them \
+         with the new settings",
+        fixes.join("; ")
+    )
+}
+
 /// Why stopping, starting, checking or creating a stack failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -302,4 +421,105 @@ pub enum DockerError {
         what: String,
         reason: String,
     },
+
+    /// With a `compose_override`, the project's own compose files must be named to Compose, and
+    /// they could not be found or read.
+    #[error(
+        "project {project}: cannot tell Compose which of the project's files to read before \
+         compose_override: {source}"
+    )]
+    ComposeFiles {
+        /// The Compose project.
+        project: String,
+        /// What was wrong.
+        source: crate::compose_file::ComposeFileError,
+    },
+
+    /// The first creation of the standby collided with something else on its host. What it
+    /// created was removed.
+    #[error(
+        "stack {stack} (project {project}): creating the standby failed: {}. {}. \
+         What failed:\n{output}",
+        host_conflicts(conflicts),
+        host_conflict_fix(conflicts, stack)
+    )]
+    HostConflict {
+        /// The stack.
+        stack: String,
+        /// The Compose project.
+        project: String,
+        /// What it collided with (at least one).
+        conflicts: Vec<HostConflict>,
+        /// Compose's output, or the engine's errors starting the containers.
+        output: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `docker-compose up -d` (1.29.2, engine 20.10) printed for a project whose port and
+    /// container name another project held.
+    const COMPOSE_V1: &str = "Creating network \"scpcb_default\" with the default driver
+Creating scpcnamed   ... error
+
+ERROR: for scpcnamed  Cannot create container for service named: Conflict. The container name \"/scpcnamed\" is already in use by container \"f358b5981f20\". You have to remove (or rename) that container to be able to reuse that name.
+Creating scpcb_web_1 ... error
+
+ERROR: for scpcb_web_1  Cannot start service web: driver failed programming external connectivity on endpoint scpcb_web_1 (ac5700efcffa): Bind for 127.0.0.1:38517 failed: port is already allocated
+
+ERROR: for named  Cannot create container for service named: Conflict. The container name \"/scpcnamed\" is already in use by container \"f358b5981f20\". You have to remove (or rename) that container to be able to reuse that name.
+
+ERROR: for web  Cannot start service web: driver failed programming external connectivity on endpoint scpcb_web_1 (ac5700efcffa): Bind for 127.0.0.1:38517 failed: port is already allocated
+Encountered errors while bringing up the project.
+";
+
+    #[test]
+    fn port_and_name_conflicts_are_found_in_composes_output() {
+        assert_eq!(
+            HostConflict::find_all(COMPOSE_V1),
+            [
+                HostConflict::ContainerName {
+                    name: "scpcnamed".into()
+                },
+                HostConflict::Port {
+                    detail: "Bind for 127.0.0.1:38517 failed: port is already allocated".into()
+                },
+            ]
+        );
+        assert_eq!(
+            HostConflict::find_all(
+                "Error starting userland proxy: listen tcp4 0.0.0.0:80: bind: address already in use"
+            ),
+            [HostConflict::Port {
+                detail: "listen tcp4 0.0.0.0:80: bind: address already in use".into()
+            }]
+        );
+        assert_eq!(
+            HostConflict::find_all("ERROR: for app  Cannot start service app: image not found"),
+            []
+        );
+    }
+
+    #[test]
+    fn a_host_conflict_says_which_setting_to_use() {
+        let e = DockerError::HostConflict {
+            stack: "nextcloud".into(),
+            project: "nextcloud".into(),
+            conflicts: HostConflict::find_all(COMPOSE_V1),
+            output: COMPOSE_V1.into(),
+        };
+        let text = e.to_string();
+        for want in [
+            "port is already allocated",
+            "container name scpcnamed is taken",
+            "compose_override = \"/etc/stackclone/overrides/nextcloud.yml\"",
+            "compose_env = { HTTP_PORT = \"18080\" }",
+            "sets another container_name",
+            "cannot take a published port away",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from: {text}");
+        }
+    }
 }

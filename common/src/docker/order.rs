@@ -1,8 +1,9 @@
 //! The start order of a stack's services: a topological sort of their dependencies.
 //!
 //! Pure: the caller decides where the dependencies come from (Compose v2's
-//! `com.docker.compose.depends_on` labels or the stack's config, see [`OrderSource`]) and hands
-//! over the services and the edges. Stopping is the same order reversed.
+//! `com.docker.compose.depends_on` labels, the stack's config or the compose file, see
+//! [`OrderSource`]) and hands over the services and the edges. Stopping is the same order
+//! reversed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,6 +16,10 @@ pub enum OrderSource {
     ConfigDependsOn,
     /// The stack config's `order` list.
     ConfigOrder,
+    /// The compose file's `depends_on` (and `links`, `volumes_from`, `network_mode:
+    /// service:…`), read by [`crate::compose_file`]: what Compose v1 orders by, though it keeps
+    /// no label of it.
+    ComposeFile,
     /// Nothing said anything: service names, alphabetically.
     Names,
 }
