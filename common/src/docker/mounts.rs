@@ -256,6 +256,14 @@ impl ComposeStack {
         }
         keys.sort();
         let canonical = std::fs::canonicalize(dir).map_err(read_err)?;
+        let definition = match self.read_compose_file().await {
+            Ok(file) => Some(file),
+            Err(e) => {
+                warn!(project = %self.config.project, error = %e,
+                    "cannot read the compose definition; naming the standby's volumes <project>_<key>");
+                None
+            }
+        };
         for key in keys {
             // Docker's rule for volume names; anything else is not a volume's tree.
             let valid = key
@@ -272,7 +280,12 @@ impl ComposeStack {
                     reason: "not a valid volume name".to_owned(),
                 });
             }
-            let name = self.standby_volume_name(&key);
+            let Some(name) = self.standby_volume_name(definition.as_ref(), &key)? else {
+                warn!(project = %self.config.project, key,
+                    "a replicated volume is not in the standby's compose definition; its data \
+                     stays in the live dir, attached to nothing");
+                continue;
+            };
             let adopted = self
                 .adopt_volume(&key, &name, &canonical.join(&key))
                 .await?;
@@ -343,9 +356,45 @@ impl ComposeStack {
         Ok(done)
     }
 
-    /// The Docker name Compose gives the volume of `key` in this project.
-    fn standby_volume_name(&self, key: &str) -> String {
-        format!("{}_{key}", self.config.project)
+    /// The Docker name the standby's definition gives the volume tree `key`: the volume of
+    /// that key (its `name:`, else `<project>_<key>`), or the external or named volume whose
+    /// Docker name is `key` (the source keys a volume that is not its project's own by its
+    /// Docker name). `None` if the definition has no such volume; `<project>_<key>` when the
+    /// definition could not be read. Under `compose_policy = "strict"` a name outside the
+    /// project (`name:`, `external`) is refused: the synced compose file must not be able to
+    /// point another stack's volume at this stack's data.
+    fn standby_volume_name(
+        &self,
+        definition: Option<&crate::compose_file::ComposeFile>,
+        key: &str,
+    ) -> Result<Option<String>, DockerError> {
+        let project = &self.config.project;
+        let scoped = format!("{project}_{key}");
+        let Some(definition) = definition else {
+            return Ok(Some(scoped));
+        };
+        let name = match definition.volume_name(project, key) {
+            Some(name) => name,
+            None => match definition
+                .volumes
+                .iter()
+                .find(|(k, v)| v.docker_name(project, k) == key)
+            {
+                Some(_) => key.to_owned(),
+                None => return Ok(None),
+            },
+        };
+        if name != scoped && self.config.strict_root.is_some() {
+            return Err(DockerError::Volume {
+                project: project.clone(),
+                what: format!("standby volume {name}"),
+                reason: format!(
+                    "compose_policy = \"strict\" only lets the standby's data into volumes of \
+                     its own project ({scoped}); the compose file names {name}"
+                ),
+            });
+        }
+        Ok(Some(name))
     }
 }
 
