@@ -443,6 +443,50 @@ fn free_name(data: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compose_file::ComposeFile;
+    use crate::docker::ComposeConfig;
+
+    fn stack(strict: bool) -> ComposeStack {
+        let docker = bollard::Docker::connect_with_local_defaults().unwrap();
+        let mut config = ComposeConfig::new("standby", "/nonexistent");
+        if strict {
+            config.strict_root = Some("/nonexistent".into());
+        }
+        ComposeStack::with_docker(docker, config)
+    }
+
+    #[test]
+    fn the_standbys_volume_names_come_from_its_definition() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(
+            t.path().join("docker-compose.yml"),
+            "services: {}\nvolumes:\n  db: {}\n  named: {name: fixed_name}\n  \
+             certs: {external: true, name: shared_certs}\n  ext: {external: true}\n",
+        )
+        .unwrap();
+        let file = ComposeFile::load(t.path(), &Default::default()).unwrap();
+        let s = stack(false);
+        let name = |key| s.standby_volume_name(Some(&file), key).unwrap();
+        assert_eq!(name("db").as_deref(), Some("standby_db"));
+        assert_eq!(name("named").as_deref(), Some("fixed_name"));
+        // The source keys a volume that is not its project's own by its Docker name.
+        assert_eq!(name("shared_certs").as_deref(), Some("shared_certs"));
+        assert_eq!(name("ext").as_deref(), Some("ext"));
+        assert_eq!(name("unknown"), None);
+        assert_eq!(
+            s.standby_volume_name(None, "x").unwrap().as_deref(),
+            Some("standby_x")
+        );
+        let strict = stack(true);
+        assert!(strict.standby_volume_name(Some(&file), "named").is_err());
+        assert_eq!(
+            strict
+                .standby_volume_name(Some(&file), "db")
+                .unwrap()
+                .as_deref(),
+            Some("standby_db")
+        );
+    }
 
     #[test]
     fn a_place_becomes_a_link_and_what_was_there_is_kept() {
