@@ -130,6 +130,13 @@ impl Writer {
         fsx::write(s.p.src.join("data/other"), rng.bytes(100_000));
         let src_probe = s.p.tmp.path().join("src-probe");
         fsx::mkdir(&src_probe);
+        // The probe is the test's, not the stack's data: the standby has its own.
+        s.p.write_source_stack(&format!(
+            "compose_project = \"{}\"\nstop_timeout = \"10s\"\n{source_extra}\
+             ignore_mounts = {{ \"{}\" = \"the test's probe, one per side\" }}\n",
+            s.src_proj,
+            src_probe.display()
+        ));
         s.up_source(&[
             ("STACKCLONE_ROLE", "primary"),
             ("STACKCLONE_PROBE", src_probe.to_str().expect("utf-8")),
