@@ -263,9 +263,6 @@ pub enum DockerError {
         output: String,
     },
 
-    /// The Compose CLI succeeded but no container carries the project's label: Compose
-    /// normalised the project name (v1 lowercases it and drops characters other than
-    /// `a-z0-9_-`), or the compose file names another project.
     /// `compose_policy = "strict"` and a container breaks it: nothing was started.
     #[error(
         "project {project}: compose_policy = \"strict\" refuses to start the stack, nothing was \
@@ -279,6 +276,10 @@ pub enum DockerError {
         /// `service: why`, one per breach.
         violations: Vec<String>,
     },
+
+    /// The Compose CLI succeeded but no container carries the project's label: Compose
+    /// normalised the project name (v1 lowercases it and drops characters other than
+    /// `a-z0-9_-`), or the compose file names another project.
     #[error(
         "project {project}: `{command}` in {} succeeded but no container has the label \
          com.docker.compose.project={project}; use a lowercase project name of a-z, 0-9, - and _ \
