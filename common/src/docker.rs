@@ -76,6 +76,7 @@
 //! - **Connecting** honours `DOCKER_HOST` and negotiates the API version (bollard speaks 1.53 by
 //!   default; Debian's engine 20.10 speaks 1.41). A missing socket is [`DockerError::Connect`].
 
+pub mod definition;
 mod order;
 pub mod policy;
 
@@ -97,6 +98,7 @@ pub use crate::control::{
     ContainerEvent, ContainerHealth, ContainerRef, Creation, DockerError, Health, HealthReport,
     HookPhase, HookRun, NotReady, StartFailure, StartReport, StopReport,
 };
+pub use definition::{Definition, Drift};
 pub use order::{OrderSource, parse_depends_on_label};
 
 use crate::config::{DEFAULT_HEALTH_TIMEOUT, DEFAULT_STOP_TIMEOUT, Hook, SourceStack, TargetStack};
@@ -231,6 +233,9 @@ pub struct StackContainer {
     /// The services of its `com.docker.compose.depends_on` label (Compose v2); `None` without
     /// the label.
     pub depends_on: Option<Vec<String>>,
+    /// Its `com.docker.compose.config-hash` label: the hash of the service's configuration it
+    /// was created from (see [`definition`]); `None` without the label.
+    pub config_hash: Option<String>,
 }
 
 impl StackContainer {
@@ -369,6 +374,7 @@ impl ComposeStack {
                 depends_on: labels
                     .get(DEPENDS_ON_LABEL)
                     .map(|v| parse_depends_on_label(v)),
+                config_hash: labels.get(definition::CONFIG_HASH_LABEL).cloned(),
             });
         }
         containers.sort_by(|a, b| {
