@@ -9,11 +9,12 @@
 //! stop():   list by label ─ plan order ─ pre_stop hooks ─ remember running ─ stop, reverse order
 //!           ─ note who Docker had to kill at the stop timeout
 //! start():  start what stop remembered, in order ─ post_start hooks            (the source)
-//! bring_up(): no container → `up -d`; else start every stopped container, in order, and
-//!           create what the definition has no container for                    (the standby)
-//! wait_healthy(): poll what start/bring_up/create brought up until healthy, or fail fast;
-//!           nothing brought up is never healthy
-//! create_if_missing(): no container at all → `docker compose -p P up -d` (else `docker-compose`)
+//! bring_up(): `compose config --hash '*'` ─ containers differ from it (or there are none)?
+//!           `up -d --remove-orphans` (`up --no-start …` under the strict policy)
+//!           ─ strict: inspect all ─ start every stopped container, in order   (the standby)
+//! wait_healthy(): poll what start/bring_up brought up until healthy, or fail fast; nothing
+//!           brought up is never healthy
+//! create_if_missing(): no container at all → bring_up
 //! ```
 //!
 //! What it owns: [`ComposeStack`] (the [`StackControl`] for a Compose project) and
@@ -21,9 +22,11 @@
 //! [`StartReport`], [`HealthReport`]) and [`DockerError`] are the trait's, defined in
 //! [`control`](crate::control) and re-exported here.
 //!
-//! What it does not do: it never pulls or builds an image, never recreates a container (stop and
-//! start reuse the existing ones, so binds and volumes are untouched), and runs a CLI only in
-//! [`ComposeStack::create_if_missing`]. It does not decide *when* to stop: the sync sessions do.
+//! What it does not do: it never pulls or builds an image itself (Compose may, see below), and
+//! recreates a container only through Compose and only where the compose definition changed
+//! (stop and start reuse the existing ones, so binds and volumes are untouched). It runs the
+//! Compose CLI only in [`ComposeStack::bring_up`] (and `create_if_missing`, which is one). It
+//! does not decide *when* to stop: the sync sessions do.
 //!
 //! Decisions worth knowing:
 //! - **Order.** From Compose v2's `com.docker.compose.depends_on` labels when any container has
@@ -154,7 +157,7 @@ pub struct ComposeConfig {
     pub health_timeout: Duration,
     /// How long one hook may run.
     pub hook_timeout: Duration,
-    /// How long `up -d` may run in [`ComposeStack::create_if_missing`].
+    /// How long one Compose command (`config`, `up`) may run in [`ComposeStack::bring_up`].
     pub create_timeout: Duration,
     /// Where `stop` records what it stopped until `start` brought it all back, so that a
     /// process killed in between can be undone by [`ComposeStack::recover`]. `None`: nothing
@@ -271,7 +274,7 @@ pub struct ComposeStack {
 struct State {
     /// Set once `stop` got past its hooks; taken by a `start` that starts everything.
     to_restart: Option<ToRestart>,
-    /// What the last `start` or `create_if_missing` brought up, for `wait_healthy`.
+    /// What the last `start`, `bring_up` or `create_if_missing` brought up, for `wait_healthy`.
     brought_up: Vec<ContainerRef>,
 }
 
@@ -601,42 +604,63 @@ impl ComposeStack {
         (started, failures)
     }
 
-    /// Brings the whole stack up, whatever state it is in — the standby's way of starting:
+    /// Brings the whole stack up, whatever state it is in, as its compose definition says —
+    /// the standby's way of starting:
     ///
-    /// - no container at all: `compose -p P up -d` creates and starts it;
-    /// - otherwise every container of the stack that is not running (`created` after a creation
-    ///   that failed half-way, `exited` after a stop by this agent, by hand or by a reboot) is
-    ///   started in start order; paused ones are left alone;
-    /// - meanwhile the compose definition is read (`compose config --services`), and services
-    ///   it defines that have no container yet are created with `up -d --no-recreate`.
+    /// 1. The definition is read as Compose sees it (`compose config --hash '*'`, see
+    ///    [`definition`]) and compared with the containers' `com.docker.compose.config-hash`
+    ///    labels.
+    /// 2. No container at all, or containers that differ from it (a service whose image,
+    ///    environment or any other setting changed, a service added, one removed): `compose -p P
+    ///    up -d --remove-orphans` recreates, creates and removes what differs, and starts the
+    ///    stack. Under [`strict_root`](ComposeConfig::strict_root) it is `up --no-start
+    ///    --remove-orphans` instead, and the next steps start what may run.
+    /// 3. Under the strict policy every container is inspected, and none starts if one breaks
+    ///    it ([`DockerError::PolicyRefused`]; what step 2 made is removed again).
+    /// 4. Every container that is not running (`created` after a creation that failed
+    ///    half-way, `exited` after a stop by this agent, by hand or by a reboot) is started in
+    ///    start order through the API; paused ones are left alone. When nothing differed, this
+    ///    is all that happens: no container is recreated.
     ///
-    /// [`wait_healthy`](Self::wait_healthy_until) then checks every container of the stack. The
-    /// `post_start` hooks run when a [`stop`](Self::stop) preceded. A container that does not
-    /// start is [`DockerError::StartFailed`] (the others were started); a creation that fails is
-    /// [`DockerError::ComposeFailed`] with Compose's output. A definition that cannot be read
-    /// (no compose file in `compose_dir`: containers made another way) is logged, and the
-    /// containers that exist are the stack.
+    /// [`wait_healthy`](Self::wait_healthy_until) then checks every container. The `post_start`
+    /// hooks run when a [`stop`](Self::stop) preceded. A container that does not start is
+    /// [`DockerError::StartFailed`] (the others were started); a Compose run that fails is
+    /// [`DockerError::ComposeFailed`] with Compose's output. A `compose_dir` without a compose
+    /// file (containers made another way) has no definition to follow: that is logged, and the
+    /// containers that exist are the stack; a compose file that Compose cannot read is an error.
     pub async fn bring_up(&self) -> Result<StartReport, DockerError> {
         let mut state = self.state.lock().await;
-        // Strict: every container exists (created, not started) and passed the policy before
-        // anything below starts one.
-        let created_strict = match &self.config.strict_root {
-            Some(root) => self.create_checked(root).await?,
-            None => None,
+        self.bring_up_locked(&mut state).await
+    }
+
+    async fn bring_up_locked(&self, state: &mut State) -> Result<StartReport, DockerError> {
+        let project = &self.config.project;
+        let before = self.containers().await?;
+        let drift = match self.definition().await? {
+            Some(definition) => definition.drift(&before),
+            None => Drift::default(),
         };
+        let mut report = StartReport::default();
+        if before.is_empty() || !drift.is_empty() {
+            if before.is_empty() {
+                info!(project = %project, dir = %self.config.compose_dir.display(),
+                    "the stack has no containers; creating it");
+            } else {
+                info!(project = %project, %drift,
+                    "the containers differ from the compose definition; bringing them to it");
+            }
+            report.compose = Some(self.compose_up(self.up_args()).await?);
+        }
+        if let Some(root) = &self.config.strict_root {
+            self.check_policy(root, &before).await?;
+        }
         let containers = self.containers().await?;
         if containers.is_empty() {
-            let command = self.create(&mut state).await?;
-            let stopped_before = state.to_restart.take().is_some();
-            self.forget_restart_record().await;
-            let mut report = StartReport {
-                compose: Some(command),
-                ..StartReport::default()
-            };
-            if stopped_before {
-                report.hooks = self.post_start_hooks().await?;
-            }
-            return Ok(report);
+            return Err(DockerError::ComposeCreatedNothing {
+                project: project.clone(),
+                command: report.compose.unwrap_or_default(),
+                dir: self.config.compose_dir.clone(),
+            });
         }
         let plan = self.plan_for(&containers)?;
         let mut down: Vec<ContainerRef> = containers
@@ -645,39 +669,9 @@ impl ComposeStack {
             .map(|c| c.container.clone())
             .collect();
         sort_in_start_order(&mut down, &plan.start_order);
-        let have: BTreeSet<&str> = containers
-            .iter()
-            .map(|c| c.container.service.as_str())
-            .collect();
-        let (defined, (started, failures)) =
-            tokio::join!(self.defined_services(), self.start_containers(down));
-        // A definition that cannot be read (no compose file in `compose_dir`: containers made
-        // another way) leaves the containers that exist as the whole stack.
-        let defined = defined.unwrap_or_else(|e| {
-            warn!(project = %self.config.project, error = %e,
-                "cannot read the compose definition; bringing up the containers that exist");
-            Vec::new()
-        });
-        let missing: Vec<String> = defined
-            .into_iter()
-            .filter(|s| !have.contains(s.as_str()))
-            .collect();
-        let mut report = StartReport {
-            started,
-            compose: created_strict,
-            ..StartReport::default()
-        };
-        if !missing.is_empty() {
-            info!(project = %self.config.project, services = ?missing,
-                "services of the compose definition have no container; creating them");
-            report.compose = Some(self.run_compose(&["up", "-d", "--no-recreate"]).await?.0);
-        }
-        state.brought_up = self
-            .containers()
-            .await?
-            .into_iter()
-            .map(|c| c.container)
-            .collect();
+        let (started, failures) = self.start_containers(down).await;
+        report.started = started;
+        state.brought_up = containers.iter().map(|c| c.container.clone()).collect();
         if !failures.is_empty() {
             if let Some(restart) = state.to_restart.as_mut() {
                 restart
@@ -686,11 +680,11 @@ impl ComposeStack {
                 let left = restart.clone();
                 // Best effort, as in `start`: the old record is a superset.
                 if let Err(e) = self.write_restart_record(left).await {
-                    warn!(project = %self.config.project, error = %e, "could not update the restart record");
+                    warn!(project = %project, error = %e, "could not update the restart record");
                 }
             }
             return Err(DockerError::StartFailed {
-                project: self.config.project.clone(),
+                project: project.clone(),
                 failures,
             });
         }
@@ -699,6 +693,23 @@ impl ComposeStack {
             report.hooks = self.post_start_hooks().await?;
         }
         Ok(report)
+    }
+
+    /// `up` with what it may start: everything (`-d`), unless the containers must not start
+    /// before the caller looked at them (strict policy), in which case nothing (`--no-start`)
+    /// and the caller starts them. `--remove-orphans` removes the containers of services the
+    /// definition no longer has.
+    fn up_args(&self) -> &'static [&'static str] {
+        if self.config.strict_root.is_some() {
+            &["up", "--no-start", "--remove-orphans"]
+        } else {
+            &["up", "-d", "--remove-orphans"]
+        }
+    }
+
+    /// Runs a `compose up` and returns its command line.
+    async fn compose_up(&self, args: &[&str]) -> Result<String, DockerError> {
+        Ok(self.run_compose(args).await?.0)
     }
 
     async fn post_start_hooks(&self) -> Result<Vec<HookRun>, DockerError> {
@@ -710,15 +721,37 @@ impl ComposeStack {
             .await
     }
 
-    /// The services the compose file in `compose_dir` defines (`compose config --services`).
-    async fn defined_services(&self) -> Result<Vec<String>, DockerError> {
-        let (_, out) = self.run_compose(&["config", "--services"]).await?;
-        Ok(out
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned)
-            .collect())
+    /// The definition in `compose_dir` as Compose sees it (`compose config --hash '*'`).
+    /// `None` when there is none to follow: no compose file in `compose_dir` (the containers
+    /// were made another way), or no Compose CLI to read one; both are logged. A compose file
+    /// Compose cannot read is an error: starting the old containers on new data would hide it.
+    pub async fn definition(&self) -> Result<Option<Definition>, DockerError> {
+        let project = &self.config.project;
+        let (command, out) = match self.run_compose(&["config", "--hash", "*"]).await {
+            Ok(ran) => ran,
+            Err(
+                e @ (DockerError::ComposeDirMissing { .. } | DockerError::ComposeMissing { .. }),
+            ) => {
+                warn!(project = %project, error = %e,
+                    "cannot read the compose definition; bringing up the containers that exist");
+                return Ok(None);
+            }
+            Err(e) if definition::default_compose_files(&self.config.compose_dir).is_empty() => {
+                warn!(project = %project, dir = %self.config.compose_dir.display(), error = %e,
+                    "no compose file to follow; bringing up the containers that exist");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        Definition::parse(&out)
+            .map(Some)
+            .map_err(|why| DockerError::ComposeFailed {
+                project: project.clone(),
+                command,
+                dir: self.config.compose_dir.clone(),
+                status: format!("exit code 0, but its output is not what Compose prints: {why}"),
+                output: out.clone(),
+            })
     }
 
     /// Runs `compose -p P ARGS…` in `compose_dir` with the create timeout: the command line and
@@ -919,9 +952,10 @@ impl ComposeStack {
         }
     }
 
-    /// Waits until every container the last [`start`](Self::start) or
-    /// [`create_if_missing`](Self::create_if_missing) brought up is ready (healthy, or running
-    /// without a health check, or exited 0), failing at once on `unhealthy` or a non-zero exit.
+    /// Waits until every container the last [`start`](Self::start),
+    /// [`bring_up`](Self::bring_up) or [`create_if_missing`](Self::create_if_missing) brought
+    /// up is ready (healthy, or running without a health check, or exited 0), failing at once
+    /// on `unhealthy` or a non-zero exit.
     pub async fn wait_healthy_until(&self, deadline: Instant) -> Result<HealthReport, DockerError> {
         let began = Instant::now();
         let mut pending = self.state.lock().await.brought_up.clone();
@@ -972,56 +1006,33 @@ impl ComposeStack {
         }
     }
 
-    /// If the project has no containers at all, creates them with `docker compose -p P up -d`
-    /// in `compose_dir` (or `docker-compose` where the plugin is missing). Never pulls on
-    /// purpose: the images are expected to be local.
+    /// If the project has no containers at all, creates them as [`bring_up`](Self::bring_up)
+    /// does (`docker compose -p P up -d --remove-orphans` in `compose_dir`, or `docker-compose`
+    /// where the plugin is missing). The images are expected to be local (Compose pulls one that
+    /// is not).
     pub async fn create_if_missing(&self) -> Result<Creation, DockerError> {
         let mut state = self.state.lock().await;
         if !self.containers().await?.is_empty() {
             return Ok(Creation::Existed);
         }
-        let command = self.create(&mut state).await?;
+        let report = self.bring_up_locked(&mut state).await?;
         Ok(Creation::Created {
-            command,
+            command: report.compose.unwrap_or_default(),
             containers: state.brought_up.clone(),
         })
     }
 
-    /// Under `compose_policy = "strict"`: creates what the compose definition has and the
-    /// project lacks, without starting anything (`up --no-start`), then inspects every
-    /// container of the project and refuses them all ([`DockerError::PolicyRefused`], nothing
-    /// started; the containers this call created are removed again) if one breaks the policy.
-    /// Returns the Compose command line if it created something.
-    async fn create_checked(&self, root: &std::path::Path) -> Result<Option<String>, DockerError> {
-        let existing = self.containers().await?;
-        let command = if existing.is_empty() {
-            info!(project = %self.config.project, dir = %self.config.compose_dir.display(),
-                "the stack has no containers; creating them without starting (compose_policy = strict)");
-            Some(self.run_compose(&["up", "--no-start"]).await?.0)
-        } else {
-            let have: BTreeSet<String> = existing
-                .iter()
-                .map(|c| c.container.service.clone())
-                .collect();
-            let defined = self.defined_services().await.unwrap_or_default();
-            if defined.iter().any(|s| !have.contains(s)) {
-                Some(
-                    self.run_compose(&["up", "--no-start", "--no-recreate"])
-                        .await?
-                        .0,
-                )
-            } else {
-                None
-            }
-        };
+    /// Under `compose_policy = "strict"`: inspects every container of the project (created,
+    /// not started, by `up --no-start`, or there from before) and refuses them all
+    /// ([`DockerError::PolicyRefused`], nothing started) if one breaks the policy. The
+    /// containers that were not in `before` (this bring-up created or recreated them) are then
+    /// removed again.
+    async fn check_policy(
+        &self,
+        root: &std::path::Path,
+        before: &[StackContainer],
+    ) -> Result<(), DockerError> {
         let containers = self.containers().await?;
-        if containers.is_empty() {
-            return Err(DockerError::ComposeCreatedNothing {
-                project: self.config.project.clone(),
-                command: command.unwrap_or_default(),
-                dir: self.config.compose_dir.clone(),
-            });
-        }
         let mut refused = Vec::new();
         for c in &containers {
             let inspected = self
@@ -1033,76 +1044,34 @@ impl ComposeStack {
                 refused.push(format!("{}: {why}", c.container.service));
             }
         }
-        if !refused.is_empty() {
-            // What this call created goes again, so that the next cycle creates it afresh from
-            // the compose file as it is then (fixed, perhaps); containers that were there before
-            // are the operator's.
-            let before: BTreeSet<&str> = existing.iter().map(|c| c.container.id.as_str()).collect();
-            for c in containers
-                .iter()
-                .filter(|c| !before.contains(c.container.id.as_str()))
+        if refused.is_empty() {
+            return Ok(());
+        }
+        // What this bring-up made goes again, so that the next one creates it afresh from the
+        // compose file as it is then (fixed, perhaps); containers that were there before are
+        // the operator's.
+        let before: BTreeSet<&str> = before.iter().map(|c| c.container.id.as_str()).collect();
+        for c in containers
+            .iter()
+            .filter(|c| !before.contains(c.container.id.as_str()))
+        {
+            let options = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .v(true)
+                .build();
+            if let Err(e) = self
+                .docker
+                .remove_container(&c.container.id, Some(options))
+                .await
             {
-                let options = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
-                    .force(true)
-                    .v(true)
-                    .build();
-                if let Err(e) = self
-                    .docker
-                    .remove_container(&c.container.id, Some(options))
-                    .await
-                {
-                    warn!(project = %self.config.project, container = %c.container.name, error = %e,
-                        "cannot remove a container the compose policy refused");
-                }
+                warn!(project = %self.config.project, container = %c.container.name, error = %e,
+                    "cannot remove a container the compose policy refused");
             }
-            return Err(DockerError::PolicyRefused {
-                project: self.config.project.clone(),
-                violations: refused,
-            });
         }
-        Ok(command)
-    }
-
-    /// `up -d` for a project with no containers; what it made is what `wait_healthy` checks.
-    /// Returns the command line. (Under `compose_policy = "strict"`, [`Self::create_checked`]
-    /// creates them, then they are started like any stopped container.)
-    async fn create(&self, state: &mut State) -> Result<String, DockerError> {
-        let project = &self.config.project;
-        if let Some(root) = &self.config.strict_root {
-            let command = self.create_checked(root).await?.unwrap_or_default();
-            let containers = self.containers().await?;
-            let mut refs: Vec<ContainerRef> =
-                containers.iter().map(|c| c.container.clone()).collect();
-            let plan = self.plan_for(&containers)?;
-            sort_in_start_order(&mut refs, &plan.start_order);
-            let (_, failures) = self.start_containers(refs.clone()).await;
-            if !failures.is_empty() {
-                return Err(DockerError::StartFailed {
-                    project: project.clone(),
-                    failures,
-                });
-            }
-            state.brought_up = refs;
-            return Ok(command);
-        }
-        info!(project = %project, dir = %self.config.compose_dir.display(),
-            "the stack has no containers; creating it");
-        let (command, _) = self.run_compose(&["up", "-d"]).await?;
-        let containers: Vec<ContainerRef> = self
-            .containers()
-            .await?
-            .into_iter()
-            .map(|c| c.container)
-            .collect();
-        if containers.is_empty() {
-            return Err(DockerError::ComposeCreatedNothing {
-                project: project.clone(),
-                command,
-                dir: self.config.compose_dir.clone(),
-            });
-        }
-        state.brought_up = containers;
-        Ok(command)
+        Err(DockerError::PolicyRefused {
+            project: self.config.project.clone(),
+            violations: refused,
+        })
     }
 
     /// `docker compose` if `docker compose version` works, else `docker-compose`; found once per

@@ -247,7 +247,7 @@ async fn create_if_missing_brings_up_the_project_with_the_compose_cli() {
         panic!("expected Created, got {created:?}");
     };
     assert!(
-        command.ends_with(&format!("-p {} up -d", p.name)),
+        command.ends_with(&format!("-p {} up -d --remove-orphans", p.name)),
         "command: {command}"
     );
     let mut services: Vec<&str> = containers.iter().map(|c| c.service.as_str()).collect();
@@ -969,8 +969,9 @@ async fn connect_with_docker_host_from_env() {
 }
 
 /// The standby's start: whatever stopped a container (a stop by hand, a creation that got half
-/// way), `bring_up` starts every one of them, in dependency order, and creates the services
-/// the definition has and the project lacks; `wait_healthy` then covers all of them.
+/// way), `bring_up` starts every one of them, and creates the services the definition has and
+/// the project lacks (through Compose, which then starts the rest too); `wait_healthy` then
+/// covers all of them. With nothing missing, it starts them itself, in dependency order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bring_up_starts_every_stopped_container_and_creates_missing_services() {
     let p = Project::new("bringup", &two_services());
@@ -999,17 +1000,9 @@ async fn bring_up_starts_every_stopped_container_and_creates_missing_services() 
     assert!(!is_running(&docker, &before["db"]).await);
 
     let report = fresh.bring_up().await.expect("bring up");
-    assert_eq!(
-        report
-            .started
-            .iter()
-            .map(|e| e.container.service.as_str())
-            .collect::<Vec<_>>(),
-        ["db"],
-        "{report:?}"
-    );
+    assert_eq!(report.started, [], "Compose started db: {report:?}");
     let compose = report.compose.expect("app was created by Compose");
-    assert!(compose.contains("up -d --no-recreate"), "{compose}");
+    assert!(compose.contains("up -d --remove-orphans"), "{compose}");
     let after = ids(&fresh.containers().await.expect("list"));
     assert_eq!(after["db"], before["db"], "db was re-created");
     assert_ne!(after["app"], before["app"], "app was not created again");
@@ -1024,6 +1017,31 @@ async fn bring_up_starts_every_stopped_container_and_creates_missing_services() 
     for id in after.values() {
         assert!(is_running(&docker, id).await);
     }
+
+    // Stopped again, nothing missing: the API starts them, db first, and Compose is not asked
+    // to create anything.
+    for id in after.values() {
+        docker
+            .stop_container(id, None::<bollard::query_parameters::StopContainerOptions>)
+            .await
+            .expect("stop");
+    }
+    let ordered = ComposeConfig {
+        order: strings(&["db", "app"]),
+        ..p.config()
+    };
+    let report = p.stack(ordered).await.bring_up().await.expect("again");
+    assert_eq!(report.compose, None, "{report:?}");
+    assert_eq!(
+        report
+            .started
+            .iter()
+            .map(|e| e.container.service.as_str())
+            .collect::<Vec<_>>(),
+        ["db", "app"],
+        "{report:?}"
+    );
+    assert_eq!(ids(&fresh.containers().await.expect("list")), after);
 }
 
 /// A container that ignores its stop signal is killed by Docker at the stop timeout; `stop`
@@ -1135,4 +1153,170 @@ async fn the_strict_policy_starts_nothing_when_one_container_would_escape() {
     let listed = stack.containers().await.expect("list");
     assert_eq!(listed.len(), 1);
     assert!(is_running(&docker, &listed[0].container.id).await);
+}
+
+/// The container's `Config.Env` and `Config.Image`, as Docker made it.
+async fn env_and_image(docker: &Docker, id: &str) -> (Vec<String>, String) {
+    let config = docker
+        .inspect_container(id, None)
+        .await
+        .expect("inspect")
+        .config
+        .expect("config");
+    (
+        config.env.unwrap_or_default(),
+        config.image.unwrap_or_default(),
+    )
+}
+
+/// `docker tag IMAGE new`: another name for the test image, as a new release's tag would be.
+fn tag_image(new: &str) {
+    ensure_image();
+    let out = Command::new("docker")
+        .args(["tag", IMAGE, new])
+        .output()
+        .expect("docker tag");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// An `app` whose image and environment come from `.env` and from an `env_file:` in a
+/// subdirectory (a file no top-level check would read), `steady` that never changes, and `old`.
+fn defined_by_files() -> String {
+    format!(
+        "version: \"2.4\"\nservices:\n{}{}{}",
+        idle_service(
+            "app",
+            "    env_file: [./conf/app.env]\n    environment:\n      GREETING: \"${GREETING}\"\n"
+        )
+        .replace(IMAGE, "${APP_IMAGE}"),
+        idle_service("steady", ""),
+        idle_service("old", ""),
+    )
+}
+
+/// The standby follows its compose definition (issue 16, item 6): after a change to an
+/// `env_file:` in a subdirectory, to `.env` (an image tag and a variable) and to the set of
+/// services, `bring_up` recreates exactly the changed services, creates the new one and removes
+/// the dropped one; with nothing changed it recreates nothing and runs no `compose up`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bring_up_brings_the_containers_to_a_changed_definition_and_leaves_the_rest() {
+    let p = Project::new("follow", &defined_by_files());
+    let release = format!("stackclone-test/busybox:{}", p.name);
+    tag_image(&release);
+    let write = |rel: &str, text: &str| {
+        let path = p.dir.path().join(rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    };
+    write(".env", &format!("APP_IMAGE={IMAGE}\nGREETING=hello\n"));
+    write("conf/app.env", "FLAVOUR=vanilla\n");
+    let docker = engine().await;
+    let stack = p.stack(p.config()).await;
+    let report = stack.bring_up().await.expect("create");
+    assert!(report.compose.is_some(), "{report:?}");
+    let first = ids(&stack.containers().await.expect("list"));
+    let (env, image) = env_and_image(&docker, &first["app"]).await;
+    assert!(env.contains(&"GREETING=hello".to_owned()), "{env:?}");
+    assert!(env.contains(&"FLAVOUR=vanilla".to_owned()), "{env:?}");
+    assert_eq!(image, IMAGE);
+
+    // A cycle: stop, nothing in the definition changed, bring up. The same containers.
+    stack.stop().await.expect("stop");
+    let report = stack.bring_up().await.expect("unchanged");
+    assert_eq!(
+        report.compose, None,
+        "Compose ran for an unchanged definition"
+    );
+    assert_eq!(report.started.len(), 3, "{report:?}");
+    assert_eq!(ids(&stack.containers().await.expect("list")), first);
+
+    // Only the env_file in conf/ changed: app is recreated, the others are started as they were.
+    stack.stop().await.expect("stop");
+    write("conf/app.env", "FLAVOUR=chocolate\n");
+    let report = stack.bring_up().await.expect("env_file changed");
+    let compose = report.compose.clone().expect("Compose recreated app");
+    assert!(compose.ends_with("up -d --remove-orphans"), "{compose}");
+    let second = ids(&stack.containers().await.expect("list"));
+    assert_ne!(second["app"], first["app"], "app was not recreated");
+    assert_eq!(second["steady"], first["steady"], "steady was recreated");
+    assert_eq!(second["old"], first["old"], "old was recreated");
+    let (env, _) = env_and_image(&docker, &second["app"]).await;
+    assert!(env.contains(&"FLAVOUR=chocolate".to_owned()), "{env:?}");
+
+    // `.env` moves app to another image tag and changes a variable; old goes, extra comes.
+    stack.stop().await.expect("stop");
+    write(".env", &format!("APP_IMAGE={release}\nGREETING=bonjour\n"));
+    write(
+        "docker-compose.yml",
+        &defined_by_files().replace(&idle_service("old", ""), &idle_service("extra", "")),
+    );
+    stack.bring_up().await.expect("definition changed");
+    let third = ids(&stack.containers().await.expect("list"));
+    let mut services: Vec<&str> = third.keys().map(String::as_str).collect();
+    services.sort_unstable();
+    assert_eq!(services, ["app", "extra", "steady"], "old was not removed");
+    assert_eq!(third["steady"], first["steady"], "steady was recreated");
+    let (env, image) = env_and_image(&docker, &third["app"]).await;
+    assert!(env.contains(&"GREETING=bonjour".to_owned()), "{env:?}");
+    assert!(env.contains(&"FLAVOUR=chocolate".to_owned()), "{env:?}");
+    assert_eq!(image, release);
+    let health = StackControl::wait_healthy(&stack).await.expect("healthy");
+    assert_eq!(health.containers.len(), 3, "{health:?}");
+    for id in third.values() {
+        assert!(is_running(&docker, id).await, "{id}");
+    }
+    let _ = Command::new("docker").args(["rmi", &release]).output();
+}
+
+/// `compose_policy = "strict"` holds for recreated containers too: a service that a new
+/// definition makes privileged is recreated without starting, refused, and removed again; the
+/// fixed definition comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_strict_policy_checks_recreated_containers_before_they_start() {
+    let tame = format!(
+        "version: \"2.4\"\nservices:\n{}{}",
+        idle_service("web", "    volumes: [\"./data:/data\"]\n"),
+        idle_service("db", "")
+    );
+    let p = Project::new("strictre", &tame);
+    let stack = p
+        .stack(ComposeConfig {
+            strict_root: Some(std::fs::canonicalize(p.dir.path()).expect("canonical")),
+            ..p.config()
+        })
+        .await;
+    stack.bring_up().await.expect("a tame stack comes up");
+    let before = ids(&stack.containers().await.expect("list"));
+    stack.stop().await.expect("stop, as a cycle does");
+    std::fs::write(
+        p.dir.path().join("docker-compose.yml"),
+        tame.replace(
+            "    volumes: [\"./data:/data\"]\n",
+            "    volumes: [\"./data:/data\"]\n    privileged: true\n",
+        ),
+    )
+    .expect("escalate");
+    let err = stack.bring_up().await.expect_err("refused");
+    let msg = err.to_string();
+    assert!(matches!(err, DockerError::PolicyRefused { .. }), "{msg}");
+    assert!(msg.contains("web: privileged"), "{msg}");
+    let docker = engine().await;
+    let after = stack.containers().await.expect("list");
+    assert!(
+        !after.iter().any(|c| c.container.service == "web"),
+        "the refused container was kept: {after:?}"
+    );
+    for c in &after {
+        assert!(!is_running(&docker, &c.container.id).await, "{c:?} started");
+    }
+    std::fs::write(p.dir.path().join("docker-compose.yml"), &tame).expect("fix");
+    stack.bring_up().await.expect("the fixed stack comes up");
+    let fixed = ids(&stack.containers().await.expect("list"));
+    assert_eq!(
+        fixed["db"], before["db"],
+        "db did not change and was recreated"
+    );
+    for id in fixed.values() {
+        assert!(is_running(&docker, id).await);
+    }
 }

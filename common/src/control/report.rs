@@ -96,7 +96,8 @@ pub struct StartReport {
     pub started: Vec<ContainerEvent>,
     /// The `post_start` hooks, in order.
     pub hooks: Vec<HookRun>,
-    /// The Compose command that created missing containers (`bring_up` only).
+    /// The Compose command that created, recreated or removed containers (`bring_up` only),
+    /// when the containers differed from the compose definition.
     pub compose: Option<String>,
 }
 
