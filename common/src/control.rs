@@ -14,7 +14,7 @@ mod report;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use error::{DockerError, NotReady, StartFailure};
+pub use error::{DockerError, MissingImage, NotReady, StartFailure};
 pub use report::{
     ContainerEvent, ContainerHealth, ContainerRef, Creation, Health, HealthReport, HookPhase,
     HookRun, StartReport, StopReport,

@@ -625,9 +625,11 @@ impl ComposeStack {
     /// [`wait_healthy`](Self::wait_healthy_until) then checks every container. The `post_start`
     /// hooks run when a [`stop`](Self::stop) preceded. A container that does not start is
     /// [`DockerError::StartFailed`] (the others were started); a Compose run that fails is
-    /// [`DockerError::ComposeFailed`] with Compose's output. A `compose_dir` without a compose
-    /// file (containers made another way) has no definition to follow: that is logged, and the
-    /// containers that exist are the stack; a compose file that Compose cannot read is an error.
+    /// [`DockerError::ComposeFailed`] with Compose's output, or
+    /// [`DockerError::ImageUnavailable`] when it could not pull an image. A `compose_dir` without
+    /// a compose file (containers made another way) has no definition to follow: that is logged,
+    /// and the containers that exist are the stack; a compose file that Compose cannot read is an
+    /// error.
     pub async fn bring_up(&self) -> Result<StartReport, DockerError> {
         let mut state = self.state.lock().await;
         self.bring_up_locked(&mut state).await
@@ -707,9 +709,55 @@ impl ComposeStack {
         }
     }
 
-    /// Runs a `compose up` and returns its command line.
+    /// Runs a `compose up` and returns its command line; when it failed because images were
+    /// missing and could not be pulled (and the engine confirms they are missing), says so
+    /// ([`DockerError::ImageUnavailable`]) rather than quoting Compose's whole output.
     async fn compose_up(&self, args: &[&str]) -> Result<String, DockerError> {
-        Ok(self.run_compose(args).await?.0)
+        match self.run_compose(args).await {
+            Ok((command, _)) => Ok(command),
+            Err(DockerError::ComposeFailed {
+                project,
+                command,
+                dir,
+                status,
+                output,
+            }) => {
+                let mut images = Vec::new();
+                for candidate in definition::pulled_images(&output) {
+                    if self.image_is_missing(&candidate.image).await {
+                        images.push(candidate);
+                    }
+                }
+                if images.is_empty() {
+                    return Err(DockerError::ComposeFailed {
+                        project,
+                        command,
+                        dir,
+                        status,
+                        output,
+                    });
+                }
+                Err(DockerError::ImageUnavailable {
+                    project,
+                    images,
+                    reason: definition::pull_failure(&output),
+                    command,
+                    dir,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the engine says it has no such image (any other answer is not "missing").
+    async fn image_is_missing(&self, image: &str) -> bool {
+        matches!(
+            self.docker.inspect_image(image).await,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                ..
+            })
+        )
     }
 
     async fn post_start_hooks(&self) -> Result<Vec<HookRun>, DockerError> {
@@ -1008,8 +1056,8 @@ impl ComposeStack {
 
     /// If the project has no containers at all, creates them as [`bring_up`](Self::bring_up)
     /// does (`docker compose -p P up -d --remove-orphans` in `compose_dir`, or `docker-compose`
-    /// where the plugin is missing). The images are expected to be local (Compose pulls one that
-    /// is not).
+    /// where the plugin is missing). The images are expected to be local; Compose pulls one
+    /// that is not, and [`DockerError::ImageUnavailable`] says when it cannot.
     pub async fn create_if_missing(&self) -> Result<Creation, DockerError> {
         let mut state = self.state.lock().await;
         if !self.containers().await?.is_empty() {

@@ -1268,6 +1268,54 @@ async fn bring_up_brings_the_containers_to_a_changed_definition_and_leaves_the_r
     let _ = Command::new("docker").args(["rmi", &release]).output();
 }
 
+/// Issue 16, item 8: a definition that names an image this host does not have and cannot pull
+/// fails with the image, the service and the pull's own reason, not Compose's whole output; and
+/// since Compose pulls before it touches a container, the stack is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_cannot_be_pulled_is_named_and_nothing_is_recreated() {
+    let compose = format!(
+        "version: \"2.4\"\nservices:\n{}{}",
+        idle_service("web", ""),
+        idle_service("db", "")
+    );
+    let p = Project::new("noimage", &compose);
+    let stack = p.up().await;
+    let before = ids(&stack.containers().await.expect("list"));
+    // `.invalid` never resolves: the pull fails the same way with or without a network.
+    let absent = "registry.invalid/stackclone/absent:1";
+    std::fs::write(
+        p.dir.path().join("docker-compose.yml"),
+        compose.replacen(IMAGE, absent, 1),
+    )
+    .expect("rewrite");
+    let err = stack.bring_up().await.expect_err("no such image");
+    let msg = err.to_string();
+    let DockerError::ImageUnavailable { images, .. } = &err else {
+        panic!("not ImageUnavailable: {err:?}");
+    };
+    assert_eq!(images.len(), 1, "{msg}");
+    assert_eq!(images[0].image, absent);
+    assert!(
+        msg.contains(&format!(
+            "image {absent} (service web) is not on this host and could not be pulled: "
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("registry.invalid"),
+        "the pull's reason is missing: {msg}"
+    );
+    assert!(
+        !msg.contains("Pulling web"),
+        "Compose's progress is quoted: {msg}"
+    );
+    let docker = engine().await;
+    assert_eq!(ids(&stack.containers().await.expect("list")), before);
+    for id in before.values() {
+        assert!(is_running(&docker, id).await);
+    }
+}
+
 /// `compose_policy = "strict"` holds for recreated containers too: a service that a new
 /// definition makes privileged is recreated without starting, refused, and removed again; the
 /// fixed definition comes up.

@@ -20,6 +20,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::StackContainer;
+use crate::control::MissingImage;
 
 /// The label Compose stores a service's config hash in (v1 and v2).
 pub const CONFIG_HASH_LABEL: &str = "com.docker.compose.config-hash";
@@ -142,6 +143,71 @@ impl fmt::Display for Drift {
     }
 }
 
+/// The images a failed `compose up` tried to pull, each once, in the order the output names
+/// them: from Compose v1's progress line `Pulling SERVICE (IMAGE)...`, or the engine's own words
+/// (`pull access denied for IMAGE,`, `manifest for IMAGE not found`), which name no service.
+/// Candidates only: whether each is really missing is for the engine to say.
+pub fn pulled_images(output: &str) -> Vec<MissingImage> {
+    let mut out: Vec<MissingImage> = Vec::new();
+    let mut add = |image: &str, service: Option<&str>| {
+        let image = image.trim().trim_matches('"');
+        if image.is_empty() || image.contains(char::is_whitespace) {
+            return;
+        }
+        // The engine's words name the repository without its tag when Compose's line named
+        // the whole reference: one image, not two.
+        match out
+            .iter_mut()
+            .find(|p| p.image == image || repository(&p.image) == image)
+        {
+            Some(known) if known.service.is_none() => known.service = service.map(str::to_owned),
+            Some(_) => {}
+            None => out.push(MissingImage {
+                image: image.to_owned(),
+                service: service.map(str::to_owned),
+            }),
+        }
+    };
+    for line in output.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("Pulling ")
+            && let Some((service, rest)) = rest.split_once(" (")
+            && let Some(image) = rest.strip_suffix(")...")
+        {
+            add(image, Some(service));
+        }
+        if let Some((_, rest)) = line.split_once("pull access denied for ")
+            && let Some((image, _)) = rest.split_once(',')
+        {
+            add(image, None);
+        }
+        if let Some((_, rest)) = line.split_once("manifest for ")
+            && let Some((image, _)) = rest.split_once(" not found")
+        {
+            add(image, None);
+        }
+    }
+    out
+}
+
+/// `registry:5000/acme/app` of `registry:5000/acme/app:2` or `…/app@sha256:…`.
+fn repository(image: &str) -> &str {
+    let image = image.split_once('@').map_or(image, |(repo, _)| repo);
+    match image.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => image,
+    }
+}
+
+/// What a failed pull said, without Compose's progress lines: the lines a person needs.
+pub fn pull_failure(output: &str) -> String {
+    let lines: Vec<&str> = output
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Pulling ") && !l.ends_with("..."))
+        .collect();
+    lines[lines.len().saturating_sub(5)..].join("; ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +305,53 @@ mod tests {
         let drift = definition("b 1\na 2\n").drift(&[]);
         assert_eq!(drift.create, ["a", "b"]);
         assert!(!drift.is_empty());
+    }
+
+    #[test]
+    fn pulled_images_come_from_compose_v1_lines_and_the_engine_s_words() {
+        let v1 = "Pulling cron (stackclone-test/nope:7)...\n\
+                  Get \"https://registry-1.docker.io/v2/\": dial tcp: lookup registry-1.docker.io: no such host\n";
+        assert_eq!(
+            pulled_images(v1),
+            [MissingImage {
+                image: "stackclone-test/nope:7".into(),
+                service: Some("cron".into()),
+            }]
+        );
+        assert_eq!(
+            pull_failure(v1),
+            "Get \"https://registry-1.docker.io/v2/\": dial tcp: lookup registry-1.docker.io: no such host"
+        );
+        let denied = "Pulling web (acme/app:2)...\n\
+                      ERROR: pull access denied for acme/app, repository does not exist or may require 'docker login'\n\
+                      Error response from daemon: manifest for acme/other:1 not found: manifest unknown\n";
+        assert_eq!(
+            pulled_images(denied),
+            [
+                MissingImage {
+                    image: "acme/app:2".into(),
+                    service: Some("web".into()),
+                },
+                MissingImage {
+                    image: "acme/other:1".into(),
+                    service: None,
+                },
+            ]
+        );
+        assert_eq!(
+            repository("registry:5000/acme/app"),
+            "registry:5000/acme/app"
+        );
+        assert_eq!(
+            repository("registry:5000/acme/app:2"),
+            "registry:5000/acme/app"
+        );
+        assert_eq!(repository("acme/app@sha256:ab12"), "acme/app");
+        // A failure that is not about pulling names no image.
+        assert!(
+            pulled_images("ERROR: for web  Cannot start service web: port is already allocated")
+                .is_empty()
+        );
     }
 
     #[test]
