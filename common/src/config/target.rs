@@ -101,6 +101,11 @@ pub struct TargetStack {
     /// `compose_policy` (default `"trusted"`): what the standby's containers may do. See
     /// [`ComposePolicy`].
     pub compose_policy: ComposePolicy,
+    /// `standby_stopped = ["cron", "mailer"]`: services that must not run twice, once on the
+    /// primary and once on the standby (schedulers, bots, outgoing mail). The standby creates
+    /// their containers from the compose file and keeps them stopped; health does not wait for
+    /// them. Empty by default.
+    pub standby_stopped: Vec<String>,
 }
 
 /// `compose_policy`: how far the target trusts the compose file the source sends.
@@ -152,6 +157,7 @@ struct RawStack {
     max_age: Option<Spanned<Secs>>,
     #[serde(default)]
     compose_policy: ComposePolicy,
+    standby_stopped: Option<Spanned<Vec<ServiceName>>>,
 }
 
 impl TargetConfig {
@@ -294,6 +300,11 @@ impl TargetConfig {
                     .map_or(super::source::DEFAULT_STOP_TIMEOUT, |s| s.0),
                 max_age,
                 compose_policy: raw.compose_policy,
+                standby_stopped: super::source::services(
+                    file,
+                    "standby_stopped",
+                    raw.standby_stopped,
+                )?,
             });
         }
         check_state_dirs(&dirs)?;
