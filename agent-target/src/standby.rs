@@ -20,7 +20,8 @@
 //!   `env_file:` or the set of services has the changed containers recreated, new ones created
 //!   and removed ones removed before health is checked; a commit that changed none of that
 //!   restarts the same containers. A rollback restores the old files and brings the containers
-//!   back to the old definition the same way.
+//!   back to the old definition the same way. Services the stack file keeps stopped
+//!   (`standby_stopped`) are created and never started, and health does not wait for them.
 
 use std::path::Path;
 use std::sync::Arc;

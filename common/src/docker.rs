@@ -10,10 +10,11 @@
 //!           ─ note who Docker had to kill at the stop timeout
 //! start():  start what stop remembered, in order ─ post_start hooks            (the source)
 //! bring_up(): `compose config --hash '*'` ─ containers differ from it (or there are none)?
-//!           `up -d --remove-orphans` (`up --no-start …` under the strict policy)
-//!           ─ strict: inspect all ─ start every stopped container, in order   (the standby)
+//!           `up -d --remove-orphans` (`up --no-start …` with strict or standby_stopped)
+//!           ─ strict: inspect all ─ keep standby_stopped stopped ─ start every other
+//!           stopped container, in order                                        (the standby)
 //! wait_healthy(): poll what start/bring_up brought up until healthy, or fail fast; nothing
-//!           brought up is never healthy
+//!           brought up is never healthy; standby_stopped containers are not waited for
 //! create_if_missing(): no container at all → bring_up
 //! ```
 //!
@@ -167,6 +168,10 @@ pub struct ComposeConfig {
     /// bind-mount (see [`policy`]). Containers are then created with `up --no-start`, checked,
     /// and only started if every one passes. `None`: the compose file runs as written.
     pub strict_root: Option<PathBuf>,
+    /// `standby_stopped` (target only): services that must not run twice, once on the primary
+    /// and once here (schedulers, bots, outgoing mail). [`ComposeStack::bring_up`] creates
+    /// their containers and keeps them stopped, and health does not wait for them.
+    pub standby_stopped: Vec<String>,
 }
 
 impl ComposeConfig {
@@ -185,6 +190,7 @@ impl ComposeConfig {
             create_timeout: DEFAULT_CREATE_TIMEOUT,
             restart_record: None,
             strict_root: None,
+            standby_stopped: Vec::new(),
         }
     }
 
@@ -210,9 +216,9 @@ impl ComposeConfig {
         }
     }
 
-    /// The target side of a stack: its project, compose dir, order, stop and health timeouts.
-    /// Hooks run on the source only (a target stack is stopped, committed and started; nothing
-    /// on it needs flushing).
+    /// The target side of a stack: its project, compose dir, order, stop and health timeouts,
+    /// policy and `standby_stopped` services. Hooks run on the source only (a target stack is
+    /// stopped, committed and started; nothing on it needs flushing).
     pub fn for_target(stack: &TargetStack) -> ComposeConfig {
         ComposeConfig {
             health_timeout: stack.health_timeout,
@@ -221,6 +227,7 @@ impl ComposeConfig {
             depends_on: stack.depends_on.clone(),
             strict_root: (stack.compose_policy == crate::config::ComposePolicy::Strict)
                 .then(|| std::fs::canonicalize(&stack.path).unwrap_or_else(|_| stack.path.clone())),
+            standby_stopped: stack.standby_stopped.clone(),
             ..ComposeConfig::new(&stack.compose_project, &stack.compose_dir)
         }
     }
@@ -276,6 +283,8 @@ struct State {
     to_restart: Option<ToRestart>,
     /// What the last `start`, `bring_up` or `create_if_missing` brought up, for `wait_healthy`.
     brought_up: Vec<ContainerRef>,
+    /// What the last `bring_up` kept stopped on purpose (`standby_stopped`).
+    kept_stopped: Vec<ContainerRef>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -454,7 +463,8 @@ impl ComposeStack {
             start_order: Vec::new(),
         });
         restart.start_order = plan.start_order.clone();
-        for c in &running {
+        // A standby_stopped service found running is stopped, but never started again.
+        for c in running.iter().filter(|c| !self.is_kept_stopped(&c.service)) {
             if !restart.containers.iter().any(|r| r.id == c.id) {
                 restart.containers.push(c.clone());
             }
@@ -613,23 +623,25 @@ impl ComposeStack {
     /// 2. No container at all, or containers that differ from it (a service whose image,
     ///    environment or any other setting changed, a service added, one removed): `compose -p P
     ///    up -d --remove-orphans` recreates, creates and removes what differs, and starts the
-    ///    stack. Under [`strict_root`](ComposeConfig::strict_root) it is `up --no-start
-    ///    --remove-orphans` instead, and the next steps start what may run.
+    ///    stack. With [`standby_stopped`](ComposeConfig::standby_stopped) services or under
+    ///    [`strict_root`](ComposeConfig::strict_root) it is `up --no-start --remove-orphans`
+    ///    instead, and the next steps start what may run.
     /// 3. Under the strict policy every container is inspected, and none starts if one breaks
     ///    it ([`DockerError::PolicyRefused`]; what step 2 made is removed again).
-    /// 4. Every container that is not running (`created` after a creation that failed
+    /// 4. Containers of `standby_stopped` services are stopped if they run, and never started.
+    /// 5. Every other container that is not running (`created` after a creation that failed
     ///    half-way, `exited` after a stop by this agent, by hand or by a reboot) is started in
     ///    start order through the API; paused ones are left alone. When nothing differed, this
     ///    is all that happens: no container is recreated.
     ///
-    /// [`wait_healthy`](Self::wait_healthy_until) then checks every container. The `post_start`
-    /// hooks run when a [`stop`](Self::stop) preceded. A container that does not start is
-    /// [`DockerError::StartFailed`] (the others were started); a Compose run that fails is
-    /// [`DockerError::ComposeFailed`] with Compose's output, or
-    /// [`DockerError::ImageUnavailable`] when it could not pull an image. A `compose_dir` without
-    /// a compose file (containers made another way) has no definition to follow: that is logged,
-    /// and the containers that exist are the stack; a compose file that Compose cannot read is an
-    /// error.
+    /// [`wait_healthy`](Self::wait_healthy_until) then checks every container but the
+    /// `standby_stopped` ones. The `post_start` hooks run when a [`stop`](Self::stop) preceded.
+    /// A container that does not start is [`DockerError::StartFailed`] (the others were
+    /// started); a Compose run that fails is [`DockerError::ComposeFailed`] with Compose's
+    /// output, or [`DockerError::ImageUnavailable`] when it could not pull an image. A
+    /// `compose_dir` without a compose file (containers made another way) has no definition to
+    /// follow: that is logged, and the containers that exist are the stack; a compose file that
+    /// Compose cannot read is an error.
     pub async fn bring_up(&self) -> Result<StartReport, DockerError> {
         let mut state = self.state.lock().await;
         self.bring_up_locked(&mut state).await
@@ -665,7 +677,13 @@ impl ComposeStack {
             });
         }
         let plan = self.plan_for(&containers)?;
-        let mut down: Vec<ContainerRef> = containers
+        let (kept, run): (Vec<&StackContainer>, Vec<&StackContainer>) = containers
+            .iter()
+            .partition(|c| self.is_kept_stopped(&c.container.service));
+        for c in kept.iter().filter(|c| c.is_running()) {
+            self.stop_kept(&c.container).await?;
+        }
+        let mut down: Vec<ContainerRef> = run
             .iter()
             .filter(|c| !c.is_running() && c.state != "paused")
             .map(|c| c.container.clone())
@@ -673,7 +691,15 @@ impl ComposeStack {
         sort_in_start_order(&mut down, &plan.start_order);
         let (started, failures) = self.start_containers(down).await;
         report.started = started;
-        state.brought_up = containers.iter().map(|c| c.container.clone()).collect();
+        report.kept_stopped = kept.iter().map(|c| c.container.clone()).collect();
+        if !report.kept_stopped.is_empty() {
+            let services: BTreeSet<&str> =
+                kept.iter().map(|c| c.container.service.as_str()).collect();
+            info!(project = %project, services = ?services,
+                "kept stopped on purpose (standby_stopped): created, not started");
+        }
+        state.brought_up = run.iter().map(|c| c.container.clone()).collect();
+        state.kept_stopped = report.kept_stopped.clone();
         if !failures.is_empty() {
             if let Some(restart) = state.to_restart.as_mut() {
                 restart
@@ -697,12 +723,41 @@ impl ComposeStack {
         Ok(report)
     }
 
-    /// `up` with what it may start: everything (`-d`), unless the containers must not start
-    /// before the caller looked at them (strict policy), in which case nothing (`--no-start`)
-    /// and the caller starts them. `--remove-orphans` removes the containers of services the
-    /// definition no longer has.
+    /// Whether `service` is one of [`ComposeConfig::standby_stopped`].
+    fn is_kept_stopped(&self, service: &str) -> bool {
+        self.config.standby_stopped.iter().any(|s| s == service)
+    }
+
+    /// Stops a running container of a `standby_stopped` service: it must not run twice (once on
+    /// the primary, once here), whoever started it.
+    async fn stop_kept(&self, c: &ContainerRef) -> Result<(), DockerError> {
+        warn!(project = %self.config.project, service = %c.service, container = %c.name,
+            "a standby_stopped service runs on the standby; stopping it");
+        let seconds =
+            i32::try_from(self.config.stop_timeout.as_secs_f64().ceil() as i64).unwrap_or(i32::MAX);
+        self.docker
+            .stop_container(
+                &c.id,
+                Some(StopContainerOptionsBuilder::default().t(seconds).build()),
+            )
+            .await
+            .map_err(|e| {
+                self.api(
+                    &format!(
+                        "stopping container {} of service {}, which standby_stopped keeps stopped",
+                        c.name, c.service
+                    ),
+                    e,
+                )
+            })
+    }
+
+    /// `up` with what it may start: everything (`-d`), unless some containers must not start
+    /// before the caller looked at them (strict policy) or at all (`standby_stopped`), in which
+    /// case nothing (`--no-start`) and the caller starts the rest. `--remove-orphans` removes
+    /// the containers of services the definition no longer has.
     fn up_args(&self) -> &'static [&'static str] {
-        if self.config.strict_root.is_some() {
+        if self.config.strict_root.is_some() || !self.config.standby_stopped.is_empty() {
             &["up", "--no-start", "--remove-orphans"]
         } else {
             &["up", "-d", "--remove-orphans"]
@@ -1003,11 +1058,15 @@ impl ComposeStack {
     /// Waits until every container the last [`start`](Self::start),
     /// [`bring_up`](Self::bring_up) or [`create_if_missing`](Self::create_if_missing) brought
     /// up is ready (healthy, or running without a health check, or exited 0), failing at once
-    /// on `unhealthy` or a non-zero exit.
+    /// on `unhealthy` or a non-zero exit. Containers `bring_up` kept stopped on purpose
+    /// ([`ComposeConfig::standby_stopped`]) are not waited for; they are listed in the report.
     pub async fn wait_healthy_until(&self, deadline: Instant) -> Result<HealthReport, DockerError> {
         let began = Instant::now();
-        let mut pending = self.state.lock().await.brought_up.clone();
-        if pending.is_empty() {
+        let (mut pending, kept_stopped) = {
+            let state = self.state.lock().await;
+            (state.brought_up.clone(), state.kept_stopped.clone())
+        };
+        if pending.is_empty() && kept_stopped.is_empty() {
             return Err(DockerError::NoContainers {
                 project: self.config.project.clone(),
             });
@@ -1033,9 +1092,11 @@ impl ComposeStack {
             if pending.is_empty() {
                 let waited = began.elapsed();
                 info!(project = %self.config.project, containers = ready.len(),
-                    waited_ms = waited.as_millis() as u64, "stack healthy");
+                    kept_stopped = kept_stopped.len(), waited_ms = waited.as_millis() as u64,
+                    "stack healthy");
                 return Ok(HealthReport {
                     containers: ready,
+                    kept_stopped,
                     waited,
                 });
             }
@@ -1066,7 +1127,12 @@ impl ComposeStack {
         let report = self.bring_up_locked(&mut state).await?;
         Ok(Creation::Created {
             command: report.compose.unwrap_or_default(),
-            containers: state.brought_up.clone(),
+            containers: state
+                .brought_up
+                .iter()
+                .chain(&state.kept_stopped)
+                .cloned()
+                .collect(),
         })
     }
 

@@ -1268,6 +1268,98 @@ async fn bring_up_brings_the_containers_to_a_changed_definition_and_leaves_the_r
     let _ = Command::new("docker").args(["rmi", &release]).output();
 }
 
+/// `standby_stopped`: a scheduler's container is created from the definition and never started,
+/// stopped again when someone started it, and not waited for by the health check; a stack whose
+/// every service is kept stopped is healthy with nothing running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_stopped_services_are_created_never_started_and_not_waited_for() {
+    let compose = format!(
+        "version: \"2.4\"\nservices:\n{}{}",
+        idle_service(
+            "app",
+            "    healthcheck: {test: [\"CMD-SHELL\", \"true\"], interval: 1s, retries: 30}\n"
+        ),
+        idle_service("cron", "")
+    );
+    let p = Project::new("kept", &compose);
+    let docker = engine().await;
+    let config = ComposeConfig {
+        standby_stopped: strings(&["cron"]),
+        ..p.config()
+    };
+    let stack = p.stack(config.clone()).await;
+    let report = stack.bring_up().await.expect("bring up");
+    let compose = report.compose.clone().expect("created by Compose");
+    assert!(
+        compose.ends_with("up --no-start --remove-orphans"),
+        "{compose}"
+    );
+    let listed = ids(&stack.containers().await.expect("list"));
+    let cron = listed["cron"].clone();
+    assert_eq!(
+        report
+            .kept_stopped
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect::<Vec<_>>(),
+        [cron.as_str()]
+    );
+    let cron_state = state(&docker, &cron).await;
+    assert_eq!(
+        cron_state.status.map(|s| s.to_string()).as_deref(),
+        Some("created")
+    );
+    assert!(
+        started_at(&docker, &cron).await.year() < 2000,
+        "cron was started at some point: {cron_state:?}"
+    );
+    assert!(is_running(&docker, &listed["app"]).await);
+    let health = StackControl::wait_healthy(&stack).await.expect("healthy");
+    assert_eq!(
+        health
+            .containers
+            .iter()
+            .map(|c| c.container.service.as_str())
+            .collect::<Vec<_>>(),
+        ["app"]
+    );
+    assert_eq!(health.kept_stopped.len(), 1, "{health:?}");
+
+    // Started by hand on the standby: the next bring-up stops it (and leaves app running).
+    docker
+        .start_container(&cron, None)
+        .await
+        .expect("start cron");
+    stack.bring_up().await.expect("again");
+    assert!(
+        !is_running(&docker, &cron).await,
+        "cron runs on the standby"
+    );
+    assert!(is_running(&docker, &listed["app"]).await);
+    // A stop and bring-up (a cycle) does not start it either.
+    stack.stop().await.expect("stop");
+    stack.bring_up().await.expect("after a stop");
+    assert!(
+        !is_running(&docker, &cron).await,
+        "cron runs on the standby"
+    );
+    assert!(is_running(&docker, &listed["app"]).await);
+
+    let all_kept = p
+        .stack(ComposeConfig {
+            standby_stopped: strings(&["app", "cron"]),
+            ..config
+        })
+        .await;
+    all_kept.bring_up().await.expect("all kept stopped");
+    assert!(!is_running(&docker, &listed["app"]).await);
+    let health = StackControl::wait_healthy(&all_kept)
+        .await
+        .expect("a stack kept stopped on purpose is not a failed one");
+    assert!(health.containers.is_empty(), "{health:?}");
+    assert_eq!(health.kept_stopped.len(), 2, "{health:?}");
+}
+
 /// Issue 16, item 8: a definition that names an image this host does not have and cannot pull
 /// fails with the image, the service and the pull's own reason, not Compose's whole output; and
 /// since Compose pulls before it touches a container, the stack is left as it was.
