@@ -364,3 +364,68 @@ fn an_unhealthy_new_definition_is_rolled_back_and_standby_stopped_services_never
     );
     assert!(!after["cron"].running, "cron runs: {:?}", after["cron"]);
 }
+
+/// Not a test: the standby's downtime (`target_downtime_ms` of `push --json`) of cycles that
+/// change only data, and of cycles that also change one service's environment in `.env` (so
+/// that Compose recreates it). The figures in the README come from
+/// `cargo test -p stackclone-tests --test definition -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn measure_the_standby_downtime_of_a_definition_change() {
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(7);
+    compose::ensure_image(compose::BUSYBOX);
+    let s = Stacks::new(
+        "defbench",
+        &definition(&service("extra")),
+        "stop_timeout = \"5s\"\n",
+        "stop_timeout = \"5s\"\nhealth_timeout = \"30s\"\n",
+    );
+    let p = &s.p;
+    fsx::write(
+        p.src.join(".env"),
+        format!("APP_IMAGE={}\nGREETING=0\n", compose::BUSYBOX),
+    );
+    fsx::write(p.src.join("conf/app.env"), "FLAVOUR=vanilla\n");
+    fsx::write(p.src.join("data/n"), "0\n");
+    s.up_source(&[]);
+    wait_up(
+        &s.src_proj,
+        &["app", "extra", "steady"],
+        Duration::from_secs(60),
+        "source",
+    );
+    let mut s = s;
+    s.p.start_target();
+    let p = &s.p;
+    p.push_ok();
+    let median = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let mut data_only = Vec::new();
+    let mut definition_changed = Vec::new();
+    for i in 1..=rounds {
+        fsx::write(p.src.join("data/n"), format!("{i}\n"));
+        let o = p.push_ok();
+        data_only.push(o["target_downtime_ms"].as_u64().expect("downtime"));
+        fsx::write(
+            p.src.join(".env"),
+            format!("APP_IMAGE={}\nGREETING={i}\n", compose::BUSYBOX),
+        );
+        fsx::write(p.src.join("data/n"), format!("{i}b\n"));
+        let o = p.push_ok();
+        definition_changed.push(o["target_downtime_ms"].as_u64().expect("downtime"));
+    }
+    println!("standby downtime, ms, 3 services, {rounds} cycles each");
+    println!(
+        "data only:          median {} {data_only:?}",
+        median(data_only.clone())
+    );
+    println!(
+        "definition changed: median {} {definition_changed:?}",
+        median(definition_changed.clone())
+    );
+}
