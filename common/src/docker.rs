@@ -644,7 +644,8 @@ impl ComposeStack {
     /// 5. Every other container that is not running (`created` after a creation that failed
     ///    half-way, `exited` after a stop by this agent, by hand or by a reboot) is started in
     ///    start order through the API; paused ones are left alone. When nothing differed, this
-    ///    is all that happens: no container is recreated.
+    ///    is all that happens: no container is recreated. After `up -d` nothing is: Compose
+    ///    started the stack, and what is not running then is a one-shot that already ran.
     ///
     /// [`wait_healthy`](Self::wait_healthy_until) then checks every container but the
     /// `standby_stopped` ones. The `post_start` hooks run when a [`stop`](Self::stop) preceded.
@@ -695,9 +696,12 @@ impl ComposeStack {
         for c in kept.iter().filter(|c| c.is_running()) {
             self.stop_kept(&c.container).await?;
         }
+        // After `up -d` whatever is not running is what Compose started and saw end (a one-shot
+        // that exited 0) or left paused; starting it again would run a migration twice.
+        let compose_started = report.compose.is_some() && !self.up_starts_nothing();
         let mut down: Vec<ContainerRef> = run
             .iter()
-            .filter(|c| !c.is_running() && c.state != "paused")
+            .filter(|c| !compose_started && !c.is_running() && c.state != "paused")
             .map(|c| c.container.clone())
             .collect();
         sort_in_start_order(&mut down, &plan.start_order);
@@ -769,11 +773,16 @@ impl ComposeStack {
     /// case nothing (`--no-start`) and the caller starts the rest. `--remove-orphans` removes
     /// the containers of services the definition no longer has.
     fn up_args(&self) -> &'static [&'static str] {
-        if self.config.strict_root.is_some() || !self.config.standby_stopped.is_empty() {
+        if self.up_starts_nothing() {
             &["up", "--no-start", "--remove-orphans"]
         } else {
             &["up", "-d", "--remove-orphans"]
         }
+    }
+
+    /// Whether [`up_args`](Self::up_args) leaves the starting to the caller.
+    fn up_starts_nothing(&self) -> bool {
+        self.config.strict_root.is_some() || !self.config.standby_stopped.is_empty()
     }
 
     /// Runs a `compose up` and returns its command line; when it failed because images were

@@ -1460,3 +1460,46 @@ async fn the_strict_policy_checks_recreated_containers_before_they_start() {
         assert!(is_running(&docker, id).await);
     }
 }
+
+/// A one-shot service (a migration that exits 0) that `compose up -d` ran is not started a
+/// second time by the same bring-up: it would run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_service_run_by_compose_up_is_not_started_again() {
+    let compose = format!(
+        "version: \"2.4\"\nservices:\n{}  migrate:\n    image: {IMAGE}\n    volumes: [\"./data:/data\"]\n    command: [\"sh\", \"-c\", \"echo ran >> /data/migrations\"]\n",
+        idle_service("web", "")
+    );
+    let p = Project::new("oneshot", &compose);
+    let stack = p.stack(p.config()).await;
+    let runs = || {
+        std::fs::read_to_string(p.data("migrations"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    stack.bring_up().await.expect("created");
+    let health = StackControl::wait_healthy(&stack).await.expect("healthy");
+    assert!(
+        health
+            .containers
+            .iter()
+            .any(|c| c.container.service == "migrate" && c.health == Health::Completed),
+        "{health:?}"
+    );
+    assert_eq!(runs(), 1, "the migration ran more than once on creation");
+    // A changed definition recreates web. Compose starts the exited migration once more, as
+    // every bring-up of a stopped stack does; once, not twice.
+    std::fs::write(
+        p.dir.path().join("docker-compose.yml"),
+        compose.replacen(
+            "    command: [\"sh\", \"-c\", \"trap",
+            "    environment: {CHANGED: \"1\"}\n    command: [\"sh\", \"-c\", \"trap",
+            1,
+        ),
+    )
+    .expect("rewrite");
+    let report = stack.bring_up().await.expect("recreated");
+    assert!(report.compose.is_some(), "{report:?}");
+    StackControl::wait_healthy(&stack).await.expect("healthy");
+    assert_eq!(runs(), 2, "one bring-up ran the migration twice");
+}
