@@ -1169,14 +1169,25 @@ async fn env_and_image(docker: &Docker, id: &str) -> (Vec<String>, String) {
     )
 }
 
-/// `docker tag IMAGE new`: another name for the test image, as a new release's tag would be.
-fn tag_image(new: &str) {
-    ensure_image();
-    let out = Command::new("docker")
-        .args(["tag", IMAGE, new])
-        .output()
-        .expect("docker tag");
-    assert!(out.status.success(), "{out:?}");
+/// Another name for the test image, as a new release's tag would be; untagged when dropped.
+struct Tag(String);
+
+impl Tag {
+    fn new(name: String) -> Tag {
+        ensure_image();
+        let out = Command::new("docker")
+            .args(["tag", IMAGE, &name])
+            .output()
+            .expect("docker tag");
+        assert!(out.status.success(), "{out:?}");
+        Tag(name)
+    }
+}
+
+impl Drop for Tag {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", &self.0]).output();
+    }
 }
 
 /// An `app` whose image and environment come from `.env` and from an `env_file:` in a
@@ -1201,8 +1212,8 @@ fn defined_by_files() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bring_up_brings_the_containers_to_a_changed_definition_and_leaves_the_rest() {
     let p = Project::new("follow", &defined_by_files());
-    let release = format!("stackclone-test/busybox:{}", p.name);
-    tag_image(&release);
+    let tag = Tag::new(format!("stackclone-test/busybox:{}", p.name));
+    let release = tag.0.clone();
     let write = |rel: &str, text: &str| {
         let path = p.dir.path().join(rel);
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
@@ -1265,7 +1276,6 @@ async fn bring_up_brings_the_containers_to_a_changed_definition_and_leaves_the_r
     for id in third.values() {
         assert!(is_running(&docker, id).await, "{id}");
     }
-    let _ = Command::new("docker").args(["rmi", &release]).output();
 }
 
 /// `standby_stopped`: a scheduler's container is created from the definition and never started,
