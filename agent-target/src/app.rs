@@ -133,10 +133,14 @@ pub struct StackStatus {
     /// Its last commit is older than `max_age`. A stack never committed is not reported stale
     /// here (the running daemon counts its age from its own start, which `status` cannot know).
     pub stale: bool,
+    /// The services this standby keeps stopped on purpose (`standby_stopped`): created, never
+    /// started, so that they do not run twice.
+    pub standby_stopped: Vec<String>,
 }
 
 impl StackStatus {
-    fn new(state: StoreState, busy: bool, max_age: Option<std::time::Duration>, now: i64) -> Self {
+    fn new(state: StoreState, busy: bool, stack: &TargetStack, now: i64) -> Self {
+        let max_age = stack.max_age;
         let stale = match (max_age, state.committed_at) {
             (Some(max_age), Some(at)) => {
                 u64::try_from(now.saturating_sub(at)).unwrap_or(0) > max_age.as_secs()
@@ -148,6 +152,7 @@ impl StackStatus {
             busy,
             max_age_secs: max_age.map(|d| d.as_secs()),
             stale,
+            standby_stopped: stack.standby_stopped.clone(),
         }
     }
 }
@@ -162,12 +167,7 @@ pub fn status(common: &Common, only: Option<&str>) -> anyhow::Result<Vec<StackSt
             continue;
         }
         match StackStore::open(store_config(stack)) {
-            Ok(store) => out.push(StackStatus::new(
-                store.state().clone(),
-                false,
-                stack.max_age,
-                now,
-            )),
+            Ok(store) => out.push(StackStatus::new(store.state().clone(), false, stack, now)),
             Err(StoreError::Busy { path, .. }) => out.push(StackStatus::new(
                 StackStore::peek_state(&path)
                     .filter(|st| st.stack == stack.name)
@@ -176,7 +176,7 @@ pub fn status(common: &Common, only: Option<&str>) -> anyhow::Result<Vec<StackSt
                         ..Default::default()
                     }),
                 true,
-                stack.max_age,
+                stack,
                 now,
             )),
             Err(e) => return Err(e.into()),

@@ -139,6 +139,13 @@ fn status(common: &Common, stack: Option<&str>, json: bool) -> anyhow::Result<Ex
                 }
             );
         }
+        for s in all.iter().filter(|s| !s.standby_stopped.is_empty()) {
+            stackclone_certs::outln!(
+                "{}: kept stopped on purpose on this standby (standby_stopped): {}",
+                s.state.stack,
+                s.standby_stopped.join(", ")
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

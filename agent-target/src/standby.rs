@@ -14,6 +14,14 @@
 //!   standby is brought up with [`StackControl::bring_up`]: created if it has no containers,
 //!   every stopped container started whatever stopped it, every service of the definition
 //!   created; then health covers every container, and a stack with none is never healthy.
+//! - **The definition the commit brought is the one that runs.** `bring_up` compares the
+//!   containers with the compose definition now in the live dir (for Compose, through its
+//!   config hashes), so a commit that changed an image, an environment variable, an
+//!   `env_file:` or the set of services has the changed containers recreated, new ones created
+//!   and removed ones removed before health is checked; a commit that changed none of that
+//!   restarts the same containers. A rollback restores the old files and brings the containers
+//!   back to the old definition the same way. Services the stack file keeps stopped
+//!   (`standby_stopped`) are created and never started, and health does not wait for them.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -14,7 +14,7 @@ mod report;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use error::{DockerError, HostConflict, NotReady, StartFailure};
+pub use error::{DockerError, HostConflict, MissingImage, NotReady, StartFailure};
 pub use report::{
     ContainerEvent, ContainerHealth, ContainerRef, Creation, Health, HealthReport, HookPhase,
     HookRun, StartReport, StopReport,

@@ -9,11 +9,13 @@
 //! stop():   list by label ─ plan order ─ pre_stop hooks ─ remember running ─ stop, reverse order
 //!           ─ note who Docker had to kill at the stop timeout
 //! start():  start what stop remembered, in order ─ post_start hooks            (the source)
-//! bring_up(): no container → `up -d`; else start every stopped container, in order, and
-//!           create what the definition has no container for                    (the standby)
-//! wait_healthy(): poll what start/bring_up/create brought up until healthy, or fail fast;
-//!           nothing brought up is never healthy
-//! create_if_missing(): no container at all → `docker compose -p P up -d` (else `docker-compose`)
+//! bring_up(): `compose config --hash '*'` ─ containers differ from it (or there are none)?
+//!           `up -d --remove-orphans` (`up --no-start …` with strict or standby_stopped)
+//!           ─ strict: inspect all ─ keep standby_stopped stopped ─ start every other
+//!           stopped container, in order                                        (the standby)
+//! wait_healthy(): poll what start/bring_up brought up until healthy, or fail fast; nothing
+//!           brought up is never healthy; standby_stopped containers are not waited for
+//! create_if_missing(): no container at all → bring_up
 //! ```
 //!
 //! What it owns: [`ComposeStack`] (the [`StackControl`] for a Compose project) and
@@ -21,9 +23,11 @@
 //! [`StartReport`], [`HealthReport`]) and [`DockerError`] are the trait's, defined in
 //! [`control`](crate::control) and re-exported here.
 //!
-//! What it does not do: it never pulls or builds an image, never recreates a container (stop and
-//! start reuse the existing ones, so binds and volumes are untouched), and runs a CLI only in
-//! [`ComposeStack::create_if_missing`]. It does not decide *when* to stop: the sync sessions do.
+//! What it does not do: it never pulls or builds an image itself (Compose may, see below), and
+//! recreates a container only through Compose and only where the compose definition changed
+//! (stop and start reuse the existing ones, so binds and volumes are untouched). It runs the
+//! Compose CLI only in [`ComposeStack::bring_up`] (and `create_if_missing`, which is one). It
+//! does not decide *when* to stop: the sync sessions do.
 //!
 //! Decisions worth knowing:
 //! - **Order.** The first of these that says anything ([`OrderSource`]):
@@ -69,6 +73,18 @@
 //!   The standby exists to run: [`ComposeStack::bring_up`] brings every service of its stack up,
 //!   whatever state it was in (a creation that failed half-way, a `compose stop` by hand, a
 //!   host reboot).
+//! - **The standby follows its definition** (see [`definition`]). `bring_up` compares the
+//!   containers' `com.docker.compose.config-hash` labels with `compose config --hash '*'` and
+//!   lets `compose up --remove-orphans` recreate, create and remove only where they differ; an
+//!   unchanged definition is started through the API, and no `up` runs. The comparison is
+//!   Compose's own, so it covers every file Compose reads and needs no record of ours. It costs
+//!   one Compose run per `bring_up`, before the first container starts (Compose v1: 0.5-0.7 s).
+//!   Compose v2 also recreates a container whose image changed under the same tag; this check
+//!   sees that only with v1, whose hash includes the image ID.
+//! - **Kept stopped.** The [`ComposeConfig::standby_stopped`] services get containers
+//!   (`up --no-start` for the whole stack, then the others are started in start order, which
+//!   does not wait for a `depends_on` condition the way `up -d` does), are never started, are
+//!   stopped when found running, and are not health-checked.
 //! - **Killed at the stop timeout.** A container that does not exit on its stop signal within
 //!   `stop_timeout` is killed by Docker; `stop` names it in [`StopReport::killed`], since what
 //!   it left on disk is crash-consistent only.
@@ -97,6 +113,7 @@
 //! - **Connecting** honours `DOCKER_HOST` and negotiates the API version (bollard speaks 1.53 by
 //!   default; Debian's engine 20.10 speaks 1.41). A missing socket is [`DockerError::Connect`].
 
+pub mod definition;
 pub mod mounts;
 mod order;
 pub mod policy;
@@ -120,6 +137,7 @@ pub use crate::control::{
     ContainerEvent, ContainerHealth, ContainerRef, Creation, DockerError, Health, HealthReport,
     HookPhase, HookRun, HostConflict, NotReady, StartFailure, StartReport, StopReport,
 };
+pub use definition::{Definition, Drift};
 pub use order::{OrderSource, parse_depends_on_label};
 
 use crate::compose_file::{ComposeFile, ComposeFileError, ComposeFiles, ProjectEnv};
@@ -179,7 +197,7 @@ pub struct ComposeConfig {
     pub health_timeout: Duration,
     /// How long one hook may run.
     pub hook_timeout: Duration,
-    /// How long `up -d` may run in [`ComposeStack::create_if_missing`].
+    /// How long one Compose command (`config`, `up`) may run in [`ComposeStack::bring_up`].
     pub create_timeout: Duration,
     /// Where `stop` records what it stopped until `start` brought it all back, so that a
     /// process killed in between can be undone by [`ComposeStack::recover`]. `None`: nothing
@@ -206,6 +224,10 @@ pub struct ComposeConfig {
     /// Variables set for every Compose command (they win over `.env`), and used when the
     /// compose file is read for the start order. The target's `compose_env`.
     pub compose_env: BTreeMap<String, String>,
+    /// `standby_stopped` (target only): services that must not run twice, once on the primary
+    /// and once here (schedulers, bots, outgoing mail). [`ComposeStack::bring_up`] creates
+    /// their containers and keeps them stopped, and health does not wait for them.
+    pub standby_stopped: Vec<String>,
 }
 
 impl ComposeConfig {
@@ -231,6 +253,7 @@ impl ComposeConfig {
             extra_trees: None,
             compose_override: None,
             compose_env: BTreeMap::new(),
+            standby_stopped: Vec::new(),
         }
     }
 
@@ -257,9 +280,9 @@ impl ComposeConfig {
         }
     }
 
-    /// The target side of a stack: its project, compose dir, order, stop and health timeouts.
-    /// Hooks run on the source only (a target stack is stopped, committed and started; nothing
-    /// on it needs flushing).
+    /// The target side of a stack: its project, compose dir, order, stop and health timeouts,
+    /// policy and `standby_stopped` services. Hooks run on the source only (a target stack is
+    /// stopped, committed and started; nothing on it needs flushing).
     pub fn for_target(stack: &TargetStack) -> ComposeConfig {
         ComposeConfig {
             health_timeout: stack.health_timeout,
@@ -276,6 +299,7 @@ impl ComposeConfig {
             stack: stack.name.clone(),
             compose_override: stack.compose_override.clone(),
             compose_env: stack.compose_env.clone(),
+            standby_stopped: stack.standby_stopped.clone(),
             ..ComposeConfig::new(&stack.compose_project, &stack.compose_dir)
         }
     }
@@ -291,6 +315,9 @@ pub struct StackContainer {
     /// The services of its `com.docker.compose.depends_on` label (Compose v2); `None` without
     /// the label.
     pub depends_on: Option<Vec<String>>,
+    /// Its `com.docker.compose.config-hash` label: the hash of the service's configuration it
+    /// was created from (see [`definition`]); `None` without the label.
+    pub config_hash: Option<String>,
 }
 
 impl StackContainer {
@@ -328,8 +355,10 @@ pub struct ComposeStack {
 struct State {
     /// Set once `stop` got past its hooks; taken by a `start` that starts everything.
     to_restart: Option<ToRestart>,
-    /// What the last `start` or `create_if_missing` brought up, for `wait_healthy`.
+    /// What the last `start`, `bring_up` or `create_if_missing` brought up, for `wait_healthy`.
     brought_up: Vec<ContainerRef>,
+    /// What the last `bring_up` kept stopped on purpose (`standby_stopped`).
+    kept_stopped: Vec<ContainerRef>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -432,6 +461,7 @@ impl ComposeStack {
                 depends_on: labels
                     .get(DEPENDS_ON_LABEL)
                     .map(|v| parse_depends_on_label(v)),
+                config_hash: labels.get(definition::CONFIG_HASH_LABEL).cloned(),
             });
         }
         containers.sort_by(|a, b| {
@@ -595,7 +625,8 @@ impl ComposeStack {
             start_order: Vec::new(),
         });
         restart.start_order = plan.start_order.clone();
-        for c in &running {
+        // A standby_stopped service found running is stopped, but never started again.
+        for c in running.iter().filter(|c| !self.is_kept_stopped(&c.service)) {
             if !restart.containers.iter().any(|r| r.id == c.id) {
                 restart.containers.push(c.clone());
             }
@@ -745,84 +776,112 @@ impl ComposeStack {
         (started, failures)
     }
 
-    /// Brings the whole stack up, whatever state it is in — the standby's way of starting:
+    /// Brings the whole stack up, whatever state it is in, as its compose definition says —
+    /// the standby's way of starting:
     ///
-    /// - no container at all: `compose -p P up -d` creates and starts it;
-    /// - otherwise every container of the stack that is not running (`created` after a creation
-    ///   that failed half-way, `exited` after a stop by this agent, by hand or by a reboot) is
-    ///   started in start order; paused ones are left alone;
-    /// - meanwhile the compose definition is read (`compose config --services`), and services
-    ///   it defines that have no container yet are created with `up -d --no-recreate`.
+    /// 1. The definition is read as Compose sees it (`compose config --hash '*'`, see
+    ///    [`definition`]) and compared with the containers' `com.docker.compose.config-hash`
+    ///    labels.
+    /// 2. No container at all, or containers that differ from it (a service whose image,
+    ///    environment or any other setting changed, a service added, one removed): `compose -p P
+    ///    up -d --remove-orphans` recreates, creates and removes what differs, and starts the
+    ///    stack. With [`standby_stopped`](ComposeConfig::standby_stopped) services or under
+    ///    [`strict_root`](ComposeConfig::strict_root) it is `up --no-start --remove-orphans`
+    ///    instead, and the next steps start what may run.
+    /// 3. Under the strict policy every container is inspected, and none starts if one breaks
+    ///    it ([`DockerError::PolicyRefused`]; what step 2 made is removed again).
+    /// 4. Containers of `standby_stopped` services are stopped if they run, and never started.
+    /// 5. Every other container that is not running (`created` after a creation that failed
+    ///    half-way, `exited` after a stop by this agent, by hand or by a reboot) is started in
+    ///    start order through the API; paused ones are left alone. When nothing differed, this
+    ///    is all that happens: no container is recreated. After `up -d` nothing is: Compose
+    ///    started the stack, and what is not running then is a one-shot that already ran.
     ///
-    /// [`wait_healthy`](Self::wait_healthy_until) then checks every container of the stack. The
-    /// `post_start` hooks run when a [`stop`](Self::stop) preceded. A container that does not
-    /// start is [`DockerError::StartFailed`] (the others were started); a creation that fails is
-    /// [`DockerError::ComposeFailed`] with Compose's output. A definition that cannot be read
-    /// (no compose file in `compose_dir`: containers made another way) is logged, and the
-    /// containers that exist are the stack.
+    /// [`wait_healthy`](Self::wait_healthy_until) then checks every container but the
+    /// `standby_stopped` ones. The `post_start` hooks run when a [`stop`](Self::stop) preceded.
+    /// A container that does not start is [`DockerError::StartFailed`] (the others were
+    /// started); a Compose run that fails is [`DockerError::ComposeFailed`] with Compose's
+    /// output, or [`DockerError::ImageUnavailable`] when it could not pull an image. A
+    /// `compose_dir` without a compose file (containers made another way) has no definition to
+    /// follow: that is logged, and the containers that exist are the stack; a compose file that
+    /// Compose cannot read is an error.
     pub async fn bring_up(&self) -> Result<StartReport, DockerError> {
         let mut state = self.state.lock().await;
+        self.bring_up_locked(&mut state).await
+    }
+
+    /// [`bring_up`](Self::bring_up) with the state held: the standby's volumes and outside
+    /// paths first point at their trees, then the containers are brought to the definition. A
+    /// first creation that collided with the host says how the standby may differ.
+    async fn bring_up_locked(&self, state: &mut State) -> Result<StartReport, DockerError> {
         self.adopt_volumes().await?;
-        // Strict: every container exists (created, not started) and passed the policy before
-        // anything below starts one.
-        let created_strict = match &self.config.strict_root {
-            Some(root) => self.create_checked(root).await?,
-            None => None,
+        let before = self.containers().await?;
+        let first = before.is_empty();
+        match self.bring_up_from(state, before).await {
+            Err(e) if first => Err(self.explain_first_creation(e).await),
+            brought => brought,
+        }
+    }
+
+    async fn bring_up_from(
+        &self,
+        state: &mut State,
+        before: Vec<StackContainer>,
+    ) -> Result<StartReport, DockerError> {
+        let project = &self.config.project;
+        let drift = match self.definition().await? {
+            Some(definition) => definition.drift(&before),
+            None => Drift::default(),
         };
+        let mut report = StartReport::default();
+        if before.is_empty() || !drift.is_empty() {
+            if before.is_empty() {
+                info!(project = %project, dir = %self.config.compose_dir.display(),
+                    "the stack has no containers; creating it");
+            } else {
+                info!(project = %project, %drift,
+                    "the containers differ from the compose definition; bringing them to it");
+            }
+            report.compose = Some(self.compose_up(self.up_args()).await?);
+        }
+        if let Some(root) = &self.config.strict_root {
+            self.check_policy(root, &before).await?;
+        }
         let containers = self.containers().await?;
         if containers.is_empty() {
-            let command = self.create(&mut state).await?;
-            let stopped_before = state.to_restart.take().is_some();
-            self.forget_restart_record().await;
-            let mut report = StartReport {
-                compose: Some(command),
-                ..StartReport::default()
-            };
-            if stopped_before {
-                report.hooks = self.post_start_hooks().await?;
-            }
-            return Ok(report);
+            return Err(DockerError::ComposeCreatedNothing {
+                project: project.clone(),
+                command: report.compose.unwrap_or_default(),
+                dir: self.config.compose_dir.clone(),
+            });
         }
         let plan = self.plan_for(&containers).await?;
-        let mut down: Vec<ContainerRef> = containers
+        let (kept, run): (Vec<&StackContainer>, Vec<&StackContainer>) = containers
             .iter()
-            .filter(|c| !c.is_running() && c.state != "paused")
+            .partition(|c| self.is_kept_stopped(&c.container.service));
+        for c in kept.iter().filter(|c| c.is_running()) {
+            self.stop_kept(&c.container).await?;
+        }
+        // After `up -d` whatever is not running is what Compose started and saw end (a one-shot
+        // that exited 0) or left paused; starting it again would run a migration twice.
+        let compose_started = report.compose.is_some() && !self.up_starts_nothing();
+        let mut down: Vec<ContainerRef> = run
+            .iter()
+            .filter(|c| !compose_started && !c.is_running() && c.state != "paused")
             .map(|c| c.container.clone())
             .collect();
         sort_in_start_order(&mut down, &plan.start_order);
-        let have: BTreeSet<&str> = containers
-            .iter()
-            .map(|c| c.container.service.as_str())
-            .collect();
-        let (defined, (started, failures)) =
-            tokio::join!(self.defined_services(), self.start_containers(down));
-        // A definition that cannot be read (no compose file in `compose_dir`: containers made
-        // another way) leaves the containers that exist as the whole stack.
-        let defined = defined.unwrap_or_else(|e| {
-            warn!(project = %self.config.project, error = %e,
-                "cannot read the compose definition; bringing up the containers that exist");
-            Vec::new()
-        });
-        let missing: Vec<String> = defined
-            .into_iter()
-            .filter(|s| !have.contains(s.as_str()))
-            .collect();
-        let mut report = StartReport {
-            started,
-            compose: created_strict,
-            ..StartReport::default()
-        };
-        if !missing.is_empty() {
-            info!(project = %self.config.project, services = ?missing,
-                "services of the compose definition have no container; creating them");
-            report.compose = Some(self.run_compose(&["up", "-d", "--no-recreate"]).await?.0);
+        let (started, failures) = self.start_containers(down).await;
+        report.started = started;
+        report.kept_stopped = kept.iter().map(|c| c.container.clone()).collect();
+        if !report.kept_stopped.is_empty() {
+            let services: BTreeSet<&str> =
+                kept.iter().map(|c| c.container.service.as_str()).collect();
+            info!(project = %project, services = ?services,
+                "kept stopped on purpose (standby_stopped): created, not started");
         }
-        state.brought_up = self
-            .containers()
-            .await?
-            .into_iter()
-            .map(|c| c.container)
-            .collect();
+        state.brought_up = run.iter().map(|c| c.container.clone()).collect();
+        state.kept_stopped = report.kept_stopped.clone();
         if !failures.is_empty() {
             if let Some(restart) = state.to_restart.as_mut() {
                 restart
@@ -831,11 +890,11 @@ impl ComposeStack {
                 let left = restart.clone();
                 // Best effort, as in `start`: the old record is a superset.
                 if let Err(e) = self.write_restart_record(left).await {
-                    warn!(project = %self.config.project, error = %e, "could not update the restart record");
+                    warn!(project = %project, error = %e, "could not update the restart record");
                 }
             }
             return Err(DockerError::StartFailed {
-                project: self.config.project.clone(),
+                project: project.clone(),
                 failures,
             });
         }
@@ -844,6 +903,103 @@ impl ComposeStack {
             report.hooks = self.post_start_hooks().await?;
         }
         Ok(report)
+    }
+
+    /// Whether `service` is one of [`ComposeConfig::standby_stopped`].
+    fn is_kept_stopped(&self, service: &str) -> bool {
+        self.config.standby_stopped.iter().any(|s| s == service)
+    }
+
+    /// Stops a running container of a `standby_stopped` service: it must not run twice (once on
+    /// the primary, once here), whoever started it.
+    async fn stop_kept(&self, c: &ContainerRef) -> Result<(), DockerError> {
+        warn!(project = %self.config.project, service = %c.service, container = %c.name,
+            "a standby_stopped service runs on the standby; stopping it");
+        let seconds =
+            i32::try_from(self.config.stop_timeout.as_secs_f64().ceil() as i64).unwrap_or(i32::MAX);
+        self.docker
+            .stop_container(
+                &c.id,
+                Some(StopContainerOptionsBuilder::default().t(seconds).build()),
+            )
+            .await
+            .map_err(|e| {
+                self.api(
+                    &format!(
+                        "stopping container {} of service {}, which standby_stopped keeps stopped",
+                        c.name, c.service
+                    ),
+                    e,
+                )
+            })
+    }
+
+    /// `up` with what it may start: everything (`-d`), unless some containers must not start
+    /// before the caller looked at them (strict policy) or at all (`standby_stopped`), in which
+    /// case nothing (`--no-start`) and the caller starts the rest. `--remove-orphans` removes
+    /// the containers of services the definition no longer has.
+    fn up_args(&self) -> &'static [&'static str] {
+        if self.up_starts_nothing() {
+            &["up", "--no-start", "--remove-orphans"]
+        } else {
+            &["up", "-d", "--remove-orphans"]
+        }
+    }
+
+    /// Whether [`up_args`](Self::up_args) leaves the starting to the caller.
+    fn up_starts_nothing(&self) -> bool {
+        self.config.strict_root.is_some() || !self.config.standby_stopped.is_empty()
+    }
+
+    /// Runs a `compose up` and returns its command line; when it failed because images were
+    /// missing and could not be pulled (and the engine confirms they are missing), says so
+    /// ([`DockerError::ImageUnavailable`]) rather than quoting Compose's whole output.
+    async fn compose_up(&self, args: &[&str]) -> Result<String, DockerError> {
+        match self.run_compose(args).await {
+            Ok((command, _)) => Ok(command),
+            Err(DockerError::ComposeFailed {
+                project,
+                command,
+                dir,
+                status,
+                output,
+            }) => {
+                let mut images = Vec::new();
+                for candidate in definition::pulled_images(&output) {
+                    if self.image_is_missing(&candidate.image).await {
+                        images.push(candidate);
+                    }
+                }
+                if images.is_empty() {
+                    return Err(DockerError::ComposeFailed {
+                        project,
+                        command,
+                        dir,
+                        status,
+                        output,
+                    });
+                }
+                Err(DockerError::ImageUnavailable {
+                    project,
+                    images,
+                    reason: definition::pull_failure(&output),
+                    command,
+                    dir,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the engine says it has no such image (any other answer is not "missing").
+    async fn image_is_missing(&self, image: &str) -> bool {
+        matches!(
+            self.docker.inspect_image(image).await,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                ..
+            })
+        )
     }
 
     async fn post_start_hooks(&self) -> Result<Vec<HookRun>, DockerError> {
@@ -855,15 +1011,37 @@ impl ComposeStack {
             .await
     }
 
-    /// The services the compose file in `compose_dir` defines (`compose config --services`).
-    async fn defined_services(&self) -> Result<Vec<String>, DockerError> {
-        let (_, out) = self.run_compose(&["config", "--services"]).await?;
-        Ok(out
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned)
-            .collect())
+    /// The definition in `compose_dir` as Compose sees it (`compose config --hash '*'`).
+    /// `None` when there is none to follow: no compose file in `compose_dir` (the containers
+    /// were made another way), or no Compose CLI to read one; both are logged. A compose file
+    /// Compose cannot read is an error: starting the old containers on new data would hide it.
+    pub async fn definition(&self) -> Result<Option<Definition>, DockerError> {
+        let project = &self.config.project;
+        let (command, out) = match self.run_compose(&["config", "--hash", "*"]).await {
+            Ok(ran) => ran,
+            Err(
+                e @ (DockerError::ComposeDirMissing { .. } | DockerError::ComposeMissing { .. }),
+            ) => {
+                warn!(project = %project, error = %e,
+                    "cannot read the compose definition; bringing up the containers that exist");
+                return Ok(None);
+            }
+            Err(e) if definition::default_compose_files(&self.config.compose_dir).is_empty() => {
+                warn!(project = %project, dir = %self.config.compose_dir.display(), error = %e,
+                    "no compose file to follow; bringing up the containers that exist");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        Definition::parse(&out)
+            .map(Some)
+            .map_err(|why| DockerError::ComposeFailed {
+                project: project.clone(),
+                command,
+                dir: self.config.compose_dir.clone(),
+                status: format!("exit code 0, but its output is not what Compose prints: {why}"),
+                output: out.clone(),
+            })
     }
 
     /// Runs `compose -p P ARGS…` in `compose_dir` with the create timeout: the command line and
@@ -1066,13 +1244,18 @@ impl ComposeStack {
         }
     }
 
-    /// Waits until every container the last [`start`](Self::start) or
-    /// [`create_if_missing`](Self::create_if_missing) brought up is ready (healthy, or running
-    /// without a health check, or exited 0), failing at once on `unhealthy` or a non-zero exit.
+    /// Waits until every container the last [`start`](Self::start),
+    /// [`bring_up`](Self::bring_up) or [`create_if_missing`](Self::create_if_missing) brought
+    /// up is ready (healthy, or running without a health check, or exited 0), failing at once
+    /// on `unhealthy` or a non-zero exit. Containers `bring_up` kept stopped on purpose
+    /// ([`ComposeConfig::standby_stopped`]) are not waited for; they are listed in the report.
     pub async fn wait_healthy_until(&self, deadline: Instant) -> Result<HealthReport, DockerError> {
         let began = Instant::now();
-        let mut pending = self.state.lock().await.brought_up.clone();
-        if pending.is_empty() {
+        let (mut pending, kept_stopped) = {
+            let state = self.state.lock().await;
+            (state.brought_up.clone(), state.kept_stopped.clone())
+        };
+        if pending.is_empty() && kept_stopped.is_empty() {
             return Err(DockerError::NoContainers {
                 project: self.config.project.clone(),
             });
@@ -1098,9 +1281,11 @@ impl ComposeStack {
             if pending.is_empty() {
                 let waited = began.elapsed();
                 info!(project = %self.config.project, containers = ready.len(),
-                    waited_ms = waited.as_millis() as u64, "stack healthy");
+                    kept_stopped = kept_stopped.len(), waited_ms = waited.as_millis() as u64,
+                    "stack healthy");
                 return Ok(HealthReport {
                     containers: ready,
+                    kept_stopped,
                     waited,
                 });
             }
@@ -1119,57 +1304,38 @@ impl ComposeStack {
         }
     }
 
-    /// If the project has no containers at all, creates them with `docker compose -p P up -d`
-    /// in `compose_dir` (or `docker-compose` where the plugin is missing). Never pulls on
-    /// purpose: the images are expected to be local.
+    /// If the project has no containers at all, creates them as [`bring_up`](Self::bring_up)
+    /// does (`docker compose -p P up -d --remove-orphans` in `compose_dir`, or `docker-compose`
+    /// where the plugin is missing). The images are expected to be local; Compose pulls one
+    /// that is not, and [`DockerError::ImageUnavailable`] says when it cannot.
     pub async fn create_if_missing(&self) -> Result<Creation, DockerError> {
         let mut state = self.state.lock().await;
         if !self.containers().await?.is_empty() {
             return Ok(Creation::Existed);
         }
-        self.adopt_volumes().await?;
-        let command = self.create(&mut state).await?;
+        let report = self.bring_up_locked(&mut state).await?;
         Ok(Creation::Created {
-            command,
-            containers: state.brought_up.clone(),
+            command: report.compose.unwrap_or_default(),
+            containers: state
+                .brought_up
+                .iter()
+                .chain(&state.kept_stopped)
+                .cloned()
+                .collect(),
         })
     }
 
-    /// Under `compose_policy = "strict"`: creates what the compose definition has and the
-    /// project lacks, without starting anything (`up --no-start`), then inspects every
-    /// container of the project and refuses them all ([`DockerError::PolicyRefused`], nothing
-    /// started; the containers this call created are removed again) if one breaks the policy.
-    /// Returns the Compose command line if it created something.
-    async fn create_checked(&self, root: &std::path::Path) -> Result<Option<String>, DockerError> {
-        let existing = self.containers().await?;
-        let command = if existing.is_empty() {
-            info!(project = %self.config.project, dir = %self.config.compose_dir.display(),
-                "the stack has no containers; creating them without starting (compose_policy = strict)");
-            Some(self.run_compose(&["up", "--no-start"]).await?.0)
-        } else {
-            let have: BTreeSet<String> = existing
-                .iter()
-                .map(|c| c.container.service.clone())
-                .collect();
-            let defined = self.defined_services().await.unwrap_or_default();
-            if defined.iter().any(|s| !have.contains(s)) {
-                Some(
-                    self.run_compose(&["up", "--no-start", "--no-recreate"])
-                        .await?
-                        .0,
-                )
-            } else {
-                None
-            }
-        };
+    /// Under `compose_policy = "strict"`: inspects every container of the project (created,
+    /// not started, by `up --no-start`, or there from before) and refuses them all
+    /// ([`DockerError::PolicyRefused`], nothing started) if one breaks the policy. The
+    /// containers that were not in `before` (this bring-up created or recreated them) are then
+    /// removed again.
+    async fn check_policy(
+        &self,
+        root: &std::path::Path,
+        before: &[StackContainer],
+    ) -> Result<(), DockerError> {
         let containers = self.containers().await?;
-        if containers.is_empty() {
-            return Err(DockerError::ComposeCreatedNothing {
-                project: self.config.project.clone(),
-                command: command.unwrap_or_default(),
-                dir: self.config.compose_dir.clone(),
-            });
-        }
         let mut refused = Vec::new();
         for c in &containers {
             let inspected = self
@@ -1181,44 +1347,34 @@ impl ComposeStack {
                 refused.push(format!("{}: {why}", c.container.service));
             }
         }
-        if !refused.is_empty() {
-            // What this call created goes again, so that the next cycle creates it afresh from
-            // the compose file as it is then (fixed, perhaps); containers that were there before
-            // are the operator's.
-            let before: BTreeSet<&str> = existing.iter().map(|c| c.container.id.as_str()).collect();
-            for c in containers
-                .iter()
-                .filter(|c| !before.contains(c.container.id.as_str()))
+        if refused.is_empty() {
+            return Ok(());
+        }
+        // What this bring-up made goes again, so that the next one creates it afresh from the
+        // compose file as it is then (fixed, perhaps); containers that were there before are
+        // the operator's.
+        let before: BTreeSet<&str> = before.iter().map(|c| c.container.id.as_str()).collect();
+        for c in containers
+            .iter()
+            .filter(|c| !before.contains(c.container.id.as_str()))
+        {
+            let options = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .v(true)
+                .build();
+            if let Err(e) = self
+                .docker
+                .remove_container(&c.container.id, Some(options))
+                .await
             {
-                let options = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
-                    .force(true)
-                    .v(true)
-                    .build();
-                if let Err(e) = self
-                    .docker
-                    .remove_container(&c.container.id, Some(options))
-                    .await
-                {
-                    warn!(project = %self.config.project, container = %c.container.name, error = %e,
-                        "cannot remove a container the compose policy refused");
-                }
+                warn!(project = %self.config.project, container = %c.container.name, error = %e,
+                    "cannot remove a container the compose policy refused");
             }
-            return Err(DockerError::PolicyRefused {
-                project: self.config.project.clone(),
-                violations: refused,
-            });
         }
-        Ok(command)
-    }
-
-    /// `up -d` for a project with no containers; what it made is what `wait_healthy` checks.
-    /// Returns the command line. (Under `compose_policy = "strict"`, [`Self::create_checked`]
-    /// creates them, then they are started like any stopped container.)
-    async fn create(&self, state: &mut State) -> Result<String, DockerError> {
-        match self.create_from_nothing(state).await {
-            Err(e) => Err(self.explain_first_creation(e).await),
-            created => created,
-        }
+        Err(DockerError::PolicyRefused {
+            project: self.config.project.clone(),
+            violations: refused,
+        })
     }
 
     /// A first creation that failed because it collided with something else on the host (a
@@ -1279,46 +1435,6 @@ impl ComposeStack {
             conflicts,
             output,
         }
-    }
-
-    /// [`create`](Self::create) itself.
-    async fn create_from_nothing(&self, state: &mut State) -> Result<String, DockerError> {
-        let project = &self.config.project;
-        if let Some(root) = &self.config.strict_root {
-            let command = self.create_checked(root).await?.unwrap_or_default();
-            let containers = self.containers().await?;
-            let mut refs: Vec<ContainerRef> =
-                containers.iter().map(|c| c.container.clone()).collect();
-            let plan = self.plan_for(&containers).await?;
-            sort_in_start_order(&mut refs, &plan.start_order);
-            let (_, failures) = self.start_containers(refs.clone()).await;
-            if !failures.is_empty() {
-                return Err(DockerError::StartFailed {
-                    project: project.clone(),
-                    failures,
-                });
-            }
-            state.brought_up = refs;
-            return Ok(command);
-        }
-        info!(project = %project, dir = %self.config.compose_dir.display(),
-            "the stack has no containers; creating it");
-        let (command, _) = self.run_compose(&["up", "-d"]).await?;
-        let containers: Vec<ContainerRef> = self
-            .containers()
-            .await?
-            .into_iter()
-            .map(|c| c.container)
-            .collect();
-        if containers.is_empty() {
-            return Err(DockerError::ComposeCreatedNothing {
-                project: project.clone(),
-                command,
-                dir: self.config.compose_dir.clone(),
-            });
-        }
-        state.brought_up = containers;
-        Ok(command)
     }
 
     /// `docker compose` if `docker compose version` works, else `docker-compose`; found once per
@@ -1736,6 +1852,7 @@ mod tests {
             },
             state: "running".to_owned(),
             depends_on: depends_on_label.map(parse_depends_on_label),
+            config_hash: None,
         }
     }
 

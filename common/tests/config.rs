@@ -283,6 +283,7 @@ fn target_minimal_stack_gets_every_default() {
             extra_paths: BTreeMap::new(),
             compose_override: None,
             compose_env: BTreeMap::new(),
+            standby_stopped: vec![],
         }]
     );
 }
@@ -1451,6 +1452,13 @@ fn example_target_config_loads() {
     );
     assert_eq!(nc.max_age, Some(Duration::from_secs(26 * 3600)));
     assert_eq!(cfg.stack("gitea").expect("gitea").max_age, None);
+    assert_eq!(nc.standby_stopped, ["cron"]);
+    assert!(
+        cfg.stack("gitea")
+            .expect("gitea")
+            .standby_stopped
+            .is_empty()
+    );
     assert_eq!(
         cfg.alerts.channels(),
         [],
@@ -1632,4 +1640,39 @@ fn compose_policy_is_trusted_by_default_strict_on_request_and_checked() {
         "{err}"
     );
     assert!(err.contains("strict"), "{err}");
+}
+
+#[test]
+fn standby_stopped_is_empty_by_default_and_names_each_service_once() {
+    let dir = Dir::new();
+    let a = dir.data("a");
+    let file = |extra: &str| format!("stack = \"a\"\nallow = [\"p\"]\npath = \"{a}\"\n{extra}\n");
+    dir.write("conf.d/a.toml", &file(""));
+    let cfg = dir.target(TARGET_MAIN).expect("default");
+    assert_eq!(cfg.stacks[0].standby_stopped, Vec::<String>::new());
+    dir.write(
+        "conf.d/a.toml",
+        &file("standby_stopped = [\"cron\", \"mailer\"]"),
+    );
+    let cfg = dir.target(TARGET_MAIN).expect("two services");
+    assert_eq!(cfg.stacks[0].standby_stopped, ["cron", "mailer"]);
+    for (line, why) in [
+        (
+            "standby_stopped = [\"cron\", \"mailer\", \"cron\"]",
+            "\"cron\" is listed twice",
+        ),
+        ("standby_stopped = \"cron\"", "standby_stopped"),
+    ] {
+        dir.write("conf.d/a.toml", &file(line));
+        let err = target_err(&dir, TARGET_MAIN);
+        let msg = assert_names(&err, "conf.d/a.toml", 4, "standby_stopped");
+        assert!(msg.contains(why), "{line}: {msg}");
+    }
+    // As in `order`, a bad name is pointed at where it is written.
+    dir.write("conf.d/a.toml", &file("standby_stopped = [\"cron job\"]"));
+    let msg = target_err(&dir, TARGET_MAIN).to_string();
+    assert!(
+        msg.contains("conf.d/a.toml:4:20: invalid service name \"cron job\""),
+        "{msg}"
+    );
 }

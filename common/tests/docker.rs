@@ -247,7 +247,7 @@ async fn create_if_missing_brings_up_the_project_with_the_compose_cli() {
         panic!("expected Created, got {created:?}");
     };
     assert!(
-        command.ends_with(&format!("-p {} up -d", p.name)),
+        command.ends_with(&format!("-p {} up -d --remove-orphans", p.name)),
         "command: {command}"
     );
     let mut services: Vec<&str> = containers.iter().map(|c| c.service.as_str()).collect();
@@ -1011,8 +1011,9 @@ async fn connect_with_docker_host_from_env() {
 }
 
 /// The standby's start: whatever stopped a container (a stop by hand, a creation that got half
-/// way), `bring_up` starts every one of them, in dependency order, and creates the services
-/// the definition has and the project lacks; `wait_healthy` then covers all of them.
+/// way), `bring_up` starts every one of them, and creates the services the definition has and
+/// the project lacks (through Compose, which then starts the rest too); `wait_healthy` then
+/// covers all of them. With nothing missing, it starts them itself, in dependency order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bring_up_starts_every_stopped_container_and_creates_missing_services() {
     let p = Project::new("bringup", &two_services());
@@ -1041,17 +1042,9 @@ async fn bring_up_starts_every_stopped_container_and_creates_missing_services() 
     assert!(!is_running(&docker, &before["db"]).await);
 
     let report = fresh.bring_up().await.expect("bring up");
-    assert_eq!(
-        report
-            .started
-            .iter()
-            .map(|e| e.container.service.as_str())
-            .collect::<Vec<_>>(),
-        ["db"],
-        "{report:?}"
-    );
+    assert_eq!(report.started, [], "Compose started db: {report:?}");
     let compose = report.compose.expect("app was created by Compose");
-    assert!(compose.contains("up -d --no-recreate"), "{compose}");
+    assert!(compose.contains("up -d --remove-orphans"), "{compose}");
     let after = ids(&fresh.containers().await.expect("list"));
     assert_eq!(after["db"], before["db"], "db was re-created");
     assert_ne!(after["app"], before["app"], "app was not created again");
@@ -1066,6 +1059,31 @@ async fn bring_up_starts_every_stopped_container_and_creates_missing_services() 
     for id in after.values() {
         assert!(is_running(&docker, id).await);
     }
+
+    // Stopped again, nothing missing: the API starts them, db first, and Compose is not asked
+    // to create anything.
+    for id in after.values() {
+        docker
+            .stop_container(id, None::<bollard::query_parameters::StopContainerOptions>)
+            .await
+            .expect("stop");
+    }
+    let ordered = ComposeConfig {
+        order: strings(&["db", "app"]),
+        ..p.config()
+    };
+    let report = p.stack(ordered).await.bring_up().await.expect("again");
+    assert_eq!(report.compose, None, "{report:?}");
+    assert_eq!(
+        report
+            .started
+            .iter()
+            .map(|e| e.container.service.as_str())
+            .collect::<Vec<_>>(),
+        ["db", "app"],
+        "{report:?}"
+    );
+    assert_eq!(ids(&fresh.containers().await.expect("list")), after);
 }
 
 /// A container that ignores its stop signal is killed by Docker at the stop timeout; `stop`
@@ -1287,4 +1305,363 @@ async fn a_standby_whose_port_is_taken_is_told_how_to_differ_and_then_differs() 
         .filter_map(|b| b.host_port)
         .collect();
     assert_eq!(published, [free.to_string()], "{bindings:?}");
+}
+
+/// The container's `Config.Env` and `Config.Image`, as Docker made it.
+async fn env_and_image(docker: &Docker, id: &str) -> (Vec<String>, String) {
+    let config = docker
+        .inspect_container(id, None)
+        .await
+        .expect("inspect")
+        .config
+        .expect("config");
+    (
+        config.env.unwrap_or_default(),
+        config.image.unwrap_or_default(),
+    )
+}
+
+/// Another name for the test image, as a new release's tag would be; untagged when dropped.
+struct Tag(String);
+
+impl Tag {
+    fn new(name: String) -> Tag {
+        ensure_image();
+        let out = Command::new("docker")
+            .args(["tag", IMAGE, &name])
+            .output()
+            .expect("docker tag");
+        assert!(out.status.success(), "{out:?}");
+        Tag(name)
+    }
+}
+
+impl Drop for Tag {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", &self.0]).output();
+    }
+}
+
+/// An `app` whose image and environment come from `.env` and from an `env_file:` in a
+/// subdirectory (a file no top-level check would read), `steady` that never changes, and `old`.
+fn defined_by_files() -> String {
+    format!(
+        "version: \"2.4\"\nservices:\n{}{}{}",
+        idle_service(
+            "app",
+            "    env_file: [./conf/app.env]\n    environment:\n      GREETING: \"${GREETING}\"\n"
+        )
+        .replace(IMAGE, "${APP_IMAGE}"),
+        idle_service("steady", ""),
+        idle_service("old", ""),
+    )
+}
+
+/// The standby follows its compose definition (issue 16, item 6): after a change to an
+/// `env_file:` in a subdirectory, to `.env` (an image tag and a variable) and to the set of
+/// services, `bring_up` recreates exactly the changed services, creates the new one and removes
+/// the dropped one; with nothing changed it recreates nothing and runs no `compose up`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bring_up_brings_the_containers_to_a_changed_definition_and_leaves_the_rest() {
+    let p = Project::new("follow", &defined_by_files());
+    let tag = Tag::new(format!("stackclone-test/busybox:{}", p.name));
+    let release = tag.0.clone();
+    let write = |rel: &str, text: &str| {
+        let path = p.dir.path().join(rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    };
+    write(".env", &format!("APP_IMAGE={IMAGE}\nGREETING=hello\n"));
+    write("conf/app.env", "FLAVOUR=vanilla\n");
+    let docker = engine().await;
+    let stack = p.stack(p.config()).await;
+    let report = stack.bring_up().await.expect("create");
+    assert!(report.compose.is_some(), "{report:?}");
+    let first = ids(&stack.containers().await.expect("list"));
+    let (env, image) = env_and_image(&docker, &first["app"]).await;
+    assert!(env.contains(&"GREETING=hello".to_owned()), "{env:?}");
+    assert!(env.contains(&"FLAVOUR=vanilla".to_owned()), "{env:?}");
+    assert_eq!(image, IMAGE);
+
+    // A cycle: stop, nothing in the definition changed, bring up. The same containers.
+    stack.stop().await.expect("stop");
+    let report = stack.bring_up().await.expect("unchanged");
+    assert_eq!(
+        report.compose, None,
+        "Compose ran for an unchanged definition"
+    );
+    assert_eq!(report.started.len(), 3, "{report:?}");
+    assert_eq!(ids(&stack.containers().await.expect("list")), first);
+
+    // Only the env_file in conf/ changed: app is recreated, the others are started as they were.
+    stack.stop().await.expect("stop");
+    write("conf/app.env", "FLAVOUR=chocolate\n");
+    let report = stack.bring_up().await.expect("env_file changed");
+    let compose = report.compose.clone().expect("Compose recreated app");
+    assert!(compose.ends_with("up -d --remove-orphans"), "{compose}");
+    let second = ids(&stack.containers().await.expect("list"));
+    assert_ne!(second["app"], first["app"], "app was not recreated");
+    assert_eq!(second["steady"], first["steady"], "steady was recreated");
+    assert_eq!(second["old"], first["old"], "old was recreated");
+    let (env, _) = env_and_image(&docker, &second["app"]).await;
+    assert!(env.contains(&"FLAVOUR=chocolate".to_owned()), "{env:?}");
+
+    // `.env` moves app to another image tag and changes a variable; old goes, extra comes.
+    stack.stop().await.expect("stop");
+    write(".env", &format!("APP_IMAGE={release}\nGREETING=bonjour\n"));
+    write(
+        "docker-compose.yml",
+        &defined_by_files().replace(&idle_service("old", ""), &idle_service("extra", "")),
+    );
+    stack.bring_up().await.expect("definition changed");
+    let third = ids(&stack.containers().await.expect("list"));
+    let mut services: Vec<&str> = third.keys().map(String::as_str).collect();
+    services.sort_unstable();
+    assert_eq!(services, ["app", "extra", "steady"], "old was not removed");
+    assert_eq!(third["steady"], first["steady"], "steady was recreated");
+    let (env, image) = env_and_image(&docker, &third["app"]).await;
+    assert!(env.contains(&"GREETING=bonjour".to_owned()), "{env:?}");
+    assert!(env.contains(&"FLAVOUR=chocolate".to_owned()), "{env:?}");
+    assert_eq!(image, release);
+    let health = StackControl::wait_healthy(&stack).await.expect("healthy");
+    assert_eq!(health.containers.len(), 3, "{health:?}");
+    for id in third.values() {
+        assert!(is_running(&docker, id).await, "{id}");
+    }
+}
+
+/// `standby_stopped`: a scheduler's container is created from the definition and never started,
+/// stopped again when someone started it, and not waited for by the health check; a stack whose
+/// every service is kept stopped is healthy with nothing running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_stopped_services_are_created_never_started_and_not_waited_for() {
+    let compose = format!(
+        "version: \"2.4\"\nservices:\n{}{}",
+        idle_service(
+            "app",
+            "    healthcheck: {test: [\"CMD-SHELL\", \"true\"], interval: 1s, retries: 30}\n"
+        ),
+        idle_service("cron", "")
+    );
+    let p = Project::new("kept", &compose);
+    let docker = engine().await;
+    let config = ComposeConfig {
+        standby_stopped: strings(&["cron"]),
+        ..p.config()
+    };
+    let stack = p.stack(config.clone()).await;
+    let report = stack.bring_up().await.expect("bring up");
+    let compose = report.compose.clone().expect("created by Compose");
+    assert!(
+        compose.ends_with("up --no-start --remove-orphans"),
+        "{compose}"
+    );
+    let listed = ids(&stack.containers().await.expect("list"));
+    let cron = listed["cron"].clone();
+    assert_eq!(
+        report
+            .kept_stopped
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect::<Vec<_>>(),
+        [cron.as_str()]
+    );
+    let cron_state = state(&docker, &cron).await;
+    assert_eq!(
+        cron_state.status.map(|s| s.to_string()).as_deref(),
+        Some("created")
+    );
+    assert!(
+        started_at(&docker, &cron).await.year() < 2000,
+        "cron was started at some point: {cron_state:?}"
+    );
+    assert!(is_running(&docker, &listed["app"]).await);
+    let health = StackControl::wait_healthy(&stack).await.expect("healthy");
+    assert_eq!(
+        health
+            .containers
+            .iter()
+            .map(|c| c.container.service.as_str())
+            .collect::<Vec<_>>(),
+        ["app"]
+    );
+    assert_eq!(health.kept_stopped.len(), 1, "{health:?}");
+
+    // Started by hand on the standby: the next bring-up stops it (and leaves app running).
+    docker
+        .start_container(&cron, None)
+        .await
+        .expect("start cron");
+    stack.bring_up().await.expect("again");
+    assert!(
+        !is_running(&docker, &cron).await,
+        "cron runs on the standby"
+    );
+    assert!(is_running(&docker, &listed["app"]).await);
+    // A stop and bring-up (a cycle) does not start it either.
+    stack.stop().await.expect("stop");
+    stack.bring_up().await.expect("after a stop");
+    assert!(
+        !is_running(&docker, &cron).await,
+        "cron runs on the standby"
+    );
+    assert!(is_running(&docker, &listed["app"]).await);
+
+    let all_kept = p
+        .stack(ComposeConfig {
+            standby_stopped: strings(&["app", "cron"]),
+            ..config
+        })
+        .await;
+    all_kept.bring_up().await.expect("all kept stopped");
+    assert!(!is_running(&docker, &listed["app"]).await);
+    let health = StackControl::wait_healthy(&all_kept)
+        .await
+        .expect("a stack kept stopped on purpose is not a failed one");
+    assert!(health.containers.is_empty(), "{health:?}");
+    assert_eq!(health.kept_stopped.len(), 2, "{health:?}");
+}
+
+/// Issue 16, item 8: a definition that names an image this host does not have and cannot pull
+/// fails with the image, the service and the pull's own reason, not Compose's whole output; and
+/// since Compose pulls before it touches a container, the stack is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_cannot_be_pulled_is_named_and_nothing_is_recreated() {
+    let compose = format!(
+        "version: \"2.4\"\nservices:\n{}{}",
+        idle_service("web", ""),
+        idle_service("db", "")
+    );
+    let p = Project::new("noimage", &compose);
+    let stack = p.up().await;
+    let before = ids(&stack.containers().await.expect("list"));
+    // `.invalid` never resolves: the pull fails the same way with or without a network.
+    let absent = "registry.invalid/stackclone/absent:1";
+    std::fs::write(
+        p.dir.path().join("docker-compose.yml"),
+        compose.replacen(IMAGE, absent, 1),
+    )
+    .expect("rewrite");
+    let err = stack.bring_up().await.expect_err("no such image");
+    let msg = err.to_string();
+    let DockerError::ImageUnavailable { images, .. } = &err else {
+        panic!("not ImageUnavailable: {err:?}");
+    };
+    assert_eq!(images.len(), 1, "{msg}");
+    assert_eq!(images[0].image, absent);
+    assert!(
+        msg.contains(&format!(
+            "image {absent} (service web) is not on this host and could not be pulled: "
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("registry.invalid"),
+        "the pull's reason is missing: {msg}"
+    );
+    assert!(
+        !msg.contains("Pulling web"),
+        "Compose's progress is quoted: {msg}"
+    );
+    let docker = engine().await;
+    assert_eq!(ids(&stack.containers().await.expect("list")), before);
+    for id in before.values() {
+        assert!(is_running(&docker, id).await);
+    }
+}
+
+/// `compose_policy = "strict"` holds for recreated containers too: a service that a new
+/// definition makes privileged is recreated without starting, refused, and removed again; the
+/// fixed definition comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_strict_policy_checks_recreated_containers_before_they_start() {
+    let tame = format!(
+        "version: \"2.4\"\nservices:\n{}{}",
+        idle_service("web", "    volumes: [\"./data:/data\"]\n"),
+        idle_service("db", "")
+    );
+    let p = Project::new("strictre", &tame);
+    let stack = p
+        .stack(ComposeConfig {
+            strict_root: Some(std::fs::canonicalize(p.dir.path()).expect("canonical")),
+            ..p.config()
+        })
+        .await;
+    stack.bring_up().await.expect("a tame stack comes up");
+    let before = ids(&stack.containers().await.expect("list"));
+    stack.stop().await.expect("stop, as a cycle does");
+    std::fs::write(
+        p.dir.path().join("docker-compose.yml"),
+        tame.replace(
+            "    volumes: [\"./data:/data\"]\n",
+            "    volumes: [\"./data:/data\"]\n    privileged: true\n",
+        ),
+    )
+    .expect("escalate");
+    let err = stack.bring_up().await.expect_err("refused");
+    let msg = err.to_string();
+    assert!(matches!(err, DockerError::PolicyRefused { .. }), "{msg}");
+    assert!(msg.contains("web: privileged"), "{msg}");
+    let docker = engine().await;
+    let after = stack.containers().await.expect("list");
+    assert!(
+        !after.iter().any(|c| c.container.service == "web"),
+        "the refused container was kept: {after:?}"
+    );
+    for c in &after {
+        assert!(!is_running(&docker, &c.container.id).await, "{c:?} started");
+    }
+    std::fs::write(p.dir.path().join("docker-compose.yml"), &tame).expect("fix");
+    stack.bring_up().await.expect("the fixed stack comes up");
+    let fixed = ids(&stack.containers().await.expect("list"));
+    assert_eq!(
+        fixed["db"], before["db"],
+        "db did not change and was recreated"
+    );
+    for id in fixed.values() {
+        assert!(is_running(&docker, id).await);
+    }
+}
+
+/// A one-shot service (a migration that exits 0) that `compose up -d` ran is not started a
+/// second time by the same bring-up: it would run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_service_run_by_compose_up_is_not_started_again() {
+    let compose = format!(
+        "version: \"2.4\"\nservices:\n{}  migrate:\n    image: {IMAGE}\n    volumes: [\"./data:/data\"]\n    command: [\"sh\", \"-c\", \"echo ran >> /data/migrations\"]\n",
+        idle_service("web", "")
+    );
+    let p = Project::new("oneshot", &compose);
+    let stack = p.stack(p.config()).await;
+    let runs = || {
+        std::fs::read_to_string(p.data("migrations"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    stack.bring_up().await.expect("created");
+    let health = StackControl::wait_healthy(&stack).await.expect("healthy");
+    assert!(
+        health
+            .containers
+            .iter()
+            .any(|c| c.container.service == "migrate" && c.health == Health::Completed),
+        "{health:?}"
+    );
+    assert_eq!(runs(), 1, "the migration ran more than once on creation");
+    // A changed definition recreates web. Compose starts the exited migration once more, as
+    // every bring-up of a stopped stack does; once, not twice.
+    std::fs::write(
+        p.dir.path().join("docker-compose.yml"),
+        compose.replacen(
+            "    command: [\"sh\", \"-c\", \"trap",
+            "    environment: {CHANGED: \"1\"}\n    command: [\"sh\", \"-c\", \"trap",
+            1,
+        ),
+    )
+    .expect("rewrite");
+    let report = stack.bring_up().await.expect("recreated");
+    assert!(report.compose.is_some(), "{report:?}");
+    StackControl::wait_healthy(&stack).await.expect("healthy");
+    assert_eq!(runs(), 2, "one bring-up ran the migration twice");
 }

@@ -526,19 +526,28 @@ pub(super) fn order(
     file: &FileText,
     raw: Option<Spanned<Vec<ServiceName>>>,
 ) -> Result<Vec<String>, ConfigError> {
+    services(file, "order", raw)
+}
+
+/// A list of service names under `key` (each already checked as a [`ServiceName`]), none twice.
+pub(super) fn services(
+    file: &FileText,
+    key: &str,
+    raw: Option<Spanned<Vec<ServiceName>>>,
+) -> Result<Vec<String>, ConfigError> {
     let Some(raw) = raw else {
         return Ok(Vec::new());
     };
     let span = raw.span();
-    let order: Vec<String> = raw.into_inner().into_iter().map(|s| s.0).collect();
-    if let Some((_, dup)) = order
+    let services: Vec<String> = raw.into_inner().into_iter().map(|s| s.0).collect();
+    if let Some((_, dup)) = services
         .iter()
         .enumerate()
-        .find(|(i, s)| order[..*i].contains(s))
+        .find(|(i, s)| services[..*i].contains(s))
     {
-        return Err(file.invalid(span, "order", format!("service {dup:?} is listed twice")));
+        return Err(file.invalid(span, key, format!("service {dup:?} is listed twice")));
     }
-    Ok(order)
+    Ok(services)
 }
 
 fn hooks(file: &FileText, key: &str, raw: Hooks) -> Result<Vec<Hook>, ConfigError> {

@@ -127,6 +127,11 @@ pub struct TargetStack {
     /// variables do; so a value the compose file takes from a variable can differ on the
     /// standby without touching the primary's files.
     pub compose_env: BTreeMap<String, String>,
+    /// `standby_stopped = ["cron", "mailer"]`: services that must not run twice, once on the
+    /// primary and once on the standby (schedulers, bots, outgoing mail). The standby creates
+    /// their containers from the compose file and keeps them stopped; health does not wait for
+    /// them. Empty by default.
+    pub standby_stopped: Vec<String>,
 }
 
 /// `compose_policy`: how far the target trusts the compose file the source sends.
@@ -182,6 +187,7 @@ struct RawStack {
     compose_override: Option<Spanned<AbsPath>>,
     #[serde(default)]
     compose_env: BTreeMap<EnvName, EnvValue>,
+    standby_stopped: Option<Spanned<Vec<ServiceName>>>,
 }
 
 impl TargetConfig {
@@ -386,6 +392,11 @@ impl TargetConfig {
                     .into_iter()
                     .map(|(k, v)| (k.0, v.0))
                     .collect(),
+                standby_stopped: super::source::services(
+                    file,
+                    "standby_stopped",
+                    raw.standby_stopped,
+                )?,
             });
         }
         check_state_dirs(&dirs)?;

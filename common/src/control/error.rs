@@ -101,6 +101,25 @@ impl std::fmt::Display for HostConflict {
     }
 }
 
+/// An image the stack's definition needs and the engine does not have, for
+/// [`DockerError::ImageUnavailable`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingImage {
+    /// The image reference as the definition writes it.
+    pub image: String,
+    /// The service that needs it, when Compose said.
+    pub service: Option<String>,
+}
+
+impl std::fmt::Display for MissingImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.service {
+            Some(service) => write!(f, "{} (service {service})", self.image),
+            None => f.write_str(&self.image),
+        }
+    }
+}
+
 fn host_conflicts(conflicts: &[HostConflict]) -> String {
     conflicts
         .iter()
@@ -382,9 +401,31 @@ pub enum DockerError {
         output: String,
     },
 
-    /// The Compose CLI succeeded but no container carries the project's label: Compose
-    /// normalised the project name (v1 lowercases it and drops characters other than
-    /// `a-z0-9_-`), or the compose file names another project.
+    /// `compose up` needed images the engine does not have, and pulling them failed (no
+    /// registry reachable, no such image, no credentials). Compose pulls before it touches a
+    /// container, so nothing was recreated.
+    #[error(
+        "project {project}: {} not on this host and could not be pulled: {reason}. Load {} on \
+         this host (`docker load`, or `docker pull` from a registry it can reach) or change the \
+         image in the source's compose file; `{command}` ran in {}",
+        if images.len() == 1 { format!("image {} is", images[0]) }
+        else { format!("images {} are", images.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")) },
+        if images.len() == 1 { "it" } else { "them" },
+        dir.display()
+    )]
+    ImageUnavailable {
+        /// The Compose project.
+        project: String,
+        /// The images missing, as the definition names them.
+        images: Vec<MissingImage>,
+        /// What the pull said (Compose's output without its progress lines).
+        reason: String,
+        /// The command line.
+        command: String,
+        /// Where it ran.
+        dir: PathBuf,
+    },
+
     /// `compose_policy = "strict"` and a container breaks it: nothing was started.
     #[error(
         "project {project}: compose_policy = \"strict\" refuses to start the stack, nothing was \
@@ -398,6 +439,10 @@ pub enum DockerError {
         /// `service: why`, one per breach.
         violations: Vec<String>,
     },
+
+    /// The Compose CLI succeeded but no container carries the project's label: Compose
+    /// normalised the project name (v1 lowercases it and drops characters other than
+    /// `a-z0-9_-`), or the compose file names another project.
     #[error(
         "project {project}: `{command}` in {} succeeded but no container has the label \
          com.docker.compose.project={project}; use a lowercase project name of a-z, 0-9, - and _ \

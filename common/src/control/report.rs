@@ -96,8 +96,12 @@ pub struct StartReport {
     pub started: Vec<ContainerEvent>,
     /// The `post_start` hooks, in order.
     pub hooks: Vec<HookRun>,
-    /// The Compose command that created missing containers (`bring_up` only).
+    /// The Compose command that created, recreated or removed containers (`bring_up` only),
+    /// when the containers differed from the compose definition.
     pub compose: Option<String>,
+    /// The containers `bring_up` kept stopped on purpose (`standby_stopped`): they exist and do
+    /// not run.
+    pub kept_stopped: Vec<ContainerRef>,
 }
 
 impl StartReport {
@@ -137,6 +141,8 @@ pub struct ContainerHealth {
 pub struct HealthReport {
     /// Every container checked, in the order they became ready.
     pub containers: Vec<ContainerHealth>,
+    /// The containers not checked because they are kept stopped on purpose (`standby_stopped`).
+    pub kept_stopped: Vec<ContainerRef>,
     /// How long it took.
     pub waited: Duration,
 }
