@@ -285,6 +285,15 @@ pub fn classify_with(
                     Verdict::Reported {
                         why: "a host system path; the standby uses its own".into(),
                     }
+                } else if facts.is_dir.is_none() {
+                    Verdict::Refused {
+                        why: format!(
+                            "outside the stack's path {}, and not visible to this agent (if it \
+                             runs in a container, mount the stacks at the same paths as on the \
+                             host)",
+                            path.display()
+                        ),
+                    }
                 } else {
                     Verdict::Refused {
                         why: format!("a directory outside the stack's path {}", path.display()),
@@ -496,6 +505,19 @@ mod tests {
                 dir: "/var/lib/docker/volumes/app_db/_data".into(),
             }]
         );
+    }
+
+    #[test]
+    fn a_bind_source_the_agent_cannot_see_says_so() {
+        let c = classify_with(
+            Path::new("/srv/stacks/app"),
+            &[],
+            &[bind("app", "/host/only/data", "/data")],
+            &BTreeMap::new(),
+            &|_: &Path| HostPath::default(),
+        );
+        let err = c.check("app").unwrap_err().to_string();
+        assert!(err.contains("not visible to this agent"), "{err}");
     }
 
     #[test]

@@ -183,6 +183,10 @@ path = "/opt/containers/shop"
 target = "standby"
 compose_project = "scsandboxp$ID"
 stop_timeout = "5s"
+# The engine is this machine's, so the container's bind source is the path outside the
+# "host"; the agent sees the same directory as its path. Agents on a real host (or in the
+# container image, which mounts stacks at the same path) need no such line.
+ignore_mounts = { "$D" = "the sandbox host's view of this very data dir, which is path" }
 EOF
 
 say "stackclone-target.service, then stackclone-source-push@shop.service"
