@@ -416,8 +416,12 @@ impl ComposeStack {
         &self.config
     }
 
-    /// The project's containers, running or not, by label; sorted by service, then name.
-    pub async fn containers(&self) -> Result<Vec<StackContainer>, DockerError> {
+    /// The project's containers as the engine lists them, running or not, each with its
+    /// service: one-off containers (`compose run`) and containers without a service label are
+    /// not part of the stack.
+    pub(crate) async fn listed(
+        &self,
+    ) -> Result<Vec<(String, bollard::models::ContainerSummary)>, DockerError> {
         let filters = HashMap::from([(
             "label".to_owned(),
             vec![format!("{PROJECT_LABEL}={}", self.config.project)],
@@ -431,32 +435,40 @@ impl ComposeStack {
             .list_containers(Some(options))
             .await
             .map_err(|e| self.api("listing the project's containers", e))?;
-        let mut containers = Vec::with_capacity(listed.len());
+        let mut out = Vec::with_capacity(listed.len());
         for c in listed {
-            let labels = c.labels.unwrap_or_default();
-            let Some(id) = c.id else { continue };
+            let labels = c.labels.as_ref();
+            let id = c.id.as_deref().unwrap_or_default();
             if labels
-                .get(ONEOFF_LABEL)
+                .and_then(|l| l.get(ONEOFF_LABEL))
                 .is_some_and(|v| v.eq_ignore_ascii_case("true"))
             {
                 debug!(project = %self.config.project, id, "skipping a one-off container");
                 continue;
             }
-            let Some(service) = labels.get(SERVICE_LABEL) else {
+            let Some(service) = labels.and_then(|l| l.get(SERVICE_LABEL)).cloned() else {
                 debug!(project = %self.config.project, id, "skipping a container without a service label");
                 continue;
             };
+            out.push((service, c));
+        }
+        Ok(out)
+    }
+
+    /// The project's containers, running or not, by label; sorted by service, then name.
+    pub async fn containers(&self) -> Result<Vec<StackContainer>, DockerError> {
+        let listed = self.listed().await?;
+        let mut containers = Vec::with_capacity(listed.len());
+        for (service, c) in listed {
+            let labels = c.labels.unwrap_or_default();
+            let Some(id) = c.id else { continue };
             let name = c
                 .names
                 .and_then(|n| n.into_iter().next())
                 .map(|n| n.trim_start_matches('/').to_owned())
                 .unwrap_or_else(|| id.chars().take(12).collect());
             containers.push(StackContainer {
-                container: ContainerRef {
-                    service: service.clone(),
-                    name,
-                    id,
-                },
+                container: ContainerRef { service, name, id },
                 state: c.state.map(|s| s.to_string()).unwrap_or_default(),
                 depends_on: labels
                     .get(DEPENDS_ON_LABEL)

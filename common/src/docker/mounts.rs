@@ -34,33 +34,11 @@ impl ComposeStack {
     /// Every mount of every container of the project (one-off containers left out), one entry
     /// per container and mount; a volume's labels and data dir come from inspecting it.
     pub async fn mounts(&self) -> Result<Vec<MountUse>, DockerError> {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{PROJECT_LABEL}={}", self.config.project)],
-        )]);
-        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let listed = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| self.api("listing the project's containers", e))?;
+        let listed = self.listed().await?;
         let mut volumes: HashMap<String, (String, Option<String>, Option<PathBuf>)> =
             HashMap::new();
         let mut found = Vec::new();
-        for c in listed {
-            let labels = c.labels.unwrap_or_default();
-            if labels
-                .get(super::ONEOFF_LABEL)
-                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-            {
-                continue;
-            }
-            let Some(service) = labels.get(super::SERVICE_LABEL) else {
-                continue;
-            };
+        for (service, c) in listed {
             for m in c.mounts.unwrap_or_default() {
                 let destination = m.destination.clone().unwrap_or_default();
                 let kind = match m.typ.as_deref() {
