@@ -8,13 +8,14 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use stackclone_certs::{Identity, StateDir, Trust};
 use stackclone_common::alert::Alert;
-use stackclone_common::config::{LoadOptions, SourceConfig, SourceStack};
+use stackclone_common::config::{LoadOptions, OnSuperseded, SourceConfig, SourceStack};
 use stackclone_common::control::{DataOnly, StackControl};
 use stackclone_common::docker::{ComposeConfig, ComposeStack};
 use stackclone_common::metrics::{self, Metrics};
 use stackclone_common::ops::Ops;
-use stackclone_proto::msg::Mode;
-use tracing::warn;
+use stackclone_proto::msg::{Mode, Refusal, Replaced};
+use stackclone_proto::session::{Cause, CycleError};
+use tracing::{info, warn};
 
 use crate::lock::{LockError, StackLock};
 use crate::progress::{CycleProgress, Style, Viewer};
@@ -70,16 +71,29 @@ pub struct PushOutcome {
     pub plan: Option<serde_json::Value>,
     /// The stack's mounts as this cycle judged them.
     pub mounts: Vec<MountStatus>,
+    /// The target pushed to.
+    pub target: String,
+    /// The target's own copy the commit replaced, kept there as a generation (a fail-back,
+    /// `--replace-diverged`, or a first push into a directory that held files).
+    pub replaced: Option<Replaced>,
+    /// A fail-back handed the stack over: the target runs it as the primary now.
+    pub handed_over: bool,
 }
 
 /// How `push` runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PushOptions {
     pub mode: Mode,
     /// Wait for a cycle of the same stack (the daemon's or another `push`) to end instead of
     /// refusing at once.
     pub wait: bool,
     pub style: Style,
+    /// `--to NAME`: another `[targets.NAME]` than the stack's own.
+    pub to: Option<String>,
+    /// `--fail-back`: hand the stack over to the target.
+    pub fail_back: bool,
+    /// `--replace-diverged`: replace a target copy of another history.
+    pub replace_diverged: bool,
 }
 
 /// The agent-wide things every cycle uses, built once per process.
@@ -154,9 +168,44 @@ impl Agent {
         if mode == Mode::DryRun {
             return (stats, result);
         }
-        record(&self.state_dir, job, &stats, &result);
+        let (before, after) = record(&self.state_dir, job, &stats, &result);
         let ops = &self.ops;
         let mut alerts = Vec::new();
+        ops.metrics
+            .set_superseded(&job.stack, after.role == "superseded");
+        ops.metrics
+            .set_diverged(&job.stack, after.role == "diverged");
+        let refusal = lineage_refusal(&result);
+        if let Some(r) = refusal {
+            if before.role == after.role {
+                info!(stack = %job.stack, role = %after.role, "the target still refuses this host's pushes: {r}");
+            } else {
+                warn!(stack = %job.stack, role = %after.role, "{r}");
+                let message = match r {
+                    Refusal::Promoted { at, .. } => format!(
+                        "stack `{}` was promoted on standby `{}` at {}; this host is no longer \
+                         its primary. Its pushes are refused (and tried again on schedule, \
+                         without stopping the stack); {}",
+                        job.stack,
+                        job.target_name,
+                        stackclone_proto::lineage::utc(*at),
+                        match job.on_superseded {
+                            OnSuperseded::Stop =>
+                                "the local stack is stopped now (on_superseded = \"stop\")",
+                            OnSuperseded::Alert =>
+                                "the local stack is left running: make sure clients use the promoted host",
+                        }
+                    ),
+                    other => other.to_string(),
+                };
+                alerts.push(Alert::warning(&ops.host, &job.stack, &message));
+                if after.role == "superseded" && job.on_superseded == OnSuperseded::Stop {
+                    fence(&self.state_dir, job).await;
+                }
+            }
+        } else if result.is_ok() && before.role != "primary" {
+            info!(stack = %job.stack, was = %before.role, "the target accepts this host's pushes again");
+        }
         if !stats.stop_killed.is_empty() {
             for service in &stats.stop_killed {
                 ops.metrics.record_stop_killed(&job.stack, service);
@@ -179,7 +228,7 @@ impl Agent {
                 ),
             ));
         }
-        alerts.push(match &result {
+        alerts.extend(match &result {
             Ok(()) => {
                 ops.metrics.record_cycle(
                     &job.stack,
@@ -196,7 +245,7 @@ impl Agent {
                         ..Default::default()
                     },
                 );
-                Alert::success(
+                Some(Alert::success(
                     &ops.host,
                     &job.stack,
                     stats.report.generation,
@@ -207,12 +256,22 @@ impl Agent {
                         stats.source_downtime.unwrap_or_default().as_millis(),
                         stats.duration.as_secs_f64()
                     ),
-                )
+                ))
             }
             Err(e) => {
                 let phase = e.phase();
                 ops.metrics.record_failure(&job.stack, &phase, e.cause());
-                Alert::failure(&ops.host, &job.stack, &phase, &e.to_string())
+                if refusal.is_some() {
+                    // Said once, above, when it began; not once per cycle.
+                    None
+                } else {
+                    Some(Alert::failure(
+                        &ops.host,
+                        &job.stack,
+                        &phase,
+                        &e.to_string(),
+                    ))
+                }
             }
         });
         for alert in alerts {
@@ -238,7 +297,12 @@ pub async fn push(
     let cfg = load_config(common)?;
     let jobs = stacks
         .iter()
-        .map(|name| job_for(&cfg, common, name))
+        .map(|name| {
+            let mut job = job_to(&cfg, common, name, opts.to.as_deref())?;
+            job.replace_diverged = opts.replace_diverged || opts.fail_back;
+            job.hand_over = opts.fail_back;
+            Ok(job)
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let agent = Agent::new(&cfg, &common.state_dir)?;
     let shutdown = shutdown_on_signal();
@@ -313,22 +377,45 @@ fn refused(job: &StackJob, error: &str, took: Duration) -> PushOutcome {
         error: Some(error.to_owned()),
         plan: None,
         mounts: Vec::new(),
+        target: job.target_name.clone(),
+        replaced: None,
+        handed_over: false,
     }
 }
 
 pub(crate) fn job_for(cfg: &SourceConfig, common: &Common, name: &str) -> anyhow::Result<StackJob> {
+    job_to(cfg, common, name, None)
+}
+
+/// [`job_for`], pushing to `[targets.TO]` instead of the stack's own target when given.
+fn job_to(
+    cfg: &SourceConfig,
+    common: &Common,
+    name: &str,
+    to: Option<&str>,
+) -> anyhow::Result<StackJob> {
     let Some(stack) = cfg.stack(name) else {
         if cfg.skipped.iter().any(|s| s.name == name) {
             bail!("stack `{name}` has `skip = true` in its config file");
         }
         bail!("no stack `{name}` in {} or its conf.d", cfg.file.display());
     };
-    let target = cfg.target_of(stack).with_context(|| {
-        format!(
-            "stack `{name}` names target `{}`, which is not configured",
-            stack.target
-        )
-    })?;
+    let target = match to {
+        Some(to) => cfg.targets.get(to).with_context(|| {
+            let known: Vec<&str> = cfg.targets.keys().map(String::as_str).collect();
+            format!(
+                "--to {to}: no `[targets.{to}]` in {} (configured: {})",
+                cfg.file.display(),
+                known.join(", ")
+            )
+        })?,
+        None => cfg.target_of(stack).with_context(|| {
+            format!(
+                "stack `{name}` names target `{}`, which is not configured",
+                stack.target
+            )
+        })?,
+    };
     let addr = target
         .address
         .resolve()
@@ -360,6 +447,9 @@ fn job_from(
         extra_paths: stack.extra_paths.clone(),
         target_name,
         target_addr,
+        replace_diverged: false,
+        hand_over: false,
+        on_superseded: stack.on_superseded,
     }
 }
 
@@ -371,22 +461,96 @@ fn compose_config(stack: &SourceStack, state_dir: &Path) -> Option<ComposeConfig
     })
 }
 
+/// The target's refusal of this host's pushes for lineage reasons (promoted there, diverged, or
+/// the target is the primary), if that is how the cycle ended.
+fn lineage_refusal(result: &Result<(), PushError>) -> Option<&Refusal> {
+    match result {
+        Err(PushError::Cycle(CycleError {
+            cause: Cause::Refused(r),
+            ..
+        })) if matches!(
+            r,
+            Refusal::Promoted { .. } | Refusal::Diverged { .. } | Refusal::TargetIsPrimary { .. }
+        ) =>
+        {
+            Some(r)
+        }
+        _ => None,
+    }
+}
+
+/// `on_superseded = "stop"`: stops the local stack once, without a restart record (nothing
+/// starts it again behind the operator's back).
+async fn fence(state_dir: &Path, job: &StackJob) {
+    let Some(cfg) = &job.compose else { return };
+    let cfg = ComposeConfig {
+        restart_record: None,
+        ..cfg.clone()
+    };
+    let stopped = match ComposeStack::connect(cfg).await {
+        Ok(control) => control.stop().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    match stopped {
+        Ok(()) => {
+            warn!(stack = %job.stack, "on_superseded = \"stop\": the local stack is stopped");
+            if let Ok(Some(mut st)) = status::load(state_dir, &job.stack) {
+                st.fenced_at = Some(crate::push::unix_now());
+                let _ = status::store(state_dir, &st);
+            }
+        }
+        Err(e) => {
+            warn!(stack = %job.stack, error = %e, "on_superseded = \"stop\": stopping the local stack failed")
+        }
+    }
+}
+
+/// Writes the cycle's outcome into the stack's status file; the status before and after.
 fn record(
     dir: &std::path::Path,
     job: &StackJob,
     stats: &CycleStats,
     result: &Result<(), PushError>,
-) {
+) -> (StackStatus, StackStatus) {
     let mut st = status::load(dir, &job.stack)
         .ok()
         .flatten()
         .unwrap_or_else(|| StackStatus {
             stack: job.stack.clone(),
+            role: "primary".into(),
             ..Default::default()
         });
+    let before = st.clone();
     st.target = job.target_name.clone();
     let now = crate::push::unix_now();
     st.last_attempt_at = Some(now);
+    if let Some(h) = stats.history {
+        st.history = Some(h.to_string());
+    }
+    match lineage_refusal(result) {
+        Some(r) => {
+            let role = match r {
+                Refusal::Diverged { .. } => "diverged",
+                _ => "superseded",
+            };
+            if st.role != role {
+                st.role = role.into();
+                st.refused_since = Some(now);
+                st.fenced_at = None;
+            }
+            if let Refusal::Promoted { at, .. } | Refusal::TargetIsPrimary { at, .. } = r {
+                st.promoted_at = Some(*at);
+            }
+        }
+        None if result.is_ok() => {
+            st.role = "primary".into();
+            st.refused_since = None;
+            st.promoted_at = None;
+            st.fenced_at = None;
+            st.handed_over_at = stats.report.handed_over.then_some(now);
+        }
+        None => {}
+    }
     // Only a cycle that got to ask Docker knows the mounts; keep the last known otherwise.
     if !stats.mounts.is_empty() {
         st.mounts = stats.mounts.iter().map(MountStatus::from).collect();
@@ -407,6 +571,7 @@ fn record(
     if let Err(e) = status::store(dir, &st) {
         warn!(stack = %job.stack, error = %e, dir = %dir.display(), "could not write the status file");
     }
+    (before, st)
 }
 
 fn outcome(job: &StackJob, s: &CycleStats, result: Result<(), PushError>) -> PushOutcome {
@@ -426,6 +591,9 @@ fn outcome(job: &StackJob, s: &CycleStats, result: Result<(), PushError>) -> Pus
         error: result.err().map(|e| e.to_string()),
         plan: s.report.plan.as_ref().map(plan_json),
         mounts: s.mounts.iter().map(MountStatus::from).collect(),
+        target: job.target_name.clone(),
+        replaced: s.report.replaced,
+        handed_over: s.report.handed_over,
     }
 }
 
@@ -453,6 +621,7 @@ pub fn status(common: &Common) -> anyhow::Result<Vec<StackStatus>> {
                 status::load(&common.state_dir, &s.name)?.unwrap_or_else(|| StackStatus {
                     stack: s.name.clone(),
                     target: s.target.clone(),
+                    role: "primary".into(),
                     ..Default::default()
                 }),
             )

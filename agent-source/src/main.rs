@@ -53,6 +53,19 @@ enum Command {
         /// Wait for a running cycle of the same stack to end instead of refusing.
         #[arg(long)]
         wait: bool,
+        /// Push to this `[targets.NAME]` instead of the stack's own `target` (for a fail-back:
+        /// the old primary, enrolled and configured as a target of this stack).
+        #[arg(long, value_name = "NAME")]
+        to: Option<String>,
+        /// Fail back: hand the stack over to the target. Its copy is replaced by this host's
+        /// (the copy it had is kept as a generation there, which `rollback` restores), it
+        /// becomes the primary, and this host's stack stays stopped once the target committed.
+        #[arg(long, conflicts_with = "dry_run")]
+        fail_back: bool,
+        /// Replace a target copy that holds another history (a split brain) with this host's
+        /// data; the target keeps its copy as a generation, which `rollback` restores.
+        #[arg(long)]
+        replace_diverged: bool,
     },
     /// Start what a push or daemon that died mid-cycle (SIGKILL, out of memory, power loss)
     /// left stopped, from the restart record each cycle writes before it stops a stack. A stack
@@ -94,7 +107,21 @@ fn main() -> ExitCode {
             dry_run,
             json,
             wait,
-        } => push(&common, &stacks, dry_run, json, wait),
+            to,
+            fail_back,
+            replace_diverged,
+        } => push(
+            &common,
+            &stacks,
+            dry_run,
+            json,
+            PushFlags {
+                wait,
+                to,
+                fail_back,
+                replace_diverged,
+            },
+        ),
         Command::Recover { stacks, json } => recover(&common, &stacks, json),
         Command::Status { json } => status(&common, json),
         Command::Completions(args) => {
@@ -119,18 +146,28 @@ fn main() -> ExitCode {
     }
 }
 
+struct PushFlags {
+    wait: bool,
+    to: Option<String>,
+    fail_back: bool,
+    replace_diverged: bool,
+}
+
 fn push(
     common: &Common,
     stacks: &[String],
     dry_run: bool,
     json: bool,
-    wait: bool,
+    flags: PushFlags,
 ) -> anyhow::Result<ExitCode> {
     let mode = if dry_run { Mode::DryRun } else { Mode::Sync };
     let opts = PushOptions {
         mode,
-        wait,
+        wait: flags.wait,
         style: Style::detect(json),
+        to: flags.to,
+        fail_back: flags.fail_back,
+        replace_diverged: flags.replace_diverged,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let outcomes = rt.block_on(app::push(common, stacks, opts))?;
@@ -173,6 +210,29 @@ fn push(
         if !dry_run {
             let rows: Vec<progress::Row> = outcomes.iter().map(row).collect();
             stackclone_certs::out!("{}", progress::table(&rows));
+        }
+        for o in &outcomes {
+            if let Some(r) = &o.replaced {
+                stackclone_certs::outln!(
+                    "{}: the target's own copy differed in {} path(s); it is kept there: \
+                     `stackclone-target rollback {} --to {}` on `{}` restores it",
+                    o.stack,
+                    r.paths,
+                    o.stack,
+                    r.rollback_to,
+                    o.target
+                );
+            }
+            if o.handed_over {
+                stackclone_certs::outln!(
+                    "{}: handed over: `{}` runs the stack as its primary now; it stays stopped \
+                     here. Once clients use `{}`, run `stackclone-target demote {}` on this host",
+                    o.stack,
+                    o.target,
+                    o.target,
+                    o.stack
+                );
+            }
         }
     }
     Ok(if outcomes.iter().all(|o| o.ok) {
@@ -244,12 +304,15 @@ fn status(common: &Common, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         stackclone_certs::outln!("{}", serde_json::to_string_pretty(&all)?);
     } else {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
         stackclone_certs::outln!(
-            "{:<20} {:<14} {:>5} {:<20} {:>10} {:>14} {:>10} {:>10}  last error",
+            "{:<20} {:<14} {:<10} {:>5} {:<20} {:>8} {:>10} {:>14} {:>10} {:>10}  last error",
             "STACK",
             "TARGET",
+            "ROLE",
             "GEN",
             "COMMITTED (UTC)",
+            "AGE",
             "FILES",
             "BYTES",
             "SRC-DOWN",
@@ -265,18 +328,54 @@ fn status(common: &Common, json: bool) -> anyhow::Result<ExitCode> {
                 })
                 .map(|t| t.replace('T', " ").trim_end_matches('Z').to_owned())
                 .unwrap_or_else(|| "never".to_owned());
+            let age = s.committed_at.map_or("-".to_owned(), |t| {
+                human_secs(u64::try_from(now.saturating_sub(t)).unwrap_or(0))
+            });
             stackclone_certs::outln!(
-                "{:<20} {:<14} {:>5} {:<20} {:>10} {:>14} {:>8}ms {:>8}ms  {}",
+                "{:<20} {:<14} {:<10} {:>5} {:<20} {:>8} {:>10} {:>14} {:>8}ms {:>8}ms  {}",
                 s.stack,
                 s.target,
+                s.role,
                 s.generation,
                 when,
+                age,
                 s.files,
                 s.bytes,
                 s.source_downtime_ms.unwrap_or(0),
                 s.target_downtime_ms.unwrap_or(0),
                 s.last_error.as_deref().unwrap_or("-")
             );
+        }
+        for s in &all {
+            match s.role.as_str() {
+                "superseded" => stackclone_certs::outln!(
+                    "{}: superseded: promoted on `{}`{}; this host is no longer its primary{}",
+                    s.stack,
+                    s.target,
+                    s.promoted_at.map_or(String::new(), |t| format!(
+                        " at {}",
+                        stackclone_proto::lineage::utc(t)
+                    )),
+                    if s.fenced_at.is_some() {
+                        " (its local stack was stopped: on_superseded = \"stop\")"
+                    } else {
+                        ""
+                    }
+                ),
+                "diverged" => stackclone_certs::outln!(
+                    "{}: diverged: `{}` holds another history of this stack (a split brain); see the last error",
+                    s.stack,
+                    s.target
+                ),
+                _ => {}
+            }
+            if s.handed_over_at.is_some() {
+                stackclone_certs::outln!(
+                    "{}: handed over to `{}` by the last push (fail-back)",
+                    s.stack,
+                    s.target
+                );
+            }
         }
         for s in all.iter().filter(|s| !s.mounts.is_empty()) {
             stackclone_certs::outln!("\n{} mounts (as of the last cycle):", s.stack);
@@ -286,4 +385,14 @@ fn status(common: &Common, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `42 s`, `7 min`, `3 h`, `2 d`.
+fn human_secs(s: u64) -> String {
+    match s {
+        0..120 => format!("{s} s"),
+        120..7200 => format!("{} min", s / 60),
+        7200..172_800 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86_400),
+    }
 }

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use stackclone_common::ScanConfig;
 use stackclone_common::coverage::{CoverageError, MountLine};
+use stackclone_common::lineage_file;
 use stackclone_common::net::{ControlEnd, ControlStream};
 use stackclone_common::trees::{Graft, StackTrees};
 use stackclone_proto::delta::{CheckedSignature, FileSender, SenderConfig};
+use stackclone_proto::lineage::{Claim, HistoryId, Lineage};
 use stackclone_proto::manifest::Manifest;
 use stackclone_proto::msg::{Mode, Pass, SourceMsg, TargetMsg};
 use stackclone_proto::path::StackPath;
@@ -76,6 +78,14 @@ pub struct StackJob {
     /// The target's certificate name and address.
     pub target_name: String,
     pub target_addr: std::net::SocketAddr,
+    /// `push --replace-diverged` (and every fail-back): replace a target copy of another
+    /// history, which the target keeps as a generation.
+    pub replace_diverged: bool,
+    /// `push --fail-back`: hand the stack over; the target's copy becomes the primary and this
+    /// host's stack stays stopped once the target committed.
+    pub hand_over: bool,
+    /// `on_superseded`: what to do when the target says the stack was promoted there.
+    pub on_superseded: stackclone_common::config::OnSuperseded,
 }
 
 /// What one cycle came to, with what the driver measured. A cycle that failed has measured
@@ -94,6 +104,8 @@ pub struct CycleStats {
     /// The stack's mounts as this cycle judged them (empty for a data-only stack, or when
     /// Docker could not be asked).
     pub mounts: Vec<MountLine>,
+    /// The history this host's data belongs to, as the cycle claimed it.
+    pub history: Option<HistoryId>,
 }
 
 /// Why a cycle could not even start, or how it ended badly.
@@ -121,6 +133,12 @@ pub enum PushError {
     },
     #[error("stack `{stack}`: cannot control its containers: {cause}")]
     Docker { stack: String, cause: String },
+    /// The lineage file at the root of the stack's path could not be read or written.
+    #[error(
+        "stack `{stack}`: its lineage file ({}) cannot be used: {cause}",
+        stackclone_proto::lineage::LINEAGE_FILE
+    )]
+    Lineage { stack: String, cause: String },
     /// A mount that holds data is neither replicated nor ignored: nothing was stopped.
     #[error(transparent)]
     Mounts(#[from] CoverageError),
@@ -136,6 +154,7 @@ impl PushError {
             PushError::Connect { .. } | PushError::WrongTarget { .. } => "connect".into(),
             PushError::Connection { .. } => "transfer".into(),
             PushError::Docker { .. } => "docker".into(),
+            PushError::Lineage { .. } => "lineage".into(),
             PushError::Mounts(_) => "mounts".into(),
             PushError::Cycle(e) => e.phase.to_string(),
         }
@@ -148,6 +167,7 @@ impl PushError {
             PushError::WrongTarget { .. } => "wrong_target",
             PushError::Connection { .. } => "connection_lost",
             PushError::Docker { .. } => "docker",
+            PushError::Lineage { .. } => "lineage",
             PushError::Mounts(_) => "uncovered_mount",
             PushError::Cycle(e) => e.cause.kind(),
         }
@@ -226,8 +246,11 @@ async fn drive(
     progress: &Arc<CycleProgress>,
     stats: &mut CycleStats,
 ) -> Result<(), PushError> {
-    // Before anything connects or stops: which of the stack's mounts the generation carries.
+    // Before anything connects or stops: which of the stack's mounts the generation carries,
+    // and which history the data belongs to.
     let trees = Arc::new(discover(job, control.as_ref(), stats).await?);
+    let history = claim_history(job, mode)?;
+    stats.history = Some(history);
     progress.set_stage(Stage::Connect);
     let (conn, admission) = stackclone_certs::connect(
         &ctx.endpoint(),
@@ -272,6 +295,11 @@ async fn drive(
             allow_empty: job.allow_empty,
             max_delete: job.max_delete,
             on_stop_timeout: job.on_stop_timeout,
+            claim: Claim {
+                history,
+                replace_diverged: job.replace_diverged || job.hand_over,
+                hand_over: job.hand_over,
+            },
         },
         ctx.flag_key.clone(),
     );
@@ -474,6 +502,24 @@ async fn drive(
 /// mount that holds data and is neither replicated nor ignored ends the cycle here, before
 /// anything is connected or stopped. The named volumes it replicates become grafts of the
 /// stack's tree. A stack without containers yet has no mounts to judge.
+/// The history of the data in `job.path` (its lineage file), written there first if the stack
+/// never had one. A dry run writes nothing: without a file it claims a new history for this
+/// one look, which is what the push would write and claim.
+fn claim_history(job: &StackJob, mode: Mode) -> Result<HistoryId, PushError> {
+    let err = |e: std::io::Error| PushError::Lineage {
+        stack: job.stack.clone(),
+        cause: e.to_string(),
+    };
+    let lineage = match mode {
+        Mode::Sync => lineage_file::ensure(&job.path).map_err(err)?.0,
+        Mode::DryRun => match lineage_file::read(&job.path).map_err(err)? {
+            Some(l) => l,
+            None => Lineage::new(lineage_file::new_history().map_err(err)?),
+        },
+    };
+    Ok(lineage.history)
+}
+
 async fn discover(
     job: &StackJob,
     control: &dyn StackControl,

@@ -31,6 +31,30 @@ pub struct StackStatus {
     /// reported or refused (see `stackclone_common::coverage`).
     #[serde(default)]
     pub mounts: Vec<MountStatus>,
+    /// `primary` (the target accepts this host's pushes, or none was tried yet), `superseded`
+    /// (the stack was promoted on the target: this host is no longer its primary) or `diverged`
+    /// (the target holds another history: a split brain).
+    #[serde(default = "primary")]
+    pub role: String,
+    /// Since when (Unix seconds, this host's clock) the target has refused for that reason,
+    /// and, when superseded, the promotion's time on the target.
+    #[serde(default)]
+    pub refused_since: Option<i64>,
+    #[serde(default)]
+    pub promoted_at: Option<i64>,
+    /// `on_superseded = "stop"` stopped the local stack at this time (once per supersession).
+    #[serde(default)]
+    pub fenced_at: Option<i64>,
+    /// The last push handed the stack over to the target (`push --fail-back`), at this time.
+    #[serde(default)]
+    pub handed_over_at: Option<i64>,
+    /// The history this host's data belongs to (its lineage file), as the last cycle read it.
+    #[serde(default)]
+    pub history: Option<String>,
+}
+
+fn primary() -> String {
+    "primary".into()
 }
 
 /// One mount of one service, judged, as `status` and `push --json` show it.

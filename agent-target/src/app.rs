@@ -15,7 +15,9 @@ use stackclone_common::ops::Ops;
 use tracing::{info, warn};
 
 use crate::ctx::{StackServe, TargetCtx};
-use crate::store::{Drift, RollbackReport, StackStore, StoreConfig, StoreError, StoreState};
+use crate::store::{
+    Drift, Promotion, RollbackReport, StackStore, StoreConfig, StoreError, StoreState,
+};
 
 /// Options every command shares.
 #[derive(Debug, Clone)]
@@ -136,6 +138,77 @@ pub struct StackStatus {
     /// The services this standby keeps stopped on purpose (`standby_stopped`): created, never
     /// started, so that they do not run twice.
     pub standby_stopped: Vec<String>,
+    /// `standby` (pushes accepted) or `promoted` (the primary here; pushes refused).
+    pub role: &'static str,
+    /// Seconds since the committed generation was committed: the standby's RPO right now.
+    pub age_secs: Option<u64>,
+    /// The stack's containers on this host (compose stacks; filled in by [`containers`]).
+    pub containers: Option<Containers>,
+}
+
+/// A stack's containers on this host, as `status` shows them.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Containers {
+    pub total: usize,
+    pub running: usize,
+    /// Services whose health check says `unhealthy` (or `starting`).
+    pub not_healthy: Vec<String>,
+    /// Docker could not be asked (why).
+    pub error: Option<String>,
+}
+
+impl Containers {
+    /// `2/2 running`, `1/2 running, unhealthy: db`, `docker: …`.
+    pub fn summary(&self) -> String {
+        if let Some(e) = &self.error {
+            return format!("docker: {e}");
+        }
+        let mut s = format!("{}/{} running", self.running, self.total);
+        if !self.not_healthy.is_empty() {
+            s.push_str(&format!(", not healthy: {}", self.not_healthy.join(" ")));
+        }
+        s
+    }
+}
+
+/// Asks Docker about each compose stack of `all` (at most `timeout` each), for `status`.
+pub async fn containers(
+    common: &Common,
+    all: &mut [StackStatus],
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let cfg = load_config(common, false)?;
+    for s in all.iter_mut() {
+        let Some(stack) = cfg.stack(&s.state.stack).filter(|st| st.docker) else {
+            continue;
+        };
+        let asked = tokio::time::timeout(timeout, async {
+            let control = ComposeStack::connect(ComposeConfig::for_target(stack)).await?;
+            control.containers().await
+        })
+        .await;
+        s.containers = Some(match asked {
+            Ok(Ok(list)) => Containers {
+                total: list.len(),
+                running: list.iter().filter(|c| c.is_running()).count(),
+                not_healthy: list
+                    .iter()
+                    .filter(|c| c.health.as_deref().is_some_and(|h| h != "healthy"))
+                    .map(|c| c.container.service.clone())
+                    .collect(),
+                error: None,
+            },
+            Ok(Err(e)) => Containers {
+                error: Some(e.to_string()),
+                ..Containers::default()
+            },
+            Err(_) => Containers {
+                error: Some(format!("no answer within {} s", timeout.as_secs())),
+                ..Containers::default()
+            },
+        });
+    }
+    Ok(())
 }
 
 impl StackStatus {
@@ -147,12 +220,24 @@ impl StackStatus {
             }
             _ => false,
         };
+        let role = if state.promoted_at.is_some() {
+            "promoted"
+        } else {
+            "standby"
+        };
+        let age_secs = state
+            .committed_at
+            .map(|at| u64::try_from(now.saturating_sub(at)).unwrap_or(0));
         StackStatus {
             state,
             busy,
             max_age_secs: max_age.map(|d| d.as_secs()),
-            stale,
+            // A promoted stack receives no pushes by design: it is not stale.
+            stale: stale && role == "standby",
             standby_stopped: stack.standby_stopped.clone(),
+            role,
+            age_secs,
+            containers: None,
         }
     }
 }
@@ -188,6 +273,120 @@ pub fn status(common: &Common, only: Option<&str>) -> anyhow::Result<Vec<StackSt
         stack_of(&cfg, o)?;
     }
     Ok(out)
+}
+
+/// What `promote` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PromoteReport {
+    pub stack: String,
+    /// `false`: it already was promoted (at `promoted_at`); nothing changed but the stack's
+    /// containers, which are brought up either way.
+    pub promoted_now: bool,
+    pub promoted_at: i64,
+    /// The generation the stack runs on: the last one committed here.
+    pub generation: u64,
+    pub committed_at: Option<i64>,
+    /// The new history (32 hex digits) and the one it forked from (`<hex>@<generation>`).
+    pub history: Option<String>,
+    pub forked_from: Option<String>,
+    /// Compose stacks: the services running and healthy afterwards.
+    pub services: Vec<String>,
+}
+
+fn busy_hint(stack: &str, e: StoreError) -> anyhow::Error {
+    match e {
+        StoreError::Busy { .. } => anyhow::anyhow!(
+            "stack `{stack}`: a cycle holds it right now; try again when it is done (or stop \
+             the target daemon first)"
+        ),
+        e => e.into(),
+    }
+}
+
+/// `promote STACK`: the standby's copy becomes the primary. Records the promotion (the state
+/// file, under the stack's lock, so never in the middle of a cycle; it survives restarts),
+/// starts a new history forked from the committed one, and, for a compose stack, brings the
+/// stack up on the last committed generation and waits for it to be healthy. From then on every
+/// push for the stack is refused. No file of the live dir changes but the lineage file, so
+/// promotion loses no data. Promoting a promoted stack only brings it up again.
+pub async fn promote(common: &Common, stack: &str) -> anyhow::Result<PromoteReport> {
+    let cfg = load_config(common, false)?;
+    let stack = stack_of(&cfg, stack)?;
+    let mut store = StackStore::open(store_config(stack)).map_err(|e| busy_hint(&stack.name, e))?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let history =
+        stackclone_common::lineage_file::new_history().context("drawing a new history id")?;
+    let promotion = store.promote(history, now)?;
+    let st = store.state().clone();
+    let mut report = PromoteReport {
+        stack: stack.name.clone(),
+        promoted_now: matches!(promotion, Promotion::Promoted { .. }),
+        promoted_at: st.promoted_at.unwrap_or(now),
+        generation: st.generation,
+        committed_at: st.committed_at,
+        history: st.history.clone(),
+        forked_from: st.forked_from.clone(),
+        services: Vec::new(),
+    };
+    if report.promoted_now {
+        let host = cfg.name.clone().unwrap_or_else(|| "target".into());
+        let ops = Ops::new(host, cfg.alerts.clone(), Arc::new(Metrics::new()));
+        ops.alert(stackclone_common::alert::Alert::warning(
+            &ops.host,
+            &stack.name,
+            &format!(
+                "stack `{}` was promoted on this host: it runs generation {} as the primary, and \
+                 pushes for it are refused until `stackclone-target demote {}`",
+                stack.name, st.generation, stack.name
+            ),
+        ))
+        .await;
+    }
+    if !stack.docker {
+        return Ok(report);
+    }
+    let control = ComposeStack::connect(
+        ComposeConfig::for_target(stack)
+            .with_restart_record(store.state_path().join(RESTART_RECORD)),
+    )
+    .await
+    .with_context(|| format!("stack `{}`: connecting to Docker (the promotion is recorded; run promote again to start it)", stack.name))?;
+    control.recover_for_cycle().await.with_context(|| {
+        format!(
+            "stack `{}`: starting what a killed cycle left stopped",
+            stack.name
+        )
+    })?;
+    control.bring_up().await.with_context(|| {
+        format!(
+            "stack `{}`: starting it on generation {} (the promotion is recorded; fix this and \
+             run promote again)",
+            stack.name, st.generation
+        )
+    })?;
+    let health = control.wait_healthy().await.with_context(|| {
+        format!(
+            "stack `{}`: generation {} is not healthy",
+            stack.name, st.generation
+        )
+    })?;
+    report.services = health
+        .containers
+        .iter()
+        .map(|c| c.container.service.clone())
+        .collect();
+    Ok(report)
+}
+
+/// `demote STACK`: the stack is a standby again here. Pushes that continue the history this
+/// copy holds (after a fail-back, the old primary's do) are accepted from now on; others are
+/// refused as diverged. The containers are left as they are. Returns when it had been
+/// promoted, `None` if it was not.
+pub fn demote(common: &Common, stack: &str) -> anyhow::Result<Option<i64>> {
+    let cfg = load_config(common, false)?;
+    let stack = stack_of(&cfg, stack)?;
+    let mut store = StackStore::open(store_config(stack)).map_err(|e| busy_hint(&stack.name, e))?;
+    Ok(store.demote()?)
 }
 
 /// `verify STACK`: every path of the live dir that drifted from the last committed manifest.

@@ -61,6 +61,9 @@ pub struct TargetCtx {
     shutdown: watch::Sender<bool>,
     /// When a refusal of each kind and address was last alerted (see [`TargetCtx::refused`]).
     refusals_alerted: Mutex<HashMap<String, Instant>>,
+    /// Per stack, the kind of the last lineage refusal alerted (`promoted`, `diverged`, …):
+    /// one alert per change, not one per refused cycle. A commit clears it.
+    lineage_refusals: Mutex<HashMap<String, &'static str>>,
 }
 
 /// A peer refused again for the same reason from the same address is alerted at most this
@@ -86,6 +89,23 @@ impl TargetCtx {
             released: tokio::sync::Notify::new(),
             shutdown: watch::Sender::new(false),
             refusals_alerted: Mutex::default(),
+            lineage_refusals: Mutex::default(),
+        }
+    }
+
+    /// Notes that a push of `stack` was refused for `kind`; true if that is news (the first
+    /// such refusal since the last commit or another kind).
+    pub(crate) fn lineage_refused(&self, stack: &str, kind: &'static str) -> bool {
+        match self.lineage_refusals.lock() {
+            Ok(mut seen) => seen.insert(stack.to_owned(), kind) != Some(kind),
+            Err(_) => true,
+        }
+    }
+
+    /// A commit of `stack`: the next lineage refusal is news again.
+    pub(crate) fn lineage_cleared(&self, stack: &str) {
+        if let Ok(mut seen) = self.lineage_refusals.lock() {
+            seen.remove(stack);
         }
     }
 

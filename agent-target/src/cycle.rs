@@ -276,6 +276,12 @@ impl Cycle {
                     .handle_policy(Err(Refusal::UnknownStack { stack })),
                 Some(serve) => self.session.handle_policy(Ok(StackPolicy {
                     allow: serve.allow.clone(),
+                    // Read without the lock; the load checks it again under it.
+                    held: StackStore::peek_state(&serve.store.state_path())
+                        .filter(|st| st.stack == serve.stack)
+                        .map(|st| st.held())
+                        .unwrap_or_default(),
+                    keeps_generations: serve.store.keep_generations > 0,
                 })),
             },
             TargetAction::LoadStack { stack } => match self.ctx.stack(&stack) {

@@ -352,7 +352,7 @@ impl Daemon {
                 () = tokio::time::sleep(period) => {}
                 () = self.reloaded.notified() => {}
             }
-            for change in ctx.staleness.check(&ctx.max_ages(), SystemTime::now()) {
+            for change in ctx.staleness.check(&watched(ctx), SystemTime::now()) {
                 match change {
                     Change::Stale {
                         stack,
@@ -389,6 +389,21 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The stacks the staleness watch judges, with their `max_age`: a stack promoted on this host
+/// receives no pushes by design, so it has none (and `stackclone_promoted` says why).
+fn watched(ctx: &TargetCtx) -> crate::staleness::MaxAges {
+    let mut ages = ctx.max_ages();
+    for serve in ctx.stacks().values() {
+        let promoted = StackStore::peek_state(&serve.store.state_path())
+            .is_some_and(|st| st.stack == serve.stack && st.promoted_at.is_some());
+        ctx.ops.metrics.set_promoted(&serve.stack, promoted);
+        if promoted {
+            ages.insert(serve.stack.clone(), None);
+        }
+    }
+    ages
 }
 
 /// `run`: serves pushes until SIGTERM or Ctrl-C, reloading the config on SIGHUP (see the

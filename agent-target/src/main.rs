@@ -54,6 +54,21 @@ enum Command {
         #[arg(long, short = 'y')]
         yes: bool,
     },
+    /// Make this host's copy of STACK the primary (the primary died, or a planned switch-over):
+    /// records it (refusing every push for the stack from then on), starts a new history, and
+    /// brings the stack up on the last committed generation, health-checked.
+    Promote {
+        stack: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make STACK a standby again here, once its primary is primary again (after a fail-back):
+    /// pushes that continue this copy's history are accepted from then on.
+    Demote {
+        stack: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script.
     Completions(CompletionsArgs),
     /// Write man pages into a directory.
@@ -77,6 +92,8 @@ fn main() -> ExitCode {
             force,
             yes,
         } => rollback(&common, &stack, to, force, yes),
+        Command::Promote { stack, json } => promote(&common, &stack, json),
+        Command::Demote { stack, json } => demote(&common, &stack, json),
         Command::Completions(args) => {
             cli::completions(Cli::command(), args.shell, &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
@@ -98,16 +115,86 @@ fn run(common: &Common) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn promote(common: &Common, stack: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let r = rt.block_on(app::promote(common, stack))?;
+    if json {
+        stackclone_certs::outln!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if r.promoted_now {
+        stackclone_certs::outln!(
+            "{stack}: promoted at {}: this host's copy is the primary now; every push for it is refused",
+            utc(r.promoted_at)
+        );
+    } else {
+        stackclone_certs::outln!(
+            "{stack}: already promoted (since {}); brought up again",
+            utc(r.promoted_at)
+        );
+    }
+    stackclone_certs::outln!(
+        "{stack}: runs generation {} (committed {}){}",
+        r.generation,
+        r.committed_at.map_or("never".to_string(), utc),
+        if r.services.is_empty() {
+            String::new()
+        } else {
+            format!("; healthy: {}", r.services.join(", "))
+        }
+    );
+    stackclone_certs::outln!(
+        "{stack}: history {}{}",
+        r.history.as_deref().unwrap_or("-"),
+        r.forked_from
+            .as_deref()
+            .map_or(String::new(), |f| format!(" (forked from {f})"))
+    );
+    stackclone_certs::outln!(
+        "to return: on this host, `stackclone-source push {stack} --fail-back` (to the old primary, \
+         once it is back), then `stackclone-target demote {stack}` here"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demote(common: &Common, stack: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let was = app::demote(common, stack)?;
+    if json {
+        stackclone_certs::outln!(
+            "{}",
+            serde_json::json!({"stack": stack, "was_promoted_at": was, "role": "standby"})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    match was {
+        Some(at) => stackclone_certs::outln!(
+            "{stack}: a standby again (it was promoted at {}); pushes that continue its history \
+             are accepted, others are refused as diverged",
+            utc(at)
+        ),
+        None => stackclone_certs::outln!("{stack}: was not promoted; nothing changed"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn status(common: &Common, stack: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
-    let all = app::status(common, stack)?;
+    let mut all = app::status(common, stack)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(app::containers(
+        common,
+        &mut all,
+        std::time::Duration::from_secs(3),
+    ))?;
     if json {
         stackclone_certs::outln!("{}", serde_json::to_string_pretty(&all)?);
     } else {
         stackclone_certs::outln!(
-            "{:<20} {:>5} {:<20} {:>10} {:>14} {:>10} {:<12}  last error",
+            "{:<20} {:<9} {:>5} {:<20} {:>8} {:>10} {:>14} {:>10} {:<12}  last error",
             "STACK",
+            "ROLE",
             "GEN",
             "COMMITTED (UTC)",
+            "AGE",
             "FILES",
             "BYTES",
             "TGT-DOWN",
@@ -124,10 +211,14 @@ fn status(common: &Common, stack: Option<&str>, json: bool) -> anyhow::Result<Ex
                 ),
             };
             stackclone_certs::outln!(
-                "{:<20} {:>5} {:<20} {:>10} {:>14} {:>8}ms {:<12}  {}",
+                "{:<20} {:<9} {:>5} {:<20} {:>8} {:>10} {:>14} {:>8}ms {:<12}  {}",
                 st.stack,
+                s.role,
                 st.generation,
                 st.committed_at.map_or("-".to_string(), utc),
+                s.age_secs.map_or("-".to_string(), |a| {
+                    stackclone_target::staleness::human(std::time::Duration::from_secs(a))
+                }),
                 st.files,
                 st.bytes,
                 st.target_downtime_ms,
@@ -138,6 +229,18 @@ fn status(common: &Common, stack: Option<&str>, json: bool) -> anyhow::Result<Ex
                     st.last_error.as_deref().unwrap_or("-")
                 }
             );
+        }
+        for s in &all {
+            if let Some(c) = &s.containers {
+                stackclone_certs::outln!("{}: containers {}", s.state.stack, c.summary());
+            }
+            if let Some(at) = s.state.promoted_at {
+                stackclone_certs::outln!(
+                    "{}: promoted at {}: the primary on this host; pushes for it are refused",
+                    s.state.stack,
+                    utc(at)
+                );
+            }
         }
         for s in all.iter().filter(|s| !s.standby_stopped.is_empty()) {
             stackclone_certs::outln!(
@@ -189,7 +292,7 @@ fn rollback(
         plan.changes.upserts.len(),
         plan.changes.unchanged,
         if plan.to == 0 {
-            " (generation 0 is the empty standby, before the first push)"
+            " (generation 0 is what the directory held before the first push)"
         } else {
             ""
         }

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use stackclone_common::alert::Alert;
 use stackclone_common::metrics::CycleStats;
+use stackclone_proto::msg::Refusal;
 use stackclone_proto::session::{Cause, CycleError, TargetReport};
 use tracing::{info, warn};
 
@@ -61,6 +62,30 @@ pub(crate) fn report_cycle(
                     ..measured
                 },
             );
+            ctx.lineage_cleared(&report.stack);
+            if let Some(r) = report.replaced {
+                warn!(
+                    stack = %report.stack, %peer, paths = r.paths, rollback_to = r.rollback_to,
+                    "the commit replaced this host's own tree, which is kept: `stackclone-target rollback {} --to {}` restores it",
+                    report.stack, r.rollback_to
+                );
+            }
+            if report.claim.is_some_and(|c| c.hand_over) {
+                ops.metrics.set_promoted(&report.stack, true);
+                ops.alert_in_background(
+                    Alert::warning(
+                        &ops.host,
+                        &report.stack,
+                        &format!(
+                            "`{peer}` handed stack `{}` over to this host (generation {}): it \
+                             is the primary here now and pushes for it are refused",
+                            report.stack, report.generation
+                        ),
+                    )
+                    .with_peer(peer)
+                    .with_generation(report.generation),
+                );
+            }
             if ctx
                 .staleness
                 .committed(&report.stack, report.generation, now)
@@ -93,6 +118,28 @@ pub(crate) fn report_cycle(
                 &e.phase.to_string().to_lowercase(),
                 e.cause.kind(),
             );
+            if let Cause::Refused(r) = &e.cause {
+                ops.metrics.record_refusal(&e.stack, r.kind());
+                let lineage = matches!(
+                    r,
+                    Refusal::Promoted { .. }
+                        | Refusal::Diverged { .. }
+                        | Refusal::TargetIsPrimary { .. }
+                );
+                if lineage && ctx.lineage_refused(&e.stack, r.kind()) {
+                    let message = match r {
+                        Refusal::Promoted { .. } => format!(
+                            "`{peer}`, the old primary of `{}`, is back and tried to push it; \
+                             refused, because the stack is promoted here (it was told so)",
+                            e.stack
+                        ),
+                        _ => format!("a push from `{peer}` was refused: {r}"),
+                    };
+                    ops.alert_in_background(
+                        Alert::warning(&ops.host, &e.stack, &message).with_peer(peer),
+                    );
+                }
+            }
             if alerts_on(&e.cause) {
                 let mut alert = Alert::failure(
                     &ops.host,

@@ -57,7 +57,7 @@ use serde::de::DeserializeOwned;
 
 use error::FileText;
 pub use error::{ConfigError, ConfigWarning, Location, OverrideProblem, Side};
-pub use source::{DEFAULT_STOP_TIMEOUT, Hook, SourceConfig, SourceStack, TargetPeer};
+pub use source::{DEFAULT_STOP_TIMEOUT, Hook, OnSuperseded, SourceConfig, SourceStack, TargetPeer};
 pub use target::{
     ComposePolicy, DEFAULT_HEALTH_TIMEOUT, DEFAULT_KEEP_GENERATIONS, DEFAULT_MAX_SKEW,
     TargetConfig, TargetStack,

@@ -318,6 +318,9 @@ pub struct StackContainer {
     /// Its `com.docker.compose.config-hash` label: the hash of the service's configuration it
     /// was created from (see [`definition`]); `None` without the label.
     pub config_hash: Option<String>,
+    /// Its health check's verdict as Docker lists it (`healthy`, `unhealthy`, `starting`);
+    /// `None` without a health check (or not running).
+    pub health: Option<String>,
 }
 
 impl StackContainer {
@@ -467,8 +470,19 @@ impl ComposeStack {
                 .and_then(|n| n.into_iter().next())
                 .map(|n| n.trim_start_matches('/').to_owned())
                 .unwrap_or_else(|| id.chars().take(12).collect());
+            let health = c.status.as_deref().and_then(|s| {
+                ["(unhealthy)", "(healthy)", "(health: starting)"]
+                    .into_iter()
+                    .find(|h| s.contains(h))
+                    .map(|h| {
+                        h.trim_matches(|c| c == '(' || c == ')')
+                            .trim_start_matches("health: ")
+                            .to_owned()
+                    })
+            });
             containers.push(StackContainer {
                 container: ContainerRef { service, name, id },
+                health,
                 state: c.state.map(|s| s.to_string()).unwrap_or_default(),
                 depends_on: labels
                     .get(DEPENDS_ON_LABEL)
@@ -1857,6 +1871,7 @@ mod tests {
 
     fn container(service: &str, depends_on_label: Option<&str>) -> StackContainer {
         StackContainer {
+            health: None,
             container: ContainerRef {
                 service: service.to_owned(),
                 name: format!("p_{service}_1"),

@@ -53,6 +53,7 @@ pub mod config;
 pub mod control;
 pub mod coverage;
 pub mod docker;
+pub mod lineage_file;
 pub mod logging;
 pub mod metrics;
 pub mod net;

@@ -86,6 +86,12 @@ struct FailureLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    stack: String,
+    reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ServiceLabels {
     stack: String,
     service: String,
@@ -144,6 +150,10 @@ pub struct Metrics {
     failures: Family<FailureLabels, Counter>,
     stop_killed: Family<ServiceLabels, Counter>,
     stale: IntGauge,
+    promoted: IntGauge,
+    superseded: IntGauge,
+    diverged: IntGauge,
+    refusals: Family<RefusalLabels, Counter>,
     cert_expiry: Family<CertLabels, Gauge>,
     alert_failures: Family<ChannelLabels, Counter>,
 }
@@ -170,6 +180,10 @@ impl Metrics {
             failures: Family::default(),
             stop_killed: Family::default(),
             stale: Family::default(),
+            promoted: Family::default(),
+            superseded: Family::default(),
+            diverged: Family::default(),
+            refusals: Family::default(),
             cert_expiry: Family::default(),
             alert_failures: Family::default(),
         };
@@ -239,6 +253,28 @@ impl Metrics {
             "stackclone_stale",
             "1 while no generation was committed within the stack's max_age",
             m.stale.clone(),
+        );
+        r.register(
+            "stackclone_promoted",
+            "1 while the stack is the primary on this target host (promoted, or handed over to \
+             by a fail-back): pushes for it are refused",
+            m.promoted.clone(),
+        );
+        r.register(
+            "stackclone_superseded",
+            "1 while the standby refuses this source's pushes because the stack was promoted there",
+            m.superseded.clone(),
+        );
+        r.register(
+            "stackclone_diverged",
+            "1 while the target refuses this source's pushes because the two copies hold different \
+             histories (a split brain)",
+            m.diverged.clone(),
+        );
+        r.register(
+            "stackclone_pushes_refused",
+            "Pushes this target refused before anything was staged, by reason",
+            m.refusals.clone(),
         );
         r.register_with_unit(
             "stackclone_certificate_expiry_timestamp",
@@ -326,6 +362,38 @@ impl Metrics {
             .get_or_create(&ServiceLabels {
                 stack: stack.to_owned(),
                 service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets `stackclone_promoted` for `stack` (target side).
+    pub fn set_promoted(&self, stack: &str, promoted: bool) {
+        self.promoted
+            .get_or_create(&labels(stack))
+            .set(i64::from(promoted));
+    }
+
+    /// Sets `stackclone_superseded` for `stack` (source side).
+    pub fn set_superseded(&self, stack: &str, superseded: bool) {
+        self.superseded
+            .get_or_create(&labels(stack))
+            .set(i64::from(superseded));
+    }
+
+    /// Sets `stackclone_diverged` for `stack` (source side).
+    pub fn set_diverged(&self, stack: &str, diverged: bool) {
+        self.diverged
+            .get_or_create(&labels(stack))
+            .set(i64::from(diverged));
+    }
+
+    /// Counts a push of `stack` this target refused, for a `reason` of a fixed set (the
+    /// refusal's kind, e.g. `promoted`, `diverged`; never text from a peer).
+    pub fn record_refusal(&self, stack: &str, reason: &str) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                stack: stack.to_owned(),
+                reason: reason.to_owned(),
             })
             .inc();
     }

@@ -141,6 +141,7 @@ fn source_minimal_stack_gets_every_default() {
         order: vec![],
         stop_timeout: Duration::from_secs(30),
         on_stop_timeout: OnStopTimeout::Warn,
+        on_superseded: stackclone_common::config::OnSuperseded::Alert,
         pre_stop: vec![],
         post_start: vec![],
         schedule: None,

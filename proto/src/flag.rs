@@ -1,28 +1,33 @@
 //! The signed status flag that closes a generation.
 //!
-//! The source signs a [`Status`] — stack, generation, manifest root, source and target names and
-//! creation time — with its ed25519 flag key. The target turns a [`SignedStatus`] into a
+//! The source signs a [`Status`] — stack, generation, history, manifest root, source and target
+//! names and creation time — with its ed25519 flag key. The target turns a [`SignedStatus`] into a
 //! [`VerifiedStatus`] only through [`SignedStatus::verify`], which checks, in this order: the
 //! signature (`verify_strict`, over a domain-separated canonical encoding, so no other message of
 //! ours can be passed off as a flag), the stack, the source, the target (a flag for another
-//! standby is refused), the generation (must be above the last applied: no replay), the creation
+//! standby is refused), the history (the one the source claimed when the cycle began, see
+//! [`crate::lineage`]), the generation (must be above the last applied: no replay), the creation
 //! time (within a skew window of the target's clock: no stale flag), and the manifest root (must be
 //! exactly the manifest the target staged). Only a `VerifiedStatus` can reach a commit.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
+use crate::lineage::HistoryId;
 use crate::manifest::Hash;
 use crate::wire;
 
 /// Prefix of every signed flag, so a signature over anything else can never verify as a flag.
-const DOMAIN: &[u8] = b"stackclone status flag v1\0";
+/// v2: the status carries the history.
+const DOMAIN: &[u8] = b"stackclone status flag v2\0";
 
 /// What the source asserts about a generation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub stack: String,
     pub generation: u64,
+    /// The history the generation belongs to (see [`crate::lineage`]).
+    pub history: HistoryId,
     pub manifest_root: Hash,
     pub source_id: String,
     pub target_id: String,
@@ -57,6 +62,8 @@ pub struct Expected<'a> {
     pub target_id: &'a str,
     /// The last generation committed here; the flag's must be greater.
     pub last_generation: u64,
+    /// The history the source claimed when the cycle began.
+    pub history: HistoryId,
     /// The root of the manifest this target received and staged.
     pub manifest_root: Hash,
     /// Target clock, seconds since the Unix epoch.
@@ -90,6 +97,8 @@ pub enum FlagError {
         now: i64,
         max_skew: i64,
     },
+    #[error("flag is for history {got}, but the cycle began claiming history {expected}")]
+    WrongHistory { expected: HistoryId, got: HistoryId },
     #[error("flag manifest root {got} differs from the staged manifest root {expected}")]
     RootMismatch { expected: Hash, got: Hash },
 }
@@ -135,6 +144,12 @@ impl SignedStatus {
             return Err(FlagError::WrongTarget {
                 expected: exp.target_id.into(),
                 got: s.target_id,
+            });
+        }
+        if s.history != exp.history {
+            return Err(FlagError::WrongHistory {
+                expected: exp.history,
+                got: s.history,
             });
         }
         if s.generation <= exp.last_generation {
@@ -186,6 +201,7 @@ mod tests {
         Status {
             stack: "nextcloud".into(),
             generation: 8,
+            history: HistoryId([7; 16]),
             manifest_root: Hash::of(b"tree"),
             source_id: "primary".into(),
             target_id: "standby".into(),
@@ -199,6 +215,7 @@ mod tests {
             source_id: "primary",
             target_id: "standby",
             last_generation: 7,
+            history: HistoryId([7; 16]),
             manifest_root: Hash::of(b"tree"),
             now: 1_800_000_030,
             max_skew: 300,
@@ -250,6 +267,16 @@ mod tests {
                 expected()
             ),
             FlagError::WrongSource { .. }
+        ));
+        assert!(matches!(
+            check(
+                Status {
+                    history: HistoryId([8; 16]),
+                    ..status()
+                },
+                expected()
+            ),
+            FlagError::WrongHistory { .. }
         ));
         assert!(matches!(
             check(

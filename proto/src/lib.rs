@@ -8,6 +8,7 @@
 //! - [`delta`]: the rsync-style delta engine on `fast_rsync`, in bounded windows.
 //! - [`wire`] and [`msg`]: length-prefixed bincode frames and the messages of a cycle.
 //! - [`flag`]: the ed25519-signed status flag; [`flag::VerifiedStatus`] only through `verify`.
+//! - [`lineage`]: histories and roles: who may write a stack's next generation.
 //! - [`plan`]: what a commit changes (deletes, creations, replacements, metadata).
 //! - [`session`]: [`session::SourceSession`] and [`session::TargetSession`], one cycle each.
 //!
@@ -20,7 +21,8 @@
 //! ```text
 //!  source session                                      target session
 //!  ──────────────                                      ──────────────
-//!  Hello{version, stack, mode}  ─────────────────────►  LoadStack → allow? → Welcome{last gen}
+//!  Hello{version, stack, mode}
+//!  Claim{history, replace_diverged}    ─────────────────────►  allow? role, lineage? → LoadStack → Welcome
 //!  [Scan(Precopy) → manifest   ─────────────────────►  needs = not live, not staged
 //!                   serve wants ◄─────────────────────  Want{id, path, signature of basis?}
 //!                   file data   ─────────────────────►  rebuild in staging, BLAKE3 check
@@ -37,6 +39,7 @@
 
 pub mod delta;
 pub mod flag;
+pub mod lineage;
 pub mod manifest;
 pub mod msg;
 pub mod path;

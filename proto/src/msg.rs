@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::delta::Chunk;
 use crate::flag::SignedStatus;
+use crate::lineage::{Claim, utc};
 use crate::manifest::{Entry, Hash};
 use crate::path::StackPath;
 
@@ -34,7 +35,10 @@ pub const ALPN: &[u8] = b"stackclone/1";
 /// readable, bump [`ALPN`] instead.
 ///
 /// 2: [`SourceMsg::FinalPass`], and the standby's killed services in [`Outcome::Committed`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: lineage — [`SourceMsg::Claim`] after `Hello`, the history in the signed flag,
+/// [`Refusal::Promoted`] and [`Refusal::Diverged`], and the replaced tree in
+/// [`Outcome::Committed`].
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Most entries in one [`SourceMsg::ManifestPart`].
 pub const MANIFEST_PART_ENTRIES: usize = 2048;
@@ -128,6 +132,69 @@ pub enum Refusal {
         #[serde(deserialize_with = "crate::text::escaped")]
         reason: String,
     },
+    /// The stack was promoted on the target: it is the primary there now.
+    #[error(
+        "stack `{stack}` was promoted on the standby at {}: this host is no longer its primary \
+         and its pushes are refused. To make this host the primary again, fail back from the \
+         promoted host (`stackclone-source push {stack} --fail-back` there), then run \
+         `stackclone-target demote {stack}` on it",
+        utc(*at)
+    )]
+    Promoted {
+        #[serde(deserialize_with = "crate::text::escaped")]
+        stack: String,
+        /// Unix seconds of the promotion, target clock.
+        at: i64,
+        /// The history the promotion started, hex (empty if none).
+        #[serde(deserialize_with = "crate::text::escaped")]
+        history: String,
+    },
+    /// A fail-back to a target that runs the stack as its primary (promoted, or handed over
+    /// to earlier).
+    #[error(
+        "the target runs stack `{stack}` as its primary (since {}), so it takes no fail-back: \
+         if this host's copy is to become the primary again, run `stackclone-target demote \
+         {stack}` on the target first",
+        utc(*at)
+    )]
+    TargetIsPrimary {
+        #[serde(deserialize_with = "crate::text::escaped")]
+        stack: String,
+        at: i64,
+    },
+    /// The target's copy belongs to another history than the source's data: both were written
+    /// since they parted (a split brain).
+    #[error(
+        "stack `{stack}` has diverged: the target holds history {held}, this source's data is \
+         history {claimed}. Both were written since they parted. To keep the target's writes, \
+         fail back from the target's host (`stackclone-source push {stack} --fail-back` \
+         there); to replace them with this host's data, push again with `--replace-diverged` \
+         (the target keeps its tree as a generation that `rollback` restores)"
+    )]
+    Diverged {
+        #[serde(deserialize_with = "crate::text::escaped")]
+        stack: String,
+        #[serde(deserialize_with = "crate::text::escaped")]
+        held: String,
+        #[serde(deserialize_with = "crate::text::escaped")]
+        claimed: String,
+    },
+}
+
+impl Refusal {
+    /// The refusal's kind, a fixed set of words for metrics labels and log fields.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Version { .. } => "version",
+            Refusal::UnknownStack { .. } => "unknown_stack",
+            Refusal::PeerNotAllowed { .. } => "peer_not_allowed",
+            Refusal::Busy { .. } => "busy",
+            Refusal::Unavailable { .. } => "unavailable",
+            Refusal::Promoted { .. } => "promoted",
+            Refusal::TargetIsPrimary { .. } => "target_is_primary",
+            Refusal::Diverged { .. } => "diverged",
+        }
+    }
 }
 
 /// Source to target.
@@ -142,6 +209,8 @@ pub enum SourceMsg {
         mode: Mode,
         max_delete: f64,
     },
+    /// The history of the source's data, sent right after `Hello` (see [`crate::lineage`]).
+    Claim(Claim),
     /// Up to [`MANIFEST_PART_ENTRIES`] entries, in order.
     ManifestPart {
         entries: Vec<Entry>,
@@ -243,6 +312,7 @@ impl SourceMsg {
     pub fn name(&self) -> &'static str {
         match self {
             SourceMsg::Hello { .. } => "Hello",
+            SourceMsg::Claim(_) => "Claim",
             SourceMsg::ManifestPart { .. } => "ManifestPart",
             SourceMsg::ManifestEnd { .. } => "ManifestEnd",
             SourceMsg::FileBegin { .. } => "FileBegin",
@@ -276,6 +346,15 @@ impl PlanSummary {
     pub const MAX_LISTED: usize = 10_000;
 }
 
+/// A tree of the target's own that a commit replaced, kept as a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replaced {
+    /// Paths of that tree the commit changed or deleted.
+    pub paths: u64,
+    /// `stackclone-target rollback STACK --to G` restores it.
+    pub rollback_to: u64,
+}
+
 /// What the target did with a verified flag.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CycleResult {
@@ -288,10 +367,14 @@ pub enum Outcome {
     /// The generation is live (and its stack healthy, where health is checked).
     /// `standby_killed`: the standby's services Docker had to kill at their stop timeout when
     /// the target stopped them for this commit.
+    ///
+    /// `replaced`: the commit replaced a tree the target had not received from this history
+    /// (a fail-back, or a first push into a non-empty directory); it is kept (see [`Replaced`]).
     Committed {
         target_downtime_ms: u64,
         #[serde(deserialize_with = "crate::text::escaped_all")]
         standby_killed: Vec<String>,
+        replaced: Option<Replaced>,
     },
     /// The commit failed or the stack did not come up healthy; the previous generation is live.
     Failed {

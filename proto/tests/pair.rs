@@ -13,8 +13,9 @@ use stackclone_proto::delta::{
     Basis, Chunk, FileReceiver, FileSender, SenderConfig, SignatureBuilder, Sink,
 };
 use stackclone_proto::flag::{SignedStatus, Status};
+use stackclone_proto::lineage::{Claim, Held, HistoryId, LINEAGE_FILE, Lineage, Role};
 use stackclone_proto::manifest::{Entry, EntryKind, Hash, Manifest, Meta, Xattr};
-use stackclone_proto::msg::{Mode, Pass, Refusal, SourceMsg, TargetMsg};
+use stackclone_proto::msg::{Mode, Pass, Phase, Refusal, SourceMsg, TargetMsg};
 use stackclone_proto::path::StackPath;
 use stackclone_proto::plan::Upsert;
 use stackclone_proto::session::{
@@ -382,6 +383,12 @@ struct TargetSide {
     on_stop: Option<Tree>,
     /// Services the standby's stop reports as killed at their stop timeout.
     killed: Vec<String>,
+    /// The stack's role and committed history.
+    held: Held,
+    /// `keep_generations` > 0.
+    keeps_generations: bool,
+    /// The commit fails with this reason (a full disk, say); the live tree stays.
+    commit_fails: Option<String>,
 }
 
 impl TargetSide {
@@ -407,12 +414,16 @@ impl TargetSide {
             starts: 0,
             on_stop: None,
             killed: vec![],
+            held: Held::default(),
+            keeps_generations: true,
+            commit_fails: None,
         }
     }
 
     fn state(&self) -> StackState {
         StackState {
             last_generation: self.last_generation,
+            held: self.held.clone(),
             live: self.live.manifest(),
             staged: self.staged.keys().copied().collect(),
             staged_in_place: HashMap::new(),
@@ -514,6 +525,8 @@ impl TargetSide {
                 TargetAction::LookupStack { .. } => {
                     self.session.handle_policy(Ok(StackPolicy {
                         allow: self.allow.clone(),
+                        held: self.held.clone(),
+                        keeps_generations: self.keeps_generations,
                     }));
                 }
                 TargetAction::LoadStack { .. } => {
@@ -573,6 +586,11 @@ impl TargetSide {
                     self.running = true;
                     self.starts += 1;
                     self.session.handle_stack_started(Ok(()));
+                }
+                TargetAction::Commit(_) if self.commit_fails.is_some() => {
+                    let reason = self.commit_fails.clone().unwrap_or_default();
+                    self.running = true;
+                    self.session.handle_committed(Err((Phase::Commit, reason)));
                 }
                 TargetAction::Commit(commit) => {
                     if commit.without_stop() {
@@ -641,6 +659,14 @@ impl TargetSide {
                     // A commit moves staged contents into the live tree; what is left is stale.
                     self.staged.clear();
                     self.last_generation = commit.generation();
+                    // The store records the history the flag signed.
+                    let history = commit.status().status().history;
+                    if self.held.history.map(|l| l.history) != Some(history) {
+                        self.held.history = Some(Lineage::new(history));
+                    }
+                    if commit.hand_over() {
+                        self.held.role = Role::Promoted { at: NOW };
+                    }
                     self.commits += 1;
                     self.commits_without_stop += u32::from(commit.without_stop());
                     // The commit brings the stack up, whatever it comes to.
@@ -695,8 +721,25 @@ fn source_cfg(mode: Mode, precopy: bool) -> SourceConfig {
         allow_empty: false,
         max_delete: 0.5,
         on_stop_timeout: OnStopTimeout::Warn,
+        claim: Claim {
+            history: HISTORY,
+            replace_diverged: false,
+            hand_over: false,
+        },
     }
 }
+
+/// The source's claim after `Hello`: the tests' history, no fail-back.
+fn claim() -> SourceMsg {
+    SourceMsg::Claim(Claim {
+        history: HISTORY,
+        replace_diverged: false,
+        hand_over: false,
+    })
+}
+
+/// The history of the source's data in these tests.
+const HISTORY: HistoryId = HistoryId([1; 16]);
 
 // ------------------------------------------------------------------------------------------------
 // The link
@@ -785,8 +828,9 @@ impl Pair {
                 let waiting = self.source.done.is_none() || self.target.done.is_none();
                 if !waiting || cut {
                     // However the cycle ended, neither side's stack is left down.
-                    if self.source.done.is_some() {
-                        assert!(self.source.running, "source stack left down");
+                    if let Some(done) = &self.source.done {
+                        let handed_over = matches!(done, Ok(r) if r.handed_over);
+                        assert!(self.source.running || handed_over, "source stack left down");
                     }
                     if self.target.done.is_some() {
                         assert!(self.target.running, "standby left down");
@@ -934,6 +978,217 @@ fn first_cycle_copies_every_kind_of_entry() {
             .count(),
         1
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Lineage: promotion, split brain, fail-back
+
+fn other_history() -> Lineage {
+    Lineage::new(HistoryId([9; 16]))
+}
+
+fn refusal(pair: &Pair) -> Refusal {
+    match pair.source.done.clone().unwrap() {
+        Err(CycleError {
+            cause: Cause::Refused(r),
+            ..
+        }) => r,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn first_contact_takes_the_source_history_and_the_next_push_continues_it() {
+    let mut pair = Pair::new(gen1(), Tree::default());
+    pair.run();
+    let report = pair.target.done.clone().unwrap().unwrap();
+    assert_eq!(pair.target.held.history, Some(Lineage::new(HISTORY)));
+    assert_eq!(report.replaced, None, "an empty live dir replaced nothing");
+    pair.next_cycle(gen2(), source_cfg(Mode::Sync, false));
+    pair.run();
+    pair.source
+        .done
+        .clone()
+        .unwrap()
+        .expect("the same history continues");
+    assert_eq!(pair.target.live, gen2());
+}
+
+#[test]
+fn a_promoted_standby_refuses_every_push_before_the_source_stops() {
+    for replace_diverged in [false, true] {
+        let mut pair = Pair::new(gen2(), gen1());
+        pair.target.last_generation = 4;
+        pair.target.held = Held {
+            role: Role::Promoted { at: NOW - 60 },
+            history: Some(Lineage::new(HISTORY).fork(HistoryId([2; 16]), 4)),
+            generation: 4,
+        };
+        let mut cfg = source_cfg(Mode::Sync, true);
+        cfg.claim.replace_diverged = replace_diverged;
+        pair.next_cycle(gen2(), cfg);
+        pair.run();
+        let r = refusal(&pair);
+        assert!(
+            matches!(r, Refusal::Promoted { at, .. } if at == NOW - 60),
+            "{r:?}"
+        );
+        let text = r.to_string();
+        assert!(text.contains("no longer its primary"), "{text}");
+        assert!(text.contains("demote web"), "{text}");
+        assert_eq!(pair.source.stops, 0, "the source stack was stopped");
+        assert!(pair.source.running);
+        assert!(pair.source.files_sent.is_empty());
+        assert_eq!(
+            pair.target.loads, 0,
+            "the store was opened for a refused push"
+        );
+        assert_eq!((pair.target.stops, pair.target.commits), (0, 0));
+        assert_eq!(pair.target.live, gen1(), "the promoted copy changed");
+    }
+}
+
+#[test]
+fn another_history_is_refused_as_diverged_naming_both() {
+    let mut pair = Pair::new(gen2(), gen1());
+    pair.target.last_generation = 7;
+    pair.target.held.history = Some(other_history());
+    pair.target.held.generation = 7;
+    pair.run();
+    let r = refusal(&pair);
+    let Refusal::Diverged { held, claimed, .. } = &r else {
+        panic!("{r:?}")
+    };
+    assert!(held.contains(&HistoryId([9; 16]).short()), "{held}");
+    assert!(held.contains("generation 7"), "{held}");
+    assert_eq!(claimed, &HISTORY.short());
+    assert!(r.to_string().contains("--fail-back"), "{r}");
+    assert!(r.to_string().contains("--replace-diverged"), "{r}");
+    assert_eq!(pair.source.stops, 0);
+    assert_eq!((pair.target.stops, pair.target.commits), (0, 0));
+    assert_eq!(pair.target.live, gen1());
+}
+
+#[test]
+fn a_fail_back_replaces_the_diverged_copy_reports_it_and_hands_over() {
+    let mut pair = Pair::new(gen2(), gen1());
+    pair.target.last_generation = 3;
+    pair.target.held.history = Some(other_history());
+    pair.target.held.generation = 3;
+    let mut cfg = source_cfg(Mode::Sync, true);
+    cfg.claim.replace_diverged = true;
+    cfg.claim.hand_over = true;
+    pair.next_cycle(gen2(), cfg);
+    pair.run();
+    let report = pair.source.done.clone().unwrap().expect("fail-back failed");
+    assert_eq!(pair.target.live, gen2());
+    assert_eq!(pair.target.held.history, Some(Lineage::new(HISTORY)));
+    let replaced = report.replaced.expect("the replaced tree is reported");
+    assert_eq!(replaced.rollback_to, 3);
+    assert!(replaced.paths > 0);
+    assert_eq!(
+        pair.target.done.clone().unwrap().unwrap().replaced,
+        Some(replaced)
+    );
+    assert!(report.handed_over);
+    assert!(
+        !pair.source.running,
+        "a hand-over leaves the old side stopped"
+    );
+    assert_eq!(pair.source.stops, 1);
+    // The copy handed over to is the primary now: the host that handed it over is fenced off.
+    assert!(matches!(pair.target.held.role, Role::Promoted { .. }));
+    pair.next_cycle(gen2(), source_cfg(Mode::Sync, false));
+    pair.source.running = true;
+    pair.run();
+    assert!(matches!(refusal(&pair), Refusal::Promoted { .. }));
+    // Once demoted, a push of the same history continues it and replaces nothing.
+    pair.target.held.role = Role::Standby;
+    pair.next_cycle(gen2(), source_cfg(Mode::Sync, false));
+    pair.run();
+    let again = pair.source.done.clone().unwrap().expect("continues");
+    assert_eq!(again.replaced, None);
+    assert!(!again.handed_over);
+    assert!(pair.source.running);
+}
+
+#[test]
+fn replacing_a_diverged_copy_is_refused_where_nothing_would_keep_it() {
+    let mut pair = Pair::new(gen2(), gen1());
+    pair.target.held.history = Some(other_history());
+    pair.target.keeps_generations = false;
+    let mut cfg = source_cfg(Mode::Sync, true);
+    cfg.claim.replace_diverged = true;
+    pair.next_cycle(gen2(), cfg);
+    pair.run();
+    let r = refusal(&pair);
+    assert!(r.to_string().contains("keep_generations"), "{r}");
+    assert_eq!(pair.source.stops, 0);
+    assert_eq!(pair.target.live, gen1());
+}
+
+#[test]
+fn a_hand_over_whose_commit_fails_starts_the_source_again() {
+    let mut pair = Pair::new(gen2(), gen1());
+    let mut cfg = source_cfg(Mode::Sync, false);
+    cfg.claim.replace_diverged = true;
+    cfg.claim.hand_over = true;
+    pair.next_cycle(gen2(), cfg);
+    pair.target.commit_fails = Some("disk full".into());
+    pair.run();
+    assert!(pair.source.done.clone().unwrap().is_err());
+    assert!(pair.source.running, "the old side was left stopped");
+    assert_eq!(pair.target.live, gen1());
+}
+
+#[test]
+fn a_flag_for_another_history_than_the_claim_is_refused() {
+    let mut s = waiting_target(Instant::now());
+    let empty = Manifest::new(vec![]).unwrap();
+    s.handle_message(SourceMsg::FinalPass, NOW);
+    s.handle_message(
+        SourceMsg::ManifestEnd {
+            pass: Pass::Final,
+            entries: 0,
+            root: empty.root(),
+        },
+        NOW,
+    );
+    while let Some(a) = s.poll_action() {
+        match a {
+            TargetAction::StopStack => s.handle_stack_stopped(Ok(vec![])),
+            TargetAction::ScanStopped => s.handle_stopped_scan(Ok(empty_live_at_generation_1())),
+            _ => {}
+        }
+    }
+    let status = Status {
+        stack: "web".into(),
+        generation: 2,
+        history: HistoryId([3; 16]),
+        manifest_root: empty.root(),
+        source_id: "primary".into(),
+        target_id: "standby".into(),
+        created_at: NOW,
+    };
+    s.handle_message(
+        SourceMsg::Flag(SignedStatus::sign(status, &flag_key())),
+        NOW,
+    );
+    // The standby was stopped for the final pass: it starts again before the cycle ends.
+    let mut started = false;
+    let err = loop {
+        match s.poll_action() {
+            Some(TargetAction::StartStack) => {
+                started = true;
+                s.handle_stack_started(Ok(()));
+            }
+            Some(TargetAction::Done(r)) => break r.unwrap_err(),
+            Some(_) => {}
+            None => panic!("the cycle did not end"),
+        }
+    };
+    assert!(started);
+    assert!(err.to_string().contains("history"), "{err}");
 }
 
 #[test]
@@ -1203,6 +1458,7 @@ fn a_message_after_manifest_end_while_the_scan_runs_is_a_protocol_violation() {
         mode: Mode::Sync,
         max_delete: 0.5,
     });
+    target.receive(claim());
     target.drive();
     let empty = Manifest::new(vec![]).unwrap();
     target.receive(SourceMsg::ManifestEnd {
@@ -1238,6 +1494,7 @@ fn a_manifest_over_the_memory_cap_ends_the_cycle_before_it_is_held() {
         mode: Mode::Sync,
         max_delete: 0.5,
     });
+    target.receive(claim());
     target.drive();
     let fat = |i: usize| Entry {
         path: p(&format!("f{i:05}")),
@@ -1433,6 +1690,7 @@ fn a_replayed_generation_is_refused() {
         stackclone_proto::flag::Status {
             stack: "web".into(),
             generation: 1,
+            history: HISTORY,
             manifest_root: gen2().manifest().root(),
             source_id: "primary".into(),
             target_id: "standby".into(),
@@ -1479,6 +1737,11 @@ fn deleting_more_than_max_delete_stops_the_cycle() {
 #[test]
 fn an_empty_source_is_never_synced() {
     let mut pair = Pair::new(Tree::default(), gen1());
+    pair.run();
+    assert!(matches!(err_cause(&pair.source.done), Cause::EmptySource));
+    // The lineage file alone is no data either.
+    let lineage_only = Tree::default().file(LINEAGE_FILE, "stackclone lineage 1\n");
+    let mut pair = Pair::new(lineage_only, gen1());
     pair.run();
     assert!(matches!(err_cause(&pair.source.done), Cause::EmptySource));
     assert_eq!(pair.target.live, gen1());
@@ -1667,6 +1930,7 @@ fn big_single_path_files_are_received_in_place_and_hardlinks_never_are() {
 fn empty_live_at_generation_1() -> StackState {
     StackState {
         last_generation: 1,
+        held: Held::default(),
         live: Manifest::new(vec![]).unwrap(),
         staged: HashSet::new(),
         staged_in_place: HashMap::new(),
@@ -1685,6 +1949,7 @@ fn hello_web(s: &mut TargetSession) {
         },
         NOW,
     );
+    s.handle_message(claim(), NOW);
 }
 
 /// A target session for `web` at `t0`, past `Hello` and its policy, with the live dir of
@@ -1694,6 +1959,8 @@ fn waiting_target(t0: Instant) -> TargetSession {
     hello_web(&mut s);
     s.handle_policy(Ok(StackPolicy {
         allow: vec!["primary".into()],
+        held: Held::default(),
+        keeps_generations: true,
     }));
     s.handle_opened(1);
     s.handle_stack(Ok(empty_live_at_generation_1()));
@@ -1751,6 +2018,8 @@ fn no_stall_while_the_target_waits_on_its_own_work() {
     assert_eq!(s.poll_timeout(), None, "looking the stack up");
     s.handle_policy(Ok(StackPolicy {
         allow: vec!["primary".into()],
+        held: Held::default(),
+        keeps_generations: true,
     }));
     s.handle_opened(1);
     assert_eq!(s.poll_timeout(), None, "scanning the live dir");
@@ -1804,6 +2073,7 @@ fn no_stall_while_a_commit_runs() {
     let status = Status {
         stack: "web".into(),
         generation: 2,
+        history: HISTORY,
         manifest_root: empty.root(),
         source_id: "primary".into(),
         target_id: "standby".into(),

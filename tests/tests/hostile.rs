@@ -9,6 +9,7 @@ use stackclone_certs::{Identity, Role, StateDir, Trust};
 use stackclone_common::net;
 use stackclone_proto::delta::Chunk;
 use stackclone_proto::flag::{SignedStatus, Status};
+use stackclone_proto::lineage::{Claim, HistoryId};
 use stackclone_proto::manifest::{Entry, EntryKind, Hash, Manifest, Meta, Xattr};
 use stackclone_proto::msg::{
     CycleResult, Mode, Outcome, PROTOCOL_VERSION, Pass, Refusal, SourceMsg, TargetMsg,
@@ -135,6 +136,7 @@ impl Peer {
                 max_delete: 0.5,
             };
             net::send(&mut send, &hello).await.expect("hello");
+            net::send(&mut send, &claim(src_id)).await.expect("claim");
             match net::recv::<TargetMsg>(&mut recv).await {
                 Ok(Some(TargetMsg::Welcome { .. })) => {
                     return Peer {
@@ -956,11 +958,33 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
-/// What the real source would sign for generation `generation` of a manifest with `root`.
+/// The history of the source's data, as the real source would claim it: the lineage file in
+/// the data dir of the pair whose source identity is `src_id` (`<tmp>/src-id` beside
+/// `<tmp>/src/<stack>`), written there first if the stack has none yet.
+fn history_of(src_id: &Path) -> HistoryId {
+    let src = src_id.with_file_name("src").join(STACK);
+    stackclone_common::lineage_file::ensure(&src)
+        .expect("lineage file")
+        .0
+        .history
+}
+
+/// The `Claim` the real source sends after `Hello`.
+fn claim(src_id: &Path) -> SourceMsg {
+    SourceMsg::Claim(Claim {
+        history: history_of(src_id),
+        replace_diverged: false,
+        hand_over: false,
+    })
+}
+
+/// What the real source would sign for generation `generation` of a manifest with `root` (the
+/// history is filled in by [`flag`]).
 fn status(generation: u64, root: Hash) -> Status {
     Status {
         stack: STACK.into(),
         generation,
+        history: HistoryId([0; 16]),
         manifest_root: root,
         source_id: SOURCE_NAME.into(),
         target_id: TARGET_NAME.into(),
@@ -968,9 +992,11 @@ fn status(generation: u64, root: Hash) -> Status {
     }
 }
 
-/// A `Flag` frame: `status` signed with the flag key of the identity in `key_dir`.
-fn flag(key_dir: &Path, status: Status) -> Vec<u8> {
+/// A `Flag` frame: `status` signed with the flag key of the identity in `key_dir`, for the
+/// history of that source's data.
+fn flag(key_dir: &Path, mut status: Status) -> Vec<u8> {
     let key = stackclone_certs::load_flag_key(key_dir).expect("flag key");
+    status.history = history_of(key_dir);
     frame(&SourceMsg::Flag(SignedStatus::sign(status, &key)))
 }
 
@@ -1114,6 +1140,12 @@ fn out_of_order_messages_end_the_cycle() {
             "manifest",
             "unexpected Hello while Manifest",
             Script::ctl(vec![hello]),
+        ),
+        Case::new(
+            "a second Claim",
+            "manifest",
+            "unexpected Claim while Manifest",
+            Script::ctl(vec![frame(&claim(&p.src_id))]),
         ),
         Case::new(
             "a Flag before ManifestEnd",

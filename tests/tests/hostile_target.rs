@@ -65,6 +65,10 @@ async fn serve_once(
         Ok(Some(SourceMsg::Hello { stack, .. })) if stack == STACK => {}
         other => return Err(format!("expected Hello for {STACK}, got {other:?}")),
     }
+    match net::recv::<SourceMsg>(&mut recv).await {
+        Ok(Some(SourceMsg::Claim(_))) => {}
+        other => return Err(format!("expected the Claim after Hello, got {other:?}")),
+    }
     let welcome = TargetMsg::Welcome {
         version: PROTOCOL_VERSION,
         last_generation: 0,

@@ -128,6 +128,7 @@ mod commit;
 mod error;
 mod journal;
 mod patch;
+mod role;
 mod staging;
 mod state;
 mod tree;
@@ -151,6 +152,7 @@ use stackclone_proto::path::StackPath;
 pub use commit::{CommitReport, Prepared, RollbackReport};
 pub use error::StoreError;
 pub use patch::PatchFile;
+pub use role::Promotion;
 pub use staging::{BasisFile, LocalStage, StagingFile};
 pub use state::StoreState;
 pub use verify::{Difference, Drift, compare};
@@ -279,6 +281,23 @@ fn valid_stack_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+impl StoreConfig {
+    /// The state dir this config names: `state_dir`, else `<parent of path>/.stackclone/<stack>`.
+    /// The default is beside the path as written, not as resolved: if the stack dir is swapped
+    /// for a symlink to somewhere else, the state dir (and its `live-root` record) stays where
+    /// it was, and the swap is noticed.
+    pub fn state_path(&self) -> PathBuf {
+        match &self.state_dir {
+            Some(p) => p.clone(),
+            None => lexical(&self.path)
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join(".stackclone")
+                .join(&self.stack),
+        }
+    }
+}
+
 impl StackStore {
     /// Opens (creating what is missing) the store of one stack, takes its lock, finishes an
     /// interrupted commit and removes stale temporary files.
@@ -312,17 +331,7 @@ impl StackStore {
                 io::Error::from_raw_os_error(Errno::NOTDIR.raw_os_error()),
             ));
         }
-        // The default is beside the path as written, not as resolved: if the stack dir is
-        // swapped for a symlink to somewhere else, the state dir (and its `live-root` record)
-        // stays where it was, and the swap is noticed.
-        let state_path = match &cfg.state_dir {
-            Some(p) => p.clone(),
-            None => given
-                .parent()
-                .unwrap_or(Path::new("/"))
-                .join(".stackclone")
-                .join(&stack),
-        };
+        let state_path = cfg.state_path();
         // Check the file system before creating anything there.
         let mut existing = state_path.as_path();
         while !existing.exists() {
@@ -533,6 +542,7 @@ impl StackStore {
         let scan = self.scan_live(false)?;
         Ok(StackState {
             last_generation: self.generation_base(),
+            held: self.state.held(),
             outside_links: scan.outside_links().into_iter().collect(),
             live: scan.manifest,
             staged: self.staged()?,

@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
+use stackclone_proto::lineage::{Held, HistoryId, Lineage, Role};
 use stackclone_proto::manifest::{Entry, Hash, Manifest};
 use stackclone_proto::wire::{self, FrameDecoder, MAX_FRAME};
 
@@ -40,6 +41,52 @@ pub struct StoreState {
     pub rolled_back_from: Option<u64>,
     /// The last failed cycle's error, cleared by the next commit.
     pub last_error: Option<String>,
+    /// The history of the committed generation (32 hex digits; see
+    /// `stackclone_proto::lineage`). `None` before the first commit, and in a state written
+    /// before lineage existed: the next push's history is taken then.
+    #[serde(default)]
+    pub history: Option<String>,
+    /// For a history a promotion started: the history it forked from and the generation,
+    /// `<hex>@<generation>`.
+    #[serde(default)]
+    pub forked_from: Option<String>,
+    /// Unix seconds of `promote` (or of the fail-back that handed the stack over to this host):
+    /// set, the stack is the primary here and every push is refused. Cleared by `demote`.
+    #[serde(default)]
+    pub promoted_at: Option<i64>,
+}
+
+impl StoreState {
+    /// The history the state records, if it parses.
+    pub fn lineage(&self) -> Option<Lineage> {
+        let history: HistoryId = self.history.as_deref()?.parse().ok()?;
+        let forked_from = self.forked_from.as_deref().and_then(|f| {
+            let (h, g) = f.split_once('@')?;
+            Some((h.parse().ok()?, g.parse().ok()?))
+        });
+        Some(Lineage {
+            history,
+            forked_from,
+        })
+    }
+
+    /// Records `l` as the state's history.
+    pub fn set_lineage(&mut self, l: &Lineage) {
+        self.history = Some(l.history.to_string());
+        self.forked_from = l.forked_from.map(|(h, g)| format!("{h}@{g}"));
+    }
+
+    /// The role and history a push is judged against.
+    pub fn held(&self) -> Held {
+        Held {
+            role: match self.promoted_at {
+                Some(at) => Role::Promoted { at },
+                None => Role::Standby,
+            },
+            history: self.lineage(),
+            generation: self.generation,
+        }
+    }
 }
 
 /// The header frame of a manifest file.

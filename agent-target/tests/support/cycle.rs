@@ -22,6 +22,7 @@ use stackclone_proto::delta::{
     CheckedSignature, FileReceiver, FileSender, SenderConfig, SignatureBuilder,
 };
 use stackclone_proto::flag::{SignedStatus, Status};
+use stackclone_proto::lineage::HistoryId;
 use stackclone_proto::manifest::Manifest;
 use stackclone_proto::msg::{
     MANIFEST_PART_ENTRIES, Mode, PROTOCOL_VERSION, Pass, SourceMsg, TargetMsg,
@@ -32,6 +33,8 @@ use stackclone_proto::session::{
 
 use super::store::{BasisFile, CommitReport, LocalStage, StackStore, StoreError};
 
+/// The history the honest source of these cycles claims.
+const HISTORY: HistoryId = HistoryId([5; 16]);
 /// The time every cycle runs at (Unix seconds).
 pub const NOW: i64 = 1_800_000_000;
 /// The stack every cycle is for.
@@ -86,6 +89,14 @@ pub fn cycle_with(
         },
         NOW,
     );
+    session.handle_message(
+        SourceMsg::Claim(stackclone_proto::lineage::Claim {
+            history: HISTORY,
+            replace_diverged: false,
+            hand_over: false,
+        }),
+        NOW,
+    );
     let mut manifest_sent = false;
     let mut wants: HashMap<u32, Option<Vec<u8>>> = HashMap::new();
     for _ in 0..100_000 {
@@ -100,6 +111,7 @@ pub fn cycle_with(
                     let status = Status {
                         stack: STACK.into(),
                         generation,
+                        history: HISTORY,
                         manifest_root: want.root(),
                         source_id: "primary".into(),
                         target_id: "standby".into(),
@@ -138,6 +150,8 @@ pub fn cycle_with(
             TargetAction::LookupStack { .. } => {
                 session.handle_policy(Ok(StackPolicy {
                     allow: vec!["primary".into()],
+                    held: store.state().held(),
+                    keeps_generations: true,
                 }));
             }
             TargetAction::LoadStack { .. } => {

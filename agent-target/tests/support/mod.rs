@@ -32,6 +32,9 @@ use tokio::sync::oneshot;
 
 pub const SOURCE: &str = "primary";
 pub const TARGET: &str = "standby";
+/// The history the tests' sources claim.
+pub const HISTORY: stackclone_proto::lineage::HistoryId =
+    stackclone_proto::lineage::HistoryId([5; 16]);
 
 /// A temp dir with a fleet: `src-id` is the CA host and the source, `tgt-id` the target;
 /// `etc/target.toml` and `etc/conf.d/` its config; `tgt/<stack>` the live dirs and `src/<stack>`
@@ -291,6 +294,11 @@ impl Source {
                 allow_empty: true,
                 max_delete: 1.0,
                 on_stop_timeout: OnStopTimeout::Warn,
+                claim: stackclone_proto::lineage::Claim {
+                    history: HISTORY,
+                    replace_diverged: false,
+                    hand_over: false,
+                },
             },
             script
                 .flag_key

@@ -111,6 +111,11 @@ pub struct SourceStack {
     /// timeout means for the cycle. `"warn"` ships the copy (crash-consistent for that
     /// service) and reports the kill; `"fail"` refuses to ship it.
     pub on_stop_timeout: OnStopTimeout,
+    /// `on_superseded` (default `"alert"`): what this host does when the standby says the
+    /// stack was promoted there (this host is no longer its primary). `"alert"` logs, alerts
+    /// once and leaves the local stack alone; `"stop"` also stops the local stack once, so
+    /// that two primaries do not serve clients (fencing).
+    pub on_superseded: OnSuperseded,
     /// `pre_stop`: hooks run before the stack is stopped (a database flush), in order.
     pub pre_stop: Vec<Hook>,
     /// `post_start`: hooks run after the stack is started again, in order.
@@ -188,6 +193,7 @@ struct RawStack {
     order: Option<Spanned<Vec<ServiceName>>>,
     stop_timeout: Option<Secs>,
     on_stop_timeout: Option<RawOnStopTimeout>,
+    on_superseded: Option<RawOnSuperseded>,
     #[serde(default)]
     pre_stop: Hooks,
     #[serde(default)]
@@ -204,6 +210,24 @@ struct RawStack {
 enum RawOnStopTimeout {
     Warn,
     Fail,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawOnSuperseded {
+    Alert,
+    Stop,
+}
+
+/// What a source does when its stack was promoted on the standby (see
+/// [`SourceStack::on_superseded`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnSuperseded {
+    /// Log and alert once; the local stack is left as it is.
+    #[default]
+    Alert,
+    /// Also stop the local stack, once (fencing).
+    Stop,
 }
 
 #[derive(Deserialize)]
@@ -433,6 +457,10 @@ impl SourceConfig {
                 on_stop_timeout: match raw.on_stop_timeout {
                     None | Some(RawOnStopTimeout::Warn) => OnStopTimeout::Warn,
                     Some(RawOnStopTimeout::Fail) => OnStopTimeout::Fail,
+                },
+                on_superseded: match raw.on_superseded {
+                    None | Some(RawOnSuperseded::Alert) => OnSuperseded::Alert,
+                    Some(RawOnSuperseded::Stop) => OnSuperseded::Stop,
                 },
                 pre_stop: hooks(file, "pre_stop", raw.pre_stop)?,
                 post_start: hooks(file, "post_start", raw.post_start)?,

@@ -215,6 +215,7 @@ mod tests {
 
     fn container(service: &str, n: usize, hash: Option<&str>) -> StackContainer {
         StackContainer {
+            health: None,
             container: ContainerRef {
                 service: service.to_owned(),
                 name: format!("p_{service}_{n}"),

@@ -7,6 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use stackclone_proto::manifest::{Entry, EntryKind, Hash, Manifest, Meta};
 use stackclone_proto::msg::{Mode, TargetMsg};
 use stackclone_proto::path::StackPath;
+use stackclone_proto::lineage::{Claim, HistoryId};
 use stackclone_proto::session::{OnStopTimeout, SourceAction, SourceConfig, SourceSession};
 use stackclone_proto::wire::{self, FrameDecoder};
 
@@ -22,6 +23,11 @@ fuzz_target!(|data: &[u8]| {
             allow_empty: false,
             max_delete: 0.5,
             on_stop_timeout: OnStopTimeout::Warn,
+            claim: Claim {
+                history: HistoryId([1; 16]),
+                replace_diverged: false,
+                hand_over: data.first().is_some_and(|b| b & 2 == 2),
+            },
         },
         SigningKey::from_bytes(&[7; 32]),
     );

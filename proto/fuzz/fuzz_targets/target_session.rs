@@ -15,6 +15,7 @@ use stackclone_proto::wire::{self, FrameDecoder};
 
 fn empty() -> StackState {
     StackState {
+        held: Default::default(),
         last_generation: 0,
         live: Manifest::default(),
         staged: HashSet::new(),
@@ -47,6 +48,8 @@ fuzz_target!(|data: &[u8]| {
             match action {
                 TargetAction::LookupStack { .. } => s.handle_policy(Ok(StackPolicy {
                     allow: vec!["primary".into()],
+                    held: Default::default(),
+                    keeps_generations: true,
                 })),
                 TargetAction::LoadStack { .. } => s.handle_stack(Ok(empty())),
                 TargetAction::StopStack => {

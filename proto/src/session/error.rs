@@ -92,9 +92,11 @@ impl Cause {
         }
     }
 
-    /// The finer kind where there is one: the [`Violation`] or the [`Failure`].
+    /// The finer kind where there is one: the [`Refusal`](crate::msg::Refusal), the
+    /// [`Violation`] or the [`Failure`].
     pub fn detail(&self) -> Option<&'static str> {
         match self {
+            Cause::Refused(r) => Some(r.kind()),
             Cause::PeerMisbehaved(v) => Some(v.kind()),
             Cause::Local(f) => Some(f.kind()),
             _ => None,

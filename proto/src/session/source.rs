@@ -18,10 +18,11 @@ use ed25519_dalek::SigningKey;
 use super::{Cause, CycleError, Failure, Violation};
 use crate::delta::CheckedSignature;
 use crate::flag::{SignedStatus, Status};
+use crate::lineage::{Claim, LINEAGE_FILE};
 use crate::manifest::{Hash, Manifest};
 use crate::msg::{
-    MANIFEST_PART_ENTRIES, Mode, Outcome, PROTOCOL_VERSION, Pass, Phase, PlanSummary, SourceMsg,
-    TargetMsg,
+    MANIFEST_PART_ENTRIES, Mode, Outcome, PROTOCOL_VERSION, Pass, Phase, PlanSummary, Replaced,
+    SourceMsg, TargetMsg,
 };
 use crate::path::StackPath;
 
@@ -48,6 +49,11 @@ pub struct SourceConfig {
     pub max_delete: f64,
     /// What a service that Docker had to kill at its stop timeout means for the cycle.
     pub on_stop_timeout: OnStopTimeout,
+    /// The history of this host's data, and whether the push replaces a diverged copy or
+    /// hands the stack over (see [`crate::lineage`]). With [`Claim::hand_over`], once the
+    /// target committed, the stack stays stopped here: the target's copy is the primary from
+    /// then on. It is started again if the cycle fails.
+    pub claim: Claim,
 }
 
 /// What to do when stopping the stack for the final pass took Docker's kill: the service did not
@@ -105,6 +111,10 @@ pub struct SourceReport {
     pub stop_killed: Vec<String>,
     /// Services of the standby that the target's Docker had to kill at their stop timeout.
     pub standby_killed: Vec<String>,
+    /// The target's own tree the commit replaced, kept as a generation there.
+    pub replaced: Option<Replaced>,
+    /// A hand-over committed: the stack was left stopped here.
+    pub handed_over: bool,
 }
 
 /// Where the cycle is, with what each step holds.
@@ -181,6 +191,7 @@ impl SourceSession {
             mode: cfg.mode,
             max_delete: cfg.max_delete,
         });
+        messages.push_back(SourceMsg::Claim(cfg.claim));
         Self {
             cfg,
             key: flag_key,
@@ -339,12 +350,17 @@ impl SourceSession {
                     Outcome::Committed {
                         target_downtime_ms,
                         standby_killed,
+                        replaced,
                     } => {
                         self.report.target_downtime_ms = Some(target_downtime_ms);
                         self.report.standby_killed = standby_killed;
+                        self.report.replaced = replaced;
+                        self.report.handed_over = self.cfg.claim.hand_over && self.stack_down;
                         Ok(())
                     }
                     Outcome::Failed { phase, reason } => {
+                        // A hand-over that did not commit: this host stays the primary.
+                        self.restart_stack();
                         Err(self.error(phase, Cause::CommitFailed(reason)))
                     }
                 };
@@ -425,7 +441,12 @@ impl SourceSession {
             Ok(m) => m,
             Err(e) => return self.local(Failure::Scan(e)),
         };
-        if manifest.is_empty() && !self.cfg.allow_empty {
+        // The lineage file alone is no data: an emptied data dir still holds it.
+        let empty = manifest
+            .entries()
+            .iter()
+            .all(|e| e.path.as_bytes() == LINEAGE_FILE.as_bytes());
+        if empty && !self.cfg.allow_empty {
             return self.fail(Cause::EmptySource, true);
         }
         let root = manifest.root();
@@ -527,14 +548,17 @@ impl SourceSession {
                 let status = Status {
                     stack: self.cfg.stack.clone(),
                     generation: self.report.generation,
+                    history: self.cfg.claim.history,
                     manifest_root: manifest.root(),
                     source_id: self.cfg.source_id.clone(),
                     target_id: self.cfg.target_id.clone(),
                     created_at: now,
                 };
                 // The last byte is staged on the target: the source's downtime ends here, before
-                // the target commits.
-                self.restart_stack();
+                // the target commits. A hand-over waits for the result instead.
+                if !self.cfg.claim.hand_over {
+                    self.restart_stack();
+                }
                 self.messages
                     .push_back(SourceMsg::Flag(SignedStatus::sign(status, &self.key)));
                 self.state = State::AwaitResult;

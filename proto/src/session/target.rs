@@ -1,7 +1,9 @@
 //! The target side of a cycle.
 //!
 //! ```text
-//!  Hello ─► LoadStack ─► [opened ─► Welcome] ─► stack state | Refused
+//!  Hello ─► Claim ─► LookupStack ─► allow? role and lineage ([`crate::lineage::admit`])?
+//!        ─► LoadStack ─► [opened ─► Welcome] ─► stack state (role and lineage again, under
+//!           the stack's lock) | Refused
 //!  per pass: manifest parts ─► ManifestEnd (checked: count, root; then, once the stack state
 //!            is in, the max_delete valve)
 //!            ─► for each content not live and not staged: StageLocal (a live file has it) or
@@ -50,10 +52,11 @@ use ed25519_dalek::VerifyingKey;
 use super::{Cause, CycleError, Failure, MAX_IN_FLIGHT, Violation};
 use crate::delta::Verified;
 use crate::flag::{Expected, SignedStatus, VerifiedStatus};
+use crate::lineage::{self, Admit, Claim, Held};
 use crate::manifest::{Entry, EntryKind, Hash, Manifest};
 use crate::msg::{
     CycleResult, MAX_MANIFEST_BYTES, MAX_MANIFEST_ENTRIES, Mode, Outcome, PROTOCOL_VERSION, Pass,
-    Phase, PlanSummary, Refusal, SourceMsg, TargetMsg,
+    Phase, PlanSummary, Refusal, Replaced, SourceMsg, TargetMsg,
 };
 use crate::path::StackPath;
 use crate::plan::{Changes, Upsert};
@@ -77,6 +80,12 @@ pub struct TargetConfig {
 pub struct StackPolicy {
     /// Source names allowed to push this stack.
     pub allow: Vec<String>,
+    /// The stack's role and history as its state file says (read without the stack's lock:
+    /// [`StackState::held`] checks them again under it).
+    pub held: Held,
+    /// Whether a commit keeps the tree it replaces for `rollback` (`keep_generations` > 0).
+    /// A fail-back is refused without it: it would throw this host's tree away.
+    pub keeps_generations: bool,
 }
 
 /// What the driver knows of a stack when a cycle for it starts.
@@ -84,6 +93,8 @@ pub struct StackPolicy {
 pub struct StackState {
     /// Last committed generation (0: none yet).
     pub last_generation: u64,
+    /// The stack's role and history, read under the stack's lock.
+    pub held: Held,
     /// A fresh scan of the live dir.
     pub live: Manifest,
     /// Contents already staged, by hash.
@@ -197,6 +208,12 @@ pub struct Commit {
     changes: Changes,
     /// The standby was stopped before `live` was scanned.
     standby_stopped: bool,
+    /// Why the push was let in (see [`crate::lineage`]).
+    admit: Admit,
+    /// The target's own tree this commit replaces, if it is one to report (see [`Replaced`]).
+    replaced: Option<Replaced>,
+    /// A fail-back: the copy becomes the primary here once committed.
+    hand_over: bool,
 }
 
 impl Commit {
@@ -227,6 +244,20 @@ impl Commit {
     pub fn without_stop(&self) -> bool {
         !self.standby_stopped
     }
+    /// Why the push was let in: a fail-back, a first contact, or the history continued.
+    pub fn admit(&self) -> Admit {
+        self.admit
+    }
+    /// The tree of the target's own that this commit replaces, where it must be reported: a
+    /// fail-back or a first push into a live dir that held files, with changes to make.
+    pub fn replaced(&self) -> Option<Replaced> {
+        self.replaced
+    }
+    /// A fail-back ([`Claim::hand_over`]): the driver records the stack as promoted in the
+    /// same commit, so that the host that handed it over can no longer push it here.
+    pub fn hand_over(&self) -> bool {
+        self.hand_over
+    }
 }
 
 /// What a cycle did on the target.
@@ -244,6 +275,10 @@ pub struct TargetReport {
     /// The standby's services Docker had to kill at their stop timeout.
     pub standby_killed: Vec<String>,
     pub dry_run: bool,
+    /// The source's claim, once it arrived.
+    pub claim: Option<Claim>,
+    /// The target's own tree the commit replaced and kept (see [`Replaced`]).
+    pub replaced: Option<Replaced>,
 }
 
 /// Where the cycle is, with what each step holds: a state that needs the stack's scan or a
@@ -251,6 +286,8 @@ pub struct TargetReport {
 #[derive(Debug)]
 enum State {
     AwaitHello,
+    /// `Hello` arrived; the source's [`Claim`] comes next.
+    AwaitClaim,
     LookingUp,
     LoadingStack,
     /// `Welcome` went out; a manifest arrives in parts. `stack` is the scan of the live dir,
@@ -285,6 +322,7 @@ impl State {
     fn name(&self) -> &'static str {
         match self {
             State::AwaitHello => "AwaitHello",
+            State::AwaitClaim => "AwaitClaim",
             State::LookingUp => "LookingUp",
             State::LoadingStack => "LoadingStack",
             // A held manifest end is the transfer already, as far as the source can tell: the
@@ -391,6 +429,8 @@ pub struct TargetSession {
     /// The last sign of life from the source, or of the driver's own work (see
     /// [`TargetSession::poll_timeout`]).
     last_progress: Instant,
+    /// Why the push was let in, once the policy was checked.
+    admit: Option<Admit>,
 }
 
 impl TargetSession {
@@ -425,6 +465,7 @@ impl TargetSession {
             final_begun: false,
             precopy_unchanged: false,
             last_progress: now,
+            admit: None,
         }
     }
 
@@ -456,7 +497,9 @@ impl TargetSession {
     /// waiting for this side then, so silence from it is no stall.
     fn is_waiting_on_driver(&self) -> bool {
         match &self.state {
-            State::AwaitHello | State::Closing { .. } | State::Finished => false,
+            State::AwaitHello | State::AwaitClaim | State::Closing { .. } | State::Finished => {
+                false
+            }
             State::LookingUp | State::LoadingStack | State::Manifest { stack: None, .. } => true,
             _ => matches!(self.standby, Standby::Stopping | Standby::Stopped { .. }),
         }
@@ -496,7 +539,9 @@ impl TargetSession {
 
     fn phase(&self) -> Phase {
         match &self.state {
-            State::AwaitHello | State::LookingUp | State::LoadingStack => Phase::Hello,
+            State::AwaitHello | State::AwaitClaim | State::LookingUp | State::LoadingStack => {
+                Phase::Hello
+            }
             State::Manifest { held: Some(_), .. } => Phase::Transfer,
             State::Manifest { .. } => Phase::Manifest,
             State::Transfer { .. } => Phase::Transfer,
@@ -589,8 +634,14 @@ impl TargetSession {
                         supported: PROTOCOL_VERSION,
                     });
                 }
+                self.state = State::AwaitClaim;
+            }
+            SourceMsg::Claim(claim) if matches!(self.state, State::AwaitClaim) => {
+                self.report.claim = Some(claim);
                 self.state = State::LookingUp;
-                self.actions.push_back(TargetAction::LookupStack { stack });
+                self.actions.push_back(TargetAction::LookupStack {
+                    stack: self.stack.clone(),
+                });
             }
             SourceMsg::ManifestPart { entries } if collecting => {
                 if (self.parts.len() + entries.len()) as u64 > MAX_MANIFEST_ENTRIES {
@@ -635,10 +686,34 @@ impl TargetSession {
                 stack: self.stack.clone(),
             });
         }
+        let admit = match self.admit(&policy.held) {
+            Ok(a) => a,
+            Err(refusal) => return self.refuse(refusal),
+        };
+        if admit == Admit::FailBack && !policy.keeps_generations && self.mode == Mode::Sync {
+            return self.refuse(Refusal::Unavailable {
+                stack: self.stack.clone(),
+                reason: "a fail-back replaces this host's own tree, and with \
+                         `keep_generations = 0` nothing would keep it; set keep_generations \
+                         to 1 or more in the stack's file on this host"
+                    .into(),
+            });
+        }
+        self.admit = Some(admit);
         self.state = State::LoadingStack;
         self.actions.push_back(TargetAction::LoadStack {
             stack: self.stack.clone(),
         });
+    }
+
+    fn admit(&self, held: &Held) -> Result<Admit, Refusal> {
+        match &self.report.claim {
+            Some(claim) => lineage::admit(&self.stack, held, claim),
+            None => Err(Refusal::Unavailable {
+                stack: self.stack.clone(),
+                reason: "the source sent no claim".into(),
+            }),
+        }
     }
 
     /// The driver opened the stack's store (took its lock, recovered an interrupted commit);
@@ -676,6 +751,19 @@ impl TargetSession {
             Ok(s) => s,
             Err(refusal) => return self.refuse(refusal),
         };
+        // A promotion (or another source's commit) between the lookup and the lock.
+        match self.admit(&state.held) {
+            Ok(a) if Some(a) == self.admit => {}
+            Ok(a) => {
+                return self.refuse(Refusal::Unavailable {
+                    stack: self.stack.clone(),
+                    reason: format!(
+                        "its lineage changed while this cycle began (now {a:?}); try again"
+                    ),
+                });
+            }
+            Err(refusal) => return self.refuse(refusal),
+        }
         match self.welcomed {
             None => self.welcome(state.last_generation),
             Some(before) if before != state.last_generation => {
@@ -1070,7 +1158,7 @@ impl TargetSession {
             return;
         };
         let checked = self.check_flag(flag, now, manifest, stack);
-        let (verified, changes, standby_stopped) = match checked {
+        let (verified, changes, standby_stopped, admit) = match checked {
             Ok(c) => c,
             Err(cause) => return self.fail(cause, true),
         };
@@ -1085,12 +1173,23 @@ impl TargetSession {
         self.report.generation = verified.generation();
         self.report.upserts = changes.upserts.len() as u64;
         self.report.deletes = changes.deletes.len() as u64;
+        let own_tree = matches!(admit, Admit::FailBack | Admit::FirstContact)
+            && changes.live_files > 0
+            && !changes.is_empty();
+        let replaced = own_tree.then(|| Replaced {
+            paths: (changes.upserts.len() + changes.deletes.len()) as u64,
+            rollback_to: stack.last_generation,
+        });
+        self.report.replaced = replaced;
         let commit = Commit {
             status: verified,
             manifest,
             live: stack.live,
             changes,
             standby_stopped,
+            admit,
+            replaced,
+            hand_over: self.report.claim.is_some_and(|c| c.hand_over),
         };
         self.standby = Standby::Committing;
         self.actions.push_back(TargetAction::Commit(commit));
@@ -1105,17 +1204,21 @@ impl TargetSession {
         now: i64,
         manifest: &Manifest,
         stack: &StackState,
-    ) -> Result<(VerifiedStatus, Changes, bool), Cause> {
+    ) -> Result<(VerifiedStatus, Changes, bool, Admit), Cause> {
         let Some(key) = self.cfg.peer_flag_key else {
             return Err(Cause::Local(Failure::NoFlagKey {
                 peer: self.cfg.peer.clone(),
             }));
+        };
+        let (Some(claim), Some(admit)) = (self.report.claim, self.admit) else {
+            return Err(Cause::Local(Failure::NotPlannedStopped));
         };
         let expected = Expected {
             stack: &self.stack,
             source_id: &self.cfg.peer,
             target_id: &self.cfg.target_id,
             last_generation: stack.last_generation,
+            history: claim.history,
             manifest_root: manifest.root(),
             now,
             max_skew: self.cfg.max_skew_secs,
@@ -1133,7 +1236,7 @@ impl TargetSession {
             Standby::Untouched if changes.is_empty() && stack.last_generation > 0 => false,
             _ => return Err(Cause::Local(Failure::NotPlannedStopped)),
         };
-        Ok((verified, changes, standby_stopped))
+        Ok((verified, changes, standby_stopped, admit))
     }
 
     /// The commit finished: the new generation is live, or the commit failed and the previous
@@ -1151,6 +1254,7 @@ impl TargetSession {
                     outcome: Outcome::Committed {
                         target_downtime_ms,
                         standby_killed: self.report.standby_killed.clone(),
+                        replaced: self.report.replaced,
                     },
                 }));
                 let report = std::mem::take(&mut self.report);

@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::AsFd;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use stackclone_proto::lineage::Lineage;
 use stackclone_proto::manifest::{Entry, Hash, Manifest};
 use stackclone_proto::path::StackPath;
 use stackclone_proto::plan::Changes;
@@ -69,7 +70,7 @@ impl StackStore {
             .map_err(|e| self.io_err("write", show(&self.manifests.path().join(&name)), e))?;
 
         let (files, bytes) = c.manifest().file_totals();
-        let state_after = StoreState {
+        let mut state_after = StoreState {
             stack: self.stack.clone(),
             generation: g,
             highest_generation: g.max(self.state.highest_generation),
@@ -79,6 +80,17 @@ impl StackStore {
             bytes,
             ..StoreState::default()
         };
+        // The history the flag signed; a fork recorded for it stays with it.
+        let history = c.status().status().history;
+        match self.state.lineage() {
+            Some(l) if l.history == history => state_after.set_lineage(&l),
+            _ => state_after.set_lineage(&Lineage::new(history)),
+        }
+        // A fail-back hands the stack over: from this commit on, it is the primary here (dated
+        // by the flag, which the session checked against this host's clock).
+        if c.hand_over() {
+            state_after.promoted_at = Some(c.status().status().created_at);
+        }
         let undo = gen_path.join("patches");
         std::fs::create_dir(&undo).map_err(|e| self.io_err("create", show(&undo), e))?;
         let mut prepared = self.make_ready(

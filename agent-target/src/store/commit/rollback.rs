@@ -129,10 +129,12 @@ impl StackStore {
         self.stage_for_rollback(n, &changes)?;
         std::fs::create_dir_all(self.generations.path().join(n.to_string()).join("undo"))
             .map_err(|e| self.io_err("create", show(self.generations.path()), e))?;
+        // The role is the host's, not the tree's: a rollback does not demote or promote.
         let state_after = StoreState {
             rolled_back_from: Some(n),
             last_error: None,
             highest_generation: self.state.highest_generation.max(n),
+            promoted_at: self.state.promoted_at,
             ..previous
         };
         let prepared = self.make_ready(
