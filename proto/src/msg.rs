@@ -209,8 +209,6 @@ pub enum SourceMsg {
         mode: Mode,
         max_delete: f64,
     },
-    /// The history of the source's data, sent right after `Hello` (see [`crate::lineage`]).
-    Claim(Claim),
     /// Up to [`MANIFEST_PART_ENTRIES`] entries, in order.
     ManifestPart {
         entries: Vec<Entry>,
@@ -255,6 +253,9 @@ pub enum SourceMsg {
         #[serde(deserialize_with = "crate::text::escaped")]
         reason: String,
     },
+    /// The history of the source's data, sent right after `Hello` (see [`crate::lineage`]).
+    /// Last of the variants, so that the others keep their encoding.
+    Claim(Claim),
 }
 
 /// Target to source.
