@@ -15,7 +15,7 @@ pub mod fsx;
 pub mod proxy;
 pub mod tree;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -683,5 +683,94 @@ trait TakeCmd {
 impl TakeCmd for Command {
     fn take_cmd(&mut self) -> Command {
         std::mem::replace(self, Command::new("false"))
+    }
+}
+
+/// A running `stackclone-source run` of a [`Pair`], its stderr collected.
+#[derive(Debug)]
+pub struct SourceDaemon {
+    pub child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl SourceDaemon {
+    /// Starts the daemon and waits until it says it runs.
+    pub fn start(p: &Pair) -> SourceDaemon {
+        let mut child = spawn(
+            p.source_cmd(&["run"])
+                .env("STACKCLONE_LOG", "info,stackclone=debug")
+                .env("NO_COLOR", "1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .expect("log")
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let d = SourceDaemon { child, log };
+        d.wait_log("source daemon running", Duration::from_secs(30));
+        d
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// Waits until its log contains `needle`.
+    pub fn wait_log(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the daemon's log within {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How often its log contains `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// SIGTERM, then the exit status (within `limit`).
+    #[track_caller]
+    pub fn terminate(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        signal(self.child.id(), "TERM");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Let the reader thread drain the pipe.
+                std::thread::sleep(Duration::from_millis(100));
+                return (status, self.log());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "the daemon did not exit within {limit:?} of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for SourceDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -6,8 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 
 #[path = "../../common/tests/support/mod.rs"]
 mod support;
@@ -17,95 +16,11 @@ use support::{Recorder, Reply};
 
 use stackclone_tests::fsx::{self, Rng};
 use stackclone_tests::tree::{assert_same, snapshot};
-use stackclone_tests::{Pair, PairOptions, STACK, signal, spawn};
+use stackclone_tests::{Pair, PairOptions, STACK, SourceDaemon as Daemon, signal, spawn};
 
 const MIB: usize = 1 << 20;
 
 /// `stackclone-source run` with its stderr collected.
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Daemon {
-    fn start(p: &Pair) -> Daemon {
-        let mut child = spawn(
-            p.source_cmd(&["run"])
-                .env("STACKCLONE_LOG", "info,stackclone=debug")
-                .env("NO_COLOR", "1")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped()),
-        );
-        let mut stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .expect("log")
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let d = Daemon { child, log };
-        d.wait_log("source daemon running", Duration::from_secs(30));
-        d
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("log").clone()
-    }
-
-    #[track_caller]
-    fn wait_log(&self, needle: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in the daemon's log within {limit:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.log().matches(needle).count()
-    }
-
-    /// SIGTERM, then the exit status (within `limit`).
-    #[track_caller]
-    fn terminate(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
-        signal(self.child.id(), "TERM");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Let the reader thread drain the pipe.
-                std::thread::sleep(Duration::from_millis(100));
-                return (status, self.log());
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "the daemon did not exit within {limit:?} of SIGTERM:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Waits until the target has committed at least `generation`.
 #[track_caller]
 fn wait_generation(p: &Pair, generation: u64, limit: Duration, d: &Daemon) -> u64 {

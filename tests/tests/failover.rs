@@ -1,0 +1,195 @@
+//! Failover end to end, with real processes on 127.0.0.1: the standby is promoted while the
+//! primary is gone, the old primary comes back and is refused (told, alerted once, never
+//! overwriting the promoted copy), a split brain is refused as diverged until it is resolved
+//! explicitly, and what the resolution replaced stays restorable.
+//!
+//! Alerts go to a recording HTTP server; metrics are scraped from the daemon's `/metrics`.
+
+#[path = "../../common/tests/support/mod.rs"]
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use stackclone_proto::lineage::LINEAGE_FILE;
+use stackclone_tests::fsx::{self, Rng};
+use stackclone_tests::tree::{assert_same, snapshot};
+use stackclone_tests::{Pair, STACK, SourceDaemon, run};
+use support::{Recorder, Reply};
+
+fn scrape(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// The source's status of `web`, as `status --json` prints it.
+fn source_status(p: &Pair) -> serde_json::Value {
+    let r = run(p.source_cmd(&["status", "--json"]));
+    r.ok();
+    r.json()[0].clone()
+}
+
+#[test]
+fn the_old_primary_is_refused_after_a_promotion_then_a_split_brain_is_resolved_explicitly() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let recorder = rt.block_on(Recorder::start(Reply::Status(200)));
+    let hook = recorder.url();
+    let alerts = || -> Vec<String> {
+        recorder
+            .requests()
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .collect()
+    };
+    let metrics_port = free_tcp_port();
+    let mut p = Pair::with(stackclone_tests::PairOptions {
+        source_extra: "schedule = \"* * * * * *\"\n".into(),
+        ..Default::default()
+    });
+    let main = std::fs::read_to_string(&p.source_config).expect("source.toml");
+    fsx::write(
+        &p.source_config,
+        format!(
+            "metrics_listen = \"127.0.0.1:{metrics_port}\"\n{main}\n[alerts]\n\
+             webhook = {{ url = \"{hook}/hook\" }}\n"
+        ),
+    );
+    fsx::write(p.src.join("db/table"), Rng::new(1).bytes(200_000));
+    fsx::write(p.src.join("conf"), "v1\n");
+    let history = std::fs::read_to_string(p.src.join(LINEAGE_FILE)).expect("lineage file");
+    p.start_target();
+
+    // The primary replicates, then dies.
+    let d = SourceDaemon::start(&p);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.target_generation() < 1 {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(d);
+    let generation = p.target_generation();
+    assert_same(
+        &snapshot(&p.src),
+        &snapshot(&p.live),
+        "the standby before failover",
+    );
+
+    // Promote the standby, while its daemon runs.
+    let r = run(p.target_cmd(&["promote", STACK, "--json"]));
+    r.ok();
+    let promoted = r.json();
+    assert_eq!(promoted["promoted_now"], true, "{promoted}");
+    assert_eq!(promoted["generation"], generation, "{promoted}");
+    let new_history = promoted["history"].as_str().expect("history").to_owned();
+    assert!(
+        !history.contains(&new_history),
+        "promotion starts a new history"
+    );
+    let forked = promoted["forked_from"].as_str().expect("forked_from");
+    assert!(
+        history.contains(forked.split('@').next().unwrap_or("-")),
+        "{forked} is not the primary's history {history}"
+    );
+    let st = p.target_status();
+    assert_eq!(st["role"], "promoted", "{st}");
+    assert_eq!(st["stale"], false, "{st}");
+    // Promoting again changes nothing.
+    let again = run(p.target_cmd(&["promote", STACK, "--json"]));
+    again.ok();
+    assert_eq!(again.json()["promoted_now"], false);
+    assert_eq!(again.json()["history"], new_history.as_str());
+
+    // Users write on the promoted copy.
+    fsx::write(p.live.join("written-after-failover"), "orders 1001-1042\n");
+    fsx::write(p.live.join("conf"), "v2 on the standby\n");
+    let standby_tree = snapshot(&p.live);
+
+    // The old primary comes back: its daemon runs a cycle every second, each refused.
+    let d = SourceDaemon::start(&p);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.count("the target still refuses this host's pushes") < 3 {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_same(&standby_tree, &snapshot(&p.live), "the promoted copy");
+    let s = source_status(&p);
+    assert_eq!(s["role"], "superseded", "{s}");
+    assert!(s["promoted_at"].as_i64().is_some(), "{s}");
+    let m = scrape(&format!("127.0.0.1:{metrics_port}"));
+    assert!(m.contains("stackclone_superseded{stack=\"web\"} 1"), "{m}");
+    // One alert, saying what happened; no failure alert per refused cycle.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !alerts().iter().any(|a| a.contains("no longer")) {
+        assert!(Instant::now() < deadline, "{:?}", alerts());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = alerts();
+    assert_eq!(
+        seen.iter().filter(|a| a.contains("no longer")).count(),
+        1,
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|a| a.contains("\"failure\"")),
+        "a refused cycle alerted as a failure: {seen:?}"
+    );
+    drop(d);
+    // The one-shot push says the same, in words a person can act on.
+    let r = run(p.push_cmd(&["--json"]));
+    assert_eq!(r.code(), Some(1), "{}", r.dump());
+    let err = r.json()[0]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        err.contains("was promoted on the standby") && err.contains("demote web"),
+        "{err}"
+    );
+
+    // Demoted without a fail-back: the copies have diverged, and the old primary is still
+    // refused, now as a split brain, naming both histories.
+    let r = run(p.target_cmd(&["demote", STACK]));
+    r.ok();
+    assert!(r.stdout.contains("a standby again"), "{}", r.stdout);
+    let r = run(p.push_cmd(&["--json"]));
+    assert_eq!(r.code(), Some(1), "{}", r.dump());
+    let err = r.json()[0]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(err.contains("has diverged"), "{err}");
+    assert!(err.contains(&new_history[..8]), "{err}");
+    assert!(err.contains("--replace-diverged"), "{err}");
+    assert_eq!(source_status(&p)["role"], "diverged");
+    assert_same(&standby_tree, &snapshot(&p.live), "the diverged copy");
+
+    // Resolved in the old primary's favour: its data replaces the copy, which stays
+    // restorable.
+    let r = run(p.push_cmd(&["--replace-diverged"]));
+    r.ok();
+    assert!(
+        r.stdout.contains("it is kept there") && r.stdout.contains("rollback web --to"),
+        "{}",
+        r.stdout
+    );
+    assert_same(
+        &snapshot(&p.src),
+        &snapshot(&p.live),
+        "after --replace-diverged",
+    );
+    assert_eq!(source_status(&p)["role"], "primary");
+    let r = run(p.target_cmd(&["rollback", STACK, "--yes", "--force"]));
+    r.ok();
+    assert_same(
+        &standby_tree,
+        &snapshot(&p.live),
+        "the replaced copy, restored",
+    );
+}
