@@ -30,7 +30,7 @@ use stackclone_proto::session::{
 };
 use stackclone_proto::wire;
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::progress::{CycleProgress, Stage};
 use crate::rate::RateLimit;
@@ -488,6 +488,13 @@ async fn drive(
                 standby_killed = ?report.standby_killed,
                 "cycle committed"
             );
+            if report.handed_over {
+                // The target runs the stack now: it stays stopped here, for good.
+                if let Err(e) = control.hand_over().await {
+                    warn!(stack = %job.stack, error = %e, "the stack was handed over, but its restart record could not be removed: remove it, or a recovery starts the stack again");
+                }
+                warn!(stack = %job.stack, peer = %job.target_name, "handed over: the target runs the stack as its primary now; it stays stopped here");
+            }
             stats.report = report;
             Ok(())
         }

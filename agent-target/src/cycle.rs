@@ -411,6 +411,7 @@ impl Cycle {
                     return;
                 };
                 let tx = self.tx();
+                let runtime = tokio::runtime::Handle::current();
                 tokio::task::spawn_blocking(move || {
                     let opened = Instant::now();
                     let loaded = open_stack(&serve).and_then(|store| {
@@ -418,6 +419,13 @@ impl Cycle {
                             store.generation_base(),
                             store.state_path().to_path_buf(),
                         ));
+                        // Under the store's lock, before the scan: this host's own volume
+                        // data becomes part of the live tree (see `import_volumes`).
+                        if let Some(compose) = &serve.compose {
+                            runtime
+                                .block_on(standby::import_volumes(compose))
+                                .map_err(|e| unavailable(&serve.stack, e))?;
+                        }
                         scan_stack(store, opened)
                     });
                     let _ = tx.send(Event::Stack(loaded));

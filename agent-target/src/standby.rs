@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stackclone_common::control::{DataOnly, StackControl};
-use stackclone_common::docker::{ComposeStack, RESTART_RECORD, StopReport};
+use stackclone_common::docker::{ComposeConfig, ComposeStack, RESTART_RECORD, StopReport};
 use stackclone_proto::msg::Phase;
 use stackclone_proto::session::Commit;
 use tracing::{debug, info, warn};
@@ -307,3 +307,17 @@ pub(crate) fn unix_now() -> i64 {
 
 #[cfg(test)]
 mod tests;
+
+/// Moves this host's own volume data of the stack into its live dir before a cycle scans it
+/// ([`ComposeStack::import_volumes`]): a fail-back into the old primary then sends only what
+/// diverged, and the commit keeps the old primary's data as a generation.
+pub(crate) async fn import_volumes(compose: &ComposeConfig) -> Result<(), String> {
+    let control = ComposeStack::connect(compose.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    control
+        .import_volumes()
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

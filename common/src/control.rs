@@ -47,6 +47,12 @@ pub trait StackControl: Send + Sync + std::fmt::Debug {
     /// [`ComposeStack::recover`](crate::docker::ComposeStack::recover)); `None` if nothing was.
     /// Call it before the first `stop` of a process.
     fn recover(&self) -> ControlFuture<'_, Option<StartReport>>;
+    /// Leaves the stack stopped for good after `stop`: a fail-back handed it over to another
+    /// host. Forgets what `stop` stopped (the restart record), so that no recovery starts it
+    /// again behind the operator's back.
+    fn hand_over(&self) -> ControlFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// Every mount of the stack's containers, for [`coverage`](crate::coverage) to judge
     /// before a cycle stops anything. A stack without containers (data only) has none.
     fn mounts(&self) -> ControlFuture<'_, Vec<crate::coverage::MountUse>> {

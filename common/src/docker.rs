@@ -1717,6 +1717,9 @@ impl StackControl for ComposeStack {
     fn recover(&self) -> ControlFuture<'_, Option<StartReport>> {
         Box::pin(ComposeStack::recover(self))
     }
+    fn hand_over(&self) -> ControlFuture<'_, ()> {
+        Box::pin(self.remove_restart_record())
+    }
 }
 
 /// The project's files and variables as Compose reads them in `compose_dir` (`compose_env` over

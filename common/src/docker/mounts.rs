@@ -200,7 +200,96 @@ impl ComposeStack {
     }
 }
 
+/// What [`ComposeStack::import_volumes`] did with one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    pub volume: String,
+    /// The tree in the live dir its data now lives in.
+    pub tree: PathBuf,
+}
+
 impl ComposeStack {
+    /// Brings the data of this host's own volumes into the live dir, before a cycle scans it:
+    /// for each volume of the compose definition that exists, belongs to this project, and
+    /// holds a real directory (not yet a link to a replicated tree) while the live dir has no
+    /// tree for its key, the directory is *renamed* to `<volume_trees>/<key>` and the volume's
+    /// data dir becomes a link to it, as [`adopt_volume`](Self::adopt_volume) would make it.
+    ///
+    /// Why: the host that receives a fail-back (the old primary) has the stack's data in real
+    /// volumes. Scanned as part of the live dir, that data is the basis of the transfer's
+    /// deltas (only what diverged crosses) and part of the tree the commit replaces, which it
+    /// keeps as a generation that `rollback` restores. Without this the volume would be moved
+    /// aside at the commit and arrive whole. A rename moves nothing on disk, and a container
+    /// that has the volume mounted keeps writing into the same directory. A volume on another
+    /// file system than the live dir is left where it is (the commit moves it aside, as
+    /// before), with a warning.
+    pub async fn import_volumes(&self) -> Result<Vec<Imported>, DockerError> {
+        let Some(trees) = &self.config.volume_trees else {
+            return Ok(Vec::new());
+        };
+        let definition = match self.read_compose_file().await {
+            Ok(file) => file,
+            // Nothing to import from (a first push into an empty dir has no compose file yet).
+            Err(_) => return Ok(Vec::new()),
+        };
+        let fs_err = |name: &str, what: &str, path: &Path, e: std::io::Error| DockerError::Volume {
+            project: self.config.project.clone(),
+            what: format!("volume {name}"),
+            reason: format!("{what} {}: {e}", path.display()),
+        };
+        let mut done = Vec::new();
+        for key in definition.volumes.keys() {
+            let tree = trees.join(key);
+            if std::fs::symlink_metadata(&tree).is_ok() {
+                continue;
+            }
+            let Some(name) = self.standby_volume_name(Some(&definition), key)? else {
+                continue;
+            };
+            let volume = match self.docker.inspect_volume(&name).await {
+                Ok(v) => v,
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => continue,
+                Err(e) => return Err(self.api(&format!("inspecting volume {name}"), e)),
+            };
+            let ours = volume.labels.get(PROJECT_LABEL) == Some(&self.config.project);
+            if !ours || volume.driver != "local" || volume.mountpoint.is_empty() {
+                continue;
+            }
+            let data = PathBuf::from(&volume.mountpoint);
+            match std::fs::symlink_metadata(&data) {
+                Ok(m) if m.is_dir() => {}
+                _ => continue,
+            }
+            std::fs::create_dir_all(trees).map_err(|e| fs_err(&name, "creating", trees, e))?;
+            // The link names the tree as `adopt_volume` does: by its canonical path.
+            let tree = std::fs::canonicalize(trees)
+                .map_err(|e| fs_err(&name, "resolving", trees, e))?
+                .join(key);
+            match std::fs::rename(&data, &tree) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(18) => {
+                    warn!(project = %self.config.project, volume = %name, tree = %tree.display(),
+                        "the volume is on another file system than the live dir: its data is \
+                         not used as the basis of this transfer, and the commit moves it aside");
+                    continue;
+                }
+                Err(e) => return Err(fs_err(&name, "moving into the live dir", &data, e)),
+            }
+            if let Err(e) = std::os::unix::fs::symlink(&tree, &data) {
+                // Put it back: the volume must not be left without its data.
+                let _ = std::fs::rename(&tree, &data);
+                return Err(fs_err(&name, "linking", &data, e));
+            }
+            info!(project = %self.config.project, volume = %name, tree = %tree.display(),
+                "this host's volume moved into the live dir: the transfer uses it as its basis, \
+                 and the commit keeps what it replaces");
+            done.push(Imported { volume: name, tree });
+        }
+        Ok(done)
+    }
+
     /// Points the standby's volume of every tree in [`ComposeConfig::volume_trees`] at that
     /// tree ([`adopt_volume`](Self::adopt_volume)); nothing without volume trees. Called before
     /// the standby is brought up or created, so a container never mounts an empty volume where
