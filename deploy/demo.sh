@@ -153,6 +153,15 @@ run docker volume ls --filter "label=com.docker.compose.project=$P_STANDBY"
 cmp "$S/data/catalog.db" "$W/standby/stacks/shop/data/catalog.db" && echo "catalog.db: identical on both hosts"
 echo "the standby's orders:"; sql "$P_STANDBY" 'select id, item from orders order by id'
 
+if [ -n "${STACKCLONE_DEMO_HANDOFF:-}" ]; then
+  # deploy/failover-demo.sh goes on from here with the running primary, standby and agent.
+  declare -p W SUFFIX P_PRIMARY P_STANDBY SYNC_PORT S B COMPOSE >"$STACKCLONE_DEMO_HANDOFF"
+  printf 'TARGET_PIDS=(%s)\n' "${PIDS[*]}" >>"$STACKCLONE_DEMO_HANDOFF"
+  trap - EXIT
+  say "Handing the running demo over to the caller"
+  exit 0
+fi
+
 say "10. A new order and pgbench load on the primary's database, 1% of the catalog changes; push again"
 run sql "$P_PRIMARY" "insert into orders (item) values ('1 tea');"
 docker exec -u postgres "$(docker ps -q --filter "label=com.docker.compose.project=$P_PRIMARY" --filter label=com.docker.compose.service=db)" \
