@@ -647,6 +647,90 @@ impl Pair {
     }
 }
 
+/// The pair the other way round, for a fail-back: the primary serves as a target of the stack
+/// at its own data dir (allowing the standby), the standby pushes its live copy to it. Each
+/// host uses the identity it already has.
+#[derive(Debug)]
+pub struct Reverse {
+    /// `stackclone-target` config on the primary.
+    pub target_config: PathBuf,
+    /// `stackclone-source` config and state dir on the standby.
+    pub source_config: PathBuf,
+    pub source_state: PathBuf,
+    pub port: u16,
+}
+
+impl Reverse {
+    /// `stackclone-target --config … ARGS…` on the primary.
+    pub fn target_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("stackclone-target"));
+        c.arg("--config")
+            .arg(&self.target_config)
+            .args(args)
+            .env_remove("STACKCLONE_DIR")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// `stackclone-source --config … --state-dir … ARGS…` on the standby.
+    pub fn source_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("stackclone-source"));
+        c.arg("--config")
+            .arg(&self.source_config)
+            .arg("--state-dir")
+            .arg(&self.source_state)
+            .args(args)
+            .env_remove("STACKCLONE_DIR")
+            .env_remove("STACKCLONE_STATE_DIR")
+            .stdin(Stdio::null());
+        c
+    }
+}
+
+impl Pair {
+    /// Writes the [`Reverse`] configs (data-only stacks, `extra` lines in both stack files).
+    pub fn reverse(&self, extra: &str) -> Reverse {
+        let t = self.tmp.path();
+        let r = Reverse {
+            target_config: t.join("rev-target/target.toml"),
+            source_config: t.join("rev-source/source.toml"),
+            source_state: t.join("rev-source-state"),
+            port: free_udp_port(),
+        };
+        fsx::write(
+            &r.target_config,
+            format!(
+                "listen = \"127.0.0.1:{}\"\nidentity_dir = {}\n",
+                r.port,
+                toml_str(&self.src_id)
+            ),
+        );
+        fsx::write(
+            t.join("rev-target/conf.d/web.toml"),
+            format!(
+                "stack = \"{STACK}\"\npath = {}\nallow = [\"{TARGET_NAME}\"]\ndocker = false\n{extra}\n",
+                toml_str(&self.src)
+            ),
+        );
+        fsx::write(
+            &r.source_config,
+            format!(
+                "identity_dir = {}\n\n[targets.{SOURCE_NAME}]\naddress = \"127.0.0.1:{}\"\n",
+                toml_str(&self.tgt_id),
+                r.port
+            ),
+        );
+        fsx::write(
+            t.join("rev-source/conf.d/web.toml"),
+            format!(
+                "stack = \"{STACK}\"\npath = {}\ntarget = \"{SOURCE_NAME}\"\ndocker = false\n{extra}\n",
+                toml_str(&self.live)
+            ),
+        );
+        r
+    }
+}
+
 impl Default for Pair {
     fn default() -> Self {
         Pair::new()
@@ -686,19 +770,24 @@ impl TakeCmd for Command {
     }
 }
 
-/// A running `stackclone-source run` of a [`Pair`], its stderr collected.
+/// A running agent daemon (`stackclone-source run` of a [`Pair`], or any agent command), its
+/// stderr collected.
 #[derive(Debug)]
-pub struct SourceDaemon {
+pub struct Daemon {
     pub child: Child,
     log: Arc<Mutex<String>>,
 }
 
-impl SourceDaemon {
-    /// Starts the daemon and waits until it says it runs.
-    pub fn start(p: &Pair) -> SourceDaemon {
+impl Daemon {
+    /// Starts the pair's source daemon and waits until it says it runs.
+    pub fn start(p: &Pair) -> Daemon {
+        Daemon::spawn(p.source_cmd(&["run"]), "source daemon running")
+    }
+
+    /// Starts `cmd` (an agent's `run`) and waits until its log contains `ready`.
+    pub fn spawn(mut cmd: Command, ready: &str) -> Daemon {
         let mut child = spawn(
-            p.source_cmd(&["run"])
-                .env("STACKCLONE_LOG", "info,stackclone=debug")
+            cmd.env("STACKCLONE_LOG", "info,stackclone=debug")
                 .env("NO_COLOR", "1")
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped()),
@@ -717,8 +806,8 @@ impl SourceDaemon {
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        let d = SourceDaemon { child, log };
-        d.wait_log("source daemon running", Duration::from_secs(30));
+        let d = Daemon { child, log };
+        d.wait_log(ready, Duration::from_secs(30));
         d
     }
 
@@ -768,7 +857,7 @@ impl SourceDaemon {
     }
 }
 
-impl Drop for SourceDaemon {
+impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -16,7 +16,7 @@ use support::{Recorder, Reply};
 
 use stackclone_tests::fsx::{self, Rng};
 use stackclone_tests::tree::{assert_same, snapshot};
-use stackclone_tests::{Pair, PairOptions, STACK, SourceDaemon as Daemon, signal, spawn};
+use stackclone_tests::{Daemon, Pair, PairOptions, STACK, signal, spawn};
 
 const MIB: usize = 1 << 20;
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use stackclone_proto::lineage::LINEAGE_FILE;
 use stackclone_tests::fsx::{self, Rng};
 use stackclone_tests::tree::{assert_same, snapshot};
-use stackclone_tests::{Pair, STACK, SourceDaemon, run};
+use stackclone_tests::{Daemon, Pair, STACK, run};
 use support::{Recorder, Reply};
 
 fn scrape(addr: &str) -> String {
@@ -73,7 +73,7 @@ fn the_old_primary_is_refused_after_a_promotion_then_a_split_brain_is_resolved_e
     p.start_target();
 
     // The primary replicates, then dies.
-    let d = SourceDaemon::start(&p);
+    let d = Daemon::start(&p);
     let deadline = Instant::now() + Duration::from_secs(30);
     while p.target_generation() < 1 {
         assert!(Instant::now() < deadline, "{}", d.log());
@@ -118,7 +118,7 @@ fn the_old_primary_is_refused_after_a_promotion_then_a_split_brain_is_resolved_e
     let standby_tree = snapshot(&p.live);
 
     // The old primary comes back: its daemon runs a cycle every second, each refused.
-    let d = SourceDaemon::start(&p);
+    let d = Daemon::start(&p);
     let deadline = Instant::now() + Duration::from_secs(30);
     while d.count("the target still refuses this host's pushes") < 3 {
         assert!(Instant::now() < deadline, "{}", d.log());
@@ -192,4 +192,148 @@ fn the_old_primary_is_refused_after_a_promotion_then_a_split_brain_is_resolved_e
         &snapshot(&p.live),
         "the replaced copy, restored",
     );
+}
+
+#[test]
+fn a_fail_back_sends_only_what_diverged_keeps_the_old_primarys_writes_and_hands_over() {
+    let mut p = Pair::new();
+    for i in 0..64u64 {
+        fsx::write(
+            p.src.join(format!("data/f{i:02}")),
+            Rng::new(i).bytes(64 * 1024),
+        );
+    }
+    fsx::write(p.src.join("db/big"), Rng::new(99).bytes(4 << 20));
+    p.start_target();
+    p.push_ok();
+
+    // The primary is gone; the standby is promoted and written to. The old primary wrote too,
+    // after its last push (a split brain).
+    run(p.target_cmd(&["promote", STACK])).ok();
+    let mut big = std::fs::read(p.live.join("db/big")).expect("read");
+    big[1 << 20..(1 << 20) + 4096].copy_from_slice(&Rng::new(7).bytes(4096));
+    fsx::write(p.live.join("db/big"), big);
+    fsx::write(
+        p.live.join("after-failover"),
+        "written on the promoted standby\n",
+    );
+    fsx::write(
+        p.src.join("split-brain"),
+        "written on the old primary after its last push\n",
+    );
+    std::fs::remove_file(p.src.join("data/f07")).expect("rm");
+    let old_primary = snapshot(&p.src);
+    let promoted = snapshot(&p.live);
+
+    // The old primary serves as a target of the stack, with the certificate it has; the
+    // promoted host fails back to it with the one it has.
+    let rev = p.reverse("");
+    let target = Daemon::spawn(rev.target_cmd(&["run"]), "target listening");
+    let r = run(rev.source_cmd(&["push", STACK, "--to", "primary", "--fail-back", "--json"]));
+    assert!(r.status.success(), "{}\n{}", r.dump(), target.log());
+    let o = r.json()[0].clone();
+    assert_eq!(o["handed_over"], true, "{o}");
+    assert_eq!(o["replaced"]["rollback_to"], 0, "{o}");
+    assert!(o["replaced"]["paths"].as_u64().unwrap_or(0) >= 3, "{o}");
+    let sent = o["bytes_sent"].as_u64().expect("bytes_sent");
+    assert!(
+        sent < 256 * 1024,
+        "{sent} bytes crossed for a 4 KiB change and two small files"
+    );
+    assert_same(
+        &promoted,
+        &snapshot(&p.src),
+        "the old primary after the fail-back",
+    );
+    let st = run(rev.target_cmd(&["status", STACK, "--json"]));
+    st.ok();
+    assert_eq!(st.json()[0]["role"], "promoted", "{}", st.stdout);
+    // The host that handed the stack over is fenced off by the same refusal.
+    let again = run(rev.source_cmd(&["push", STACK, "--to", "primary", "--json"]));
+    assert_eq!(again.code(), Some(1), "{}", again.dump());
+    assert!(again.stdout.contains("was promoted"), "{}", again.stdout);
+
+    // Return to normal: the standby is demoted, the primary's pushes resume as deltas.
+    run(p.target_cmd(&["demote", STACK])).ok();
+    let o = p.push_ok();
+    assert!(
+        o["bytes_sent"].as_u64().unwrap_or(u64::MAX) < 64 * 1024,
+        "the first push after the return sent {o}"
+    );
+    assert_same(
+        &snapshot(&p.src),
+        &snapshot(&p.live),
+        "the standby after the return",
+    );
+
+    // The old primary's own writes were kept: restored on demand, exactly.
+    drop(target);
+    let r = run(rev.target_cmd(&["rollback", STACK, "--to", "0", "--yes", "--force"]));
+    r.ok();
+    assert_same(
+        &old_primary,
+        &snapshot(&p.src),
+        "the old primary's tree, restored",
+    );
+}
+
+/// A one-service stack of the test image that writes nothing; health-checked.
+const FENCE_STACK: &str = r#"version: "2.4"
+services:
+  web:
+    image: IMAGE
+    volumes: ["./data:/data"]
+    command: ["sh", "-c", "trap 'exit 0' TERM; touch /tmp/ready; while :; do sleep 1 & wait $$!; done"]
+    healthcheck:
+      test: ["CMD-SHELL", "test -f /tmp/ready"]
+      interval: 1s
+      retries: 30
+"#;
+
+#[test]
+fn with_on_superseded_stop_the_old_primary_stops_its_stack_once_and_nothing_starts_it_again() {
+    use stackclone_tests::compose::{self, Stacks, docker, stack, wait_up};
+    compose::ensure_image(compose::BUSYBOX);
+    let mut s = Stacks::new(
+        "fence",
+        &FENCE_STACK.replace("IMAGE", compose::BUSYBOX),
+        "stop_timeout = \"5s\"\non_superseded = \"stop\"\n",
+        "stop_timeout = \"5s\"\nhealth_timeout = \"60s\"\n",
+    );
+    fsx::write(s.p.src.join("data/index.html"), "hello\n");
+    s.up_source(&[]);
+    wait_up(&s.src_proj, &["web"], Duration::from_secs(60), "source");
+    s.p.start_target();
+    s.p.push_ok();
+    wait_up(&s.tgt_proj, &["web"], Duration::from_secs(60), "standby");
+
+    let r = run(s.p.target_cmd(&["promote", STACK, "--json"]));
+    r.ok();
+    assert_eq!(r.json()["services"][0], "web", "{}", r.stdout);
+
+    // The old primary's push is refused, and it fences itself: its stack is stopped, once.
+    let r = s.p.push(&["--json"]);
+    assert_eq!(r.code(), Some(1), "{}", r.dump());
+    let web = &stack(&s.src_proj)["web"];
+    assert!(!web.running, "the superseded primary still serves: {web:?}");
+    let st = source_status(&s.p);
+    assert_eq!(st["role"], "superseded", "{st}");
+    let fenced_at = st["fenced_at"].as_i64().expect("fenced_at");
+    // Nothing starts it again behind the operator's back: no restart record for `recover`.
+    let r = run(s.p.source_cmd(&["recover", "--json"]));
+    r.ok();
+    assert!(
+        !stack(&s.src_proj)["web"].running,
+        "recover started it: {}",
+        r.stdout
+    );
+    // The operator starts it on purpose; the next refused push does not stop it again.
+    docker(&["start", &stack(&s.src_proj)["web"].id]);
+    wait_up(&s.src_proj, &["web"], Duration::from_secs(60), "source");
+    let r = s.p.push(&["--json"]);
+    assert_eq!(r.code(), Some(1), "{}", r.dump());
+    assert!(stack(&s.src_proj)["web"].running, "stopped a second time");
+    assert_eq!(source_status(&s.p)["fenced_at"], fenced_at);
+    // The promoted standby ran throughout.
+    assert!(stack(&s.tgt_proj)["web"].running);
 }
