@@ -249,7 +249,10 @@ async fn drive(
     // Before anything connects or stops: which of the stack's mounts the generation carries,
     // and which history the data belongs to.
     let trees = Arc::new(discover(job, control.as_ref(), stats).await?);
-    let history = claim_history(job, mode)?;
+    let history = claim_history(job, mode).map_err(|e| PushError::Lineage {
+        stack: job.stack.clone(),
+        cause: e.to_string(),
+    })?;
     stats.history = Some(history);
     progress.set_stage(Stage::Connect);
     let (conn, admission) = stackclone_certs::connect(
@@ -512,16 +515,12 @@ async fn drive(
 /// The history of the data in `job.path` (its lineage file), written there first if the stack
 /// never had one. A dry run writes nothing: without a file it claims a new history for this
 /// one look, which is what the push would write and claim.
-fn claim_history(job: &StackJob, mode: Mode) -> Result<HistoryId, PushError> {
-    let err = |e: std::io::Error| PushError::Lineage {
-        stack: job.stack.clone(),
-        cause: e.to_string(),
-    };
+fn claim_history(job: &StackJob, mode: Mode) -> std::io::Result<HistoryId> {
     let lineage = match mode {
-        Mode::Sync => lineage_file::ensure(&job.path).map_err(err)?.0,
-        Mode::DryRun => match lineage_file::read(&job.path).map_err(err)? {
+        Mode::Sync => lineage_file::ensure(&job.path)?.0,
+        Mode::DryRun => match lineage_file::read(&job.path)? {
             Some(l) => l,
-            None => Lineage::new(lineage_file::new_history().map_err(err)?),
+            None => Lineage::new(lineage_file::new_history()?),
         },
     };
     Ok(lineage.history)

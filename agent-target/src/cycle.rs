@@ -47,7 +47,7 @@ enum Event {
     Claimed(Result<BusyGuard, Refusal>),
     /// The store is open at this generation, with its state dir; the live dir is being scanned.
     Opened(u64, PathBuf),
-    Stack(Result<(StackStore, StackState), Refusal>),
+    Stack(Result<Box<(StackStore, StackState)>, Refusal>),
     /// The standby's stack stopped (the services Docker had to kill), or did not; the control
     /// that stopped it, if there is one, for starting it again.
     Stopped {
@@ -64,7 +64,7 @@ enum Event {
     Stream(StreamEnd),
     Committed {
         result: Result<u64, (Phase, String)>,
-        store: StackStore,
+        store: Box<StackStore>,
     },
 }
 
@@ -395,7 +395,10 @@ impl Cycle {
                             st,
                         ),
                     };
-                    let _ = tx.send(Event::Committed { result, store });
+                    let _ = tx.send(Event::Committed {
+                        result,
+                        store: Box::new(store),
+                    });
                 });
             }
             // Taken by the loop.
@@ -428,7 +431,7 @@ impl Cycle {
                         }
                         scan_stack(store, opened)
                     });
-                    let _ = tx.send(Event::Stack(loaded));
+                    let _ = tx.send(Event::Stack(loaded.map(Box::new)));
                 });
             }
             Event::Claimed(Err(refusal)) => self.session.handle_stack(Err(refusal)),
@@ -436,7 +439,8 @@ impl Cycle {
                 self.state_path = Some(path);
                 self.session.handle_opened(generation);
             }
-            Event::Stack(Ok((store, state))) => {
+            Event::Stack(Ok(loaded)) => {
+                let (store, state) = *loaded;
                 if let Ok(mut s) = self.store.lock() {
                     *s = Some(store);
                 }
@@ -490,7 +494,7 @@ impl Cycle {
             }
             Event::Committed { result, store } => {
                 if let Ok(mut s) = self.store.lock() {
-                    *s = Some(store);
+                    *s = Some(*store);
                 }
                 self.session.handle_committed(result);
             }

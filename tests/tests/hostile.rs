@@ -1813,11 +1813,7 @@ fn an_admitted_source_that_sends_nothing_is_disconnected() {
     // thread: under load the line arrives a moment after the close does.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !p.target_log().contains("opened no control stream") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            p.target_log()
-        );
+        assert!(std::time::Instant::now() < deadline, "{}", p.target_log());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
