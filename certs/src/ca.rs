@@ -134,7 +134,9 @@ pub struct CertProfile {
     pub name: String,
     /// Role, in the OU.
     pub role: Role,
-    /// Flag public key; required for a source, ignored for a target.
+    /// Flag public key, put in the certificate for either role; required for a source. Every
+    /// enrolment path supplies one; only a renewal requested by an older `stackclone-certs` for
+    /// a target certificate that has none comes without it.
     pub flag_key: Option<VerifyingKey>,
     /// Start of validity.
     pub not_before: OffsetDateTime,
@@ -162,14 +164,14 @@ impl CertProfile {
 pub struct NewHost {
     /// Certificate, key and CA certificate.
     pub identity: Identity,
-    /// The flag key, for a source.
+    /// The flag key (every host gets one).
     pub flag_key: Option<SigningKey>,
     pub(crate) key: HostKey,
     pub(crate) cert_pem: String,
 }
 
 impl NewHost {
-    /// Writes `host.key`, `host.crt`, `ca.crt` and (for a source) `flag.key` into `dir`, as if
+    /// Writes `host.key`, `host.crt`, `ca.crt` and (if it has one) `flag.key` into `dir`, as if
     /// the host had enrolled; for tests and for `init`-like set-ups.
     pub fn save(&self, dir: &StateDir) -> Result<(), TrustError> {
         dir.create()?;
@@ -315,14 +317,12 @@ impl Ca {
         params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = true;
         match (profile.role, profile.flag_key) {
-            (Role::Source, Some(flag)) => {
-                params
-                    .custom_extensions
-                    .push(CustomExtension::from_oid_content(
-                        FLAG_KEY_OID,
-                        encode_flag_extension(&flag),
-                    ))
-            }
+            (_, Some(flag)) => params
+                .custom_extensions
+                .push(CustomExtension::from_oid_content(
+                    FLAG_KEY_OID,
+                    encode_flag_extension(&flag),
+                )),
             (Role::Source, None) => {
                 return Err(TrustError::BadCertificate {
                     detail: format!(
@@ -331,20 +331,20 @@ impl Ca {
                     ),
                 });
             }
-            (Role::Target, _) => {}
+            // Only a renewal asked for by an older client, of a target certificate issued
+            // before every host got a flag key: that host cannot push until it has one.
+            (Role::Target, None) => {}
         }
         let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key)?;
         let cert = params.signed_by(&request.public_key, &issuer)?;
         Ok((cert.der().clone(), cert.pem()))
     }
 
-    /// Makes a key, a flag key (for a source) and a certificate in this process.
+    /// Makes a key, a flag key (for either role: every host gets one) and a certificate in this
+    /// process. The profile's `flag_key` is ignored.
     pub fn new_host(&self, profile: &CertProfile) -> Result<NewHost, TrustError> {
         let key = HostKey::generate()?;
-        let flag_key = match profile.role {
-            Role::Source => Some(generate_flag_key()?),
-            Role::Target => None,
-        };
+        let flag_key = Some(generate_flag_key()?);
         let profile = CertProfile {
             flag_key: flag_key.as_ref().map(SigningKey::verifying_key),
             ..profile.clone()
@@ -354,6 +354,26 @@ impl Ca {
         Ok(NewHost {
             identity,
             flag_key,
+            key,
+            cert_pem,
+        })
+    }
+
+    /// A host as the CA made targets before every host got a flag key: no flag key in the
+    /// certificate, none in the directory `save` writes. For tests of old certificates.
+    #[cfg(test)]
+    pub(crate) fn new_host_without_flag_key(
+        &self,
+        name: &str,
+        role: Role,
+    ) -> Result<NewHost, TrustError> {
+        let key = HostKey::generate()?;
+        let profile = CertProfile::new(name, role, None, 30);
+        let (cert, cert_pem) = self.issue(&key.csr(name)?, &profile)?;
+        let identity = Identity::from_der(cert, key.private_key_der(), self.cert.clone())?;
+        Ok(NewHost {
+            identity,
+            flag_key: None,
             key,
             cert_pem,
         })
@@ -423,7 +443,7 @@ mod tests {
     }
 
     #[test]
-    fn source_certificate_carries_role_and_flag_key() {
+    fn every_certificate_carries_role_and_flag_key() {
         let ca = Ca::create("t", 10).unwrap();
         let host = ca
             .new_host(&CertProfile::new("primary", Role::Source, None, 5))
@@ -437,6 +457,29 @@ mod tests {
             .new_host(&CertProfile::new("standby", Role::Target, None, 5))
             .unwrap();
         assert_eq!(target.identity.info().role, Role::Target);
-        assert_eq!(target.identity.info().flag_key, None);
+        let flag = target.flag_key.as_ref().unwrap().verifying_key();
+        assert_eq!(target.identity.info().flag_key, Some(flag));
+    }
+
+    #[test]
+    fn a_source_needs_a_flag_key_a_target_may_lack_one() {
+        let ca = Ca::create("t", 10).unwrap();
+        let key = HostKey::generate().unwrap();
+        let err = ca
+            .issue(
+                &key.csr("primary").unwrap(),
+                &CertProfile::new("primary", Role::Source, None, 5),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("must carry one"), "{err}");
+        // A renewal requested by an older client for a target issued without one.
+        let (cert, _) = ca
+            .issue(
+                &key.csr("standby").unwrap(),
+                &CertProfile::new("standby", Role::Target, None, 5),
+            )
+            .unwrap();
+        let info = crate::PeerIdentity::from_certificate(&cert).unwrap();
+        assert_eq!((info.role, info.flag_key), (Role::Target, None));
     }
 }

@@ -83,7 +83,7 @@ struct RequestFile {
     name: String,
     /// PEM.
     csr: String,
-    /// Hex ed25519 public key (the CA puts it in the certificate only for a source).
+    /// Hex ed25519 public key; the CA puts it in the certificate, whatever the role.
     flag_key: String,
 }
 
@@ -213,19 +213,17 @@ pub fn install(
     Ok(Installed::Identity(Box::new(identity.info().clone())))
 }
 
-/// `renew` on the CA host itself: re-issues this host's certificate with a fresh key.
+/// `renew` on the CA host itself: re-issues this host's certificate with a fresh key. Name, role
+/// and flag key stay; a certificate without a flag key gains one (see [`crate::renew`]).
 pub fn renew_local(dir: &StateDir, days: i64) -> Result<Identity, TrustError> {
     let ca = Ca::load(dir)?;
     let current = Identity::load(dir)?;
-    let flag = match current.role() {
-        Role::Source => Some(crate::files::load_flag_key(dir.root())?),
-        Role::Target => None,
-    };
+    let flag = crate::files::flag_key_for_renewal(dir, current.info())?;
     let key = HostKey::generate()?;
     let profile = CertProfile::new(
         current.name(),
         current.role(),
-        current.info().flag_key,
+        Some(flag.verifying_key()),
         days,
     );
     let (bundle, _) = issue_bundle(
@@ -236,7 +234,7 @@ pub fn renew_local(dir: &StateDir, days: i64) -> Result<Identity, TrustError> {
         "renew",
         Issuance::Renew,
     )?;
-    bundle.install(dir, &key, flag.as_ref(), Some(ca.pin()))
+    bundle.install(dir, &key, Some(&flag), Some(ca.pin()))
 }
 
 /// `revoke NAME` puts every certificate issued to `NAME` on the deny list (next version, signed
@@ -291,7 +289,8 @@ pub struct HostStatus {
     pub not_after: String,
     /// Days of validity left; negative once expired.
     pub days_left: i64,
-    /// Flag public key (hex), for a source.
+    /// Flag public key (hex). `None` only for a target certificate issued before every host
+    /// got one (`renew` adds it).
     pub flag_key: Option<String>,
     /// Whether the deny list this host holds names its own certificate.
     pub revoked: bool,
@@ -353,7 +352,7 @@ pub struct Status {
     pub deny_list_version: u64,
     /// Revoked certificates.
     pub revoked: Vec<Revocation>,
-    /// Source flag keys learned at enrollment.
+    /// Hosts' flag keys learned at enrollment.
     pub trusted_flag_keys: BTreeMap<String, String>,
     /// CA host: issued certificates.
     pub issued: Vec<IssuedStatus>,
@@ -464,4 +463,52 @@ pub fn show(dir: &StateDir) -> Result<Status, TrustError> {
         issued,
         tokens,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_local_renewal_gives_a_certificate_without_a_flag_key_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        init(&dir, "primary", 30).unwrap();
+        // This host's certificate as the CA issued a target's before every host got a flag key.
+        let ca = Ca::load(&dir).unwrap();
+        let old = ca
+            .new_host_without_flag_key("primary", Role::Target)
+            .unwrap();
+        old.save(&dir).unwrap();
+        dir.remove(&dir.flag_key()).unwrap();
+        assert_eq!(Identity::load(&dir).unwrap().info().flag_key, None);
+
+        let renewed = renew_local(&dir, 30).unwrap();
+        let flag = crate::load_flag_key(dir.root()).unwrap().verifying_key();
+        assert_eq!(renewed.role(), Role::Target);
+        assert_eq!(renewed.info().flag_key, Some(flag));
+        let shown = show(&dir).unwrap().host.unwrap();
+        assert_eq!(shown.flag_key, Some(hex::encode(flag.as_bytes())));
+        // And kept by the next renewal.
+        let again = renew_local(&dir, 30).unwrap();
+        assert_eq!(again.info().flag_key, Some(flag));
+    }
+
+    #[test]
+    fn a_renewal_never_changes_a_flag_key_the_certificate_carries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        init(&dir, "primary", 30).unwrap();
+        let before = Identity::load(&dir).unwrap();
+        dir.write_seed(&dir.flag_key(), &generate_flag_key().unwrap())
+            .unwrap();
+        let err = renew_local(&dir, 30).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("another flag key than the one its certificate carries"),
+            "{err}"
+        );
+        let after = Identity::load(&dir).unwrap();
+        assert_eq!(after.info().fingerprint, before.info().fingerprint);
+    }
 }

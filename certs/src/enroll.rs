@@ -10,8 +10,12 @@
 //!          proof = MAC_k(id, name, csr, flag_key, TLS exporter) } ──►
 //!                                     ◄── Issued { bundle } | Refused { refusal }
 //! renewing host (client cert = current one)
-//!   Renew { csr } ──►                  ◄── Issued { bundle } | Refused { refusal }
+//!   Renew { csr, flag_key } ──►        ◄── Issued { bundle } | Refused { refusal }
 //! ```
+//!
+//! A renewal keeps the name, the role and the flag key. A certificate that carries no flag key
+//! (a target enrolled before every host got one) gains the one the renewing host sends. An
+//! older client sends no `flag_key`; the field is optional on the wire for it.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -54,7 +58,8 @@ pub struct Bundle {
     pub certificate: String,
     /// The fleet CA certificate, PEM.
     pub ca: String,
-    /// Flag public keys (hex) of the fleet's current sources, by name.
+    /// Flag public keys (hex) of the fleet's hosts with a live certificate, by name: the pins
+    /// the receiving host starts from (see the `pins` module).
     pub flag_keys: BTreeMap<String, String>,
     /// The CA's newest deny list.
     pub deny_list: Option<SignedDenyList>,
@@ -100,16 +105,17 @@ impl Bundle {
         })?;
         let identity = Identity::from_der(cert, key.private_key_der(), ca.clone())?;
         let flag_to_keep = match (identity.role(), &identity.info().flag_key, flag) {
-            (Role::Source, Some(in_cert), Some(ours)) if *in_cert == ours.verifying_key() => {
-                Some(ours)
-            }
-            (Role::Source, _, _) => {
+            (_, Some(in_cert), Some(ours)) if *in_cert == ours.verifying_key() => Some(ours),
+            (Role::Source, _, _) | (_, Some(_), _) => {
                 return Err(bad(format!(
-                    "source certificate for `{}` does not carry this host's flag key",
+                    "{} certificate for `{}` does not carry this host's flag key",
+                    identity.role(),
                     identity.name()
                 )));
             }
-            (Role::Target, _, _) => None,
+            // A target certificate from a CA that predates flag keys for every host: installed
+            // as it is; this host cannot push until a renewal by a newer CA gives it one.
+            (Role::Target, None, _) => None,
         };
         let deny = match &self.deny_list {
             Some(signed) => Some(DenyList::verify_signed(signed, &ca)?),
@@ -256,9 +262,10 @@ pub(crate) fn issue_bundle(
         deny = deny.revoke(ca, replaced)?;
         deny.save(dir)?;
     }
+    // Every role: a target may push too (fail-back), and its flag key is pinned like a source's.
     let mut flag_keys = BTreeMap::new();
     for r in &issued.certs {
-        if let (Role::Source, Some(k), true) = (r.role, &r.flag_key, is_live(r, &deny, now)) {
+        if let (Some(k), true) = (&r.flag_key, is_live(r, &deny, now)) {
             flag_keys.insert(r.name.clone(), k.clone());
         }
     }
@@ -288,6 +295,10 @@ enum Request {
     },
     Renew {
         csr: String,
+        /// Flag public key, hex: the one the current certificate carries, or the one a
+        /// certificate without any should gain. Absent from older clients.
+        #[serde(default)]
+        flag_key: Option<String>,
     },
     DenyList,
 }
@@ -380,7 +391,7 @@ impl EnrollServer {
                 self.join(conn, &token_id, &name, &csr, flag_key.as_deref(), &proof)
                     .await
             }
-            Request::Renew { csr } => self.renew(conn, &csr).await,
+            Request::Renew { csr, flag_key } => self.renew(conn, &csr, flag_key.as_deref()).await,
             // Only a fleet member (its certificate checked, and not revoked, by the verifier)
             // may read who is revoked.
             Request::DenyList => match crate::tls::peer_identity(conn) {
@@ -471,6 +482,7 @@ impl EnrollServer {
         &self,
         conn: &quinn::Connection,
         csr_hex: &str,
+        flag_hex: Option<&str>,
     ) -> Result<(Bundle, IssuedRecord), TrustError> {
         // The TLS verifier already checked the chain, validity and the deny list.
         let current = crate::tls::peer_identity(conn)?;
@@ -484,7 +496,23 @@ impl EnrollServer {
         let csr = hex::decode(csr_hex).map_err(|_| TrustError::BadCertificate {
             detail: "CSR is not hex".into(),
         })?;
-        let profile = CertProfile::new(&current.name, current.role, current.flag_key, self.days);
+        let offered = flag_hex.map(parse_flag_key).transpose()?;
+        // A renewal keeps the flag key (pins depend on it); a certificate without one gains the
+        // key its holder, proven by the TLS handshake, sends.
+        let flag_key = match (current.flag_key, offered) {
+            (Some(kept), Some(offered)) if kept != offered => {
+                return Err(TrustError::BadCertificate {
+                    detail: format!(
+                        "`{}` asked to renew with another flag key than its certificate \
+                         carries; a renewal keeps the flag key",
+                        current.name
+                    ),
+                });
+            }
+            (Some(kept), _) => Some(kept),
+            (None, offered) => offered,
+        };
+        let profile = CertProfile::new(&current.name, current.role, flag_key, self.days);
         let _guard = self.lock.lock().await;
         issue_bundle(
             &self.dir,
@@ -809,7 +837,9 @@ pub struct RenewOptions {
 }
 
 /// Renews this host's certificate over mutual TLS with its current one (so only before it
-/// expires or is revoked), with a fresh key made here. Name, role and flag key stay.
+/// expires or is revoked), with a fresh key made here. Name, role and flag key stay; a
+/// certificate without a flag key (a target enrolled before every host got one) gains one,
+/// made here (or the one already in `flag.key`).
 pub async fn renew(opts: &RenewOptions) -> Result<Identity, TrustError> {
     let dir = &opts.dir;
     let server = match &opts.server {
@@ -827,10 +857,7 @@ pub async fn renew(opts: &RenewOptions) -> Result<Identity, TrustError> {
     let identity = Identity::load(dir)?;
     crate::identity::check_expiry(identity.info(), OffsetDateTime::now_utc())?;
     let trust = Trust::load(dir)?;
-    let flag = match identity.role() {
-        Role::Source => Some(crate::files::load_flag_key(dir.root())?),
-        Role::Target => None,
-    };
+    let flag = crate::files::flag_key_for_renewal(dir, identity.info())?;
     let addr = resolve(&server).await?;
     let key = HostKey::generate()?;
     let csr = key.csr(identity.name())?;
@@ -849,12 +876,13 @@ pub async fn renew(opts: &RenewOptions) -> Result<Identity, TrustError> {
         &conn,
         &Request::Renew {
             csr: hex::encode(csr.der()),
+            flag_key: Some(hex::encode(flag.verifying_key().as_bytes())),
         },
     )
     .await;
     finish(conn, endpoint).await;
     match reply? {
-        Reply::Issued { bundle } => bundle.install(dir, &key, flag.as_ref(), Some(trust.ca_pin())),
+        Reply::Issued { bundle } => bundle.install(dir, &key, Some(&flag), Some(trust.ca_pin())),
         Reply::Refused { refusal } => Err(refusal.into_error(addr)),
         Reply::DenyList { .. } => Err(TrustError::Protocol {
             peer: addr,
@@ -918,6 +946,148 @@ mod tests {
         let client = client_endpoint(addr, config).unwrap();
         let conn = client.connect(addr, SNI).unwrap().await.unwrap();
         (tmp, addr, conn)
+    }
+
+    /// A running `serve` for a fresh fleet whose CA host is `primary`: the CA dir and address.
+    fn serve_fleet(tmp: &tempfile::TempDir) -> (StateDir, SocketAddr) {
+        let dir = StateDir::new(tmp.path().join("ca"));
+        crate::init(&dir, "primary", 30).unwrap();
+        let server = Arc::new(EnrollServer::load(&dir).unwrap());
+        let endpoint = server.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        tokio::spawn(serve(server, endpoint, std::future::pending()));
+        (dir, addr)
+    }
+
+    /// `standby`, enrolled as a target the way the CA did before every host got a flag key:
+    /// recorded on the CA host, installed in `<tmp>/standby`, no flag key anywhere.
+    fn old_target(tmp: &tempfile::TempDir, ca_dir: &StateDir) -> StateDir {
+        let ca = Ca::load(ca_dir).unwrap();
+        let dir = StateDir::new(tmp.path().join("standby"));
+        let key = HostKey::generate().unwrap();
+        let profile = CertProfile::new("standby", Role::Target, None, 30);
+        let (bundle, _) = issue_bundle(
+            ca_dir,
+            &ca,
+            &key.csr("standby").unwrap(),
+            &profile,
+            "enroll",
+            Issuance::New,
+        )
+        .unwrap();
+        let old = bundle.install(&dir, &key, None, Some(ca.pin())).unwrap();
+        assert_eq!((old.role(), old.info().flag_key), (Role::Target, None));
+        assert!(!dir.flag_key().exists());
+        dir
+    }
+
+    #[tokio::test]
+    async fn renewing_a_target_without_a_flag_key_gives_it_one_and_keeps_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (ca_dir, addr) = serve_fleet(&tmp);
+        let dir = old_target(&tmp, &ca_dir);
+        let opts = RenewOptions {
+            dir: dir.clone(),
+            server: Some(addr.to_string()),
+        };
+        let renewed = renew(&opts).await.unwrap();
+        let flag = crate::load_flag_key(dir.root()).unwrap().verifying_key();
+        assert_eq!(renewed.role(), Role::Target);
+        assert_eq!(renewed.info().flag_key, Some(flag));
+        assert_eq!(Identity::load(&dir).unwrap().info().flag_key, Some(flag));
+        // The CA recorded it, and lists it to hosts that enroll from now on (their pin for it).
+        let issued = IssuedStore::load(&ca_dir).unwrap();
+        let last = issued.certs.last().unwrap();
+        assert_eq!(
+            (last.name.as_str(), last.via.as_str(), last.flag_key.clone()),
+            ("standby", "renew", Some(hex::encode(flag.as_bytes())))
+        );
+        let ca = Ca::load(&ca_dir).unwrap();
+        let newcomer = HostKey::generate().unwrap();
+        let (bundle, _) = issue_bundle(
+            &ca_dir,
+            &ca,
+            &newcomer.csr("third").unwrap(),
+            &CertProfile::new("third", Role::Target, Some(flag), 30),
+            "enroll",
+            Issuance::New,
+        )
+        .unwrap();
+        assert_eq!(bundle.flag_keys["standby"], hex::encode(flag.as_bytes()));
+        assert!(bundle.flag_keys.contains_key("primary"));
+        // Renewed again: a new certificate, the same flag key (pins survive renewals).
+        let again = renew(&opts).await.unwrap();
+        assert_ne!(again.info().fingerprint, renewed.info().fingerprint);
+        assert_eq!(again.info().flag_key, Some(flag));
+        assert_eq!(
+            crate::load_flag_key(dir.root()).unwrap().verifying_key(),
+            flag
+        );
+    }
+
+    /// A renewal of the identity in `dir`, sent by hand with `flag_key` (`None`: what an older
+    /// client sends): the bundle and the key it certifies, or the refusal.
+    async fn renew_request(
+        addr: SocketAddr,
+        dir: &StateDir,
+        flag_key: Option<VerifyingKey>,
+    ) -> Result<(Bundle, HostKey, PeerIdentity), String> {
+        let identity = Identity::load(dir).unwrap();
+        let trust = Trust::load(dir).unwrap();
+        let config =
+            rustls_client_config(Some(&identity), fleet_server_verifier(&trust), ENROLL_ALPN)
+                .unwrap();
+        let endpoint = client_endpoint(addr, config).unwrap();
+        let conn = endpoint.connect(addr, SNI).unwrap().await.unwrap();
+        let key = HostKey::generate().unwrap();
+        let request = Request::Renew {
+            csr: hex::encode(key.csr(identity.name()).unwrap().der()),
+            flag_key: flag_key.map(|k| hex::encode(k.as_bytes())),
+        };
+        let reply = exchange(&conn, &request).await.unwrap();
+        finish(conn, endpoint).await;
+        match reply {
+            Reply::Issued { bundle } => {
+                let cert = CertificateDer::from_pem_slice(bundle.certificate.as_bytes()).unwrap();
+                let info = PeerIdentity::from_certificate(&cert).unwrap();
+                Ok((bundle, key, info))
+            }
+            Reply::Refused { refusal } => Err(refusal.to_string()),
+            Reply::DenyList { .. } => panic!("a deny list for a renewal"),
+        }
+    }
+
+    /// What the server does with a renewal's flag key: keeps the one the certificate carries
+    /// (an older client sends none), refuses another, and gives the offered one to a certificate
+    /// without any.
+    #[tokio::test]
+    async fn serve_keeps_the_flag_key_a_certificate_carries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (ca_dir, addr) = serve_fleet(&tmp);
+        let dir = old_target(&tmp, &ca_dir);
+        // An older client renewing a certificate without a flag key: it stays without one.
+        let (bundle, key, info) = renew_request(addr, &dir, None).await.unwrap();
+        assert_eq!(info.flag_key, None);
+        bundle.install(&dir, &key, None, None).unwrap();
+        // A newer one offers a key: the certificate gains it.
+        let ours = generate_flag_key().unwrap();
+        let (bundle, key, info) = renew_request(addr, &dir, Some(ours.verifying_key()))
+            .await
+            .unwrap();
+        assert_eq!(info.flag_key, Some(ours.verifying_key()));
+        bundle.install(&dir, &key, Some(&ours), None).unwrap();
+        // From then on it stays: not offered (an older client), the same key; another, refused.
+        let (_, _, info) = renew_request(addr, &dir, None).await.unwrap();
+        assert_eq!(info.flag_key, Some(ours.verifying_key()));
+        let other = generate_flag_key().unwrap().verifying_key();
+        let refused = renew_request(addr, &dir, Some(other))
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            refused.contains("a renewal keeps the flag key"),
+            "{refused}"
+        );
     }
 
     #[tokio::test]

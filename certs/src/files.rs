@@ -6,8 +6,10 @@
 //!   ca.key          0600 fleet CA key (CA host only)
 //!   host.crt             this host's certificate
 //!   host.key        0600 this host's TLS key (generated here, never transmitted)
-//!   flag.key        0600 ed25519 seed, hex (source only)
-//!   flag-keys.json       source name -> flag public key, learned at enrollment
+//!   flag.key        0600 ed25519 seed, hex: signs the generations this host pushes (every
+//!                        host; a target enrolled before that gains it at `renew`)
+//!   flag-keys.json       host name -> flag public key, learned at enrollment
+//!   flag-pins.json       host name -> flag public key this host accepted pushes with
 //!   deny.json            the newest signed deny list this host has seen
 //!   server               HOST:PORT of the CA's `serve`, remembered by `enroll` for `renew`
 //!   tokens.json     0600 CA host: join tokens (ID, derived key, role, expiry, use)
@@ -306,7 +308,8 @@ pub(crate) fn generate_flag_key() -> Result<SigningKey, TrustError> {
     Ok(SigningKey::from_bytes(&seed))
 }
 
-/// The source's flag signing key (`<dir>/flag.key`), for the source agent.
+/// This host's flag signing key (`<dir>/flag.key`), for the source agent: it signs each
+/// generation this host pushes.
 pub fn load_flag_key(dir: &Path) -> Result<SigningKey, TrustError> {
     let dir = StateDir::new(dir);
     let path = dir.flag_key();
@@ -314,15 +317,45 @@ pub fn load_flag_key(dir: &Path) -> Result<SigningKey, TrustError> {
         return Err(dir.missing(
             "flag key",
             path,
-            "only a source has one; it is made by `init` or by enrolling with a source token",
+            "every host gets one when it enrolls (`init`, `enroll`, `csr` + `install`); a host \
+             enrolled as a target before that gets one with `stackclone-certs renew`",
         ));
     }
     dir.read_seed(&path)
 }
 
-/// Flag public keys of the fleet's sources, as learned at enrollment (`flag-keys.json`).
+/// The flag key a renewal of `current` certifies: the one its certificate carries (which must
+/// be the one in `flag.key`: a renewal never changes a host's flag key, so pins survive it);
+/// for a certificate without one (a target enrolled before every host got a flag key), the one
+/// in `flag.key` if there is one, else a fresh key. Nothing is written here: the caller keeps
+/// the key only once the renewed certificate is installed.
+pub(crate) fn flag_key_for_renewal(
+    dir: &StateDir,
+    current: &crate::PeerIdentity,
+) -> Result<SigningKey, TrustError> {
+    match &current.flag_key {
+        Some(in_cert) => {
+            let ours = load_flag_key(dir.root())?;
+            if ours.verifying_key() != *in_cert {
+                return Err(TrustError::BadCertificate {
+                    detail: format!(
+                        "`{}` holds another flag key than the one its certificate carries; a \
+                         renewal keeps a host's flag key, so restore `{}`",
+                        current.name,
+                        dir.flag_key().display()
+                    ),
+                });
+            }
+            Ok(ours)
+        }
+        None if dir.flag_key().exists() => dir.read_seed(&dir.flag_key()),
+        None => generate_flag_key(),
+    }
+}
+
+/// Flag public keys of the fleet's hosts, as learned at enrollment (`flag-keys.json`).
 ///
-/// During a session, prefer the key in the connected source's certificate
+/// During a session, prefer the key in the connected peer's certificate
 /// ([`crate::PeerIdentity::flag_key`]); this file serves checks made with no connection open.
 pub fn load_trusted_flag_keys(dir: &Path) -> Result<BTreeMap<String, VerifyingKey>, TrustError> {
     let dir = StateDir::new(dir);

@@ -105,7 +105,8 @@ enum Command {
         ca_pin: Option<CaPin>,
     },
     /// Renew this host's certificate before it expires (over mutual TLS with the CA's `serve`;
-    /// locally on the CA host).
+    /// locally on the CA host). Name, role and flag key stay; a certificate without a flag key
+    /// (a target enrolled before every host got one) gains one, so that the host can push.
     Renew {
         /// `HOST:PORT` of `serve` (default: the one `enroll` used).
         #[arg(long)]
@@ -366,6 +367,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             other => stackclone_certs::outln!("{other:?}"),
         },
         Command::Renew { server, days } => {
+            let had_flag_key = certs::Identity::load(&dir)
+                .map(|id| id.info().flag_key.is_some())
+                .unwrap_or(true);
             let identity = if server.is_none() && dir.ca_key().exists() {
                 certs::renew_local(&dir, days)?
             } else {
@@ -381,6 +385,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 identity.info().fingerprint,
                 rfc3339(identity.info().not_after)
             );
+            if let (false, Some(key)) = (had_flag_key, identity.info().flag_key) {
+                stackclone_certs::outln!(
+                    "`{}` now has a flag key ({}): it can push where a stack's `allow` names it",
+                    identity.name(),
+                    hex::encode(key.as_bytes())
+                );
+            }
         }
         Command::ForgetFlagKey { name } => {
             if certs::forget_flag_key(&dir, &name)? {

@@ -203,7 +203,13 @@ async fn token_create_and_enroll_pair_connects() {
     let dir = StateDir::new(&h.joiner);
     assert_eq!(mode(dir.host_key()), 0o600);
     assert_eq!(mode(h.joiner.clone()), 0o700);
-    assert!(!dir.flag_key().exists(), "a target keeps no flag key");
+    // Every host gets a flag key, a target too (it pushes at fail-back), in its certificate.
+    assert_eq!(mode(dir.flag_key()), 0o600);
+    let target_flag = load_flag_key(&h.joiner).unwrap().verifying_key();
+    assert_eq!(
+        Identity::load(&dir).unwrap().info().flag_key,
+        Some(target_flag)
+    );
 
     let (on_source, on_target) = pair(&h.ca, &h.joiner).await.unwrap();
     assert_eq!(
@@ -216,11 +222,16 @@ async fn token_create_and_enroll_pair_connects() {
     );
     let flag = load_flag_key(&h.ca).unwrap().verifying_key();
     assert_eq!(on_target.peer.flag_key, Some(flag));
+    assert_eq!(on_source.peer.flag_key, Some(target_flag));
     assert_eq!(load_trusted_flag_keys(&h.joiner).unwrap()["primary"], flag);
 
     let status = show(&h.joiner);
     assert_eq!(status["host"]["name"], "standby");
     assert_eq!(status["host"]["role"], "target");
+    assert_eq!(
+        status["host"]["flag_key"],
+        hex::encode(target_flag.as_bytes())
+    );
     assert_eq!(status["ca"]["pin"], show(&h.ca)["ca"]["pin"]);
     let ca_status = show(&h.ca);
     assert_eq!(ca_status["tokens"][0]["state"], "used");
@@ -365,6 +376,7 @@ fn renew_issues_a_fresh_certificate_over_mtls() {
     ok(&h.joiner, &enroll_args("standby", &t));
     let before = show(&h.joiner);
     let key_before = std::fs::read(StateDir::new(&h.joiner).host_key()).unwrap();
+    assert!(before["host"]["flag_key"].is_string(), "{before}");
 
     let out = ok(&h.joiner, &["renew"]);
     assert!(out.contains("renewed `standby`"), "{out}");
@@ -372,6 +384,9 @@ fn renew_issues_a_fresh_certificate_over_mtls() {
     assert_ne!(after["host"]["fingerprint"], before["host"]["fingerprint"]);
     assert_eq!(after["host"]["name"], "standby");
     assert_eq!(after["host"]["role"], "target");
+    // A renewal keeps the flag key: pins on other hosts survive it.
+    assert_eq!(after["host"]["flag_key"], before["host"]["flag_key"]);
+    assert!(!out.contains("now has a flag key"), "{out}");
     assert_ne!(
         std::fs::read(StateDir::new(&h.joiner).host_key()).unwrap(),
         key_before
@@ -476,8 +491,12 @@ fn offline_csr_sign_install() {
     assert!(out.contains("installed `standby` as target"), "{out}");
     let dir = StateDir::new(&h.joiner);
     assert!(!dir.pending_key().exists());
+    assert!(!dir.pending_flag_key().exists());
     let id = Identity::load(&dir).unwrap();
     assert_eq!((id.name(), id.role()), ("standby", Role::Target));
+    // The flag key `csr` made is the target's now, and its certificate carries it.
+    let flag = load_flag_key(&h.joiner).unwrap().verifying_key();
+    assert_eq!(id.info().flag_key, Some(flag));
 }
 
 #[test]

@@ -88,7 +88,9 @@ async fn pair_connects_and_both_sides_see_name_role_and_flag_key() {
         .unwrap();
     assert_eq!(admitted.peer.name, "standby");
     assert_eq!(admitted.peer.role, Role::Target);
-    assert_eq!(admitted.peer.flag_key, None);
+    // Every host has a flag key, a target too.
+    let target_flag = target.flag_key.as_ref().unwrap().verifying_key();
+    assert_eq!(admitted.peer.flag_key, Some(target_flag));
     let peer = stackclone_certs::peer_identity(&conn).unwrap();
     assert_eq!(peer.fingerprint, target.identity.info().fingerprint);
     conn.close(0u32.into(), b"bye");
