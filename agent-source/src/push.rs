@@ -255,19 +255,16 @@ async fn drive(
     })?;
     stats.history = Some(history);
     progress.set_stage(Stage::Connect);
-    let (conn, admission) = stackclone_certs::connect(
-        &ctx.endpoint(),
-        job.target_addr,
-        &ctx.trust,
-        stackclone_certs::Role::Target,
-    )
-    .await
-    .map_err(|source| PushError::Connect {
-        stack: job.stack.clone(),
-        target: job.target_name.clone(),
-        addr: job.target_addr,
-        source,
-    })?;
+    // The server may be of either enrolled role (at fail-back, the old primary receives): what
+    // makes it this stack's target is its name, checked below.
+    let (conn, admission) = stackclone_certs::connect(&ctx.endpoint(), job.target_addr, &ctx.trust)
+        .await
+        .map_err(|source| PushError::Connect {
+            stack: job.stack.clone(),
+            target: job.target_name.clone(),
+            addr: job.target_addr,
+            source,
+        })?;
     if admission.peer.name != job.target_name {
         conn.close(0u32.into(), b"wrong target");
         return Err(PushError::WrongTarget {

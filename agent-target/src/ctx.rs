@@ -110,13 +110,14 @@ impl TargetCtx {
     }
 
     /// Logs and alerts a peer refused at the handshake or the hello: a certificate that is
-    /// revoked, expired, of another CA or of the wrong role, or a source presenting another
+    /// revoked, expired or of another CA, that carries no flag key, or that presents another
     /// flag key than the one pinned for its name. A connection that merely broke or timed out
     /// is not a refusal. Returns whether `err` was one.
     pub(crate) fn refused(&self, remote: std::net::SocketAddr, err: &TrustError) -> bool {
         let kind = match err {
             TrustError::Revoked { .. } => "revoked",
             TrustError::FlagKeyChanged { .. } => "flag key changed",
+            TrustError::NoFlagKey { .. } => "no flag key",
             TrustError::WrongRole { .. } => "wrong role",
             TrustError::NoPeerCertificate => "no certificate",
             TrustError::UnknownCa { .. } => "unknown CA",

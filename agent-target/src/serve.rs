@@ -1,6 +1,8 @@
-//! The target's network side: accepts sources over mutual-TLS QUIC, admits each (certificate,
-//! role, deny list, flag-key pin), and runs one `Cycle` (the private `cycle` module) per
-//! connection until the target shuts down.
+//! The target's network side: accepts pushing hosts over mutual-TLS QUIC, admits each
+//! (certificate, deny list, a flag key that matches the pin for its name; of either enrolled
+//! role, since a standby pushes back at fail-back, and each stack's `allow` list decides what it
+//! may push), and runs one `Cycle` (the private `cycle` module) per connection until the target
+//! shuts down.
 //!
 //! A connection lost before the flag leaves staging in place (the next cycle resumes); once the
 //! flag verified, the commit runs to the end even if the source is gone, and shutdown waits for
@@ -9,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stackclone_certs::{REFUSED, Role};
+use stackclone_certs::REFUSED;
 use stackclone_common::net::ControlStream;
 use stackclone_proto::session::{TargetConfig, TargetSession};
 use tracing::{Instrument, info, info_span, warn};
@@ -68,8 +70,7 @@ pub async fn serve(
 /// Admits one connection and runs its cycle.
 async fn handle_connection(ctx: Arc<TargetCtx>, incoming: quinn::Incoming) -> anyhow::Result<()> {
     let remote = incoming.remote_address();
-    let (conn, admission) = match stackclone_certs::accept(incoming, &ctx.trust, Role::Source).await
-    {
+    let (conn, admission) = match stackclone_certs::accept(incoming, &ctx.trust).await {
         Ok(accepted) => accepted,
         Err(e) if ctx.refused(remote, &e) => return Ok(()),
         Err(e) => return Err(e.into()),

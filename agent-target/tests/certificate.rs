@@ -110,7 +110,7 @@ async fn due_certificate_is_renewed_and_new_connections_get_the_new_one() {
     client.set_default_client_config(
         stackclone_certs::client_config(&source_identity, &trust).unwrap(),
     );
-    let (conn, admission) = stackclone_certs::connect(&client, t.addr, &trust, Role::Target)
+    let (conn, admission) = stackclone_certs::connect(&client, t.addr, &trust)
         .await
         .unwrap();
     assert_eq!(admission.peer.fingerprint, on_disk.fingerprint);

@@ -96,7 +96,7 @@ pub enum TrustError {
         not_after: String,
     },
     #[error(
-        "source `{name}` presents flag key {presented}, but this host pinned {pinned} for \
+        "host `{name}` presents flag key {presented}, but this host pinned {pinned} for \
          `{name}`: refusing it, since another host may be using the name. If `{name}` was \
          replaced on purpose, run `stackclone-certs forget-flag-key {name}` here and let it \
          connect again"
@@ -130,6 +130,12 @@ pub enum TrustError {
         "certificate for `{name}` is not signed by this fleet's CA ({detail}); was it enrolled with another CA?"
     )]
     UnknownCa { name: String, detail: String },
+    #[error(
+        "`{name}` has no flag key in its certificate: it cannot sign generations, so it may not \
+         push; run `stackclone-certs renew` on it (a certificate issued to a {role} before every \
+         host got a flag key gains one when it is renewed)"
+    )]
+    NoFlagKey { name: String, role: Role },
     #[error("peer `{name}` has role {actual}, expected {expected}")]
     WrongRole {
         name: String,

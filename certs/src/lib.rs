@@ -58,18 +58,19 @@
 //!
 //! ```no_run
 //! # async fn agent() -> Result<(), stackclone_certs::TrustError> {
-//! use stackclone_certs::{Identity, Role, StateDir, Trust};
+//! use stackclone_certs::{Identity, StateDir, Trust};
 //! let dir = StateDir::new("/etc/stackclone");
 //! let identity = Identity::load(&dir)?;   // refuses a key file others can read
 //! let trust = Trust::load(&dir)?;         // fleet CA + deny list
-//! // target: accept sources only
+//! // receiving side: admits hosts that may push (a flag key pinned to their name)
 //! let endpoint = quinn::Endpoint::server(
 //!     stackclone_certs::server_config(&identity, &trust)?,
 //!     "0.0.0.0:7444".parse().expect("address"),
 //! ).expect("bind");
 //! while let Some(incoming) = endpoint.accept().await {
-//!     let (conn, admission) = stackclone_certs::accept(incoming, &trust, Role::Source).await?;
-//!     let flag_key = admission.peer.flag_key; // the one key this source's flags must verify with
+//!     let (conn, admission) = stackclone_certs::accept(incoming, &trust).await?;
+//!     let flag_key = admission.peer.flag_key; // the one key this peer's flags must verify with
+//!     // which stacks `admission.peer.name` may push: each stack's `allow` list
 //!     # let _ = (conn, flag_key);
 //! }
 //! # Ok(()) }

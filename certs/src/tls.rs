@@ -22,14 +22,16 @@ use crate::deny::{DenyList, SignedDenyList};
 use crate::error::{TrustError, peer_text};
 use crate::files::StateDir;
 use crate::identity::{Identity, PeerIdentity, fmt_time};
-use crate::name::{CaPin, Fingerprint, Role};
+use crate::name::{CaPin, Fingerprint};
 use crate::pins::{PinCheck, PinStore};
 
-/// Application close code: the peer was refused after the TLS handshake (role, deny list, …).
+/// Application close code: the peer was refused after the TLS handshake (no flag key, a flag
+/// key other than the pinned one, deny list, …).
 pub const REFUSED: quinn::VarInt = quinn::VarInt::from_u32(0x5c01);
 
-/// The SNI both agents send; not checked against certificates (names are checked by
-/// [`PeerIdentity::expect_name`], roles by [`PeerIdentity::expect_role`]).
+/// The SNI both agents send; not checked against certificates (the dialer checks the server's
+/// name with [`PeerIdentity::expect_name`]; the receiving side goes by the pushing peer's name in
+/// each stack's `allow` list).
 pub(crate) const SNI: &str = "stackclone";
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -177,11 +179,15 @@ impl Trust {
         Ok(())
     }
 
-    /// Checks a source's flag key against the pin for its name (see the `pins` module),
-    /// pinning it on first use.
+    /// Checks a pushing peer's flag key against the pin for its name (see the `pins` module),
+    /// pinning it on first use; the same for either role. A peer whose certificate carries no
+    /// flag key is refused with [`TrustError::NoFlagKey`]: it could not sign a generation.
     pub fn check_flag_pin(&self, peer: &PeerIdentity) -> Result<(), TrustError> {
         let Some(key) = &peer.flag_key else {
-            return Ok(());
+            return Err(TrustError::NoFlagKey {
+                name: peer.name.clone(),
+                role: peer.role,
+            });
         };
         if self
             .inner
@@ -189,10 +195,22 @@ impl Trust {
             .check(self.inner.dir.as_ref(), &peer.name, key)?
             == PinCheck::Pinned
         {
-            tracing::info!(source = %peer.name, flag_key = %hex::encode(key.as_bytes()),
-                "pinned the flag key of a source seen for the first time");
+            tracing::info!(peer = %peer.name, role = %peer.role, flag_key = %hex::encode(key.as_bytes()),
+                "pinned the flag key of a host seen pushing for the first time");
         }
         Ok(())
+    }
+
+    /// Whether the peer whose certificate is `leaf` (already verified against the fleet CA) may
+    /// push to this host: not on the deny list in force (which the peer may just have taught
+    /// us), and a flag key in its certificate that matches the pin for its name. Its role is not
+    /// looked at: which stacks it may push is each stack's `allow` list.
+    pub(crate) fn admit_pusher(&self, leaf: &[u8]) -> Result<PeerIdentity, TrustError> {
+        // Revocation first: a revoked certificate must not get its flag key pinned.
+        self.check_not_revoked(leaf)?;
+        let peer = PeerIdentity::from_certificate(leaf)?;
+        self.check_flag_pin(&peer)?;
+        Ok(peer)
     }
 
     /// [`Trust::reload`], logging a failure (the list in force stays).
@@ -502,8 +520,7 @@ fn agent_transport() -> Arc<quinn::TransportConfig> {
 
 /// The agents' client config: TLS 1.3 only, presents `identity`, accepts only servers signed by
 /// the fleet CA and not on the deny list, ALPN [`ALPN`]. The server *name* is not checked in
-/// TLS: call [`hello`] with the role you expect, and [`PeerIdentity::expect_name`] if you dial a
-/// particular host.
+/// TLS: call [`hello`], then [`PeerIdentity::expect_name`] with the host you meant to dial.
 pub fn client_config(
     identity: &Identity,
     trust: &Trust,
@@ -660,30 +677,26 @@ enum HelloReply {
 /// list.
 #[derive(Debug, Clone)]
 pub struct Admission {
-    /// The authenticated peer; its role was checked.
+    /// The authenticated peer. After [`admit`], its certificate carries a flag key (pinned to
+    /// its name); after [`hello`], only its certificate was checked: compare its name.
     pub peer: PeerIdentity,
     /// Whether a newer deny list came from the peer and was adopted.
     pub learned_deny_list: bool,
 }
 
-/// Client side of the hello/ack on the connection's first bi stream: checks the server's role,
-/// offers our deny list, and waits until the server admits or refuses us.
+/// Client side of the hello/ack on the connection's first bi stream: offers our deny list, and
+/// waits until the server admits or refuses us.
+///
+/// The server may have either role: a host enrolled as a source receives a stack pushed back to
+/// it at fail-back. The caller checks the server's *name* ([`PeerIdentity::expect_name`]).
 ///
 /// With TLS 1.3 client auth, `connect()` can succeed although the server rejected our
 /// certificate; that rejection (and a refusal after the handshake) comes back here as
 /// [`TrustError::Refused`] with the server's reason.
-pub async fn hello(
-    conn: &quinn::Connection,
-    trust: &Trust,
-    expect: Role,
-) -> Result<Admission, TrustError> {
+pub async fn hello(conn: &quinn::Connection, trust: &Trust) -> Result<Admission, TrustError> {
     let addr = conn.remote_address();
     let phase = "hello";
     let peer = peer_identity(conn)?;
-    if let Err(e) = peer.expect_role(expect) {
-        conn.close(REFUSED, e.to_string().as_bytes());
-        return Err(e);
-    }
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -713,15 +726,18 @@ pub async fn hello(
     }
 }
 
-/// Server side of the hello/ack: reads the client's hello, checks its role (its certificate was
-/// already checked by [`server_config`]'s verifier), adopts a newer deny list it carries, and
-/// answers. On refusal the client is told why, the connection is closed with [`REFUSED`], and the
-/// error is returned.
-pub async fn admit(
-    conn: &quinn::Connection,
-    trust: &Trust,
-    expect: Role,
-) -> Result<Admission, TrustError> {
+/// Server side of the hello/ack: reads the client's hello, adopts a newer deny list it carries,
+/// and admits the client as a host that will push to us (its certificate was already checked by
+/// [`server_config`]'s verifier): not revoked, and its certificate carries a flag key that
+/// matches the pin for its name ([`Trust::check_flag_pin`]). A client without a flag key is
+/// refused with [`TrustError::NoFlagKey`].
+///
+/// The client's role is not checked: a host enrolled as a target pushes at fail-back. Which
+/// stacks it may push is decided afterwards, per stack, by the stack's `allow` list.
+///
+/// On refusal the client is told why, the connection is closed with [`REFUSED`], and the error
+/// is returned.
+pub async fn admit(conn: &quinn::Connection, trust: &Trust) -> Result<Admission, TrustError> {
     let addr = conn.remote_address();
     let phase = "hello";
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
@@ -738,19 +754,13 @@ pub async fn admit(
             Some(signed) => trust.adopt(signed)?,
             None => false,
         };
-        let peer = peer_identity(conn)?;
-        peer.expect_role(expect)?;
-        if expect == Role::Source {
-            trust.check_flag_pin(&peer)?;
-        }
-        // The list the client just taught us may name the client itself.
-        if let Some(certs) = conn
+        let certs = conn
             .peer_identity()
             .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-            && let Some(leaf) = certs.first()
-        {
-            trust.check_not_revoked(leaf)?;
-        }
+            .ok_or(TrustError::NoPeerCertificate)?;
+        let leaf = certs.first().ok_or(TrustError::NoPeerCertificate)?;
+        // The list the client just taught us may name the client itself: checked here again.
+        let peer = trust.admit_pusher(leaf)?;
         Ok::<_, TrustError>(Admission {
             peer,
             learned_deny_list: learned,
@@ -788,7 +798,6 @@ pub async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     trust: &Trust,
-    expect: Role,
 ) -> Result<(quinn::Connection, Admission), TrustError> {
     trust.refresh();
     let connecting = endpoint
@@ -800,7 +809,7 @@ pub async fn connect(
     let conn = connecting
         .await
         .map_err(|e| connection_error(addr, "handshake", &e))?;
-    let admission = hello(&conn, trust, expect).await?;
+    let admission = hello(&conn, trust).await?;
     Ok((conn, admission))
 }
 
@@ -808,13 +817,115 @@ pub async fn connect(
 pub async fn accept(
     incoming: quinn::Incoming,
     trust: &Trust,
-    expect: Role,
 ) -> Result<(quinn::Connection, Admission), TrustError> {
     let addr = incoming.remote_address();
     trust.refresh();
     let conn = incoming
         .await
         .map_err(|e| connection_error(addr, "handshake", &e))?;
-    let admission = admit(&conn, trust, expect).await?;
+    let admission = admit(&conn, trust).await?;
     Ok((conn, admission))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Ca, CertProfile, Revocation, Role};
+
+    fn fleet() -> (Ca, Trust) {
+        let ca = Ca::create("t", 10).unwrap();
+        let trust = Trust::new(ca.certificate().clone(), DenyList::empty()).unwrap();
+        (ca, trust)
+    }
+
+    #[test]
+    fn a_pusher_of_either_role_is_admitted_with_its_flag_key() {
+        let (ca, trust) = fleet();
+        for (name, role) in [("primary", Role::Source), ("standby", Role::Target)] {
+            let host = ca.new_host(&CertProfile::new(name, role, None, 5)).unwrap();
+            let peer = trust.admit_pusher(host.identity.certificate()).unwrap();
+            assert_eq!((peer.name.as_str(), peer.role), (name, role));
+            let flag = host.flag_key.as_ref().unwrap().verifying_key();
+            assert_eq!(peer.flag_key, Some(flag));
+            // Admitted again: the pin matches.
+            trust.admit_pusher(host.identity.certificate()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_pusher_without_a_flag_key_is_refused_and_told_to_renew() {
+        let (ca, trust) = fleet();
+        let old = ca
+            .new_host_without_flag_key("standby", Role::Target)
+            .unwrap();
+        let err = trust.admit_pusher(old.identity.certificate()).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::NoFlagKey { name, role: Role::Target } if name == "standby"),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "`standby` has no flag key in its certificate: it cannot sign generations"
+            ) && text.contains("run `stackclone-certs renew` on it"),
+            "{text}"
+        );
+    }
+
+    /// A name's flag key is pinned whatever the role: a second certificate for the target name
+    /// `standby` with another key is refused, like a source's would be.
+    #[test]
+    fn a_target_names_flag_key_is_pinned() {
+        let (ca, trust) = fleet();
+        let standby = ca
+            .new_host(&CertProfile::new("standby", Role::Target, None, 5))
+            .unwrap();
+        trust.admit_pusher(standby.identity.certificate()).unwrap();
+        let twin = ca
+            .new_host(&CertProfile::new("standby", Role::Target, None, 5))
+            .unwrap();
+        let err = trust.admit_pusher(twin.identity.certificate()).unwrap_err();
+        assert!(matches!(err, TrustError::FlagKeyChanged { .. }), "{err}");
+        assert!(err.to_string().contains("host `standby` presents flag key"));
+        // A source certificate under that name with yet another key: refused too.
+        let as_source = ca
+            .new_host(&CertProfile::new("standby", Role::Source, None, 5))
+            .unwrap();
+        assert!(matches!(
+            trust.admit_pusher(as_source.identity.certificate()),
+            Err(TrustError::FlagKeyChanged { .. })
+        ));
+    }
+
+    #[test]
+    fn a_revoked_pusher_is_refused_before_its_key_is_pinned() {
+        let (ca, trust) = fleet();
+        let stolen = ca
+            .new_host(&CertProfile::new("laptop", Role::Target, None, 5))
+            .unwrap();
+        let info = stolen.identity.info();
+        let list = DenyList::empty()
+            .revoke(
+                &ca,
+                vec![Revocation {
+                    name: "laptop".into(),
+                    fingerprint: info.fingerprint,
+                    serial: info.serial.clone(),
+                    revoked_at: "now".into(),
+                }],
+            )
+            .unwrap();
+        assert!(trust.adopt(list.signed().unwrap()).unwrap());
+        let err = trust
+            .admit_pusher(stolen.identity.certificate())
+            .unwrap_err();
+        assert!(matches!(err, TrustError::Revoked { .. }), "{err}");
+        // Nothing was pinned for it: a new host named `laptop` with its own key is accepted.
+        let replacement = ca
+            .new_host(&CertProfile::new("laptop", Role::Target, None, 5))
+            .unwrap();
+        trust
+            .admit_pusher(replacement.identity.certificate())
+            .unwrap();
+    }
 }

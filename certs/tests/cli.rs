@@ -148,7 +148,7 @@ async fn pair(
     let addr = server.local_addr().unwrap();
     let accepting = tokio::spawn(async move {
         let incoming = server.accept().await.expect("open");
-        let result = stackclone_certs::accept(incoming, &target_trust, Role::Source).await;
+        let result = stackclone_certs::accept(incoming, &target_trust).await;
         if let Ok((conn, _)) = &result {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
         }
@@ -156,7 +156,7 @@ async fn pair(
     });
     let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     client.set_default_client_config(client_config(&source, &source_trust)?);
-    let dialed = connect(&client, addr, &source_trust, Role::Target).await;
+    let dialed = connect(&client, addr, &source_trust).await;
     if let Ok((conn, _)) = &dialed {
         conn.close(0u32.into(), b"bye");
     }
@@ -657,8 +657,7 @@ async fn a_source_presenting_another_flag_key_for_its_name_is_refused_until_forg
         .expect_err("refused")
         .to_string();
     assert!(
-        err.contains("source `primary` presents flag key")
-            && err.contains("forget-flag-key primary"),
+        err.contains("host `primary` presents flag key") && err.contains("forget-flag-key primary"),
         "{err}"
     );
     // The real primary still gets in.

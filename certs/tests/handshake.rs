@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use stackclone_certs::{
-    Admission, Ca, CertProfile, DenyList, Identity, NewHost, Revocation, Role, Trust, TrustError,
-    accept, check_expiry, client_config, connect, server_config,
+    Admission, Ca, CertProfile, Csr, DenyList, Identity, NewHost, Revocation, Role, Trust,
+    TrustError, accept, check_expiry, client_config, connect, server_config,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -33,11 +33,10 @@ fn host_valid(ca: &Ca, name: &str, role: Role, from: Duration, to: Duration) -> 
 
 type ServerResult = Result<(quinn::Connection, Admission), TrustError>;
 
-/// A server that admits one connection expecting `expect`, and reports the outcome.
+/// A server that admits one pushing connection, and reports the outcome.
 fn listen(
     identity: &Identity,
     trust: &Trust,
-    expect: Role,
 ) -> (SocketAddr, tokio::task::JoinHandle<ServerResult>) {
     let endpoint = quinn::Endpoint::server(
         server_config(identity, trust).unwrap(),
@@ -48,7 +47,7 @@ fn listen(
     let trust = trust.clone();
     let task = tokio::spawn(async move {
         let incoming = endpoint.accept().await.expect("endpoint open");
-        let result = accept(incoming, &trust, expect).await;
+        let result = accept(incoming, &trust).await;
         if let Ok((conn, _)) = &result {
             // Keep the connection until the client has read the ack.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
@@ -62,11 +61,10 @@ async fn dial(
     identity: &Identity,
     trust: &Trust,
     addr: SocketAddr,
-    expect: Role,
 ) -> Result<(quinn::Connection, Admission), TrustError> {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(client_config(identity, trust).unwrap());
-    connect(&endpoint, addr, trust, expect).await
+    connect(&endpoint, addr, trust).await
 }
 
 fn text<T>(r: Result<T, TrustError>) -> String {
@@ -81,11 +79,9 @@ async fn pair_connects_and_both_sides_see_name_role_and_flag_key() {
     let (ca, trust) = fleet();
     let source = host(&ca, "primary", Role::Source);
     let target = host(&ca, "standby", Role::Target);
-    let (addr, server) = listen(&target.identity, &trust, Role::Source);
+    let (addr, server) = listen(&target.identity, &trust);
 
-    let (conn, admitted) = dial(&source.identity, &trust, addr, Role::Target)
-        .await
-        .unwrap();
+    let (conn, admitted) = dial(&source.identity, &trust, addr).await.unwrap();
     assert_eq!(admitted.peer.name, "standby");
     assert_eq!(admitted.peer.role, Role::Target);
     // Every host has a flag key, a target too.
@@ -109,10 +105,10 @@ async fn client_from_another_ca_is_refused() {
     let (other_ca, _) = fleet();
     let target = host(&ca, "standby", Role::Target);
     let intruder = host(&other_ca, "primary", Role::Source);
-    let (addr, server) = listen(&target.identity, &trust, Role::Source);
+    let (addr, server) = listen(&target.identity, &trust);
 
     // The intruder trusts our CA, so only the server's verdict can stop it.
-    let err = text(dial(&intruder.identity, &trust, addr, Role::Target).await);
+    let err = text(dial(&intruder.identity, &trust, addr).await);
     assert!(err.contains("refused by"), "{err}");
     assert!(
         err.contains("certificate for `primary` is not signed by this fleet's CA"),
@@ -128,9 +124,9 @@ async fn server_from_another_ca_is_refused_by_the_client() {
     let (other_ca, other_trust) = fleet();
     let source = host(&ca, "primary", Role::Source);
     let impostor = host(&other_ca, "standby", Role::Target);
-    let (addr, _server) = listen(&impostor.identity, &other_trust, Role::Source);
+    let (addr, _server) = listen(&impostor.identity, &other_trust);
 
-    let err = text(dial(&source.identity, &trust, addr, Role::Target).await);
+    let err = text(dial(&source.identity, &trust, addr).await);
     assert!(err.contains("handshake with"), "{err}");
     assert!(
         err.contains("certificate for `standby` is not signed by this fleet's CA"),
@@ -149,9 +145,9 @@ async fn expired_certificate_is_refused() {
         Duration::days(-10),
         Duration::days(-1),
     );
-    let (addr, server) = listen(&target.identity, &trust, Role::Source);
+    let (addr, server) = listen(&target.identity, &trust);
 
-    let err = text(dial(&old, &trust, addr, Role::Target).await);
+    let err = text(dial(&old, &trust, addr).await);
     assert!(
         err.contains("certificate for `primary` expired on"),
         "{err}"
@@ -178,10 +174,10 @@ async fn not_yet_valid_certificate_is_refused() {
         Duration::days(1),
         Duration::days(9),
     );
-    let (addr, _server) = listen(&future, &trust, Role::Source);
+    let (addr, _server) = listen(&future, &trust);
 
     // Here the server's certificate is the bad one: the client refuses it.
-    let err = text(dial(&source.identity, &trust, addr, Role::Target).await);
+    let err = text(dial(&source.identity, &trust, addr).await);
     assert!(
         err.contains("certificate for `standby` is not valid before"),
         "{err}"
@@ -206,9 +202,9 @@ async fn revoked_certificate_is_refused() {
         .unwrap();
     let target_trust = Trust::new(ca.certificate().clone(), revoked).unwrap();
     let source_trust = Trust::new(ca.certificate().clone(), DenyList::empty()).unwrap();
-    let (addr, server) = listen(&target.identity, &target_trust, Role::Source);
+    let (addr, server) = listen(&target.identity, &target_trust);
 
-    let err = text(dial(&source.identity, &source_trust, addr, Role::Target).await);
+    let err = text(dial(&source.identity, &source_trust, addr).await);
     assert!(err.contains("certificate for `primary`"), "{err}");
     assert!(err.contains("is revoked (deny list v1)"), "{err}");
     let err = text(server.await.unwrap());
@@ -236,19 +232,17 @@ async fn deny_list_carried_in_the_source_hello_reaches_the_target() {
     let target_trust = Trust::new(ca.certificate().clone(), DenyList::empty()).unwrap();
 
     // Before it learns the list, the target would admit the stolen certificate.
-    let (addr, server) = listen(&target.identity, &target_trust, Role::Source);
-    let (conn, _) = dial(&source.identity, &source_trust, addr, Role::Target)
-        .await
-        .unwrap();
+    let (addr, server) = listen(&target.identity, &target_trust);
+    let (conn, _) = dial(&source.identity, &source_trust, addr).await.unwrap();
     conn.close(0u32.into(), b"bye");
     let (_, admitted) = server.await.unwrap().unwrap();
     assert!(admitted.learned_deny_list);
     assert_eq!(target_trust.deny_list().version(), 1);
 
     // Now it refuses it at the handshake.
-    let (addr, server) = listen(&target.identity, &target_trust, Role::Source);
+    let (addr, server) = listen(&target.identity, &target_trust);
     let stolen_trust = Trust::new(ca.certificate().clone(), DenyList::empty()).unwrap();
-    let err = text(dial(&stolen.identity, &stolen_trust, addr, Role::Target).await);
+    let err = text(dial(&stolen.identity, &stolen_trust, addr).await);
     assert!(
         err.contains("certificate for `laptop`") && err.contains("revoked"),
         "{err}"
@@ -256,40 +250,93 @@ async fn deny_list_carried_in_the_source_hello_reaches_the_target() {
     assert!(text(server.await.unwrap()).contains("revoked"));
 }
 
+/// A host enrolled once acts in both roles: at fail-back the standby (a target) pushes to the
+/// old primary (a source), so the role in a certificate is not what admits a pusher or a
+/// server; the flag key is (and, in the agents, each stack's `allow` list and the name).
 #[tokio::test]
-async fn wrong_role_is_refused_on_both_sides() {
+async fn either_role_pushes_to_either_role() {
     let (ca, trust) = fleet();
+    let source = host(&ca, "primary", Role::Source);
     let target = host(&ca, "standby", Role::Target);
     let other_target = host(&ca, "standby2", Role::Target);
 
-    // A target dialing a target that only admits sources.
-    let (addr, server) = listen(&target.identity, &trust, Role::Source);
-    let err = text(dial(&other_target.identity, &trust, addr, Role::Target).await);
-    assert!(
-        err.contains("peer `standby2` has role target, expected source"),
-        "{err}"
-    );
-    let err = server.await.unwrap().err().unwrap();
-    assert!(matches!(err, TrustError::WrongRole { .. }), "{err}");
-
-    // A dialer that expects a source but reaches a target.
-    let source = host(&ca, "primary", Role::Source);
-    let (addr, _server) = listen(&target.identity, &trust, Role::Source);
-    let err = dial(&source.identity, &trust, addr, Role::Source)
-        .await
-        .err()
-        .unwrap();
+    // The standby pushes to the primary, which admits it with its flag key.
+    let (addr, server) = listen(&source.identity, &trust);
+    let (conn, on_standby) = dial(&target.identity, &trust, addr).await.unwrap();
     assert_eq!(
-        err.to_string(),
-        "peer `standby` has role target, expected source"
+        (on_standby.peer.name.as_str(), on_standby.peer.role),
+        ("primary", Role::Source)
     );
+    conn.close(0u32.into(), b"bye");
+    let (_, on_primary) = server.await.unwrap().unwrap();
+    assert_eq!(
+        (on_primary.peer.name.as_str(), on_primary.peer.role),
+        ("standby", Role::Target)
+    );
+    let flag = target.flag_key.as_ref().unwrap().verifying_key();
+    assert_eq!(on_primary.peer.flag_key, Some(flag));
+
+    // A target to a target, and a source to a source: the role decides nothing here either.
+    let (addr, server) = listen(&target.identity, &trust);
+    let (conn, _) = dial(&other_target.identity, &trust, addr).await.unwrap();
+    conn.close(0u32.into(), b"bye");
+    assert_eq!(server.await.unwrap().unwrap().1.peer.name, "standby2");
+    let other_source = host(&ca, "primary2", Role::Source);
+    let (addr, server) = listen(&other_source.identity, &trust);
+    let (conn, _) = dial(&source.identity, &trust, addr).await.unwrap();
+    conn.close(0u32.into(), b"bye");
+    assert_eq!(server.await.unwrap().unwrap().1.peer.name, "primary");
+}
+
+/// A target certificate from before every host got a flag key: made the way the old CA made it
+/// (rcgen key, CSR, no flag key in the profile).
+fn legacy_target(ca: &Ca, name: &str) -> Identity {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let csr = params.serialize_request(&key).unwrap();
+    let (cert, _) = ca
+        .issue(
+            &Csr::from_der(csr.der().to_vec()),
+            &CertProfile::new(name, Role::Target, None, 10),
+        )
+        .unwrap();
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+    Identity::from_der(cert, der.into(), ca.certificate().clone()).unwrap()
+}
+
+#[tokio::test]
+async fn a_peer_without_a_flag_key_is_refused_as_a_pusher_but_may_receive() {
+    let (ca, trust) = fleet();
+    let source = host(&ca, "primary", Role::Source);
+    let old = legacy_target(&ca, "standby");
+    assert_eq!(old.info().flag_key, None);
+
+    let (addr, server) = listen(&source.identity, &trust);
+    let err = text(dial(&old, &trust, addr).await);
+    let want = "`standby` has no flag key in its certificate: it cannot sign generations";
+    assert!(err.contains(want), "{err}");
+    assert!(err.contains("run `stackclone-certs renew` on it"), "{err}");
+    let err = server.await.unwrap().err().unwrap();
+    assert!(matches!(err, TrustError::NoFlagKey { .. }), "{err}");
+    assert!(err.to_string().contains(want), "{err}");
+
+    // It still receives: the primary pushes to it as before.
+    let (addr, server) = listen(&old, &trust);
+    let (conn, admitted) = dial(&source.identity, &trust, addr).await.unwrap();
+    assert_eq!(admitted.peer.flag_key, None);
+    conn.close(0u32.into(), b"bye");
+    assert_eq!(server.await.unwrap().unwrap().1.peer.name, "primary");
 }
 
 #[tokio::test]
 async fn client_without_certificate_is_refused() {
     let (ca, trust) = fleet();
     let target = host(&ca, "standby", Role::Target);
-    let (addr, server) = listen(&target.identity, &trust, Role::Source);
+    let (addr, server) = listen(&target.identity, &trust);
 
     // A well-behaved TLS client that trusts the fleet CA but has no certificate.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -348,7 +395,7 @@ async fn a_second_connection_from_the_same_endpoint_meets_the_deny_list_again() 
         while let Some(incoming) = endpoint.accept().await {
             let trust = server_trust.clone();
             tokio::spawn(async move {
-                if let Ok((conn, _)) = accept(incoming, &trust, Role::Source).await {
+                if let Ok((conn, _)) = accept(incoming, &trust).await {
                     let _ = conn.closed().await;
                 }
             });
@@ -356,7 +403,7 @@ async fn a_second_connection_from_the_same_endpoint_meets_the_deny_list_again() 
     });
     let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     client.set_default_client_config(client_config(&source.identity, &trust).unwrap());
-    let (conn, _) = connect(&client, addr, &trust, Role::Target).await.unwrap();
+    let (conn, _) = connect(&client, addr, &trust).await.unwrap();
     conn.close(0u32.into(), b"bye");
 
     let revoked = DenyList::empty()
@@ -371,7 +418,7 @@ async fn a_second_connection_from_the_same_endpoint_meets_the_deny_list_again() 
         )
         .unwrap();
     assert!(trust.adopt(revoked.signed().unwrap()).unwrap());
-    let err = text(connect(&client, addr, &trust, Role::Target).await);
+    let err = text(connect(&client, addr, &trust).await);
     assert!(
         err.contains("certificate for `standby`") && err.contains("revoked"),
         "{err}"

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
-use stackclone_certs::{Identity, Role, StateDir, Trust};
+use stackclone_certs::{Identity, StateDir, Trust};
 use stackclone_common::net;
 use stackclone_proto::delta::Chunk;
 use stackclone_proto::flag::{SignedStatus, Status};
@@ -124,7 +124,7 @@ impl Peer {
         // The previous cycle's stack lock may outlive its last message by a moment: retry `Busy`.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let (conn, admission) = stackclone_certs::connect(&ep, addr, &trust, Role::Target)
+            let (conn, admission) = stackclone_certs::connect(&ep, addr, &trust)
                 .await
                 .expect("connect");
             assert_eq!(admission.peer.name, "standby");
@@ -1791,7 +1791,7 @@ fn an_admitted_source_that_sends_nothing_is_disconnected() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let closed = rt.block_on(async {
         let (ep, trust) = source_endpoint(&p.src_id);
-        let (conn, _) = stackclone_certs::connect(&ep, addr, &trust, Role::Target)
+        let (conn, _) = stackclone_certs::connect(&ep, addr, &trust)
             .await
             .expect("admitted");
         let started = std::time::Instant::now();

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use stackclone_certs::{Identity, Role, StateDir, Trust};
+use stackclone_certs::{Identity, StateDir, Trust};
 use stackclone_common::net;
 use stackclone_proto::msg::{PROTOCOL_VERSION, SourceMsg, TargetMsg};
 use stackclone_proto::path::StackPath;
@@ -56,7 +56,7 @@ async fn serve_once(
         .await
         .map_err(|_| "no push within 60 s".to_string())?
         .ok_or("endpoint closed")?;
-    let (conn, admission) = stackclone_certs::accept(incoming, trust, Role::Source)
+    let (conn, admission) = stackclone_certs::accept(incoming, trust)
         .await
         .map_err(|e| e.to_string())?;
     assert_eq!(admission.peer.name, SOURCE_NAME);

@@ -278,7 +278,7 @@ impl Source {
         root: &Path,
         mut script: Script,
     ) -> Result<SourceReport, CycleError> {
-        let (conn, _) = stackclone_certs::connect(&self.endpoint, addr, &self.trust, Role::Target)
+        let (conn, _) = stackclone_certs::connect(&self.endpoint, addr, &self.trust)
             .await
             .expect("connect to the target");
         let (ctl_send, ctl_recv) = conn.open_bi().await.expect("control stream");
