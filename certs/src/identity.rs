@@ -36,7 +36,7 @@ impl CaPin {
 pub struct PeerIdentity {
     /// Host name (CN and the only SAN).
     pub name: String,
-    /// Source or target (OU).
+    /// What the host was enrolled as (OU). Not an authorization: see [`Role`].
     pub role: Role,
     /// SHA-256 of the certificate DER.
     pub fingerprint: Fingerprint,
@@ -46,7 +46,9 @@ pub struct PeerIdentity {
     pub not_before: OffsetDateTime,
     /// End of validity.
     pub not_after: OffsetDateTime,
-    /// The source's flag public key; `Some` exactly for source certificates that carry it.
+    /// The host's flag public key, which its generations' flags must verify with. Every
+    /// certificate issued since every host got one carries it; `None` only for a target
+    /// certificate issued before (it gains one at `renew`).
     pub flag_key: Option<VerifyingKey>,
 }
 
@@ -111,7 +113,9 @@ impl PeerIdentity {
         })
     }
 
-    /// Refuses a peer whose certificate states another role.
+    /// Refuses a peer whose certificate states another role. The agents do not call it on
+    /// their connections (a host acts in both roles, see [`Role`]); it is for tools that mean
+    /// the enrolled role.
     pub fn expect_role(&self, expected: Role) -> Result<&Self, TrustError> {
         if self.role == expected {
             Ok(self)

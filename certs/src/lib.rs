@@ -5,7 +5,7 @@
 //!   that uses it and never transmitted ([`Ca`], [`HostKey`], [`Identity`]);
 //! - the **state directory** and every file in it ([`StateDir`] is the one place that knows the
 //!   layout, the modes and the atomic writes; a key file that group or others can read is refused);
-//! - the source's ed25519 **flag key** and its binding to the source certificate;
+//! - every host's ed25519 **flag key** and its binding to the host's certificate;
 //! - **join tokens** and the QUIC **enrollment service** (`serve` / `enroll` / `renew`), plus the
 //!   offline path (`csr` / `sign` / `install`);
 //! - the signed **deny list** (revocation) and its distribution;
@@ -16,18 +16,45 @@
 //!   pages, [`outln!`]). They live here, in the lowest crate with a binary, so that the PKI
 //!   tool needs nothing from the agents' shared crate (and none of Docker, HTTP or metrics).
 //!
-//! It does **not** decide which stacks a peer may push (that is the target's per-stack config),
-//! speak the sync protocol, or sign flags (the source agent does, with [`load_flag_key`]).
+//! It does **not** decide which stacks a peer may push (that is the receiving host's per-stack
+//! `allow` list), speak the sync protocol, or sign flags (the source agent does, with
+//! [`load_flag_key`]).
+//!
+//! # Roles: a host enrolled once acts in both
+//!
+//! A certificate's role (`source` or `target`) says what the host was enrolled as; it is not an
+//! authorization for the direction of a push. Failover promotes a standby to primary, and
+//! fail-back has it push the stack back to the old primary (which then runs
+//! `stackclone-target` for that stack), with the certificates the two hosts already hold. So:
+//!
+//! - **every host gets a flag key**: enrolment of a target (`enroll`, `csr`/`sign`/`install`)
+//!   makes one exactly as for a source, and the certificate carries it. A target certificate
+//!   issued before this gains one at its next renewal (the agents' automatic one, or
+//!   `stackclone-certs renew` to get it now); until then it cannot push, and is told so. A source certificate still
+//!   cannot be issued without one;
+//! - the receiving side ([`admit`]) admits a pushing peer of either role whose certificate
+//!   carries a flag key that matches the pin for its name and is not revoked;
+//! - the dialing side ([`connect`]) accepts a server of either role; the source agent then
+//!   checks that the server's *name* is the target the stack names.
+//!
+//! It stays strict because authorization goes by names, and names are the CA's: the CA issues
+//! one live certificate per name, every stack on a receiving host names who may push it (its
+//! `allow` list, unchanged), a source names the one host it pushes each stack to and checks
+//! that name, and a flag key is bound to the name by the certificate and pinned per name by
+//! every host that accepted it (a different key under a known name is refused). What a host
+//! can no longer do is refuse a peer *only* for its enrolled role: a stack's `allow` list that
+//! names a host lets it push that stack, whichever role it was enrolled as.
 //!
 //! # Certificate layout
 //!
 //! ```text
 //! subject  CN = <host name>, OU = <role: "source" | "target">, O = stackclone
 //! SAN      DNS:<host name>
-//! EKU      clientAuth + serverAuth   (either side may dial; the role is enforced by the
-//!                                     application: PeerIdentity::expect_role)
+//! EKU      clientAuth + serverAuth   (either side may dial; a host acts in both roles, and
+//!                                     what it may push is each stack's `allow` list)
 //! ext      1.3.6.1.4.1.32473.5301.1  (non-critical, OCTET STRING, 32 bytes): the ed25519 flag
-//!          public key, present on source certificates only. See [`FLAG_KEY_OID`].
+//!          public key; on every certificate (absent only from a target certificate issued
+//!          before every host got one). See [`FLAG_KEY_OID`].
 //! ```
 //!
 //! The CA alone decides name, role and flag key: a CSR contributes only its public key.
@@ -116,11 +143,11 @@ pub use token::{JoinToken, TokenSecret, parse_ttl};
 /// ALPN of the enrollment service (`stackclone-certs serve`).
 pub const ENROLL_ALPN: &[u8] = b"stackclone-enroll/1";
 
-/// Private X.509 extension carrying a source's ed25519 flag public key (32 bytes, DER OCTET
+/// Private X.509 extension carrying a host's ed25519 flag public key (32 bytes, DER OCTET
 /// STRING, non-critical so generic TLS stacks ignore it).
 ///
 /// The arc is RFC 5612's documentation enterprise number (32473) until the project registers its
-/// own; only stackclone reads it. Changing it means re-issuing every source certificate.
+/// own; only stackclone reads it. Changing it means re-issuing every host certificate.
 pub const FLAG_KEY_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 32473, 5301, 1];
 
 /// Default port of `stackclone-certs serve`.

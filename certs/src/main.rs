@@ -121,8 +121,8 @@ enum Command {
         #[arg(value_name = "NAME|FINGERPRINT")]
         name: String,
     },
-    /// On a target: forget the flag key pinned for source NAME, so that a source replaced on
-    /// purpose (new host, new key) is accepted and pinned on its next connection.
+    /// On a receiving host: forget the flag key pinned for NAME, so that a host replaced on
+    /// purpose (new host, new key) is accepted and pinned the next time it pushes.
     ForgetFlagKey { name: String },
     /// Names, roles, fingerprints and expiry.
     Show {
@@ -396,7 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ForgetFlagKey { name } => {
             if certs::forget_flag_key(&dir, &name)? {
                 stackclone_certs::outln!(
-                    "forgot the flag key of `{name}`; the next source connecting as `{name}` is pinned"
+                    "forgot the flag key of `{name}`; the next host pushing as `{name}` is pinned"
                 );
             } else {
                 stackclone_certs::outln!("no flag key was pinned for `{name}`");

@@ -25,14 +25,26 @@ pub struct InvalidArgument {
     pub why: String,
 }
 
-/// What a host does in a pair. Carried in the certificate's OU; enforced by the application with
-/// [`PeerIdentity::expect_role`](crate::PeerIdentity::expect_role).
+/// What a host was enrolled as: carried in the certificate's OU, chosen by the CA (the token's
+/// or `sign --role`'s role), shown by `show`.
+///
+/// The role does **not** decide the direction of a push. Failover turns a standby into the
+/// primary, and fail-back has it push the stack back to the old primary, so a host enrolled
+/// once acts in both roles for the stacks its configs name: every host holds a flag key (the
+/// target's since this rule; an older target certificate gains one at its next `renew`), the
+/// receiving side admits a pushing peer of either role whose certificate carries a flag key
+/// pinned to its name ([`admit`](crate::admit)), and a dialer accepts a server of either role
+/// and checks its *name* ([`PeerIdentity::expect_name`](crate::PeerIdentity::expect_name)).
+/// Which host may push which stack is each stack's `allow` list on the receiving host, a list
+/// of names the CA registered. The role still decides what enrolment issues: a `source`
+/// certificate cannot be issued without a flag key; `init` makes the CA host a source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Pushes stacks and signs flags; holds the flag key.
+    /// Enrolled to push stacks (the primary); its certificate always carries a flag key.
     Source,
-    /// Receives stacks; accepts flags from its source's key alone.
+    /// Enrolled to receive stacks (a standby); since every host got a flag key it may push too
+    /// (fail-back), where a stack's `allow` list names it.
     Target,
 }
 

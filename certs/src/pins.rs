@@ -1,17 +1,20 @@
-//! Flag-key pins: the ed25519 flag key a target has accepted from each source name.
+//! Flag-key pins: the ed25519 flag key a host has accepted pushes with, from each peer name.
 //!
-//! A source's flags are verified with the key in its certificate. The CA issues one live
-//! certificate per name, but a target should not have to trust that alone: a certificate for
-//! `primary` that carries a different flag key than the one this target already accepted from
-//! `primary` means another host is using the name (a mistake on the CA host, or an impostor),
-//! and it is refused — like SSH's `known_hosts`, Syncthing's device IDs or WireGuard's keys.
+//! A pushing peer's flags are verified with the key in its certificate. Every host has one (a
+//! target pushes at fail-back), and the pins work the same for either role. The CA issues one
+//! live certificate per name, but the receiving host should not have to trust that alone: a
+//! certificate for `primary` that carries a different flag key than the one this host already
+//! accepted from `primary` means another host is using the name (a mistake on the CA host, or
+//! an impostor), and it is refused — like SSH's `known_hosts`, Syncthing's device IDs or
+//! WireGuard's keys.
 //!
 //! The pin for a name is, in order: the one in `flag-pins.json` (what this host accepted
 //! before); else the key the CA listed for that name when this host enrolled (`flag-keys.json`,
-//! from the bundle); else the key of the first source that connects under that name (pinned
-//! then). Renewal keeps a source's flag key, so pins survive renewals. A source replaced on
-//! purpose (new host, new key) is accepted again after `stackclone-certs forget-flag-key NAME`
-//! on each target.
+//! from the bundle); else the key of the first peer that pushes under that name (pinned then).
+//! Renewal keeps a host's flag key, so pins survive renewals; a target certificate issued
+//! before every host got a flag key gains one at its renewal, and that key is pinned on first
+//! use. A host replaced on purpose (new host, new key) is accepted again after
+//! `stackclone-certs forget-flag-key NAME` on each host it pushes to.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -118,7 +121,7 @@ fn load(dir: &StateDir) -> Result<Pins, TrustError> {
 }
 
 /// `forget-flag-key NAME`: drops this host's pin for `NAME` (and the CA's enrollment-time key for
-/// it), so that the next source connecting as `NAME` is pinned afresh. Returns whether there was
+/// it), so that the next peer pushing as `NAME` is pinned afresh. Returns whether there was
 /// anything to forget.
 pub fn forget_flag_key(dir: &StateDir, name: &str) -> Result<bool, TrustError> {
     let mut pins = load(dir)?;

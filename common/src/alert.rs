@@ -432,8 +432,8 @@ pub enum AlertKind {
     /// its stop timeout (the copy is crash-consistent only), a stack a killed process left
     /// stopped and that was started again.
     Warning,
-    /// A peer was refused: a revoked certificate, a source presenting another flag key for its
-    /// name, a certificate of another CA or of the wrong role.
+    /// A peer was refused: a revoked certificate, a pusher presenting another flag key for its
+    /// name or none at all, a certificate of another CA.
     PeerRefused,
 }
 

@@ -65,7 +65,8 @@ pub struct TargetStack {
     /// `path`: the live copy, absolute. Created by the target if missing; if it exists it must
     /// be a directory (when paths are checked).
     pub path: PathBuf,
-    /// `allow = [source names]`: certificate names of the sources that may push this stack.
+    /// `allow = [host names]`: certificate names of the hosts that may push this stack, of
+    /// either enrolled role (at fail-back, a standby enrolled as a target pushes).
     /// Never empty.
     pub allow: Vec<String>,
     /// `keep_generations` (default 3): how many generations' replaced data to keep for
