@@ -261,6 +261,8 @@ struct SourceSide {
     killed: Vec<String>,
     /// Starting the stack again fails (Docker's answer).
     start_fails: Option<String>,
+    /// The driver is told to shut down as soon as the flag is out.
+    shutdown_on_flag: bool,
 }
 
 impl SourceSide {
@@ -276,6 +278,7 @@ impl SourceSide {
             files_sent: vec![],
             killed: vec![],
             start_fails: None,
+            shutdown_on_flag: false,
         }
     }
 
@@ -340,7 +343,12 @@ impl SourceSide {
             }
         }
         while let Some(m) = self.session.poll_message() {
+            let flag = matches!(m, SourceMsg::Flag(_));
             self.outbox.push(m);
+            if flag && self.shutdown_on_flag {
+                // SIGTERM right after the flag went out.
+                self.session.handle_shutdown();
+            }
         }
     }
 }
@@ -2122,6 +2130,24 @@ fn bad_file_streams_are_violations_the_session_names() {
 /// The source's stack restarts as soon as the last byte is staged, before the target's result.
 /// A restart that fails then fails the cycle, even though the target committed: the primary is
 /// down, and a green push would hide it.
+#[test]
+fn a_shutdown_after_the_flag_waits_for_the_result_and_records_the_commit() {
+    let mut pair = Pair::with(gen1(), Tree::default(), source_cfg(Mode::Sync, true));
+    pair.source.shutdown_on_flag = true;
+    pair.run();
+    // The target committed whatever the source did; the source says so instead of a failure.
+    assert!(pair.target.done.clone().unwrap().is_ok());
+    let report = pair
+        .source
+        .done
+        .clone()
+        .unwrap()
+        .expect("recorded as committed");
+    assert_eq!(report.generation, 1);
+    assert_eq!(pair.target.live, gen1());
+    assert!(pair.source.running);
+}
+
 #[test]
 fn a_failed_restart_fails_the_cycle_even_when_the_target_committed() {
     let mut pair = Pair::with(gen1(), Tree::default(), source_cfg(Mode::Sync, true));

@@ -579,8 +579,15 @@ impl SourceSession {
         self.fail(Cause::ConnectionLost(reason), false);
     }
 
-    /// The driver is shutting down (SIGTERM): end the cycle, restarting the stack if it is down.
+    /// The driver is shutting down (SIGTERM): end the cycle, restarting the stack if it is down;
+    /// once the flag is out, the cycle waits for the target's result instead.
     pub fn handle_shutdown(&mut self) {
+        // Once the flag is out the target commits whatever this side does, and the stack runs
+        // again already (unless it is handed over): wait for the target's answer, so that what
+        // this host records is what happened, not a failure that was not one.
+        if matches!(self.state, State::AwaitResult) {
+            return;
+        }
         self.local(Failure::ShuttingDown);
     }
 }
