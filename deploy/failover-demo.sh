@@ -119,7 +119,9 @@ TARGET_PIDS+=("$!")
 for _ in $(seq 100); do grep -q "target listening" "$W/primary-target.log" && break; sleep 0.1; done
 STANDBY_SRC=(stackclone-source --config "$W/standby/source/source.toml" --state-dir "$W/standby/source-state")
 data_bytes=$(du -sb --dereference-args "$S" "$(docker volume inspect -f '{{.Mountpoint}}' "${P_PRIMARY}_pgdata")" | awk '{s+=$1} END {print s}')
-run "${STANDBY_SRC[@]}" push shop --to primary --fail-back --json | tee "$W/failback.json"
+# (`run` would put its "$ command" line into the JSON)
+printf '$ %s\n' "${STANDBY_SRC[*]} push shop --to primary --fail-back --json"
+"${STANDBY_SRC[@]}" push shop --to primary --fail-back --json | tee "$W/failback.json"
 sent=$(json 'd[0]["bytes_sent"]' <"$W/failback.json")
 [ "$(json 'd[0]["ok"]' <"$W/failback.json")" = True ] || fail "the fail-back did not commit"
 [ "$(json 'd[0]["handed_over"]' <"$W/failback.json")" = True ] || fail "the fail-back did not hand over"
@@ -136,7 +138,8 @@ run stackclone-target --config "$W/primary/target/target.toml" status shop
 say "F6. Return to normal: demote the standby; the primary's pushes are deltas again"
 run "${STANDBY_TGT[@]}" demote shop
 run sql "$P_PRIMARY" "insert into orders (item) values ('5 back to normal');"
-run "${PRIMARY_SRC[@]}" push shop --json | tee "$W/normal.json"
+printf '$ %s\n' "${PRIMARY_SRC[*]} push shop --json"
+"${PRIMARY_SRC[@]}" push shop --json | tee "$W/normal.json"
 [ "$(json 'd[0]["ok"]' <"$W/normal.json")" = True ] || fail "the push after demote did not commit"
 wait_sql "$P_STANDBY"
 echo "the standby's orders:"; sql "$P_STANDBY" 'select id, item from orders order by id'
