@@ -450,6 +450,7 @@ fn job_from(
         replace_diverged: false,
         hand_over: false,
         on_superseded: stack.on_superseded,
+        lineage: common.state_dir.join(format!("{}.lineage", stack.name)),
     }
 }
 

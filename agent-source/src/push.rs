@@ -21,7 +21,7 @@ use stackclone_common::lineage_file;
 use stackclone_common::net::{ControlEnd, ControlStream};
 use stackclone_common::trees::{Graft, StackTrees};
 use stackclone_proto::delta::{CheckedSignature, FileSender, SenderConfig};
-use stackclone_proto::lineage::{Claim, HistoryId, Lineage};
+use stackclone_proto::lineage::{Claim, HistoryId};
 use stackclone_proto::manifest::Manifest;
 use stackclone_proto::msg::{Mode, Pass, SourceMsg, TargetMsg};
 use stackclone_proto::path::StackPath;
@@ -86,6 +86,9 @@ pub struct StackJob {
     pub hand_over: bool,
     /// `on_superseded`: what to do when the target says the stack was promoted there.
     pub on_superseded: stackclone_common::config::OnSuperseded,
+    /// This source's record of the data's history, in its state dir (used while the data dir
+    /// has no lineage file of its own; see `lineage_file::claim`).
+    pub lineage: PathBuf,
 }
 
 /// What one cycle came to, with what the driver measured. A cycle that failed has measured
@@ -509,18 +512,10 @@ async fn drive(
 /// mount that holds data and is neither replicated nor ignored ends the cycle here, before
 /// anything is connected or stopped. The named volumes it replicates become grafts of the
 /// stack's tree. A stack without containers yet has no mounts to judge.
-/// The history of the data in `job.path` (its lineage file), written there first if the stack
-/// never had one. A dry run writes nothing: without a file it claims a new history for this
-/// one look, which is what the push would write and claim.
+/// The history of the data in `job.path`: its lineage file, else this source's own record (see
+/// `lineage_file::claim`). A dry run writes nothing.
 fn claim_history(job: &StackJob, mode: Mode) -> std::io::Result<HistoryId> {
-    let lineage = match mode {
-        Mode::Sync => lineage_file::ensure(&job.path)?.0,
-        Mode::DryRun => match lineage_file::read(&job.path)? {
-            Some(l) => l,
-            None => Lineage::new(lineage_file::new_history()?),
-        },
-    };
-    Ok(lineage.history)
+    Ok(lineage_file::claim(&job.path, &job.lineage, mode == Mode::Sync)?.history)
 }
 
 async fn discover(

@@ -1,9 +1,9 @@
-//! The lineage file at the root of a stack's data dir (`.stackclone-lineage`, see
-//! `stackclone_proto::lineage`): the source reads it before every cycle (and writes a new
-//! history there the first time), the target writes a forked history there when it promotes the
-//! stack. It lives with the data so that it travels with every generation, and so that a host
-//! that was a standby and becomes the primary (or the other way round) reads the history its
-//! data really has.
+//! The lineage file (see `stackclone_proto::lineage`). The target writes a forked history into
+//! the root of the live dir when it promotes a stack (`.stackclone-lineage`); from then on it
+//! travels with the data, so a host that was a standby and becomes the primary (or receives a
+//! fail-back) reads the history its data really has. A source **never writes the data dir**
+//! (its hardened unit may not): it claims the data's own file where there is one, else its own
+//! record in its state dir, made at the first push ([`claim`]).
 
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -21,7 +21,40 @@ pub fn new_history() -> io::Result<HistoryId> {
 /// Reads the lineage file in `dir`; `Ok(None)` if there is none. A file that is not a lineage
 /// file (or a symlink in its place) is an error that names it: a history is never guessed.
 pub fn read(dir: &Path) -> io::Result<Option<Lineage>> {
-    let path = dir.join(LINEAGE_FILE);
+    read_named(dir, LINEAGE_FILE)
+}
+
+/// The history a source claims for the data in `dir`: the data's own lineage file if it has
+/// one, else the source's record `state_file`, which is written the first time unless `write`
+/// is false (a dry run: a new history for that one look).
+pub fn claim(dir: &Path, state_file: &Path, write: bool) -> io::Result<Lineage> {
+    if let Some(l) = read(dir)? {
+        return Ok(l);
+    }
+    let (Some(state_dir), Some(name)) = (state_file.parent(), state_file.file_name()) else {
+        return Err(io::Error::other(
+            "a state file needs a directory and a name",
+        ));
+    };
+    let name = name.to_string_lossy().into_owned();
+    if let Some(l) = read_named(state_dir, &name)? {
+        return Ok(l);
+    }
+    let l = Lineage::new(new_history()?);
+    if write {
+        std::fs::create_dir_all(state_dir)?;
+        write_named(state_dir, &name, &l)?;
+    }
+    Ok(l)
+}
+
+/// Writes `l` into `dir` as its lineage file.
+pub fn write(dir: &Path, l: &Lineage) -> io::Result<()> {
+    write_named(dir, LINEAGE_FILE, l)
+}
+
+fn read_named(dir: &Path, name: &str) -> io::Result<Option<Lineage>> {
+    let path = dir.join(name);
     let md = match std::fs::symlink_metadata(&path) {
         Ok(md) => md,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -45,22 +78,11 @@ pub fn read(dir: &Path) -> io::Result<Option<Lineage>> {
     })
 }
 
-/// The lineage of the data in `dir`: the file's, or a new history written there now (the
-/// first cycle of a stack). `true` if it was written.
-pub fn ensure(dir: &Path) -> io::Result<(Lineage, bool)> {
-    if let Some(l) = read(dir)? {
-        return Ok((l, false));
-    }
-    let l = Lineage::new(new_history()?);
-    write(dir, &l)?;
-    Ok((l, true))
-}
-
-/// Writes `l` into `dir` atomically (a temporary file, fsync, rename, fsync of the dir), mode
-/// 0644: it is no secret, and containers that read the data dir may see it.
-pub fn write(dir: &Path, l: &Lineage) -> io::Result<()> {
-    let path = dir.join(LINEAGE_FILE);
-    let tmp = dir.join(format!("{LINEAGE_FILE}.tmp.{}", std::process::id()));
+/// Writes `l` as `dir/name` atomically (a temporary file, fsync, rename, fsync of the dir),
+/// mode 0644: it is no secret.
+fn write_named(dir: &Path, name: &str, l: &Lineage) -> io::Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp.{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -82,18 +104,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ensure_writes_once_and_reads_back() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read(dir.path()).unwrap(), None);
-        let (l, written) = ensure(dir.path()).unwrap();
-        assert!(written);
-        let (again, written) = ensure(dir.path()).unwrap();
-        assert!(!written);
-        assert_eq!(again, l);
+    fn a_source_claims_its_own_record_until_the_data_carries_a_history() {
+        let data = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let record = state.path().join("web.lineage");
+        // A dry run claims a history but writes nothing.
+        claim(data.path(), &record, false).unwrap();
+        assert!(!record.exists());
+        let l = claim(data.path(), &record, true).unwrap();
+        assert_eq!(claim(data.path(), &record, true).unwrap(), l);
+        // The data dir is never written.
+        assert_eq!(std::fs::read_dir(data.path()).unwrap().count(), 0);
+        // Data that carries a history (promoted, or received by a fail-back) wins.
         let forked = l.fork(new_history().unwrap(), 3);
-        write(dir.path(), &forked).unwrap();
-        assert_eq!(read(dir.path()).unwrap(), Some(forked));
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        write(data.path(), &forked).unwrap();
+        assert_eq!(claim(data.path(), &record, true).unwrap(), forked);
+        let leftovers: Vec<_> = std::fs::read_dir(data.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
@@ -103,11 +129,12 @@ mod tests {
     #[test]
     fn garbage_or_a_symlink_is_an_error_not_a_new_history() {
         let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("state/web.lineage");
         std::fs::write(dir.path().join(LINEAGE_FILE), "hello").unwrap();
-        assert!(ensure(dir.path()).is_err());
+        assert!(claim(dir.path(), &record, true).is_err());
         std::fs::remove_file(dir.path().join(LINEAGE_FILE)).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join(LINEAGE_FILE)).unwrap();
-        let e = ensure(dir.path()).unwrap_err();
+        let e = claim(dir.path(), &record, true).unwrap_err();
         assert!(
             e.to_string().contains("not a stackclone lineage file"),
             "{e}"

@@ -299,9 +299,6 @@ impl Pair {
             past_logs: String::new(),
         };
         fsx::mkdir(&pair.src);
-        // A stack's data dir holds its lineage file from its first push on; the tests start
-        // from there, so that snapshots taken before a push compare with the copy after it.
-        stackclone_common::lineage_file::ensure(&pair.src).expect("lineage file");
         run(certs(&pair.src_id)
             .args(["init", "--name", SOURCE_NAME])
             .take_cmd())

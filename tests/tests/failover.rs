@@ -69,7 +69,6 @@ fn the_old_primary_is_refused_after_a_promotion_then_a_split_brain_is_resolved_e
     );
     fsx::write(p.src.join("db/table"), Rng::new(1).bytes(200_000));
     fsx::write(p.src.join("conf"), "v1\n");
-    let history = std::fs::read_to_string(p.src.join(LINEAGE_FILE)).expect("lineage file");
     p.start_target();
 
     // The primary replicates, then dies.
@@ -80,6 +79,10 @@ fn the_old_primary_is_refused_after_a_promotion_then_a_split_brain_is_resolved_e
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(d);
+    // The source keeps the data's history in its state dir; it never writes the data dir.
+    assert!(!p.src.join(LINEAGE_FILE).exists());
+    let history = std::fs::read_to_string(p.src_state.join(format!("{STACK}.lineage")))
+        .expect("the source's lineage record");
     let generation = p.target_generation();
     assert_same(
         &snapshot(&p.src),

@@ -958,14 +958,16 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
-/// The history of the source's data, as the real source would claim it: the lineage file in
-/// the data dir of the pair whose source identity is `src_id` (`<tmp>/src-id` beside
-/// `<tmp>/src/<stack>`), written there first if the stack has none yet.
+/// The history of the source's data, as the real source would claim it for the pair whose
+/// source identity is `src_id` (`<tmp>/src-id` beside `<tmp>/src/<stack>` and its state dir
+/// `<tmp>/src-state`): the data's lineage file, else the source's record, made if needed.
 fn history_of(src_id: &Path) -> HistoryId {
     let src = src_id.with_file_name("src").join(STACK);
-    stackclone_common::lineage_file::ensure(&src)
-        .expect("lineage file")
-        .0
+    let record = src_id
+        .with_file_name("src-state")
+        .join(format!("{STACK}.lineage"));
+    stackclone_common::lineage_file::claim(&src, &record, true)
+        .expect("lineage")
         .history
 }
 

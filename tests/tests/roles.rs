@@ -98,9 +98,6 @@ impl Reverse {
         fsx::mkdir(&a_base);
         let b_data = t.join("b-data").join(BACK);
         fsx::mkdir(&b_data);
-        // The lineage file a first push writes, written now: snapshots taken before the push
-        // then compare with A's copy after it.
-        stackclone_common::lineage_file::ensure(&b_data).expect("lineage file");
         let r = Reverse {
             a_config: t.join("a-etc-target/target.toml"),
             a_live: a_base.join(BACK),
