@@ -599,28 +599,14 @@ impl Pair {
 
     /// `stackclone-source --config … --state-dir … ARGS…`.
     pub fn source_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin("stackclone-source"));
-        c.arg("--config")
-            .arg(&self.source_config)
-            .arg("--state-dir")
-            .arg(&self.src_state)
-            .args(args)
-            .env_remove("STACKCLONE_DIR")
-            .env_remove("STACKCLONE_STATE_DIR")
-            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null());
+        let mut c = source_command(&self.source_config, &self.src_state, args);
+        c.envs(self.opts.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
     /// `stackclone-target --config … ARGS…`.
     pub fn target_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin("stackclone-target"));
-        c.arg("--config")
-            .arg(&self.target_config)
-            .args(args)
-            .env_remove("STACKCLONE_DIR")
-            .stdin(Stdio::null());
-        c
+        target_command(&self.target_config, args)
     }
 
     /// `stackclone-target status web --json`, the stack's object.
@@ -660,28 +646,39 @@ pub struct Reverse {
 impl Reverse {
     /// `stackclone-target --config … ARGS…` on the primary.
     pub fn target_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin("stackclone-target"));
-        c.arg("--config")
-            .arg(&self.target_config)
-            .args(args)
-            .env_remove("STACKCLONE_DIR")
-            .stdin(Stdio::null());
-        c
+        target_command(&self.target_config, args)
     }
 
     /// `stackclone-source --config … --state-dir … ARGS…` on the standby.
     pub fn source_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin("stackclone-source"));
-        c.arg("--config")
-            .arg(&self.source_config)
-            .arg("--state-dir")
-            .arg(&self.source_state)
-            .args(args)
-            .env_remove("STACKCLONE_DIR")
-            .env_remove("STACKCLONE_STATE_DIR")
-            .stdin(Stdio::null());
-        c
+        source_command(&self.source_config, &self.source_state, args)
     }
+}
+
+/// `stackclone-source --config CONFIG --state-dir STATE ARGS…`, with no identity or state dir
+/// from the environment.
+fn source_command(config: &Path, state: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("stackclone-source"));
+    c.arg("--config")
+        .arg(config)
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .env_remove("STACKCLONE_DIR")
+        .env_remove("STACKCLONE_STATE_DIR")
+        .stdin(Stdio::null());
+    c
+}
+
+/// `stackclone-target --config CONFIG ARGS…`, with no identity dir from the environment.
+fn target_command(config: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("stackclone-target"));
+    c.arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("STACKCLONE_DIR")
+        .stdin(Stdio::null());
+    c
 }
 
 impl Pair {
