@@ -510,7 +510,15 @@ fn a_running_target_refuses_a_source_revoked_after_it_started() {
         "{body}"
     );
 
-    // The real primary is not affected.
+    // The real primary is not affected. It continues the history `primary2` began (as a host
+    // that took over the stack's state would); without that it would rightly be refused as
+    // diverged, which is not what this test is about.
+    fsx::mkdir(&p.src_state);
+    std::fs::copy(
+        t.join("src2-state/web.lineage"),
+        p.src_state.join("web.lineage"),
+    )
+    .expect("copy the lineage record");
     p.push_ok();
     assert_eq!(
         std::fs::read(p.live.join("a.txt")).expect("live a.txt"),
