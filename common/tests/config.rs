@@ -155,6 +155,28 @@ fn source_minimal_stack_gets_every_default() {
     assert_eq!(DEFAULT_MAX_DELETE.get(), 0.5);
 }
 
+/// A data-only stack stops nothing, so a pre-copy pass would only read and send everything
+/// twice: it is off unless asked for.
+#[test]
+fn a_data_only_stack_skips_the_precopy_pass_unless_asked() {
+    let dir = Dir::new();
+    let data = dir.data("files");
+    let stack = |extra: &str| {
+        format!("stack = \"files\"\npath = \"{data}\"\ntarget = \"standby\"\n{extra}")
+    };
+    dir.write("conf.d/files.toml", &stack("docker = false\n"));
+    let cfg = dir.source(SOURCE_MAIN).expect("loads");
+    assert!(!cfg.stacks[0].docker);
+    assert!(!cfg.stacks[0].precopy, "{:?}", cfg.stacks[0]);
+
+    dir.write(
+        "conf.d/files.toml",
+        &stack("docker = false\nprecopy = true\n"),
+    );
+    let cfg = dir.source(SOURCE_MAIN).expect("loads");
+    assert!(cfg.stacks[0].precopy, "{:?}", cfg.stacks[0]);
+}
+
 #[test]
 fn source_every_key_is_read() {
     let dir = Dir::new();

@@ -75,8 +75,10 @@ pub struct SourceStack {
     /// `exclude = [...]`: gitignore-style patterns relative to `path` (see `ScanConfig::exclude`);
     /// checked to compile. Default none.
     pub exclude: Vec<String>,
-    /// `precopy` (default true): a first pass while the stack runs, then only the changes
-    /// during the stop.
+    /// `precopy` (default: `docker`): a first pass while the stack runs, then only the changes
+    /// during the stop. A data-only stack (`docker = false`) stops nothing, so a pre-copy pass
+    /// would only read and send everything twice; it runs there only when set to true (for a
+    /// target whose standby stack, stopped for the final pass, should stay down briefly).
     pub precopy: bool,
     /// `docker` (default true): the stack is a Compose project to stop and start; `false`
     /// syncs data only.
@@ -439,7 +441,7 @@ impl SourceConfig {
                 path,
                 target,
                 exclude,
-                precopy: raw.precopy.unwrap_or(true),
+                precopy: raw.precopy.unwrap_or(docker),
                 docker,
                 stop,
                 max_delete: raw.max_delete.unwrap_or(DEFAULT_MAX_DELETE),
