@@ -508,9 +508,18 @@ pub fn idle_timeout() -> (std::time::Duration, std::time::Duration) {
     }
 }
 
+/// Upper bound of QUIC's path-MTU search (UDP payload bytes): a jumbo-frame link (MTU 9000,
+/// minus IPv6 and UDP headers). quinn stops at 1452 by default, which keeps every datagram
+/// Ethernet-sized even where the path carries more; the search is binary and probes are
+/// allowed to be lost, so on a 1500-byte path it ends at 1452 as before.
+const MTU_UPPER_BOUND: u16 = 9000 - 40 - 8;
+
 fn agent_transport() -> Arc<quinn::TransportConfig> {
     let (idle, keep_alive) = idle_timeout();
     let mut t = quinn::TransportConfig::default();
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtu));
     t.keep_alive_interval(Some(keep_alive));
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(idle).expect("at most 600 s fits a QUIC idle timeout"),
