@@ -429,6 +429,9 @@ fn job_from(
     target_addr: std::net::SocketAddr,
     common: &Common,
 ) -> StackJob {
+    let base_record = common
+        .state_dir
+        .join(format!("{}.to-{}.manifest", stack.name, target_name));
     StackJob {
         stack: stack.name.clone(),
         path: stack.path.clone(),
@@ -451,6 +454,7 @@ fn job_from(
         hand_over: false,
         on_superseded: stack.on_superseded,
         lineage: common.state_dir.join(format!("{}.lineage", stack.name)),
+        base_record: Some(base_record),
     }
 }
 

@@ -10,7 +10,7 @@
 //! appeared in the tree after the scan.
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,10 @@ pub struct StackJob {
     /// This source's record of the data's history, in its state dir (used while the data dir
     /// has no lineage file of its own; see `lineage_file::claim`).
     pub lineage: PathBuf,
+    /// The manifest the target last committed from this host, with its generation, in the state
+    /// dir: the base the next cycle's manifest goes as changes against (see
+    /// `stackclone_proto::manifest::Changes`). Missing or unreadable, the manifest goes whole.
+    pub base_record: Option<PathBuf>,
 }
 
 /// What one cycle came to, with what the driver measured. A cycle that failed has measured
@@ -303,6 +307,10 @@ async fn drive(
                 replace_diverged: job.replace_diverged || job.hand_over,
                 hand_over: job.hand_over,
             },
+            base: job
+                .base_record
+                .as_deref()
+                .and_then(|p| read_base(&job.stack, p)),
         },
         ctx.flag_key.clone(),
     );
@@ -478,6 +486,9 @@ async fn drive(
             Ok(())
         }
         Ok(report) => {
+            if let (Some(path), Some(manifest)) = (&job.base_record, session.signed_manifest()) {
+                write_base(&job.stack, path, report.generation, manifest);
+            }
             info!(
                 stack = %job.stack,
                 peer = %job.target_name,
@@ -512,6 +523,39 @@ async fn drive(
 /// mount that holds data and is neither replicated nor ignored ends the cycle here, before
 /// anything is connected or stopped. The named volumes it replicates become grafts of the
 /// stack's tree. A stack without containers yet has no mounts to judge.
+/// The base record at `path` (see [`StackJob::base_record`]), if it is there and whole.
+fn read_base(stack: &str, path: &Path) -> Option<(u64, Arc<Manifest>)> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!(stack, path = %path.display(), error = %e, "cannot read the record of the last commit; this cycle sends its whole manifest");
+            return None;
+        }
+    };
+    match stackclone_proto::manifest::decode_file(&bytes) {
+        Ok((generation, m)) => Some((generation, Arc::new(m))),
+        Err(e) => {
+            warn!(stack, path = %path.display(), error = %e, "the record of the last commit is damaged; this cycle sends its whole manifest");
+            None
+        }
+    }
+}
+
+/// Records `manifest` as committed at `generation` (a temp file renamed over the old record;
+/// not synced: a record lost in a crash costs one whole manifest, a torn one is detected).
+fn write_base(stack: &str, path: &Path, generation: u64, manifest: &Manifest) {
+    let tmp = path.with_extension("manifest.tmp");
+    let written = stackclone_proto::manifest::encode_file(generation, manifest)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        warn!(stack, path = %path.display(), error = %e, "cannot record the committed manifest; the next cycle sends its whole manifest");
+    }
+}
+
 /// The history of the data in `job.path`: its lineage file, else this source's own record (see
 /// `lineage_file::claim`). A dry run writes nothing.
 fn claim_history(job: &StackJob, mode: Mode) -> std::io::Result<HistoryId> {

@@ -21,6 +21,7 @@ use stackclone_common::alert::Alert;
 use stackclone_common::control::StackControl;
 use stackclone_common::metrics::CycleStats;
 use stackclone_common::net::{ControlEnd, ControlStream};
+use stackclone_proto::manifest::Manifest;
 use stackclone_proto::msg::{Phase, Refusal, SourceMsg};
 use stackclone_proto::session::{
     CycleError, StackPolicy, StackState, StageOutcome, TargetAction, TargetReport, TargetSession,
@@ -46,7 +47,7 @@ enum Event {
     /// The stack is held for this cycle (or busy).
     Claimed(Result<BusyGuard, Refusal>),
     /// The store is open at this generation, with its state dir; the live dir is being scanned.
-    Opened(u64, PathBuf),
+    Opened(u64, Arc<Manifest>, PathBuf),
     Stack(Result<Box<(StackStore, StackState)>, Refusal>),
     /// The standby's stack stopped (the services Docker had to kill), or did not; the control
     /// that stopped it, if there is one, for starting it again.
@@ -420,6 +421,7 @@ impl Cycle {
                     let loaded = open_stack(&serve).and_then(|store| {
                         let _ = tx.send(Event::Opened(
                             store.generation_base(),
+                            store.committed(),
                             store.state_path().to_path_buf(),
                         ));
                         // Under the store's lock, before the scan: this host's own volume
@@ -435,9 +437,9 @@ impl Cycle {
                 });
             }
             Event::Claimed(Err(refusal)) => self.session.handle_stack(Err(refusal)),
-            Event::Opened(generation, path) => {
+            Event::Opened(generation, committed, path) => {
                 self.state_path = Some(path);
-                self.session.handle_opened(generation);
+                self.session.handle_opened(generation, committed);
             }
             Event::Stack(Ok(loaded)) => {
                 let (store, state) = *loaded;

@@ -16,7 +16,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::path::StackPath;
-use crate::wire;
+use crate::wire::{self, FrameDecoder, MAX_FRAME};
 
 /// The top-level directory under which a stack's named volumes travel: the volume with Compose
 /// key `db` is the tree `.stackclone-volumes/db`, its root directory an entry of its own (owner
@@ -357,6 +357,209 @@ impl Manifest {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Changes against a base
+
+/// How a manifest differs from a base manifest both peers hold: the entries it has that the
+/// base lacks or holds differently, and the paths the base has that it lacks, both in path
+/// order. A source sends these instead of the whole manifest when the target holds the base
+/// (its committed manifest, or the previous manifest of the same cycle), so a cycle in which
+/// little changed sends little more than a root.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub upsert: Vec<Entry>,
+    pub remove: Vec<StackPath>,
+}
+
+impl Changes {
+    /// How many entries and paths these changes carry.
+    pub fn len(&self) -> usize {
+        self.upsert.len() + self.remove.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// Why a base and its changes do not make a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangesError {
+    #[error("manifest changes out of order or duplicated at {path}")]
+    Unsorted { path: StackPath },
+    #[error("manifest changes both replace and remove {path}")]
+    Conflict { path: StackPath },
+    #[error("manifest changes remove {path}, which the base does not hold")]
+    NotInBase { path: StackPath },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+impl Manifest {
+    /// What turns `base` into `self` (see [`Changes`]).
+    pub fn changes_from(&self, base: &Manifest) -> Changes {
+        use std::cmp::Ordering;
+        let mut out = Changes::default();
+        let (mut a, mut b) = (
+            self.entries.iter().peekable(),
+            base.entries.iter().peekable(),
+        );
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => return out,
+                (Some(_), None) => out.upsert.extend(a.by_ref().cloned()),
+                (None, Some(_)) => out.remove.extend(b.by_ref().map(|e| e.path.clone())),
+                (Some(x), Some(y)) => match x.path.cmp(&y.path) {
+                    Ordering::Less => out.upsert.push(a.next().expect("peeked").clone()),
+                    Ordering::Greater => out.remove.push(b.next().expect("peeked").path.clone()),
+                    Ordering::Equal => {
+                        if x != y {
+                            out.upsert.push((*x).clone());
+                        }
+                        a.next();
+                        b.next();
+                    }
+                },
+            }
+        }
+    }
+
+    /// `base` with `changes` applied, checked as [`Manifest::new`] checks a whole one. The
+    /// changes must be in path order, without duplicates, remove only what `base` holds and
+    /// not both replace and remove a path.
+    pub fn apply(base: &Manifest, changes: Changes) -> Result<Manifest, ChangesError> {
+        use std::cmp::Ordering;
+        let Changes { upsert, remove } = changes;
+        if let Some(w) = upsert.windows(2).find(|w| w[0].path >= w[1].path) {
+            return Err(ChangesError::Unsorted {
+                path: w[1].path.clone(),
+            });
+        }
+        if let Some(w) = remove.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(ChangesError::Unsorted { path: w[1].clone() });
+        }
+        let mut out = Vec::with_capacity(base.len() + upsert.len());
+        let mut up = upsert.into_iter().peekable();
+        let mut rm = remove.iter().peekable();
+        for e in &base.entries {
+            while up.peek().is_some_and(|u| u.path < e.path) {
+                out.push(up.next().expect("peeked"));
+            }
+            if let Some(&r) = rm.peek()
+                && *r < e.path
+            {
+                return Err(ChangesError::NotInBase { path: r.clone() });
+            }
+            let removed = rm.peek().is_some_and(|r| **r == e.path);
+            let replaced = up.peek().is_some_and(|u| u.path == e.path);
+            match (removed, replaced) {
+                (true, true) => {
+                    return Err(ChangesError::Conflict {
+                        path: e.path.clone(),
+                    });
+                }
+                (true, false) => {
+                    rm.next();
+                }
+                (false, true) => out.push(up.next().expect("peeked")),
+                (false, false) => out.push(e.clone()),
+            }
+        }
+        if let Some(r) = rm.next() {
+            return Err(ChangesError::NotInBase { path: r.clone() });
+        }
+        out.extend(up);
+        debug_assert!(
+            out.windows(2)
+                .all(|w| w[0].path.cmp(&w[1].path) == Ordering::Less)
+        );
+        Ok(Manifest::new(out)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifest files
+
+/// The header frame of a manifest file.
+#[derive(Debug, Serialize, Deserialize)]
+struct ManifestHeader {
+    generation: u64,
+    entries: u64,
+    root: Hash,
+}
+
+/// Entries per frame are cut at this many encoded bytes, well under [`MAX_FRAME`].
+const FRAME_BUDGET: usize = 4 << 20;
+
+/// Encodes a manifest as a file of wire frames: a header (generation, entry count, root), then
+/// entry batches. The target's `manifests/<G>` and the source's record of the last committed
+/// manifest (the base of its next manifest, see [`Changes`]) are such files.
+pub fn encode_file(generation: u64, m: &Manifest) -> Result<Vec<u8>, String> {
+    let header = ManifestHeader {
+        generation,
+        entries: m.len() as u64,
+        root: m.root(),
+    };
+    let mut out = wire::encode_frame(&header).map_err(|e| e.to_string())?;
+    let mut batch: Vec<&Entry> = Vec::new();
+    let mut size = 0usize;
+    for e in m.entries() {
+        let len = wire::canonical(e).len();
+        if !batch.is_empty() && size + len > FRAME_BUDGET {
+            out.extend(wire::encode_frame(&batch).map_err(|e| e.to_string())?);
+            batch.clear();
+            size = 0;
+        }
+        batch.push(e);
+        size += len;
+    }
+    if !batch.is_empty() {
+        out.extend(wire::encode_frame(&batch).map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+/// Decodes and checks a file of [`encode_file`]: frame bounds, entry count, manifest rules,
+/// root.
+pub fn decode_file(bytes: &[u8]) -> Result<(u64, Manifest), String> {
+    let mut dec = FrameDecoder::new(MAX_FRAME);
+    let mut frames = Vec::new();
+    for piece in bytes.chunks(1 << 20) {
+        dec.push(piece).map_err(|e| e.to_string())?;
+        while let Some(f) = dec.next_frame().map_err(|e| e.to_string())? {
+            frames.push(f);
+        }
+    }
+    if dec.buffered() != 0 {
+        return Err(format!(
+            "{} bytes of a truncated frame at the end",
+            dec.buffered()
+        ));
+    }
+    let mut frames = frames.into_iter();
+    let header: ManifestHeader = match frames.next() {
+        Some(f) => wire::decode(&f).map_err(|e| e.to_string())?,
+        None => return Err("empty file".into()),
+    };
+    let mut entries = Vec::new();
+    for f in frames {
+        let batch: Vec<Entry> = wire::decode(&f).map_err(|e| e.to_string())?;
+        entries.extend(batch);
+    }
+    if entries.len() as u64 != header.entries {
+        return Err(format!(
+            "{} entries, header says {}",
+            entries.len(),
+            header.entries
+        ));
+    }
+    let m = Manifest::new(entries).map_err(|e| e.to_string())?;
+    if m.root() != header.root {
+        return Err("entries do not hash to the recorded root".into());
+    }
+    Ok((header.generation, m))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -380,6 +583,88 @@ pub(crate) mod tests {
         assert_eq!(extra_path_of_key("bad%2"), None);
         assert_eq!(extra_path_of_key("bad%41"), None);
         assert_eq!(extra_path_of_key(""), None);
+    }
+
+    /// A manifest from a bit mask over a fixed set of paths (parents added as needed), with
+    /// content that depends on `salt` for some files.
+    fn masked(mask: u32, salt: u8) -> Manifest {
+        let files = ["a", "b/c", "b/d", "b/e/f", "g", "h/i", "h/j", "k"];
+        let mut entries = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            if mask & (1 << i) == 0 {
+                continue;
+            }
+            let mut parent = String::new();
+            for part in f.split('/').collect::<Vec<_>>().split_last().unwrap().1 {
+                if !parent.is_empty() {
+                    parent.push('/');
+                }
+                parent.push_str(part);
+                entries.push(dir(&parent));
+            }
+            let data = [if (mask >> (8 + i)) & 1 == 1 { salt } else { 0 }];
+            entries.push(file(f, &data));
+        }
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        entries.dedup_by(|a, b| a.path == b.path);
+        Manifest::new(entries).unwrap()
+    }
+
+    #[test]
+    fn changes_from_a_base_rebuild_the_manifest_exactly() {
+        let mut seed = 0x9e37_79b9_u32;
+        for _ in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            let (a, b) = (masked(seed, 1), masked(seed.rotate_left(11), 2));
+            let changes = b.changes_from(&a);
+            assert_eq!(changes.is_empty(), a == b);
+            assert_eq!(Manifest::apply(&a, changes).unwrap(), b);
+        }
+    }
+
+    #[test]
+    fn changes_that_do_not_fit_their_base_are_refused() {
+        let base = masked(0xff, 1);
+        let p = |s: &str| StackPath::new(s).unwrap();
+        let apply = |upsert: Vec<Entry>, remove: Vec<StackPath>| {
+            Manifest::apply(&base, Changes { upsert, remove }).unwrap_err()
+        };
+        assert!(matches!(
+            apply(vec![], vec![p("zzz")]),
+            ChangesError::NotInBase { .. }
+        ));
+        assert!(matches!(
+            apply(vec![], vec![p("0")]),
+            ChangesError::NotInBase { .. }
+        ));
+        assert!(matches!(
+            apply(vec![file("g", b"x")], vec![p("g")]),
+            ChangesError::Conflict { .. }
+        ));
+        assert!(matches!(
+            apply(vec![file("k", b"x"), file("a", b"x")], vec![]),
+            ChangesError::Unsorted { .. }
+        ));
+        assert!(matches!(
+            apply(vec![], vec![p("g"), p("a")]),
+            ChangesError::Unsorted { .. }
+        ));
+        // Removing a directory but not what it holds leaves an orphan: the manifest's own rule.
+        assert!(matches!(
+            apply(vec![], vec![p("b")]),
+            ChangesError::Manifest(ManifestError::MissingParent { .. })
+        ));
+    }
+
+    #[test]
+    fn a_manifest_file_round_trips_and_a_torn_one_is_refused() {
+        let m = masked(0xffff, 3);
+        let bytes = encode_file(7, &m).unwrap();
+        assert_eq!(decode_file(&bytes).unwrap(), (7, m));
+        assert!(decode_file(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode_file(&[]).is_err());
     }
 
     pub(crate) fn meta() -> Meta {

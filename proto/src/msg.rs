@@ -38,7 +38,9 @@ pub const ALPN: &[u8] = b"stackclone/1";
 /// 3: lineage — [`SourceMsg::Claim`] after `Hello`, the history in the signed flag,
 /// [`Refusal::Promoted`] and [`Refusal::Diverged`], and the replaced tree in
 /// [`Outcome::Committed`].
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: manifests as changes against a base ([`SourceMsg::ManifestChanges`],
+/// [`TargetMsg::ResendManifest`]).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Most entries in one [`SourceMsg::ManifestPart`].
 pub const MANIFEST_PART_ENTRIES: usize = 2048;
@@ -256,6 +258,17 @@ pub enum SourceMsg {
     /// The history of the source's data, sent right after `Hello` (see [`crate::lineage`]).
     /// Last of the variants, so that the others keep their encoding.
     Claim(Claim),
+    /// A manifest as [`Changes`](crate::manifest::Changes) against a base the target holds
+    /// (its committed manifest, or the previous manifest of this cycle), named by its root;
+    /// in parts of up to [`MANIFEST_PART_ENTRIES`] entries and paths together, every part
+    /// naming the same base, closed by `ManifestEnd` (whose count and root are those of the
+    /// whole manifest). A target that does not hold the base asks for the whole manifest with
+    /// [`TargetMsg::ResendManifest`].
+    ManifestChanges {
+        base: Hash,
+        upsert: Vec<Entry>,
+        remove: Vec<StackPath>,
+    },
 }
 
 /// Target to source.
@@ -288,6 +301,11 @@ pub enum TargetMsg {
         phase: Phase,
         #[serde(deserialize_with = "crate::text::escaped")]
         reason: String,
+    },
+    /// The manifest of `pass` came as changes against a base this target does not hold (its
+    /// state was reset or rolled back since the source recorded it): send it whole.
+    ResendManifest {
+        pass: Pass,
     },
 }
 
@@ -323,6 +341,7 @@ impl SourceMsg {
             SourceMsg::FinalPass => "FinalPass",
             SourceMsg::Flag(_) => "Flag",
             SourceMsg::Abort { .. } => "Abort",
+            SourceMsg::ManifestChanges { .. } => "ManifestChanges",
         }
     }
 }
@@ -338,6 +357,7 @@ impl TargetMsg {
             TargetMsg::Plan(_) => "Plan",
             TargetMsg::Result(_) => "Result",
             TargetMsg::Abort { .. } => "Abort",
+            TargetMsg::ResendManifest { .. } => "ResendManifest",
         }
     }
 }

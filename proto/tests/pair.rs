@@ -6,6 +6,7 @@
 //! real wire frames and can cut, duplicate or corrupt any single message.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
@@ -263,6 +264,8 @@ struct SourceSide {
     start_fails: Option<String>,
     /// The driver is told to shut down as soon as the flag is out.
     shutdown_on_flag: bool,
+    /// The last manifest the target committed, with its generation, as the driver records it.
+    recorded: Option<(u64, Arc<Manifest>)>,
 }
 
 impl SourceSide {
@@ -279,6 +282,7 @@ impl SourceSide {
             killed: vec![],
             start_fails: None,
             shutdown_on_flag: false,
+            recorded: None,
         }
     }
 
@@ -339,7 +343,13 @@ impl SourceSide {
                     self.files_sent.push(path);
                     self.session.handle_file_sent(id, Ok(()));
                 }
-                SourceAction::Done(result) => self.done = Some(result),
+                SourceAction::Done(result) => {
+                    // As the driver does: the committed manifest is the next cycle's base.
+                    if let (Ok(r), Some(m)) = (&result, self.session.signed_manifest()) {
+                        self.recorded = Some((r.generation, m.clone()));
+                    }
+                    self.done = Some(result);
+                }
             }
         }
         while let Some(m) = self.session.poll_message() {
@@ -397,6 +407,8 @@ struct TargetSide {
     keeps_generations: bool,
     /// The commit fails with this reason (a full disk, say); the live tree stays.
     commit_fails: Option<String>,
+    /// The manifest of the last commit (what the store hands a session as its base).
+    committed: Arc<Manifest>,
 }
 
 impl TargetSide {
@@ -425,6 +437,7 @@ impl TargetSide {
             held: Held::default(),
             keeps_generations: true,
             commit_fails: None,
+            committed: Arc::default(),
         }
     }
 
@@ -436,6 +449,7 @@ impl TargetSide {
             staged: self.staged.keys().copied().collect(),
             staged_in_place: HashMap::new(),
             outside_links: Default::default(),
+            committed: self.committed.clone(),
         }
     }
 
@@ -543,7 +557,8 @@ impl TargetSide {
                     match self.scan_late {
                         None => self.session.handle_stack(Ok(state)),
                         Some(after) => {
-                            self.session.handle_opened(self.last_generation);
+                            self.session
+                                .handle_opened(self.last_generation, self.committed.clone());
                             self.scanning = Some((state, after));
                         }
                     }
@@ -601,6 +616,7 @@ impl TargetSide {
                     self.session.handle_committed(Err((Phase::Commit, reason)));
                 }
                 TargetAction::Commit(commit) => {
+                    self.committed = Arc::new(commit.manifest().clone());
                     if commit.without_stop() {
                         assert!(
                             self.running,
@@ -734,6 +750,7 @@ fn source_cfg(mode: Mode, precopy: bool) -> SourceConfig {
             replace_diverged: false,
             hand_over: false,
         },
+        base: None,
     }
 }
 
@@ -809,10 +826,17 @@ impl Pair {
     }
 
     /// A new cycle: new sessions, the same hosts.
-    fn next_cycle(&mut self, source_tree: Tree, cfg: SourceConfig) {
+    /// The next cycle, on the same target; the source starts from what its driver recorded of
+    /// the last commit (its base), unless `cfg` names one.
+    fn next_cycle(&mut self, source_tree: Tree, mut cfg: SourceConfig) {
         let key = flag_key();
         self.target.next_cycle(&key);
+        let recorded = self.source.recorded.take();
+        if cfg.base.is_none() {
+            cfg.base = recorded.clone();
+        }
         self.source = SourceSide::new(source_tree, cfg, key);
+        self.source.recorded = recorded;
         self.fault = Fault::None;
         self.log.clear();
         self.undecodable = false;
@@ -1271,7 +1295,148 @@ fn without_precopy_an_unchanged_tree_still_stops_the_standby_with_the_source() {
     // The standby's stop was asked for as soon as the final pass began, before the source's
     // final manifest (the source stops and scans meanwhile).
     let at = |name: &str| pair.log.iter().position(|(_, m)| m.starts_with(name));
-    assert!(at("FinalPass").unwrap() < at("ManifestPart").unwrap());
+    assert!(at("FinalPass").unwrap() < at("Manifest").unwrap());
+}
+
+/// Bytes of the manifest messages one cycle sent to the target.
+fn manifest_bytes(pair: &Pair) -> usize {
+    pair.frames
+        .iter()
+        .zip(&pair.log)
+        .filter(|(_, (dir, name))| *dir == Dir::ToTarget && name.starts_with("Manifest"))
+        .map(|((_, frame), _)| frame.len())
+        .sum()
+}
+
+/// Once the target committed a manifest, the next cycle's manifests go as changes against
+/// it (and the final pass's against the pre-copy's): a cycle in which nothing changed sends
+/// no entry at all, one in which a file changed sends that entry, and the target still commits
+/// exactly the source's tree.
+#[test]
+fn manifests_after_the_first_commit_go_as_changes() {
+    let mut pair = Pair::new(gen1(), Tree::default());
+    pair.run();
+    pair.source.done.clone().unwrap().expect("first cycle");
+    let whole = manifest_bytes(&pair);
+    let names = |pair: &Pair| -> Vec<String> {
+        pair.log
+            .iter()
+            .filter(|(d, n)| *d == Dir::ToTarget && n.starts_with("Manifest"))
+            .map(|(_, n)| n.split([' ', '{', '(']).next().unwrap().to_owned())
+            .collect()
+    };
+    // First cycle: nothing committed yet, so the manifest is whole.
+    assert_eq!(names(&pair), ["ManifestPart", "ManifestEnd"]);
+
+    pair.next_cycle(gen1(), source_cfg(Mode::Sync, true));
+    pair.run();
+    pair.source.done.clone().unwrap().expect("unchanged cycle");
+    assert_eq!(
+        names(&pair),
+        [
+            "ManifestChanges",
+            "ManifestEnd",
+            "ManifestChanges",
+            "ManifestEnd"
+        ]
+    );
+    let unchanged = manifest_bytes(&pair);
+    // Two ends (count and root) and two empty changes (a base root each): nothing per entry.
+    assert!(
+        unchanged < 300 && unchanged * 4 < whole,
+        "unchanged: {unchanged} B of manifests, first cycle {whole} B"
+    );
+    for (dir, name) in &pair.log {
+        if *dir == Dir::ToTarget && name.starts_with("ManifestChanges") {
+            assert!(name.contains("upsert: [], "), "{name}");
+        }
+    }
+
+    pair.next_cycle(gen2(), source_cfg(Mode::Sync, false));
+    pair.run();
+    pair.source.done.clone().unwrap().expect("changed cycle");
+    assert_eq!(
+        pair.target.live,
+        gen2(),
+        "the changes rebuilt the whole tree"
+    );
+    assert_eq!(names(&pair), ["ManifestChanges", "ManifestEnd"]);
+}
+
+/// A target that no longer holds the manifest the source recorded (its state was reset, or
+/// it was rolled back) asks for the whole manifest, and the cycle commits all the same.
+#[test]
+fn a_target_without_the_base_asks_for_the_whole_manifest() {
+    for precopy in [true, false] {
+        let mut pair = Pair::new(gen1(), Tree::default());
+        pair.run();
+        pair.source.done.clone().unwrap().expect("first cycle");
+        // The standby's store lost its manifest, not its generation number.
+        pair.target.committed = Arc::new(gen2().manifest());
+        pair.next_cycle(gen2(), source_cfg(Mode::Sync, precopy));
+        pair.run();
+        pair.source.done.clone().unwrap().expect("second cycle");
+        assert_eq!(pair.target.live, gen2());
+        let resent = pair
+            .log
+            .iter()
+            .filter(|(d, n)| *d == Dir::ToSource && n.starts_with("ResendManifest"))
+            .count();
+        assert_eq!(resent, 1, "asked once: {:?}", pair.log);
+        // A final pass after a pre-copy goes against the pre-copy's manifest, which the target
+        // does hold.
+    }
+}
+
+/// Changes that do not apply to their base are the source's fault: a removal of a path the
+/// base does not hold, or changes out of order, end the cycle with a violation.
+#[test]
+fn changes_that_do_not_apply_to_their_base_end_the_cycle() {
+    let base = gen1().manifest();
+    let bad = [
+        (vec![], vec![StackPath::new("no/such/path").unwrap()]),
+        (
+            vec![
+                base.get(&StackPath::new("db/other.dat").unwrap())
+                    .unwrap()
+                    .clone(),
+                base.get(&StackPath::new("app/config.yml").unwrap())
+                    .unwrap()
+                    .clone(),
+            ],
+            vec![],
+        ),
+    ];
+    for (upsert, remove) in bad {
+        let mut s = TargetSession::new(target_cfg(&flag_key()), Instant::now());
+        hello_web(&mut s);
+        s.handle_policy(Ok(StackPolicy {
+            allow: vec!["primary".into()],
+            held: Held::default(),
+            keeps_generations: true,
+        }));
+        s.handle_opened(1, Arc::new(base.clone()));
+        while s.poll_message().is_some() {}
+        s.handle_message(
+            SourceMsg::ManifestChanges {
+                base: base.root(),
+                upsert,
+                remove,
+            },
+            NOW,
+        );
+        s.handle_message(
+            SourceMsg::ManifestEnd {
+                pass: Pass::Final,
+                entries: base.len() as u64,
+                root: base.root(),
+            },
+            NOW,
+        );
+        let err = ended(&mut s).expect("ended").unwrap_err();
+        assert_eq!(err.cause.kind(), "peer_misbehaved", "{err}");
+        assert!(err.cause.to_string().contains("do not apply"), "{err}");
+    }
 }
 
 /// The regression of issue "Real databases": the standby's own service (a database) writes
@@ -1943,6 +2108,7 @@ fn empty_live_at_generation_1() -> StackState {
         staged: HashSet::new(),
         staged_in_place: HashMap::new(),
         outside_links: HashSet::new(),
+        committed: Arc::default(),
     }
 }
 
@@ -1970,7 +2136,7 @@ fn waiting_target(t0: Instant) -> TargetSession {
         held: Held::default(),
         keeps_generations: true,
     }));
-    s.handle_opened(1);
+    s.handle_opened(1, Arc::default());
     s.handle_stack(Ok(empty_live_at_generation_1()));
     while s.poll_action().is_some() {}
     while s.poll_message().is_some() {}
@@ -2029,7 +2195,7 @@ fn no_stall_while_the_target_waits_on_its_own_work() {
         held: Held::default(),
         keeps_generations: true,
     }));
-    s.handle_opened(1);
+    s.handle_opened(1, Arc::default());
     assert_eq!(s.poll_timeout(), None, "scanning the live dir");
     s.handle_timeout(t0 + hour);
     assert!(ended(&mut s).is_none());

@@ -321,6 +321,48 @@ fn target_status_counts_the_bytes_it_received() {
     );
 }
 
+/// The source records each committed manifest in its state dir and sends the next one as
+/// changes against it. A damaged record costs bytes, never the cycle: the manifest goes whole
+/// and the record is written again.
+#[test]
+fn the_record_of_the_last_commit_is_a_base_and_a_damaged_one_costs_nothing() {
+    let mut p = Pair::new();
+    small(&p.src);
+    p.start_target();
+    p.push_ok();
+    let record = p.src_state.join(format!(
+        "{STACK}.to-{}.manifest",
+        stackclone_tests::TARGET_NAME
+    ));
+    let (generation, _) =
+        stackclone_proto::manifest::decode_file(&std::fs::read(&record).expect("the record"))
+            .expect("a whole record");
+    assert_eq!(generation, 1);
+
+    // A change, sent as changes against the record.
+    fsx::write(p.src.join("edit"), "after\n");
+    let o = p.push_ok();
+    assert_eq!(o["generation"], 2, "{o}");
+    assert_same(
+        &snapshot(&p.src),
+        &snapshot(&p.live),
+        "changes against the record",
+    );
+
+    // A torn record: the next push still commits exactly the source's tree.
+    let bytes = std::fs::read(&record).expect("the record");
+    fsx::write(&record, &bytes[..bytes.len() / 2]);
+    std::fs::remove_file(p.src.join("old")).expect("rm old");
+    let o = p.push_ok();
+    assert_eq!(o["generation"], 3, "{o}");
+    assert_same(&snapshot(&p.src), &snapshot(&p.live), "after a torn record");
+    let (generation, m) =
+        stackclone_proto::manifest::decode_file(&std::fs::read(&record).expect("the record"))
+            .expect("written again, whole");
+    assert_eq!(generation, 3);
+    assert!(m.entries().iter().all(|e| e.path.as_bytes() != b"old"));
+}
+
 #[test]
 fn dry_run_changes_nothing_anywhere() {
     let mut p = Pair::new();

@@ -265,7 +265,7 @@ pub struct StackStore {
     manifests: Tree,
     _lock: OwnedFd,
     state: StoreState,
-    manifest: Manifest,
+    manifest: Arc<Manifest>,
     /// Token of the last `prepare`, which a `commit` must present.
     prepared: Option<u64>,
     next_token: u64,
@@ -429,7 +429,7 @@ impl StackStore {
                 stack: stack.clone(),
                 ..StoreState::default()
             },
-            manifest: Manifest::default(),
+            manifest: Arc::default(),
             prepared: None,
             next_token: 0,
             fail_after_ops: None,
@@ -475,6 +475,12 @@ impl StackStore {
     /// The manifest of the last committed generation.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The manifest of the last committed generation, shared (a sync session takes it as the
+    /// base a source's manifest may come as changes against).
+    pub fn committed(&self) -> Arc<Manifest> {
+        self.manifest.clone()
     }
 
     /// Records what the driver knows of the last cycle (bytes sent, downtimes, error) in
@@ -547,6 +553,7 @@ impl StackStore {
             live: scan.manifest,
             staged: self.staged()?,
             staged_in_place: self.staged_in_place()?,
+            committed: self.committed(),
         })
     }
 
@@ -706,7 +713,7 @@ impl StackStore {
         if st.stack != self.stack {
             return Err(corrupt(format!("it belongs to stack `{}`", st.stack)));
         }
-        self.manifest = self.load_manifest(st.generation)?;
+        self.manifest = Arc::new(self.load_manifest(st.generation)?);
         self.state = st;
         Ok(())
     }
@@ -725,7 +732,7 @@ impl StackStore {
         let bytes = state::read_file(self.manifests.fd(), &name)
             .map_err(|e| self.io_err("read", path.display().to_string(), e))?
             .ok_or_else(|| corrupt("missing".into()))?;
-        let (g, m) = state::decode_manifest(&bytes).map_err(corrupt)?;
+        let (g, m) = stackclone_proto::manifest::decode_file(&bytes).map_err(corrupt)?;
         if g != generation {
             return Err(corrupt(format!("it holds generation {g}")));
         }

@@ -8,8 +8,6 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use stackclone_proto::lineage::{Held, HistoryId, Lineage, Role};
-use stackclone_proto::manifest::{Entry, Hash, Manifest};
-use stackclone_proto::wire::{self, FrameDecoder, MAX_FRAME};
 
 /// What the target knows about a stack's last commit; the `state` file, as JSON (what
 /// `stackclone-target status --json` prints, plus the manifest root).
@@ -87,83 +85,6 @@ impl StoreState {
             generation: self.generation,
         }
     }
-}
-
-/// The header frame of a manifest file.
-#[derive(Debug, Serialize, Deserialize)]
-struct ManifestHeader {
-    generation: u64,
-    entries: u64,
-    root: Hash,
-}
-
-/// Entries per frame are cut at this many encoded bytes, well under [`MAX_FRAME`].
-const FRAME_BUDGET: usize = 4 << 20;
-
-/// Encodes a manifest as wire frames: a header, then entry batches.
-pub(crate) fn encode_manifest(generation: u64, m: &Manifest) -> Result<Vec<u8>, String> {
-    let header = ManifestHeader {
-        generation,
-        entries: m.len() as u64,
-        root: m.root(),
-    };
-    let mut out = wire::encode_frame(&header).map_err(|e| e.to_string())?;
-    let mut batch: Vec<&Entry> = Vec::new();
-    let mut size = 0usize;
-    for e in m.entries() {
-        let len = wire::canonical(e).len();
-        if !batch.is_empty() && size + len > FRAME_BUDGET {
-            out.extend(wire::encode_frame(&batch).map_err(|e| e.to_string())?);
-            batch.clear();
-            size = 0;
-        }
-        batch.push(e);
-        size += len;
-    }
-    if !batch.is_empty() {
-        out.extend(wire::encode_frame(&batch).map_err(|e| e.to_string())?);
-    }
-    Ok(out)
-}
-
-/// Decodes and checks a manifest file: frame bounds, entry count, manifest rules, root.
-pub(crate) fn decode_manifest(bytes: &[u8]) -> Result<(u64, Manifest), String> {
-    let mut dec = FrameDecoder::new(MAX_FRAME);
-    let mut frames = Vec::new();
-    for piece in bytes.chunks(1 << 20) {
-        dec.push(piece).map_err(|e| e.to_string())?;
-        while let Some(f) = dec.next_frame().map_err(|e| e.to_string())? {
-            frames.push(f);
-        }
-    }
-    if dec.buffered() != 0 {
-        return Err(format!(
-            "{} bytes of a truncated frame at the end",
-            dec.buffered()
-        ));
-    }
-    let mut frames = frames.into_iter();
-    let header: ManifestHeader = match frames.next() {
-        Some(f) => wire::decode(&f).map_err(|e| e.to_string())?,
-        None => return Err("empty file".into()),
-    };
-    let mut entries = Vec::new();
-    for f in frames {
-        let batch: Vec<Entry> = wire::decode(&f).map_err(|e| e.to_string())?;
-        entries.extend(batch);
-    }
-    if entries.len() as u64 != header.entries {
-        return Err(format!(
-            "{} entries, header says {}",
-            entries.len(),
-            header.entries
-        ));
-    }
-    let m = Manifest::new(entries).map_err(|e| e.to_string())?;
-    if m.root() != header.root {
-        return Err("entries do not hash to the recorded root".into());
-    }
-    Ok((header.generation, m))
 }
 
 /// Writes `name` in `dir` atomically: `name.tmp`, fsync, rename, fsync of the directory.

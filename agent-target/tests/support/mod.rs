@@ -299,6 +299,9 @@ impl Source {
                     replace_diverged: false,
                     hand_over: false,
                 },
+                // Whole manifests: the changes against a base are the pair tests' and the
+                // end-to-end tests' (the real source records its base).
+                base: None,
             },
             script
                 .flag_key

@@ -28,6 +28,7 @@ fuzz_target!(|data: &[u8]| {
                 replace_diverged: false,
                 hand_over: data.first().is_some_and(|b| b & 2 == 2),
             },
+            base: None,
         },
         SigningKey::from_bytes(&[7; 32]),
     );

@@ -21,6 +21,7 @@ fn empty() -> StackState {
         staged: HashSet::new(),
         staged_in_place: Default::default(),
         outside_links: Default::default(),
+        committed: Default::default(),
     }
 }
 

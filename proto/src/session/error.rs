@@ -135,6 +135,10 @@ pub enum Violation {
     ManifestCount { announced: u64, arrived: u64 },
     #[error("manifest entries do not hash to the announced root")]
     ManifestRoot,
+    #[error("manifest changes that do not apply to their base: {0}")]
+    ManifestChanges(String),
+    #[error("a manifest sent partly whole and partly as changes")]
+    ManifestMixed,
     #[error("pre-copy pass in a dry run")]
     PrecopyInDryRun,
     #[error("pre-copy manifest after the final pass began")]
@@ -184,6 +188,8 @@ impl Violation {
             Violation::ManifestTooLarge { .. } => "manifest_too_large",
             Violation::ManifestCount { .. } => "manifest_count",
             Violation::ManifestRoot => "manifest_root",
+            Violation::ManifestChanges(_) => "manifest_changes",
+            Violation::ManifestMixed => "manifest_mixed",
             Violation::PrecopyInDryRun => "precopy_in_dry_run",
             Violation::PrecopyAfterFinal => "precopy_after_final",
             Violation::FinalPassInDryRun => "final_pass_in_dry_run",

@@ -12,6 +12,7 @@
 //! vanished — asks for `StartStack` before `Done`, so the source stack is never left stopped.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
 
@@ -19,7 +20,7 @@ use super::{Cause, CycleError, Failure, Violation};
 use crate::delta::CheckedSignature;
 use crate::flag::{SignedStatus, Status};
 use crate::lineage::{Claim, LINEAGE_FILE};
-use crate::manifest::{Hash, Manifest};
+use crate::manifest::{Changes, Entry, Hash, Manifest};
 use crate::msg::{
     MANIFEST_PART_ENTRIES, Mode, Outcome, PROTOCOL_VERSION, Pass, Phase, PlanSummary, Replaced,
     SourceMsg, TargetMsg,
@@ -54,6 +55,11 @@ pub struct SourceConfig {
     /// target committed, the stack stays stopped here: the target's copy is the primary from
     /// then on. It is started again if the cycle fails.
     pub claim: Claim,
+    /// The manifest this host last saw the target commit, and its generation (the driver's
+    /// record, see [`crate::manifest::encode_file`]). When the target's `Welcome` names that
+    /// generation, the first manifest goes as [`Changes`] against it; a target that holds
+    /// another manifest asks for the whole one ([`TargetMsg::ResendManifest`]).
+    pub base: Option<(u64, Arc<Manifest>)>,
 }
 
 /// What to do when stopping the stack for the final pass took Docker's kill: the service did not
@@ -126,7 +132,7 @@ enum State {
     /// The manifest of `pass` went out; the target's wants are served from it.
     Serving {
         pass: Pass,
-        manifest: Manifest,
+        manifest: Arc<Manifest>,
     },
     AwaitResult,
     /// The cycle is over, and waits for the stack to run again before it says so.
@@ -179,6 +185,13 @@ pub struct SourceSession {
     start_failed: Option<CycleError>,
     final_retries: u32,
     report: SourceReport,
+    /// The manifest the target holds that the next one may be sent against: the recorded
+    /// committed one (from `Welcome` on, if the generation matched), then each manifest sent
+    /// in this cycle once the target answered it.
+    base: Option<Arc<Manifest>>,
+    /// The final manifest the flag signed, once it went out (see
+    /// [`SourceSession::signed_manifest`]).
+    signed: Option<Arc<Manifest>>,
 }
 
 impl SourceSession {
@@ -204,6 +217,8 @@ impl SourceSession {
             start_failed: None,
             final_retries: 0,
             report: SourceReport::default(),
+            base: None,
+            signed: None,
         }
     }
 
@@ -317,6 +332,12 @@ impl SourceSession {
                     return self.misbehaved(Violation::GenerationsExhausted);
                 };
                 self.report.generation = generation;
+                self.base = self
+                    .cfg
+                    .base
+                    .take()
+                    .filter(|(g, _)| *g == last_generation && last_generation > 0)
+                    .map(|(_, m)| m);
                 if self.cfg.mode == Mode::Sync && self.cfg.precopy {
                     self.scan(Pass::Precopy);
                 } else {
@@ -338,6 +359,14 @@ impl SourceSession {
             {
                 self.report.plan = Some(plan);
                 self.end(Ok(()));
+            }
+            TargetMsg::ResendManifest { pass } if serving == Some(pass) => {
+                // The target does not hold the base: this pass and the rest go whole.
+                self.base = None;
+                if let State::Serving { manifest, .. } = &self.state {
+                    let manifest = manifest.clone();
+                    self.send_manifest(pass, &manifest);
+                }
             }
             TargetMsg::Result(result) if matches!(self.state, State::AwaitResult) => {
                 if result.generation != self.report.generation {
@@ -449,25 +478,69 @@ impl SourceSession {
         if empty && !self.cfg.allow_empty {
             return self.fail(Cause::EmptySource, true);
         }
-        let root = manifest.root();
-        let count = manifest.len() as u64;
-        for part in manifest.entries().chunks(MANIFEST_PART_ENTRIES) {
-            self.messages.push_back(SourceMsg::ManifestPart {
-                entries: part.to_vec(),
-            });
-        }
-        self.messages.push_back(SourceMsg::ManifestEnd {
-            pass,
-            entries: count,
-            root,
-        });
+        let root = self.send_manifest(pass, &manifest);
         if pass == Pass::Final {
             let (files, bytes) = manifest.file_totals();
             self.report.files = files;
             self.report.bytes = bytes;
             self.report.manifest_root = Some(root);
         }
-        self.state = State::Serving { pass, manifest };
+        self.state = State::Serving {
+            pass,
+            manifest: Arc::new(manifest),
+        };
+    }
+
+    /// Queues `manifest` for the target: as changes against the base the target holds when
+    /// there is one and that is shorter, else whole. Returns its root.
+    fn send_manifest(&mut self, pass: Pass, manifest: &Manifest) -> Hash {
+        let root = manifest.root();
+        let changes = self
+            .base
+            .as_ref()
+            .map(|base| (base.root(), manifest.changes_from(base)))
+            .filter(|(_, c)| c.len() < manifest.len());
+        match changes {
+            Some((base, Changes { upsert, remove })) => {
+                // Parts of at most MANIFEST_PART_ENTRIES items, entries first, then paths.
+                let mut upsert = upsert.into_iter().peekable();
+                let mut remove = remove.into_iter().peekable();
+                loop {
+                    let up: Vec<Entry> = upsert.by_ref().take(MANIFEST_PART_ENTRIES).collect();
+                    let rm: Vec<StackPath> = remove
+                        .by_ref()
+                        .take(MANIFEST_PART_ENTRIES - up.len())
+                        .collect();
+                    self.messages.push_back(SourceMsg::ManifestChanges {
+                        base,
+                        upsert: up,
+                        remove: rm,
+                    });
+                    if upsert.peek().is_none() && remove.peek().is_none() {
+                        break;
+                    }
+                }
+            }
+            None => {
+                for part in manifest.entries().chunks(MANIFEST_PART_ENTRIES) {
+                    self.messages.push_back(SourceMsg::ManifestPart {
+                        entries: part.to_vec(),
+                    });
+                }
+            }
+        }
+        self.messages.push_back(SourceMsg::ManifestEnd {
+            pass,
+            entries: manifest.len() as u64,
+            root,
+        });
+        root
+    }
+
+    /// The manifest the flag signed, once the final pass is done: what the target commits.
+    /// The driver records it as the next cycle's base once the result says it was committed.
+    pub fn signed_manifest(&self) -> Option<&Arc<Manifest>> {
+        self.signed.as_ref()
     }
 
     fn handle_want(&mut self, id: u32, path: StackPath, basis: Option<Vec<u8>>) {
@@ -529,9 +602,12 @@ impl SourceSession {
     }
 
     fn pass_done(&mut self, missing: Vec<StackPath>, now: i64) {
-        let State::Serving { pass, manifest } = &self.state else {
-            return;
+        let (pass, manifest) = match &self.state {
+            State::Serving { pass, manifest } => (*pass, manifest.clone()),
+            _ => return,
         };
+        // The target planned this manifest: it holds it for the next one to be sent against.
+        self.base = Some(manifest.clone());
         match pass {
             Pass::Precopy => self.stop_then_final_scan(),
             Pass::Final if !missing.is_empty() => {
@@ -561,6 +637,7 @@ impl SourceSession {
                 }
                 self.messages
                     .push_back(SourceMsg::Flag(SignedStatus::sign(status, &self.key)));
+                self.signed = Some(manifest);
                 self.state = State::AwaitResult;
             }
         }

@@ -45,6 +45,7 @@
 //! scan finished.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
@@ -53,7 +54,7 @@ use super::{Cause, CycleError, Failure, MAX_IN_FLIGHT, Violation};
 use crate::delta::Verified;
 use crate::flag::{Expected, SignedStatus, VerifiedStatus};
 use crate::lineage::{self, Admit, Claim, Held};
-use crate::manifest::{Entry, EntryKind, Hash, Manifest};
+use crate::manifest::{self, ChangesError, Entry, EntryKind, Hash, Manifest};
 use crate::msg::{
     CycleResult, MAX_MANIFEST_BYTES, MAX_MANIFEST_ENTRIES, Mode, Outcome, PROTOCOL_VERSION, Pass,
     Phase, PlanSummary, Refusal, Replaced, SourceMsg, TargetMsg,
@@ -105,6 +106,9 @@ pub struct StackState {
     /// Live files whose inode has hard links outside the live dir. Never patched in place, never
     /// given metadata: always replaced (see [`Changes::between_with_outside`]).
     pub outside_links: HashSet<StackPath>,
+    /// The manifest of the last committed generation: a source's manifest may come as changes
+    /// against it (see [`crate::manifest::Changes`]).
+    pub committed: Arc<Manifest>,
 }
 
 impl StackState {
@@ -409,6 +413,14 @@ pub struct TargetSession {
     parts: Vec<Entry>,
     /// What `parts` holds, by [`Entry::held_bytes`].
     parts_bytes: u64,
+    /// The manifest arriving comes as changes against the manifest with this root: `parts`
+    /// holds its new and changed entries, `removed` the paths it drops.
+    changes_base: Option<Hash>,
+    removed: Vec<StackPath>,
+    /// The bases a manifest may come as changes against: the last committed manifest (from
+    /// the driver) and the last manifest planned in this cycle.
+    committed: Option<Arc<Manifest>>,
+    previous: Option<Arc<Manifest>>,
     /// [`MAX_MANIFEST_BYTES`] unless lowered.
     max_manifest_bytes: u64,
     /// `Welcome` went out, with this generation, before the stack state was in (see the module
@@ -453,6 +465,10 @@ impl TargetSession {
             actions: VecDeque::new(),
             parts: Vec::new(),
             parts_bytes: 0,
+            changes_base: None,
+            removed: Vec::new(),
+            committed: None,
+            previous: None,
             max_manifest_bytes: MAX_MANIFEST_BYTES,
             welcomed: None,
             queue: VecDeque::new(),
@@ -644,19 +660,24 @@ impl TargetSession {
                 });
             }
             SourceMsg::ManifestPart { entries } if collecting => {
-                if (self.parts.len() + entries.len()) as u64 > MAX_MANIFEST_ENTRIES {
-                    return self.misbehaved(Violation::ManifestTooLong {
-                        max: MAX_MANIFEST_ENTRIES,
-                    });
+                if self.changes_base.is_some() {
+                    return self.misbehaved(Violation::ManifestMixed);
                 }
-                self.parts_bytes += entries.iter().map(Entry::held_bytes).sum::<u64>();
-                if self.parts_bytes > self.max_manifest_bytes {
-                    return self.misbehaved(Violation::ManifestTooLarge {
-                        max_mib: self.max_manifest_bytes >> 20,
-                        entries: (self.parts.len() + entries.len()) as u64,
-                    });
+                self.manifest_part(entries, Vec::new());
+            }
+            SourceMsg::ManifestChanges {
+                base,
+                upsert,
+                remove,
+            } if collecting => {
+                match self.changes_base {
+                    None if !self.parts.is_empty() => {
+                        return self.misbehaved(Violation::ManifestMixed);
+                    }
+                    Some(b) if b != base => return self.misbehaved(Violation::ManifestMixed),
+                    _ => self.changes_base = Some(base),
                 }
-                self.parts.extend(entries);
+                self.manifest_part(upsert, remove);
             }
             SourceMsg::ManifestEnd {
                 pass,
@@ -719,10 +740,11 @@ impl TargetSession {
     /// The driver opened the stack's store (took its lock, recovered an interrupted commit);
     /// its scan of the live dir is still running. The source is welcomed now, so that it stops
     /// and scans its stack while this side scans; [`TargetSession::handle_stack`] follows.
-    pub fn handle_opened(&mut self, last_generation: u64) {
+    pub fn handle_opened(&mut self, last_generation: u64, committed: Arc<Manifest>) {
         if !matches!(self.state, State::LoadingStack) {
             return;
         }
+        self.committed = Some(committed);
         self.welcome(last_generation);
         self.welcomed = Some(last_generation);
     }
@@ -764,6 +786,9 @@ impl TargetSession {
             }
             Err(refusal) => return self.refuse(refusal),
         }
+        if self.committed.is_none() {
+            self.committed = Some(state.committed.clone());
+        }
         match self.welcomed {
             None => self.welcome(state.last_generation),
             Some(before) if before != state.last_generation => {
@@ -782,9 +807,72 @@ impl TargetSession {
         self.try_plan();
     }
 
+    /// Entries (and, for changes, removed paths) of the manifest that is arriving, within the
+    /// limits on its length and memory.
+    fn manifest_part(&mut self, entries: Vec<Entry>, removed: Vec<StackPath>) {
+        let count = self.parts.len() + self.removed.len() + entries.len() + removed.len();
+        if count as u64 > MAX_MANIFEST_ENTRIES {
+            return self.misbehaved(Violation::ManifestTooLong {
+                max: MAX_MANIFEST_ENTRIES,
+            });
+        }
+        self.parts_bytes += entries.iter().map(Entry::held_bytes).sum::<u64>();
+        self.parts_bytes += removed
+            .iter()
+            .map(|p| (std::mem::size_of::<StackPath>() + p.as_bytes().len()) as u64)
+            .sum::<u64>();
+        if self.parts_bytes > self.max_manifest_bytes {
+            return self.misbehaved(Violation::ManifestTooLarge {
+                max_mib: self.max_manifest_bytes >> 20,
+                entries: count as u64,
+            });
+        }
+        self.parts.extend(entries);
+        self.removed.extend(removed);
+    }
+
+    /// The base named `root`, if this side holds it.
+    fn base(&self, root: Hash) -> Option<Arc<Manifest>> {
+        [&self.previous, &self.committed]
+            .into_iter()
+            .flatten()
+            .find(|m| m.root() == root)
+            .cloned()
+    }
+
     fn manifest_end(&mut self, pass: Pass, entries: u64, root: Hash) {
-        let parts = std::mem::take(&mut self.parts);
+        let mut parts = std::mem::take(&mut self.parts);
+        let removed = std::mem::take(&mut self.removed);
         self.parts_bytes = 0;
+        if let Some(base_root) = self.changes_base.take() {
+            let Some(base) = self.base(base_root) else {
+                // Reset or rolled back since the source recorded its base: ask for it whole.
+                self.messages.push_back(TargetMsg::ResendManifest { pass });
+                return;
+            };
+            let changes = manifest::Changes {
+                upsert: parts,
+                remove: removed,
+            };
+            let whole = match Manifest::apply(&base, changes) {
+                Ok(m) => m,
+                Err(ChangesError::Manifest(e)) => return self.fail(Cause::Manifest(e), true),
+                Err(e) => return self.misbehaved(Violation::ManifestChanges(e.to_string())),
+            };
+            if whole.len() as u64 > MAX_MANIFEST_ENTRIES {
+                return self.misbehaved(Violation::ManifestTooLong {
+                    max: MAX_MANIFEST_ENTRIES,
+                });
+            }
+            let held: u64 = whole.entries().iter().map(Entry::held_bytes).sum();
+            if held > self.max_manifest_bytes {
+                return self.misbehaved(Violation::ManifestTooLarge {
+                    max_mib: self.max_manifest_bytes >> 20,
+                    entries: whole.len() as u64,
+                });
+            }
+            parts = whole.into_entries();
+        }
         if parts.len() as u64 != entries {
             return self.misbehaved(Violation::ManifestCount {
                 announced: entries,
@@ -963,6 +1051,8 @@ impl TargetSession {
             return self.fail(cause, true);
         }
         self.queue = needs(&stack, &manifest).into();
+        // The source sends its next manifest in this cycle as changes against this one.
+        self.previous = Some(Arc::new(manifest.clone()));
         if pass == Pass::Precopy {
             self.precopy_unchanged = changes.is_empty();
         }

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -447,7 +448,7 @@ impl StackStore {
         state::remove_file(sd, MARKER)
             .map_err(|e| self.io_err("remove", self.state_file(MARKER), e))?;
         self.state = st;
-        self.manifest = manifest;
+        self.manifest = Arc::new(manifest);
         for g in j.drop_generations {
             let p = self.generations.path().join(g.to_string());
             remove_tree(&p).map_err(|e| self.io_err("remove", show(&p), e))?;

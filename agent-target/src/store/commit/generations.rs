@@ -30,7 +30,7 @@ impl StackStore {
     pub(super) fn write_before(&self, g: u64, before: &Manifest) -> Result<(), StoreError> {
         let gen_path = self.generations.path().join(g.to_string());
         let gen_dir = Tree::open(&gen_path).map_err(|e| self.io_err("open", show(&gen_path), e))?;
-        let encoded = state::encode_manifest(g, before).map_err(|e| {
+        let encoded = stackclone_proto::manifest::encode_file(g, before).map_err(|e| {
             self.io_err(
                 "encode manifest",
                 show(&gen_path),
@@ -50,10 +50,12 @@ impl StackStore {
         else {
             return Ok(None);
         };
-        let (_, m) = state::decode_manifest(&bytes).map_err(|reason| StoreError::StateCorrupt {
-            stack: self.stack.clone(),
-            path: gen_path.join(BEFORE),
-            reason,
+        let (_, m) = stackclone_proto::manifest::decode_file(&bytes).map_err(|reason| {
+            StoreError::StateCorrupt {
+                stack: self.stack.clone(),
+                path: gen_path.join(BEFORE),
+                reason,
+            }
         })?;
         Ok(Some(m))
     }

@@ -59,7 +59,7 @@ impl StackStore {
         })?;
         state::write_atomic(gen_dir.fd(), "record", &json)
             .map_err(|e| self.io_err("write", show(&gen_path.join("record")), e))?;
-        let encoded = state::encode_manifest(g, c.manifest()).map_err(|e| {
+        let encoded = stackclone_proto::manifest::encode_file(g, c.manifest()).map_err(|e| {
             self.io_err(
                 "encode manifest",
                 show(self.manifests.path()),

@@ -107,8 +107,8 @@ impl StackStore {
         let want = match self.read_before(n)? {
             Some(before) => {
                 // From now on, generation `previous` is what was live before commit `n`.
-                let encoded =
-                    state::encode_manifest(previous.generation, &before).map_err(|e| {
+                let encoded = stackclone_proto::manifest::encode_file(previous.generation, &before)
+                    .map_err(|e| {
                         self.io_err(
                             "encode manifest",
                             show(self.manifests.path()),
