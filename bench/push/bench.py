@@ -12,6 +12,7 @@ import platform
 import re
 import shutil
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -419,47 +420,63 @@ shell_type = unix
         return rec
 
     # ---- verification ---------------------------------------------------------------------
-    def verify(self, tool, ds):
+    def verify(self, tool, ds, keep=100):
         """Compare the tool's target with the source: every entry, its type, size, content,
-        mtime (seconds for rclone: SFTP v3 carries whole seconds) and mode (not rclone)."""
+        mtime (seconds for rclone: SFTP v3 carries whole seconds) and mode (not rclone).
+
+        One directory at a time, both sides listed side by side, so a million files cost one
+        directory's listing in memory, not the whole tree. Returns (number of differences,
+        the first `keep` of them); a dir missing on the target counts once, not per entry."""
         src, dst = ds.root, self.tpath(tool, ds)
-        diffs = []
-        seen = set()
-        for d, dirs, files in os.walk(src):
-            rel_d = os.path.relpath(d, src)
-            for name in dirs + files:
+        sample, count = [], 0
+
+        def diff(msg):
+            nonlocal count
+            count += 1
+            if len(sample) < keep:
+                sample.append(msg)
+
+        def listing(d):
+            try:
+                with os.scandir(d) as it:
+                    return {e.name: e.stat(follow_symlinks=False) for e in it}
+            except FileNotFoundError:
+                return None
+
+        todo = ["."]
+        while todo:
+            rel_d = todo.pop()
+            here = listing(os.path.join(src, rel_d)) or {}
+            there = listing(os.path.join(dst, rel_d))
+            if there is None:
+                diff(f"missing {rel_d}/")
+                continue
+            for name in sorted(here):
                 rel = os.path.normpath(os.path.join(rel_d, name))
-                seen.add(rel)
-                a, b = os.path.join(src, rel), os.path.join(dst, rel)
-                try:
-                    sb = os.lstat(b)
-                except FileNotFoundError:
-                    diffs.append(f"missing {rel}")
+                sa, sb = here[name], there.pop(name, None)
+                if sb is None:
+                    diff(f"missing {rel}")
                     continue
-                sa = os.lstat(a)
                 if (sa.st_mode >> 12) != (sb.st_mode >> 12):
-                    diffs.append(f"type {rel}")
+                    diff(f"type {rel}")
                     continue
                 if tool != "rclone" and sa.st_mode != sb.st_mode:
-                    diffs.append(f"mode {rel}")
-                is_dir = os.path.isdir(a)
+                    diff(f"mode {rel}")
+                is_dir = stat.S_ISDIR(sa.st_mode)
                 if tool == "rclone":
                     if not is_dir and sa.st_mtime_ns // 10**9 != sb.st_mtime_ns // 10**9:
-                        diffs.append(f"mtime {rel}")
+                        diff(f"mtime {rel}")
                 elif sa.st_mtime_ns != sb.st_mtime_ns:
-                    diffs.append(f"mtime {rel}{'/' if is_dir else ''}")
-                if not is_dir:
-                    if sa.st_size != sb.st_size:
-                        diffs.append(f"size {rel}")
-                    elif not _same_content(a, b):
-                        diffs.append(f"content {rel}")
-        for d, dirs, files in os.walk(dst):
-            rel_d = os.path.relpath(d, dst)
-            for name in dirs + files:
-                rel = os.path.normpath(os.path.join(rel_d, name))
-                if rel not in seen:
-                    diffs.append(f"extra {rel}")
-        return diffs
+                    diff(f"mtime {rel}{'/' if is_dir else ''}")
+                if is_dir:
+                    todo.append(rel)
+                elif sa.st_size != sb.st_size:
+                    diff(f"size {rel}")
+                elif not _same_content(os.path.join(src, rel), os.path.join(dst, rel)):
+                    diff(f"content {rel}")
+            for name in sorted(there):
+                diff(f"extra {os.path.normpath(os.path.join(rel_d, name))}")
+        return count, sample
 
     # ---- the run --------------------------------------------------------------------------
     def record(self, ds, scen, rep, rec):
@@ -513,10 +530,10 @@ shell_type = unix
                         self.record(ds, scen, rep, rec)
                         last = rep == min(a.reps, a.rclone_reps if tool == "rclone" else a.reps) - 1
                         if last and a.verify:
-                            diffs = self.verify(tool, ds)
-                            self.verify_results[(ds.name, scen, tool)] = diffs
-                            if diffs:
-                                msg = (f"verify {tool} {ds.name} {scen}: {len(diffs)} difference(s), "
+                            ndiff, diffs = self.verify(tool, ds)
+                            self.verify_results[(ds.name, scen, tool)] = ndiff
+                            if ndiff:
+                                msg = (f"verify {tool} {ds.name} {scen}: {ndiff} difference(s), "
                                        f"e.g. {diffs[:5]}")
                                 log("!! " + msg)
                                 self.notes.append(msg)
@@ -598,7 +615,7 @@ def report(b, records, meta, verify_results, notes):
                 }
                 summary[(dsn, scen, tool)] = s
                 v = verify_results.get((dsn, scen, tool))
-                vs = "-" if v is None else ("identical" if not v else f"{len(v)} diffs")
+                vs = "-" if v is None else ("identical" if not v else f"{v} diffs")
                 P(f"| {dsn} | {SCEN_TITLE[scen]} | {tool} | {s['n']}{' (+%d failed)' % s['failed'] if s['failed'] else ''} "
                   f"| {_f(s['wall'])} ({_f(s['wmin'])}-{_f(s['wmax'])}) | {_mib(s['wire'])} | {_mib(s['tool_bytes'])} "
                   f"| {_kib_mib(s['rss_c'])} | {_kib_mib(s['rss_s'])} | {_f(_div(s['src_down'], 1000))} "
