@@ -12,6 +12,7 @@ import platform
 import re
 import shutil
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,15 @@ from dataset import Dataset  # noqa: E402
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 SSH_PORT = 2222
 NFT_TABLE = "stackclone_bench_push"
+# --link lan|wan: everything runs in this network namespace, through stackclone-bench-linkem.
+NETNS = "stackclone-bench-push"
+SSH_PROXY_PORT = 2223  # the ssh clients dial the proxy here; it forwards to sshd on SSH_PORT
+# Round trip (half each way), rate of each direction (IP bytes), share of datagrams lost.
+LINKS = {
+    "loopback": None,
+    "lan": {"rtt_ms": 1.0, "rate_mbit": 1000.0, "loss": 0.0},
+    "wan": {"rtt_ms": 40.0, "rate_mbit": 100.0, "loss": 0.001},
+}
 MIB = 1024 * 1024
 TOOLS = ["stackclone", "stackclone-precopy", "rsync", "rclone", "cp"]
 SCENARIOS = ["first", "nochange", "changed"]
@@ -56,8 +66,22 @@ class Bench:
         self.tmp = os.path.join(self.w, "tmp")
         self.results_path = os.path.join(self.w, "results.jsonl")
         self.quic_port = a.quic_port
+        self.link = LINKS[a.link]
+        if self.link:  # --link-rtt-ms etc. override one value of the profile
+            self.link = dict(self.link)
+            for k in ("rtt_ms", "rate_mbit", "loss"):
+                if getattr(a, "link_" + k) is not None:
+                    self.link[k] = getattr(a, "link_" + k)
+        # Without a link profile the clients dial the servers; with one, the proxy.
+        self.quic_client_port = a.quic_port + 1 if self.link else a.quic_port
+        self.ssh_client_port = SSH_PROXY_PORT if self.link else SSH_PORT
+        self.ns = []  # command prefix that runs a network client or server in the namespace
+        self.netns = False
+        self.linkem = None
+        self.link_check = None
         self.sshd = None
         self.nft = False
+        self.nft_family = "inet"
         self.records = []
         self.meta = {}
         self.verify_results = {}
@@ -68,12 +92,73 @@ class Bench:
         for d in (self.w, self.bin, self.data, self.tgt, self.sc, self.ssh, self.logs, self.tmp):
             os.makedirs(d, exist_ok=True)
         # A snapshot of the binaries: others may rebuild target/release during the run.
-        for b in ("stackclone-source", "stackclone-target", "stackclone-certs"):
+        for b in ("stackclone-source", "stackclone-target", "stackclone-certs") + (
+                ("stackclone-bench-linkem",) if self.link else ()):
             shutil.copy2(os.path.join(self.a.target_dir, b), os.path.join(self.bin, b))
+        if self.link:
+            self.setup_netns()
+            self.setup_linkem()
         self.setup_ssh()
         self.setup_rclone()
         self.setup_stackclone()
         self.setup_nft()
+        if self.link:
+            self.check_link()
+
+    # ---- shaped link (--link lan|wan) ----------------------------------------------------
+    def setup_netns(self):
+        """A network namespace with only `lo`, MTU 1500 like Ethernet, segmentation offloads
+        off so every packet nft counts is one a 1500-byte link would carry."""
+        remove_netns()  # one left by a run that was killed with SIGKILL
+        sh(["ip", "netns", "add", NETNS])
+        self.netns = True
+        self.ns = ["ip", "netns", "exec", NETNS]
+        sh(["ip", "-n", NETNS, "link", "set", "lo", "mtu", "1500", "up"])
+        r = subprocess.run(self.ns + ["ethtool", "-K", "lo", "tso", "off", "gso", "off"],
+                           capture_output=True)
+        if r.returncode != 0:
+            self.notes.append("could not turn TSO/GSO off on the namespace's lo "
+                              f"({r.stderr.decode().strip()}); TCP wire bytes miss some headers")
+        log(f"network namespace {NETNS}: lo up, MTU 1500")
+
+    def setup_linkem(self):
+        l = self.link
+        self.linkem_log = open(os.path.join(self.logs, "linkem.log"), "ab")
+        cmd = self.ns + [os.path.join(self.bin, "stackclone-bench-linkem"), "proxy",
+                         "--rtt-ms", str(l["rtt_ms"]), "--rate-mbit", str(l["rate_mbit"]),
+                         "--loss", str(l["loss"]), "--seed", str(self.a.seed),
+                         "--udp", f"127.0.0.1:{self.quic_client_port}=127.0.0.1:{self.quic_port}",
+                         "--tcp", f"127.0.0.1:{self.ssh_client_port}=127.0.0.1:{SSH_PORT}"]
+        self.linkem = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.linkem_log)
+        line = self.linkem.stdout.readline()
+        if b"linkem ready" not in line:
+            raise RuntimeError(f"linkem did not start (exit {self.linkem.poll()}); see logs/linkem.log")
+        log(f"linkem ({self.a.link}: RTT {l['rtt_ms']} ms, {l['rate_mbit']:.0f} Mbit/s each way, "
+            f"{l['loss'] * 100:g} % datagram loss): udp/{self.quic_client_port} -> udp/{self.quic_port}, "
+            f"tcp/{self.ssh_client_port} -> tcp/{SSH_PORT} (pid {self.linkem.pid})")
+
+    def check_link(self):
+        """Round trips and bulk rates through the same proxy code with the same shape, on
+        loopback in the namespace: the report shows what the link really was."""
+        l = self.link
+        out = subprocess.run(self.ns + [os.path.join(self.bin, "stackclone-bench-linkem"), "selftest",
+                                        "--rtt-ms", str(l["rtt_ms"]), "--rate-mbit", str(l["rate_mbit"]),
+                                        "--loss", str(l["loss"]), "--secs", "1"],
+                             capture_output=True, check=True, text=True).stdout
+        c = json.loads(out)
+        self.link_check = c
+        log(f"link check: UDP RTT {c['udp_rtt_ms']['median']:.2f} ms, TCP RTT {c['tcp_rtt_ms']['median']:.2f} ms "
+            f"(median of {c['udp_rtt_ms']['n']}), bulk TCP {c['tcp_bulk']['mbit_s_ip']:.0f} Mbit/s, "
+            f"UDP {c['udp_bulk']['mbit_s_ip']:.0f} Mbit/s (IP bytes)")
+
+    def udp_errors(self):
+        """The namespace's UDP receive-buffer drops (a proxy or agent that fell behind)."""
+        try:
+            out = subprocess.run(self.ns + ["cat", "/proc/net/snmp"], capture_output=True, text=True).stdout
+            rows = [line.split() for line in out.splitlines() if line.startswith("Udp:")]
+            return int(dict(zip(rows[0][1:], rows[1][1:]))["RcvbufErrors"])
+        except (OSError, IndexError, KeyError, ValueError):
+            return None
 
     def setup_ssh(self):
         s = self.ssh
@@ -85,7 +170,7 @@ class Bench:
         with open(os.path.join(s, "host_ed25519.pub")) as f:
             hostkey = " ".join(f.read().split()[:2])
         with open(os.path.join(s, "known_hosts"), "w") as f:
-            f.write(f"[127.0.0.1]:{SSH_PORT} {hostkey}\n")
+            f.write(f"[127.0.0.1]:{self.ssh_client_port} {hostkey}\n")
         # sftp-server under /usr/bin/time, appending one peak-RSS line per session.
         wrap = os.path.join(s, "sftp-server-timed")
         with open(wrap, "w") as f:
@@ -125,12 +210,12 @@ LogLevel ERROR
             open(empty, "w").close()
             cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                    f'mount --bind "{empty}" "{bashrc}" && exec "$@"', "sh"] + cmd
-        self.sshd = subprocess.Popen(cmd, stderr=errlog)
-        self.ssh_cmd = (f"ssh -p {SSH_PORT} -i {s}/id_ed25519 -o IdentitiesOnly=yes "
+        self.sshd = subprocess.Popen(self.ns + cmd, stderr=errlog)
+        self.ssh_cmd = (f"ssh -p {self.ssh_client_port} -i {s}/id_ed25519 -o IdentitiesOnly=yes "
                         f"-o UserKnownHostsFile={s}/known_hosts -o StrictHostKeyChecking=yes "
                         f"-o BatchMode=yes")
         for _ in range(50):
-            r = subprocess.run(self.ssh_cmd.split() + ["root@127.0.0.1", "true"],
+            r = subprocess.run(self.ns + self.ssh_cmd.split() + ["root@127.0.0.1", "true"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if r.returncode == 0:
                 break
@@ -145,7 +230,7 @@ LogLevel ERROR
             f.write(f"""[bench]
 type = sftp
 host = 127.0.0.1
-port = {SSH_PORT}
+port = {self.ssh_client_port}
 user = root
 key_file = {self.ssh}/id_ed25519
 known_hosts_file = {self.ssh}/known_hosts
@@ -183,7 +268,8 @@ shell_type = unix
             d = os.path.join(self.sc, variant)
             os.makedirs(os.path.join(d, "conf.d"), exist_ok=True)
             with open(os.path.join(d, "source.toml"), "w") as f:
-                f.write(f'identity_dir = "{self.src_id}"\n\n[targets.standby]\naddress = "127.0.0.1:{q}"\n')
+                f.write(f'identity_dir = "{self.src_id}"\n\n[targets.standby]\n'
+                        f'address = "127.0.0.1:{self.quic_client_port}"\n')
             for old in os.listdir(os.path.join(d, "conf.d")):
                 os.unlink(os.path.join(d, "conf.d", old))
             for ds in datasets:
@@ -200,53 +286,78 @@ shell_type = unix
                             f'state_dir = "{self.sc_state(tool, ds)}"\n')
 
     def setup_nft(self):
-        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE],
+        # Through the proxy every byte crosses lo twice (client <-> proxy <-> server). Count it
+        # once, where it leaves the emulated link: proxy -> server (dport = the server's port)
+        # and proxy -> client (sport = the proxy's port). Without a proxy both are the same.
+        ssh_c, quic_c = self.ssh_client_port, self.quic_client_port
+        if self.link:
+            # In the namespace: on lo's ingress, after segmentation. TCP hands the IP layer
+            # 64 KiB GSO packets whatever the device offers (and the output hook counts one set
+            # of headers for each); with TSO/GSO off on lo they are cut into 1500-byte segments
+            # before lo receives them, so this counts headers as a 1500-byte link carries them.
+            self.nft_family = "netdev"
+            hook, match = 'type filter hook ingress device "lo" priority 0', ""
+        else:
+            self.nft_family = "inet"
+            hook, match = "type filter hook output priority 0", 'oif "lo" '
+        subprocess.run(self.ns + ["nft", "delete", "table", self.nft_family, NFT_TABLE],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        rules = f"""table inet {NFT_TABLE} {{
+        rules = f"""table {self.nft_family} {NFT_TABLE} {{
   counter ssh {{ }}
   counter quic {{ }}
-  chain out {{
-    type filter hook output priority 0; policy accept;
-    oif "lo" tcp dport {SSH_PORT} counter name "ssh"
-    oif "lo" tcp sport {SSH_PORT} counter name "ssh"
-    oif "lo" udp dport {self.quic_port} counter name "quic"
-    oif "lo" udp sport {self.quic_port} counter name "quic"
+  chain count {{
+    {hook}; policy accept;
+    {match}tcp dport {SSH_PORT} counter name "ssh"
+    {match}tcp sport {ssh_c} counter name "ssh"
+    {match}udp dport {self.quic_port} counter name "quic"
+    {match}udp sport {quic_c} counter name "quic"
   }}
 }}
 """
-        r = subprocess.run(["nft", "-f", "-"], input=rules.encode(), capture_output=True)
+        r = subprocess.run(self.ns + ["nft", "-f", "-"], input=rules.encode(), capture_output=True)
         self.nft = r.returncode == 0
         if self.nft:
-            log(f"nft counters on lo: tcp/{SSH_PORT}, udp/{self.quic_port}")
+            log(f"nft counters on lo{' ingress in ' + NETNS if self.link else ''}: tcp dport {SSH_PORT} + "
+                f"sport {ssh_c}, udp dport {self.quic_port} + sport {quic_c}")
         else:
             self.notes.append("nft unavailable; wire bytes are /proc/net/dev `lo` deltas "
                               f"({r.stderr.decode().strip()})")
             log(self.notes[-1])
 
     def wire_counter(self, name):
+        """Bytes counted so far; the packets as well in self.last_packets (nft only)."""
+        self.last_packets = None
         if self.nft:
-            out = subprocess.run(["nft", "-j", "list", "counter", "inet", NFT_TABLE, name],
+            out = subprocess.run(self.ns + ["nft", "-j", "list", "counter", self.nft_family, NFT_TABLE, name],
                                  capture_output=True, check=True).stdout
             for obj in json.loads(out)["nftables"]:
                 if "counter" in obj:
+                    self.last_packets = obj["counter"]["packets"]
                     return obj["counter"]["bytes"]
             raise RuntimeError("no counter in nft output")
-        with open("/proc/net/dev") as f:
-            for line in f:
-                if line.strip().startswith("lo:"):
-                    return int(line.split(":")[1].split()[8])  # tx bytes
+        # (Through a proxy this counts every byte twice; the report says nft was missing.)
+        out = subprocess.run(self.ns + ["cat", "/proc/net/dev"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("lo:"):
+                return int(line.split(":")[1].split()[8])  # tx bytes
         return 0
 
     def teardown(self):
         self.stop_target()
-        if self.sshd and self.sshd.poll() is None:
-            self.sshd.terminate()
-            try:
-                self.sshd.wait(10)
-            except subprocess.TimeoutExpired:
-                self.sshd.kill()
+        for p in (self.sshd, self.linkem):
+            if p and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         if self.nft:
-            subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE])
+            subprocess.run(self.ns + ["nft", "delete", "table", self.nft_family, NFT_TABLE])
+        if self.netns:
+            remove_netns()
+            self.netns = False
+            log(f"network namespace {NETNS} removed")
 
     # ---- paths --------------------------------------------------------------------------
     def tpath(self, tool, ds):
@@ -267,7 +378,7 @@ shell_type = unix
         start = os.path.getsize(logf) if os.path.exists(logf) else 0
         env = dict(os.environ, STACKCLONE_LOG="warn,stackclone=info")
         self.target_proc = subprocess.Popen(
-            [os.path.join(self.bin, "stackclone-target"), "--config",
+            self.ns + [os.path.join(self.bin, "stackclone-target"), "--config",
              os.path.join(self.sc, "target", "target.toml"), "run"],
             stdout=subprocess.DEVNULL, stderr=open(logf, "ab"), env=env)
         deadline = time.monotonic() + 120
@@ -353,17 +464,27 @@ shell_type = unix
             cmd = ["cp", "-a", src + "/.", dst + "/"]
         else:
             raise ValueError(tool)
-        full = ["/usr/bin/time", "-f", "%M", "-o", tf] + cmd
+        # Network clients run in the namespace (`ip netns exec` execs, it does not fork).
+        full = (self.ns if counter else []) + ["/usr/bin/time", "-f", "%M", "-o", tf] + cmd
         # Write back what the previous run left dirty, so it is not billed to this one.
         os.sync()
         before = self.wire_counter(counter) if counter else None
+        packets_before = self.last_packets if counter else None
+        udp_err = self.udp_errors() if self.link else None
         t0 = time.monotonic()
         r = subprocess.run(full, capture_output=True, timeout=self.a.timeout)
         wall = time.monotonic() - t0
         after = self.wire_counter(counter) if counter else None
+        if udp_err is not None:
+            rec["udp_rcvbuf_errors"] = (self.udp_errors() or 0) - udp_err
+            if rec["udp_rcvbuf_errors"] > 0:
+                self.notes.append(f"{tool} on {ds.name}: {rec['udp_rcvbuf_errors']} datagrams dropped by "
+                                  "a full socket receive buffer in the namespace (proxy or agent behind)")
         rec["wall_s"] = wall
         rec["rc"] = r.returncode
         rec["wire_bytes"] = (after - before) if counter else None
+        if counter and packets_before is not None and self.last_packets is not None:
+            rec["wire_packets"] = self.last_packets - packets_before  # mean size: MTU check
         rec["rss_client_kib"] = _read_int(tf)
         out, err = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
         with open(os.path.join(self.logs, f"{tool}.log"), "a") as f:
@@ -419,47 +540,63 @@ shell_type = unix
         return rec
 
     # ---- verification ---------------------------------------------------------------------
-    def verify(self, tool, ds):
+    def verify(self, tool, ds, keep=100):
         """Compare the tool's target with the source: every entry, its type, size, content,
-        mtime (seconds for rclone: SFTP v3 carries whole seconds) and mode (not rclone)."""
+        mtime (seconds for rclone: SFTP v3 carries whole seconds) and mode (not rclone).
+
+        One directory at a time, both sides listed side by side, so a million files cost one
+        directory's listing in memory, not the whole tree. Returns (number of differences,
+        the first `keep` of them); a dir missing on the target counts once, not per entry."""
         src, dst = ds.root, self.tpath(tool, ds)
-        diffs = []
-        seen = set()
-        for d, dirs, files in os.walk(src):
-            rel_d = os.path.relpath(d, src)
-            for name in dirs + files:
+        sample, count = [], 0
+
+        def diff(msg):
+            nonlocal count
+            count += 1
+            if len(sample) < keep:
+                sample.append(msg)
+
+        def listing(d):
+            try:
+                with os.scandir(d) as it:
+                    return {e.name: e.stat(follow_symlinks=False) for e in it}
+            except FileNotFoundError:
+                return None
+
+        todo = ["."]
+        while todo:
+            rel_d = todo.pop()
+            here = listing(os.path.join(src, rel_d)) or {}
+            there = listing(os.path.join(dst, rel_d))
+            if there is None:
+                diff(f"missing {rel_d}/")
+                continue
+            for name in sorted(here):
                 rel = os.path.normpath(os.path.join(rel_d, name))
-                seen.add(rel)
-                a, b = os.path.join(src, rel), os.path.join(dst, rel)
-                try:
-                    sb = os.lstat(b)
-                except FileNotFoundError:
-                    diffs.append(f"missing {rel}")
+                sa, sb = here[name], there.pop(name, None)
+                if sb is None:
+                    diff(f"missing {rel}")
                     continue
-                sa = os.lstat(a)
                 if (sa.st_mode >> 12) != (sb.st_mode >> 12):
-                    diffs.append(f"type {rel}")
+                    diff(f"type {rel}")
                     continue
                 if tool != "rclone" and sa.st_mode != sb.st_mode:
-                    diffs.append(f"mode {rel}")
-                is_dir = os.path.isdir(a)
+                    diff(f"mode {rel}")
+                is_dir = stat.S_ISDIR(sa.st_mode)
                 if tool == "rclone":
                     if not is_dir and sa.st_mtime_ns // 10**9 != sb.st_mtime_ns // 10**9:
-                        diffs.append(f"mtime {rel}")
+                        diff(f"mtime {rel}")
                 elif sa.st_mtime_ns != sb.st_mtime_ns:
-                    diffs.append(f"mtime {rel}{'/' if is_dir else ''}")
-                if not is_dir:
-                    if sa.st_size != sb.st_size:
-                        diffs.append(f"size {rel}")
-                    elif not _same_content(a, b):
-                        diffs.append(f"content {rel}")
-        for d, dirs, files in os.walk(dst):
-            rel_d = os.path.relpath(d, dst)
-            for name in dirs + files:
-                rel = os.path.normpath(os.path.join(rel_d, name))
-                if rel not in seen:
-                    diffs.append(f"extra {rel}")
-        return diffs
+                    diff(f"mtime {rel}{'/' if is_dir else ''}")
+                if is_dir:
+                    todo.append(rel)
+                elif sa.st_size != sb.st_size:
+                    diff(f"size {rel}")
+                elif not _same_content(os.path.join(src, rel), os.path.join(dst, rel)):
+                    diff(f"content {rel}")
+            for name in sorted(there):
+                diff(f"extra {os.path.normpath(os.path.join(rel_d, name))}")
+        return count, sample
 
     # ---- the run --------------------------------------------------------------------------
     def record(self, ds, scen, rep, rec):
@@ -490,7 +627,8 @@ shell_type = unix
         self.meta.update({"command": a.command_line, "scale": a.scale, "reps": a.reps,
                           "rclone_reps": a.rclone_reps, "seed": a.seed, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                           "load_start": loadavg(), "datasets": {d.name: d.describe() for d in datasets},
-                          "wire": "nft" if self.nft else "/proc/net/dev lo"})
+                          "wire": "nft" if self.nft else "/proc/net/dev lo",
+                          "link": self.a.link, "link_profile": self.link, "link_check": self.link_check})
         self.meta["versions"] = tool_versions(self.bin)
         with open(os.path.join(self.w, "meta.json"), "w") as f:
             json.dump(self.meta, f, indent=1)
@@ -513,10 +651,10 @@ shell_type = unix
                         self.record(ds, scen, rep, rec)
                         last = rep == min(a.reps, a.rclone_reps if tool == "rclone" else a.reps) - 1
                         if last and a.verify:
-                            diffs = self.verify(tool, ds)
-                            self.verify_results[(ds.name, scen, tool)] = diffs
-                            if diffs:
-                                msg = (f"verify {tool} {ds.name} {scen}: {len(diffs)} difference(s), "
+                            ndiff, diffs = self.verify(tool, ds)
+                            self.verify_results[(ds.name, scen, tool)] = ndiff
+                            if ndiff:
+                                msg = (f"verify {tool} {ds.name} {scen}: {ndiff} difference(s), "
                                        f"e.g. {diffs[:5]}")
                                 log("!! " + msg)
                                 self.notes.append(msg)
@@ -539,6 +677,21 @@ shell_type = unix
         self.meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def remove_netns():
+    """Removes the bench's namespace, if there is one. Anything still running in it was started
+    by the bench (an ssh session's child, a client killed mid-run): it is ended by pid first, as
+    a namespace outlives its name while a process is in it."""
+    r = subprocess.run(["ip", "netns", "pids", NETNS], capture_output=True, text=True)
+    if r.returncode != 0:
+        return
+    for pid in r.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    subprocess.run(["ip", "netns", "del", NETNS])
+
+
 # ---- report -------------------------------------------------------------------------------
 def med(xs):
     xs = [x for x in xs if x is not None]
@@ -558,13 +711,26 @@ def report(b, records, meta, verify_results, notes):
       f"{meta['disk']}; kernel {meta['kernel']}.  ")
     P(f"Tools: {meta['versions']}.  ")
     P(f"Scale {meta['scale']}, seed {meta['seed']}, {meta['reps']} repetitions "
-      f"({meta['rclone_reps']} for rclone); wire bytes from {meta['wire']}.")
+      f"({meta['rclone_reps']} for rclone); wire bytes from {meta['wire']}.  ")
+    prof, chk = meta.get("link_profile"), meta.get("link_check")
+    if not prof:
+        P("Link: loopback (127.0.0.1, no shaping).")
+    else:
+        P(f"Link: **{meta['link']}**, emulated by stackclone-bench-linkem in a network namespace: "
+          f"RTT {prof['rtt_ms']:g} ms, {prof['rate_mbit']:g} Mbit/s each way, "
+          f"{prof['loss'] * 100:g} % loss of UDP datagrams (none for TCP), MTU 1500.")
+        if chk:
+            P(f"Measured through the proxy before the run: RTT median UDP {chk['udp_rtt_ms']['median']:.2f} ms, "
+              f"TCP {chk['tcp_rtt_ms']['median']:.2f} ms; bulk TCP {chk['tcp_bulk']['mbit_s_ip']:.0f} Mbit/s, "
+              f"UDP {chk['udp_bulk']['mbit_s_ip']:.0f} Mbit/s (IP bytes).")
     P("")
     P("Datasets: " + "; ".join(
         f"`{n}` {d['files']} files, {d['bytes'] / MIB:.1f} MiB" for n, d in meta["datasets"].items()))
     P("")
     P("Each cell is the median over the repetitions (n = number of successful runs). "
-      "wire = IP bytes on loopback both ways (nft counter on the tool's port); "
+      "wire = IP bytes on loopback both ways (nft counter on the tool's port; through the link "
+      "proxy, on lo's ingress on the legs from the proxy to either end, so each byte counts once "
+      "and each 1500-byte segment its headers); "
       "tool = what the tool reports (stackclone: `bytes_sent`, file payload after zstd; "
       "rsync: --stats total bytes sent + received; rclone: stats.bytes, file bytes uploaded). "
       "RSS = peak resident set, client / server side. src-down / tgt-down: stackclone's "
@@ -598,7 +764,7 @@ def report(b, records, meta, verify_results, notes):
                 }
                 summary[(dsn, scen, tool)] = s
                 v = verify_results.get((dsn, scen, tool))
-                vs = "-" if v is None else ("identical" if not v else f"{len(v)} diffs")
+                vs = "-" if v is None else ("identical" if not v else f"{v} diffs")
                 P(f"| {dsn} | {SCEN_TITLE[scen]} | {tool} | {s['n']}{' (+%d failed)' % s['failed'] if s['failed'] else ''} "
                   f"| {_f(s['wall'])} ({_f(s['wmin'])}-{_f(s['wmax'])}) | {_mib(s['wire'])} | {_mib(s['tool_bytes'])} "
                   f"| {_kib_mib(s['rss_c'])} | {_kib_mib(s['rss_s'])} | {_f(_div(s['src_down'], 1000))} "
@@ -750,11 +916,23 @@ def main():
     ap.add_argument("--dir", default=os.path.join(REPO, "bench", "work", "push"),
                     help="work dir (data, targets, logs, results); default bench/work/push")
     ap.add_argument("--scale", type=float, default=1.0,
-                    help="dataset size factor: 20000*S small files, 4 files of 256 MiB*S")
+                    help="dataset size factor: 20000*S small files, 4 files of 256 MiB*S, "
+                         "1000000*S files for `million`")
     ap.add_argument("--reps", type=int, default=3, help="repetitions per scenario and tool")
     ap.add_argument("--rclone-reps", type=int, default=None,
                     help="repetitions for rclone (default: --reps); it is by far the slowest")
-    ap.add_argument("--datasets", default="small,big,both")
+    ap.add_argument("--datasets", default="small,big,both",
+                    help="comma-separated: small, big, both, million (not in the default: a million "
+                         "files take long)")
+    ap.add_argument("--link", choices=list(LINKS), default="loopback",
+                    help="loopback: plain 127.0.0.1 (default); lan: 1 Gbit/s, 1 ms RTT; "
+                         "wan: 100 Mbit/s, 40 ms RTT, 0.1 %% datagram loss - through "
+                         "stackclone-bench-linkem in a network namespace")
+    ap.add_argument("--link-rtt-ms", type=float, help="override the --link profile's round trip")
+    ap.add_argument("--link-rate-mbit", type=float, help="override its rate (each direction)")
+    ap.add_argument("--link-loss", type=float,
+                    help="override its share of lost UDP datagrams (e.g. 0 to compare QUIC and TCP "
+                         "on equal terms: the TCP proxy loses nothing)")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quic-port", type=int, default=47443)
@@ -766,6 +944,11 @@ def main():
     ap.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.datasets = [d for d in a.datasets.split(",") if d]
+    if a.link == "loopback" and any(x is not None for x in (a.link_rtt_ms, a.link_rate_mbit, a.link_loss)):
+        ap.error("--link-rtt-ms, --link-rate-mbit and --link-loss need --link lan or wan")
+    for d in a.datasets:
+        if d not in ("small", "big", "both", "million"):
+            ap.error(f"unknown dataset {d}; known: small, big, both, million")
     a.tools = [t for t in a.tools.split(",") if t]
     for t in a.tools:
         if t not in TOOLS:
@@ -775,6 +958,13 @@ def main():
     a.command_line = a.command_line or " ".join(sys.argv)
     b = Bench(a)
     failed = None
+
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # A kill or a closed terminal tears down like Ctrl-C does: sshd, proxy, namespace, nft.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
     try:
         b.setup()
         b.run()
@@ -784,6 +974,8 @@ def main():
         failed = e
         b.notes.append(f"the run stopped early: {e!r}")
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # let the teardown finish
         b.teardown()
     if not b.records:
         raise SystemExit(f"nothing measured ({failed!r})")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Deterministic datasets for the push benchmark, and the 1 % mutation step.
 
-    dataset.py gen    ROOT --kind small|big|both [--scale S] [--seed N]
+    dataset.py gen    ROOT --kind small|big|both|million [--scale S] [--seed N]
     dataset.py mutate ROOT --kind ... [--scale S] [--seed N]
     dataset.py revert ROOT --kind ... [--scale S] [--seed N]
 
@@ -15,10 +15,13 @@ same mtimes and the same mutated positions.
 - big: 4 files `big/dbK.bin` of 256 MiB * scale (rounded down to 4 KiB), PRNG content,
   like database pages.
 - both: `small/` and `big/` subtrees side by side, the same content as the two above.
+- million: round(1000000 * scale) files of 1-4 KiB in `mNNN/nN/fNNNNNNN.dat` (100 x 10 dirs of
+  1,000 files at full size, 2.4 GiB). Content comes from one PRNG stream per leaf dir, so that
+  writing a million files costs little more than the system calls.
 
 mutate (deterministic positions and new content):
 - big: 1 % of each file's 4 KiB blocks rewritten in place (same size, new mtime).
-- small: 1 % of the files: half edited (256 bytes replaced at a random offset, 64 bytes
+- small, million: 1 % of the files: half edited (256 bytes replaced at a random offset, 64 bytes
   appended), a quarter deleted, a quarter new files added in existing dirs.
 What it overwrote is kept in ROOT/../<name>.undo, and `revert` writes it back and restores the
 original mtimes (directories too), so the content is the base set again. Inodes and ctimes of
@@ -65,6 +68,21 @@ def small_content(seed, i):
     return r.randbytes(r.randint(1 * KIB, 16 * KIB))
 
 
+def million_count(scale):
+    return max(10, round(1_000_000 * scale))
+
+
+def million_rel(i):
+    return os.path.join(f"m{i // 10000:03d}", f"n{(i // 1000) % 10}", f"f{i:07d}.dat")
+
+
+def million_dir_content(seed, leaf, n):
+    """Sizes and content of the files of one leaf dir (1,000 files), from one stream."""
+    r = random.Random(f"{seed}/million/{leaf}")
+    sizes = [r.randint(1 * KIB, 4 * KIB) for _ in range(n)]
+    return sizes, r.randbytes(sum(sizes))
+
+
 def big_rel(k):
     return os.path.join("big", f"db{k}.bin")
 
@@ -86,7 +104,17 @@ class Dataset:
 
     # ---- layout -------------------------------------------------------------------------
     def has_small(self):
-        return self.kind in ("small", "both")
+        """Many small files: `small` (and in `both`) or `million`."""
+        return self.kind in ("small", "both", "million")
+
+    def n_small(self):
+        return million_count(self.scale) if self.kind == "million" else small_count(self.scale)
+
+    def rel(self, i):
+        return million_rel(i) if self.kind == "million" else small_rel(i)
+
+    def add_size_max(self):
+        return 4 * KIB if self.kind == "million" else 16 * KIB
 
     def has_big(self):
         return self.kind in ("big", "both")
@@ -99,7 +127,7 @@ class Dataset:
 
     def params(self):
         return {"kind": self.kind, "scale": self.scale, "seed": self.seed,
-                "small_files": small_count(self.scale) if self.has_small() else 0,
+                "small_files": self.n_small() if self.has_small() else 0,
                 "big_files": 4 if self.has_big() else 0,
                 "big_size": big_size(self.scale) if self.has_big() else 0}
 
@@ -135,11 +163,13 @@ class Dataset:
         if os.path.exists(self.state_file):
             os.unlink(self.state_file)
         os.makedirs(self.root)
-        if self.has_small():
+        if self.kind == "million":
+            self.generate_million(log)
+        elif self.has_small():
             n = small_count(self.scale)
             log(f"{self.name}: writing {n} small files")
             for i in range(n):
-                p = self.spath(small_rel(i))
+                p = self.spath(self.rel(i))
                 if i % 100 == 0:
                     os.makedirs(os.path.dirname(p), exist_ok=True)
                 with open(p, "wb") as f:
@@ -164,6 +194,33 @@ class Dataset:
         self.fix_dir_mtimes()
         self.write_state("base")
 
+    def generate_million(self, log):
+        n = million_count(self.scale)
+        log(f"{self.name}: writing {n} files of 1-4 KiB")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for leaf in range((n + 999) // 1000):
+            first, last = leaf * 1000, min(n, leaf * 1000 + 1000)
+            d = os.path.dirname(self.spath(million_rel(first)))
+            os.makedirs(d, exist_ok=True)
+            sizes, blob = million_dir_content(self.seed, leaf, last - first)
+            view = memoryview(blob)
+            off = 0
+            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for i, size in zip(range(first, last), sizes):
+                    fd = os.open(os.path.basename(million_rel(i)), flags, 0o644, dir_fd=dfd)
+                    try:
+                        os.write(fd, view[off:off + size])  # < 4 KiB: one write is all of it
+                        t = small_mtime_ns(i)
+                        os.utime(fd, ns=(t, t))
+                    finally:
+                        os.close(fd)
+                    off += size
+            finally:
+                os.close(dfd)
+            if leaf % 100 == 99:
+                log(f"{self.name}: {last} files")
+
     def fix_dir_mtimes(self):
         for d, _, _ in os.walk(self.root, topdown=False):
             os.utime(d, ns=(DIR_MTIME_NS, DIR_MTIME_NS))
@@ -180,7 +237,7 @@ class Dataset:
                 blocks = sorted(r.sample(range(nblocks), m))
                 plan["big"].append((k, blocks))
         if self.has_small():
-            n = small_count(self.scale)
+            n = self.n_small()
             m = max(4, n // 100)
             n_edit, n_del = m // 2, m // 4
             n_add = m - n_edit - n_del
@@ -188,7 +245,7 @@ class Dataset:
             plan["edit"] = sorted(chosen[:n_edit])
             plan["delete"] = sorted(chosen[n_edit:])
             for j in range(n_add):
-                d = os.path.dirname(small_rel(r.randrange(n)))
+                d = os.path.dirname(self.rel(r.randrange(n)))
                 plan["add"].append(os.path.join(d, f"new{j:05d}.dat"))
         return plan
 
@@ -207,10 +264,10 @@ class Dataset:
                 os.close(fd)
             undo["big"].append((k, blocks, old))
         for i in plan["edit"]:
-            with open(self.spath(small_rel(i)), "rb") as f:
+            with open(self.spath(self.rel(i)), "rb") as f:
                 undo["edit"].append((i, f.read()))
         for i in plan["delete"]:
-            with open(self.spath(small_rel(i)), "rb") as f:
+            with open(self.spath(self.rel(i)), "rb") as f:
                 undo["delete"].append((i, f.read()))
         # The undo data is on disk before anything is touched.
         with open(self.undo_file + ".tmp", "wb") as f:
@@ -233,19 +290,19 @@ class Dataset:
             r = random.Random(f"{self.seed}/mutation/edit/{i}")
             off = r.randrange(max(1, len(old) - 256))
             data = old[:off] + r.randbytes(256) + old[off + 256:] + r.randbytes(64)
-            p = self.spath(small_rel(i))
+            p = self.spath(self.rel(i))
             with open(p, "r+b") as f:  # in place, like an editor that saves over the file
                 f.write(data)
                 f.truncate()
             t = MUT_MTIME * 10**9 + 1000 + n
             os.utime(p, ns=(t, t))
         for i in plan["delete"]:
-            os.unlink(self.spath(small_rel(i)))
+            os.unlink(self.spath(self.rel(i)))
         for n, rel in enumerate(plan["add"]):
             p = self.spath(rel)
             r = random.Random(f"{self.seed}/mutation/add/{rel}")
             with open(p, "wb") as f:
-                f.write(r.randbytes(r.randint(1 * KIB, 16 * KIB)))
+                f.write(r.randbytes(r.randint(1 * KIB, self.add_size_max())))
             t = MUT_MTIME * 10**9 + 2000 + n
             os.utime(p, ns=(t, t))
 
@@ -266,7 +323,7 @@ class Dataset:
             t = big_mtime_ns(k)
             os.utime(p, ns=(t, t))
         for i, old in undo["edit"] + undo["delete"]:
-            p = self.spath(small_rel(i))
+            p = self.spath(self.rel(i))
             with open(p, "wb") as f:
                 f.write(old)
             t = small_mtime_ns(i)
@@ -293,7 +350,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=["gen", "ensure", "mutate", "revert", "describe"])
     ap.add_argument("root")
-    ap.add_argument("--kind", required=True, choices=["small", "big", "both"])
+    ap.add_argument("--kind", required=True, choices=["small", "big", "both", "million"])
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
