@@ -276,6 +276,55 @@ impl PendingCache {
     }
 }
 
+/// Adds what a writer knows to the cache at `path` for the tree at `root`: each of `files`
+/// (paths relative to `root`) holds exactly the content `hash` now, because the caller just put
+/// it there and nothing else writes the tree meanwhile (the target's commit, with its standby
+/// stopped). Each is `lstat`ed now and recorded under that stat, so the next scan reads none of
+/// them. The old cache's entries for other paths stay if they were trusted where they were
+/// recorded; the cache's scan start becomes now, which keeps both kinds honest: a later write
+/// moves a file's ctime to now or later, which no entry then matches. Returns how many files
+/// were seeded. Best effort, like any cache: an error leaves the old file (or none).
+pub fn seed(path: &Path, root: &Path, files: &[(&[u8], Hash)]) -> io::Result<usize> {
+    // The caller's last writes (the commit's unlinks move the placed files' ctimes) carry the
+    // kernel's coarse clock, which ticks every 1-10 ms: a file whose ctime is the scan start's
+    // tick is not trusted, so let the tick pass first.
+    if !files.is_empty() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut pending = PendingCache::begin(path)?;
+    let seeded: std::collections::HashSet<&[u8]> = files.iter().map(|(p, _)| *p).collect();
+    let (old, _) = load(path, root);
+    for (p, cached) in &old.entries {
+        let trusted =
+            cached.key.mtime_ns < old.scan_start_ns && cached.key.ctime_ns < old.scan_start_ns;
+        if trusted && !seeded.contains(p.as_slice()) {
+            pending.record(p, cached.key, Hash(cached.hash), true);
+        }
+    }
+    let mut count = 0;
+    for (rel, hash) in files {
+        let md = match fs::symlink_metadata(root.join(std::ffi::OsStr::from_bytes(rel))) {
+            Ok(md) if md.is_file() => md,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                pending.abandon();
+                return Err(e);
+            }
+        };
+        let key = StatKey::of(&md);
+        // Written in the same clock tick as now: the next scan would not trust it anyway.
+        if key.mtime_ns < pending.scan_start_ns && key.ctime_ns < pending.scan_start_ns {
+            pending.record(rel, key, *hash, false);
+            count += 1;
+        }
+    }
+    match pending.commit(root) {
+        Ok(()) => Ok(count),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +396,77 @@ mod tests {
             ..cache
         };
         assert_eq!(older.lookup(b"f", &key()), Some(Hash([1; 32])));
+    }
+
+    /// Seeded files are trusted by the next load under the stat they had when seeded; a
+    /// write after that moves the ctime, which no entry matches. An old entry that was
+    /// trusted stays; one that was racily clean where it was recorded does not.
+    #[test]
+    fn seeded_files_are_trusted_until_they_are_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join("a"), b"alpha").unwrap();
+        fs::write(root.join("b"), b"beta").unwrap();
+        let path = dir.path().join("cache");
+        // An old cache: `kept` trusted where it was recorded, `racy` not.
+        let old = Body {
+            root: root.as_os_str().as_bytes().to_vec(),
+            scan_start_ns: 1000,
+            entries: vec![
+                (
+                    b"kept".to_vec(),
+                    CachedHash {
+                        key: StatKey {
+                            mtime_ns: 10,
+                            ctime_ns: 10,
+                            ..key()
+                        },
+                        hash: [3; 32],
+                    },
+                ),
+                (
+                    b"racy".to_vec(),
+                    CachedHash {
+                        key: StatKey {
+                            mtime_ns: 1000,
+                            ctime_ns: 1000,
+                            ..key()
+                        },
+                        hash: [4; 32],
+                    },
+                ),
+            ],
+        };
+        let mut p = PendingCache::begin(&path).unwrap();
+        p.entries = old.entries.clone();
+        p.scan_start_ns = old.scan_start_ns;
+        p.commit(&root).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+
+        let files = [
+            (&b"a"[..], Hash::of(b"alpha")),
+            (&b"b"[..], Hash::of(b"beta")),
+        ];
+        assert_eq!(seed(&path, &root, &files).unwrap(), 2);
+        let (loaded, status) = load(&path, &root);
+        assert_eq!(status, CacheStatus::Loaded { entries: 3 });
+        let stat = |name: &str| StatKey::of(&fs::symlink_metadata(root.join(name)).unwrap());
+        assert_eq!(loaded.lookup(b"a", &stat("a")), Some(Hash::of(b"alpha")));
+        assert_eq!(loaded.lookup(b"b", &stat("b")), Some(Hash::of(b"beta")));
+        let kept = StatKey {
+            mtime_ns: 10,
+            ctime_ns: 10,
+            ..key()
+        };
+        assert_eq!(loaded.lookup(b"kept", &kept), Some(Hash([3; 32])));
+        assert!(!loaded.entries.contains_key(&b"racy"[..]));
+
+        // Written again after the seed: its stat no longer matches.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(root.join("a"), b"ALPHA").unwrap();
+        let (loaded, _) = load(&path, &root);
+        assert_eq!(loaded.lookup(b"a", &stat("a")), None);
     }
 
     #[test]

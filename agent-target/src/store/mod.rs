@@ -250,7 +250,7 @@ const STATE: &str = "state";
 const JOURNAL: &str = "journal";
 const JOURNAL_TMP: &str = "journal.tmp";
 const MARKER: &str = "journal.backed-up";
-const HASH_CACHE: &str = "hashcache";
+pub(crate) const HASH_CACHE: &str = "hashcache";
 
 /// One stack's store, open and locked. See the module doc.
 #[derive(Debug)]

@@ -11,17 +11,18 @@ use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
-use stackclone_proto::manifest::Manifest;
+use stackclone_proto::manifest::{Hash, Manifest};
 use stackclone_proto::path::StackPath;
 #[cfg(doc)]
 use stackclone_proto::session::Commit;
+use tracing::debug;
 
 use super::{CommitReport, Prepared, show};
 use crate::store::journal::{Journal, Op};
 use crate::store::patch::{self, BaseFacts};
 use crate::store::state;
 use crate::store::tree::{self, DIR_FLAGS, READ_FLAGS, Tree};
-use crate::store::{JOURNAL, JOURNAL_TMP, MARKER, StackStore, StoreError, remove_tree};
+use crate::store::{HASH_CACHE, JOURNAL, JOURNAL_TMP, MARKER, StackStore, StoreError, remove_tree};
 
 /// What applying a journal's ops did, for the [`CommitReport`].
 #[derive(Debug, Default)]
@@ -437,6 +438,7 @@ impl StackStore {
         manifest: Manifest,
         t0: Option<Instant>,
     ) -> Result<Duration, StoreError> {
+        let placed = placed_files(&j.ops);
         let mut st = j.state_after;
         let apply = t0.map(|t| t.elapsed()).unwrap_or_default();
         st.commit_ms = apply.as_millis() as u64;
@@ -448,7 +450,8 @@ impl StackStore {
         state::remove_file(sd, MARKER)
             .map_err(|e| self.io_err("remove", self.state_file(MARKER), e))?;
         self.state = st;
-        self.manifest = Arc::new(manifest);
+        let manifest = Arc::new(manifest);
+        self.manifest = manifest.clone();
         for g in j.drop_generations {
             let p = self.generations.path().join(g.to_string());
             remove_tree(&p).map_err(|e| self.io_err("remove", show(&p), e))?;
@@ -463,6 +466,49 @@ impl StackStore {
             &self.staging.patches_path.clone(),
         )?;
         self.tidy()?;
+        // The files this commit wrote are exactly the manifest's content, and the standby is
+        // still stopped: tell the hash cache, so the next cycle's scan reads none of them
+        // (after a first copy it re-hashed the whole tree). After the objects are cleared: an
+        // unlink moves the placed file's ctime. Not after a recovery (`t0` is `None`): a
+        // standby that a reboot started again may have written since the journal's ops ran.
+        if t0.is_none() {
+            return Ok(apply);
+        }
+        let files: Vec<(&[u8], Hash)> = placed
+            .iter()
+            .filter_map(|p| Some((p.as_bytes(), manifest.get(p)?.file()?.1)))
+            .collect();
+        let cache = self.state_dir.path().join(HASH_CACHE);
+        match stackclone_common::cache::seed(&cache, self.live.path(), &files) {
+            Ok(n) => {
+                debug!(stack = %self.stack, files = n, "hash cache seeded with the commit's files")
+            }
+            Err(e) => {
+                debug!(stack = %self.stack, error = %e, "hash cache not seeded; the next scan hashes the commit's files")
+            }
+        }
         Ok(apply)
     }
+}
+
+/// The live files a commit's ops wrote or whose inode they touched (content, metadata, links).
+fn placed_files(ops: &[Op]) -> Vec<StackPath> {
+    let mut out = Vec::new();
+    for op in ops {
+        match op {
+            Op::Place { path, .. }
+            | Op::Patch { path, .. }
+            | Op::Meta {
+                path, dir: false, ..
+            } => out.push(path.clone()),
+            Op::Link { leader, path } => {
+                out.push(leader.clone());
+                out.push(path.clone());
+            }
+            _ => {}
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
