@@ -86,6 +86,8 @@ async fn serve_once(
                     .map(|e| e.path.to_string()),
             ),
             Ok(Some(SourceMsg::ManifestEnd { .. })) => break,
+            // A data-only stack has no pre-copy pass: the final pass begins at once.
+            Ok(Some(SourceMsg::FinalPass)) => {}
             other => return Err(format!("expected the manifest, got {other:?}")),
         }
     }
