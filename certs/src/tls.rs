@@ -514,12 +514,53 @@ pub fn idle_timeout() -> (std::time::Duration, std::time::Duration) {
 /// allowed to be lost, so on a 1500-byte path it ends at 1452 as before.
 const MTU_UPPER_BOUND: u16 = 9000 - 40 - 8;
 
+/// The environment variable that picks QUIC's congestion controller: `bbr` (the default) or
+/// `cubic`.
+pub const CONGESTION_ENV: &str = "STACKCLONE_CONGESTION";
+
+/// QUIC's congestion controller for the agents' connections.
+///
+/// **BBR by default**, though quinn calls its BBR experimental: on the push bench's WAN link
+/// (100 Mbit/s, 40 ms, 0.1 % random loss) Cubic took 35.3 s for 51 MiB where BBR took 5.8 s
+/// (4.3 s is the line rate), because Cubic reads every random loss as congestion and halves its
+/// window; on the 1 Gbit/s LAN link BBR was as fast or faster (bench/README.md). Its cost:
+/// BBR does not back off on loss, so it retransmits more where buffers are shallow (5-30 %
+/// more bytes on the LAN link; on loopback, whose socket buffers overflow, twice the bytes),
+/// and it takes more than its share of a bottleneck shared with Cubic flows; a stack's
+/// `bandwidth_limit` caps that. `STACKCLONE_CONGESTION=cubic` restores Cubic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Congestion {
+    Bbr,
+    Cubic,
+}
+
+fn congestion() -> Congestion {
+    match std::env::var(CONGESTION_ENV) {
+        Err(_) => Congestion::Bbr,
+        Ok(v) if v.trim().eq_ignore_ascii_case("bbr") => Congestion::Bbr,
+        Ok(v) if v.trim().eq_ignore_ascii_case("cubic") => Congestion::Cubic,
+        Ok(value) => {
+            tracing::warn!(variable = CONGESTION_ENV, %value,
+                "not a congestion controller (bbr or cubic); using bbr");
+            Congestion::Bbr
+        }
+    }
+}
+
 fn agent_transport() -> Arc<quinn::TransportConfig> {
     let (idle, keep_alive) = idle_timeout();
     let mut t = quinn::TransportConfig::default();
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MTU_UPPER_BOUND);
     t.mtu_discovery_config(Some(mtu));
+    match congestion() {
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()));
+        }
+    }
     t.keep_alive_interval(Some(keep_alive));
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(idle).expect("at most 600 s fits a QUIC idle timeout"),
