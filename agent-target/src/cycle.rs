@@ -460,7 +460,14 @@ impl Cycle {
                     }
                     Err(e) => warn!(%stack, error = %e, "stopping the standby failed"),
                 }
-                self.session.handle_stack_stopped(result);
+                let data_only = self.served.as_ref().is_some_and(|s| s.compose.is_none());
+                match result {
+                    // Nothing ran, so the live dir as loaded is the one to plan against.
+                    Ok(killed) if data_only && killed.is_empty() => {
+                        self.session.handle_nothing_to_stop()
+                    }
+                    result => self.session.handle_stack_stopped(result),
+                }
                 if std::mem::take(&mut self.standby.start_after_stop) {
                     self.start_standby();
                 }

@@ -409,6 +409,10 @@ struct TargetSide {
     commit_fails: Option<String>,
     /// The manifest of the last commit (what the store hands a session as its base).
     committed: Arc<Manifest>,
+    /// A data-only stack: its stop stops nothing, and the driver says so.
+    data_only: bool,
+    /// Rescans of the stopped standby asked for.
+    rescans: u32,
 }
 
 impl TargetSide {
@@ -438,6 +442,8 @@ impl TargetSide {
             keeps_generations: true,
             commit_fails: None,
             committed: Arc::default(),
+            data_only: false,
+            rescans: 0,
         }
     }
 
@@ -598,10 +604,15 @@ impl TargetSide {
                     if let Some(t) = self.on_stop.take() {
                         self.live = t;
                     }
-                    self.session.handle_stack_stopped(Ok(self.killed.clone()));
+                    if self.data_only {
+                        self.session.handle_nothing_to_stop();
+                    } else {
+                        self.session.handle_stack_stopped(Ok(self.killed.clone()));
+                    }
                 }
                 TargetAction::ScanStopped => {
                     assert!(!self.running, "rescan of a running standby");
+                    self.rescans += 1;
                     self.session.handle_stopped_scan(Ok(self.state()));
                 }
                 TargetAction::StartStack => {
@@ -1296,6 +1307,28 @@ fn without_precopy_an_unchanged_tree_still_stops_the_standby_with_the_source() {
     // final manifest (the source stops and scans meanwhile).
     let at = |name: &str| pair.log.iter().position(|(_, m)| m.starts_with(name));
     assert!(at("FinalPass").unwrap() < at("Manifest").unwrap());
+}
+
+/// A data-only standby has nothing to stop: the scan it was loaded with is what the final pass
+/// is planned against, with no second scan, and the cycles commit exactly the source's tree.
+#[test]
+fn a_data_only_standby_is_not_scanned_twice() {
+    for precopy in [false, true] {
+        let mut pair = Pair::new(gen1(), Tree::default());
+        pair.target.data_only = true;
+        pair.run();
+        pair.source.done.clone().unwrap().expect("first cycle");
+        pair.next_cycle(gen2(), source_cfg(Mode::Sync, precopy));
+        pair.target.data_only = true;
+        pair.run();
+        pair.source.done.clone().unwrap().expect("second cycle");
+        assert_eq!(pair.target.live, gen2());
+        assert_eq!(pair.target.rescans, 0, "precopy {precopy}");
+    }
+    // The same cycles with a stack to stop do rescan.
+    let mut pair = Pair::new(gen1(), Tree::default());
+    pair.run();
+    assert!(pair.target.rescans > 0);
 }
 
 /// Bytes of the manifest messages one cycle sent to the target.

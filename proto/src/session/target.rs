@@ -1026,6 +1026,18 @@ impl TargetSession {
         self.try_plan();
     }
 
+    /// The standby has no stack (a data-only stack): its "stop" stopped nothing, so nothing that
+    /// writes into the live dir stopped either, and the scan the stack was loaded with is the
+    /// tree a plan is made against; no second scan. (The commit's own scan still refuses a
+    /// tree that changed since.)
+    pub fn handle_nothing_to_stop(&mut self) {
+        if self.standby != Standby::Stopping {
+            return;
+        }
+        self.standby = Standby::Scanned;
+        self.try_plan();
+    }
+
     /// The standby's stack was brought up again after a cycle that ended without a commit. The
     /// cycle's outcome stands either way; a start that failed is the driver's to report.
     pub fn handle_stack_started(&mut self, _result: Result<(), String>) {
