@@ -321,26 +321,11 @@ impl Manifest {
     /// The first path, in manifest order, where `self` and `other` differ: an entry only one of
     /// them has, or one whose type, content, metadata or xattrs differ. `None` if they are equal.
     pub fn first_difference<'a>(&'a self, other: &'a Manifest) -> Option<&'a StackPath> {
-        let (mut a, mut b) = (
-            self.entries.iter().peekable(),
-            other.entries.iter().peekable(),
-        );
-        loop {
-            match (a.peek(), b.peek()) {
-                (None, None) => return None,
-                (Some(x), None) => return Some(&x.path),
-                (None, Some(y)) => return Some(&y.path),
-                (Some(x), Some(y)) => match x.path.cmp(&y.path) {
-                    std::cmp::Ordering::Less => return Some(&x.path),
-                    std::cmp::Ordering::Greater => return Some(&y.path),
-                    std::cmp::Ordering::Equal if x != y => return Some(&x.path),
-                    std::cmp::Ordering::Equal => {
-                        a.next();
-                        b.next();
-                    }
-                },
-            }
-        }
+        differences(&self.entries, &other.entries)
+            .next()
+            .map(|d| match d {
+                Difference::Only(e, _) | Difference::Changed(e) => &e.path,
+            })
     }
 
     /// The root hash: BLAKE3 in derive-key mode (so it can never collide with a content hash)
@@ -359,6 +344,48 @@ impl Manifest {
 
 // ---------------------------------------------------------------------------------------------
 // Changes against a base
+
+/// Which of two sorted entry lists an entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Left,
+    Right,
+}
+
+/// Where two sorted entry lists differ: a path only one side has, or one both have with
+/// different entries (the left side's entry).
+enum Difference<'a> {
+    Only(&'a Entry, Side),
+    Changed(&'a Entry),
+}
+
+/// The differences between two lists sorted by path, in path order (one merge walk, shared by
+/// [`Manifest::first_difference`] and [`Manifest::changes_from`]).
+fn differences<'a>(left: &'a [Entry], right: &'a [Entry]) -> impl Iterator<Item = Difference<'a>> {
+    let (mut a, mut b) = (left.iter().peekable(), right.iter().peekable());
+    std::iter::from_fn(move || {
+        loop {
+            return match (a.peek(), b.peek()) {
+                (None, None) => None,
+                (Some(_), None) => a.next().map(|x| Difference::Only(x, Side::Left)),
+                (None, Some(_)) => b.next().map(|y| Difference::Only(y, Side::Right)),
+                (Some(x), Some(y)) => match x.path.cmp(&y.path) {
+                    std::cmp::Ordering::Less => a.next().map(|x| Difference::Only(x, Side::Left)),
+                    std::cmp::Ordering::Greater => {
+                        b.next().map(|y| Difference::Only(y, Side::Right))
+                    }
+                    std::cmp::Ordering::Equal => {
+                        let (x, y) = (a.next()?, b.next()?);
+                        if x == y {
+                            continue;
+                        }
+                        Some(Difference::Changed(x))
+                    }
+                },
+            };
+        }
+    })
+}
 
 /// How a manifest differs from a base manifest both peers hold: the entries it has that the
 /// base lacks or holds differently, and the paths the base has that it lacks, both in path
@@ -398,30 +425,16 @@ pub enum ChangesError {
 impl Manifest {
     /// What turns `base` into `self` (see [`Changes`]).
     pub fn changes_from(&self, base: &Manifest) -> Changes {
-        use std::cmp::Ordering;
         let mut out = Changes::default();
-        let (mut a, mut b) = (
-            self.entries.iter().peekable(),
-            base.entries.iter().peekable(),
-        );
-        loop {
-            match (a.peek(), b.peek()) {
-                (None, None) => return out,
-                (Some(_), None) => out.upsert.extend(a.by_ref().cloned()),
-                (None, Some(_)) => out.remove.extend(b.by_ref().map(|e| e.path.clone())),
-                (Some(x), Some(y)) => match x.path.cmp(&y.path) {
-                    Ordering::Less => out.upsert.push(a.next().expect("peeked").clone()),
-                    Ordering::Greater => out.remove.push(b.next().expect("peeked").path.clone()),
-                    Ordering::Equal => {
-                        if x != y {
-                            out.upsert.push((*x).clone());
-                        }
-                        a.next();
-                        b.next();
-                    }
-                },
+        for d in differences(&self.entries, &base.entries) {
+            match d {
+                Difference::Only(e, Side::Left) | Difference::Changed(e) => {
+                    out.upsert.push(e.clone())
+                }
+                Difference::Only(e, Side::Right) => out.remove.push(e.path.clone()),
             }
         }
+        out
     }
 
     /// `base` with `changes` applied, checked as [`Manifest::new`] checks a whole one. The
