@@ -55,7 +55,7 @@ enum Event {
         control: Option<Arc<dyn StackControl>>,
         result: Result<Vec<String>, String>,
     },
-    StoppedScan(Result<StackState, String>),
+    StoppedScan(Result<Box<StackState>, String>),
     Started(Result<(), String>),
     Signature {
         id: u32,
@@ -323,7 +323,7 @@ impl Cycle {
                         );
                         state
                     });
-                    let _ = tx.send(Event::StoppedScan(scanned));
+                    let _ = tx.send(Event::StoppedScan(scanned.map(Box::new)));
                 });
             }
             TargetAction::StartStack => {
@@ -389,7 +389,8 @@ impl Cycle {
                 tokio::spawn(async move {
                     let (result, store) = match serve {
                         Some(serve) => {
-                            standby::commit_stack(st, commit, &serve, stopped, bytes_received).await
+                            standby::commit_stack(st, *commit, &serve, stopped, bytes_received)
+                                .await
                         }
                         None => (
                             Err((Phase::Commit, "stack no longer configured".into())),
@@ -472,7 +473,7 @@ impl Cycle {
                     self.start_standby();
                 }
             }
-            Event::StoppedScan(result) => self.session.handle_stopped_scan(result),
+            Event::StoppedScan(result) => self.session.handle_stopped_scan(result.map(|s| *s)),
             Event::Started(result) => {
                 if let Err(e) = &result {
                     let stack = self.session.stack().to_string();

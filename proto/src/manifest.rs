@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -203,11 +204,22 @@ pub enum ManifestError {
     UnsortedXattrs { path: StackPath },
 }
 
-/// A checked, sorted list of entries.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// A checked, sorted list of entries. Immutable once made, so its root hash is computed once.
+#[derive(Debug, Clone, Default)]
 pub struct Manifest {
     entries: Vec<Entry>,
+    /// [`Manifest::root`], once asked for.
+    root: OnceLock<Hash>,
 }
+
+/// Two manifests are equal when their entries are (the cached root follows from them).
+impl PartialEq for Manifest {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl Eq for Manifest {}
 
 impl Manifest {
     /// Checks `entries` (sorted strictly by path, parents present and directories, consistent
@@ -267,7 +279,10 @@ impl Manifest {
         }
         drop(kinds);
         drop(groups);
-        Ok(Self { entries })
+        Ok(Self {
+            entries,
+            root: OnceLock::new(),
+        })
     }
 
     /// Sorts `entries` by path first, then checks them as [`Manifest::new`] does.
@@ -329,8 +344,13 @@ impl Manifest {
     }
 
     /// The root hash: BLAKE3 in derive-key mode (so it can never collide with a content hash)
-    /// over the entry count and each entry's canonical encoding, length-prefixed.
+    /// over the entry count and each entry's canonical encoding, length-prefixed. Computed at the
+    /// first call, then remembered.
     pub fn root(&self) -> Hash {
+        *self.root.get_or_init(|| self.compute_root())
+    }
+
+    fn compute_root(&self) -> Hash {
         let mut h = blake3::Hasher::new_derive_key("stackclone 2026-11 manifest root v1");
         h.update(&(self.entries.len() as u64).to_le_bytes());
         for e in &self.entries {

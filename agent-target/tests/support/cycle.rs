@@ -232,7 +232,7 @@ pub fn cycle_with(
                 );
                 session.handle_staged(id, outcome);
             }
-            TargetAction::Commit(c) => return Ok(c),
+            TargetAction::Commit(c) => return Ok(*c),
             TargetAction::Done(r) => panic!("cycle ended without a commit: {r:?}"),
         }
     }

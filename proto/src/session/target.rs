@@ -165,7 +165,7 @@ pub enum TargetAction {
     StartStack,
     /// Commit (the standby is stopped, unless [`Commit::without_stop`]), then bring the stack up
     /// and wait for it to be healthy; answer with [`TargetSession::handle_committed`].
-    Commit(Commit),
+    Commit(Box<Commit>),
     /// The cycle is over.
     Done(Result<TargetReport, CycleError>),
 }
@@ -1294,7 +1294,7 @@ impl TargetSession {
             hand_over: self.report.claim.is_some_and(|c| c.hand_over),
         };
         self.standby = Standby::Committing;
-        self.actions.push_back(TargetAction::Commit(commit));
+        self.actions.push_back(TargetAction::Commit(Box::new(commit)));
     }
 
     /// Verifies the flag against the staged manifest, and checks once more that the commit may
