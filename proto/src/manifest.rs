@@ -379,31 +379,34 @@ enum Difference<'a> {
     Changed(&'a Entry),
 }
 
-/// The differences between two lists sorted by path, in path order (one merge walk, shared by
+/// Every path of two lists sorted by path, in path order, with its entry on each side (`None`
+/// where that side lacks the path): one merge walk, one comparison per step, where looking each
+/// path up in the other list would cost a binary search.
+pub fn pair_by_path<'a>(
+    left: &'a [Entry],
+    right: &'a [Entry],
+) -> impl Iterator<Item = (Option<&'a Entry>, Option<&'a Entry>)> {
+    let (mut a, mut b) = (left.iter().peekable(), right.iter().peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (None, None) => None,
+        (Some(_), None) => Some((a.next(), None)),
+        (None, Some(_)) => Some((None, b.next())),
+        (Some(x), Some(y)) => match x.path.cmp(&y.path) {
+            std::cmp::Ordering::Less => Some((a.next(), None)),
+            std::cmp::Ordering::Greater => Some((None, b.next())),
+            std::cmp::Ordering::Equal => Some((a.next(), b.next())),
+        },
+    })
+}
+
+/// The differences between two lists sorted by path, in path order (shared by
 /// [`Manifest::first_difference`] and [`Manifest::changes_from`]).
 fn differences<'a>(left: &'a [Entry], right: &'a [Entry]) -> impl Iterator<Item = Difference<'a>> {
-    let (mut a, mut b) = (left.iter().peekable(), right.iter().peekable());
-    std::iter::from_fn(move || {
-        loop {
-            return match (a.peek(), b.peek()) {
-                (None, None) => None,
-                (Some(_), None) => a.next().map(|x| Difference::Only(x, Side::Left)),
-                (None, Some(_)) => b.next().map(|y| Difference::Only(y, Side::Right)),
-                (Some(x), Some(y)) => match x.path.cmp(&y.path) {
-                    std::cmp::Ordering::Less => a.next().map(|x| Difference::Only(x, Side::Left)),
-                    std::cmp::Ordering::Greater => {
-                        b.next().map(|y| Difference::Only(y, Side::Right))
-                    }
-                    std::cmp::Ordering::Equal => {
-                        let (x, y) = (a.next()?, b.next()?);
-                        if x == y {
-                            continue;
-                        }
-                        Some(Difference::Changed(x))
-                    }
-                },
-            };
-        }
+    pair_by_path(left, right).filter_map(|pair| match pair {
+        (Some(x), None) => Some(Difference::Only(x, Side::Left)),
+        (None, Some(y)) => Some(Difference::Only(y, Side::Right)),
+        (Some(x), Some(y)) if x != y => Some(Difference::Changed(x)),
+        _ => None,
     })
 }
 

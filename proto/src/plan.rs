@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Entry, EntryKind, Manifest};
+use crate::manifest::{Entry, EntryKind, Manifest, pair_by_path};
 use crate::path::StackPath;
 
 /// What happens to one wanted entry.
@@ -97,29 +97,28 @@ impl Changes {
         let want_leaders = link_leaders(want);
         let mut changes = Changes::default();
         let mut deletes = Vec::new();
-        for l in live.entries() {
-            if !l.is_dir() {
-                changes.live_files += 1;
-            }
-            match want.get(&l.path) {
-                None => {
-                    if !l.is_dir() {
-                        changes.removed_files += 1;
+        for (l, w) in pair_by_path(live.entries(), want.entries()) {
+            if let Some(l) = l {
+                if !l.is_dir() {
+                    changes.live_files += 1;
+                }
+                match w {
+                    None => {
+                        if !l.is_dir() {
+                            changes.removed_files += 1;
+                        }
+                        deletes.push(l.path.clone());
                     }
-                    deletes.push(l.path.clone());
+                    Some(w)
+                        if std::mem::discriminant(&w.kind) != std::mem::discriminant(&l.kind) =>
+                    {
+                        deletes.push(l.path.clone());
+                    }
+                    Some(_) => {}
                 }
-                Some(w) if std::mem::discriminant(&w.kind) != std::mem::discriminant(&l.kind) => {
-                    deletes.push(l.path.clone());
-                }
-                Some(_) => {}
             }
-        }
-        // Live entries are sorted parents first; reversed, children come before their parents.
-        deletes.reverse();
-        changes.deletes = deletes;
-
-        for w in want.entries() {
-            let upsert = match live.get(&w.path) {
+            let Some(w) = w else { continue };
+            let upsert = match l {
                 None => Upsert::Create(w.clone()),
                 Some(l) if std::mem::discriminant(&w.kind) != std::mem::discriminant(&l.kind) => {
                     Upsert::Create(w.clone())
@@ -138,6 +137,9 @@ impl Changes {
             };
             changes.upserts.push(upsert);
         }
+        // Live entries are sorted parents first; reversed, children come before their parents.
+        deletes.reverse();
+        changes.deletes = deletes;
         changes
     }
 

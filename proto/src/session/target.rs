@@ -1407,6 +1407,27 @@ pub const IN_PLACE_MIN_SIZE: u64 = 1 << 20;
 /// per content, in manifest order.
 fn needs(stack: &StackState, want: &Manifest) -> Vec<Need> {
     let live = &stack.live;
+    // One walk finds the wanted files that are not already right at their live path (in a
+    // cycle where little changed, almost none); only then are the indexes by hash built.
+    let mut candidates = Vec::new();
+    for (w, live_here) in manifest::pair_by_path(want.entries(), live.entries()) {
+        let Some(e) = w else { continue };
+        let Some((_, hash)) = e.file() else { continue };
+        // A live file linked outside the stack is never written into, so neither a patch
+        // against it nor its being already right counts: its content comes whole.
+        let linked_outside = stack.outside_links.contains(&e.path);
+        if !linked_outside
+            && live_here
+                .and_then(Entry::file)
+                .is_some_and(|(_, h)| h == hash)
+        {
+            continue;
+        }
+        candidates.push((e, live_here, linked_outside));
+    }
+    if candidates.is_empty() {
+        return Vec::new();
+    }
     let mut live_by_hash: HashMap<Hash, &StackPath> = HashMap::new();
     for e in live.entries() {
         if let Some((_, hash)) = e.file() {
@@ -1422,7 +1443,7 @@ fn needs(stack: &StackState, want: &Manifest) -> Vec<Need> {
     let single_use = |hash: &Hash| uses.get(hash) == Some(&1);
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for e in want.entries() {
+    for (e, live_here, linked_outside) in candidates {
         let EntryKind::File {
             hash,
             size,
@@ -1431,20 +1452,10 @@ fn needs(stack: &StackState, want: &Manifest) -> Vec<Need> {
         else {
             continue;
         };
-        let live_here = live.get(&e.path);
-        // A live file linked outside the stack is never written into, so neither a patch
-        // against it nor its being already right counts: its content comes whole.
-        let linked_outside = stack.outside_links.contains(&e.path);
         let patched_here = stack.staged_in_place.get(&hash) == Some(&e.path)
             && single_use(&hash)
             && !linked_outside;
-        if stack.staged.contains(&hash)
-            || patched_here
-            || (!linked_outside
-                && live_here
-                    .and_then(Entry::file)
-                    .is_some_and(|(_, h)| h == hash))
-        {
+        if stack.staged.contains(&hash) || patched_here {
             continue;
         }
         if !seen.insert(hash) {
