@@ -599,14 +599,15 @@ impl TargetSide {
                 }
                 TargetAction::StopStack => {
                     assert!(self.running, "standby stopped twice");
-                    self.running = false;
                     self.stops += 1;
                     if let Some(t) = self.on_stop.take() {
                         self.live = t;
                     }
                     if self.data_only {
+                        // Nothing to stop: what "runs" (nothing) keeps running.
                         self.session.handle_nothing_to_stop();
                     } else {
+                        self.running = false;
                         self.session.handle_stack_stopped(Ok(self.killed.clone()));
                     }
                 }
@@ -616,7 +617,10 @@ impl TargetSide {
                     self.session.handle_stopped_scan(Ok(self.state()));
                 }
                 TargetAction::StartStack => {
-                    assert!(!self.running, "standby started while running");
+                    assert!(
+                        !self.running || self.data_only,
+                        "standby started while running"
+                    );
                     self.running = true;
                     self.starts += 1;
                     self.session.handle_stack_started(Ok(()));
@@ -639,7 +643,7 @@ impl TargetSide {
                         );
                     } else {
                         assert!(
-                            !self.running,
+                            !self.running || self.data_only,
                             "a commit with changes found the standby running"
                         );
                         // The real store's safety net: the tree is still the one planned against.
@@ -1324,6 +1328,19 @@ fn a_data_only_standby_is_not_scanned_twice() {
         pair.source.done.clone().unwrap().expect("second cycle");
         assert_eq!(pair.target.live, gen2());
         assert_eq!(pair.target.rescans, 0, "precopy {precopy}");
+        assert_eq!(pair.target.commits_without_stop, 0, "precopy {precopy}");
+        // Nothing changed since: the generation is committed without a stop, which the store
+        // commits without scanning the live dir again.
+        pair.next_cycle(gen2(), source_cfg(Mode::Sync, precopy));
+        pair.target.data_only = true;
+        pair.run();
+        pair.source.done.clone().unwrap().expect("third cycle");
+        assert_eq!(pair.target.live, gen2());
+        assert_eq!(
+            (pair.target.rescans, pair.target.commits_without_stop),
+            (0, 1),
+            "precopy {precopy}"
+        );
     }
     // The same cycles with a stack to stop do rescan.
     let mut pair = Pair::new(gen1(), Tree::default());

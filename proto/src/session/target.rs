@@ -438,6 +438,8 @@ pub struct TargetSession {
     /// The pre-copy pass found the running live dir already equal to the source's tree: the
     /// standby's stop waits for the final manifest (see the module doc).
     precopy_unchanged: bool,
+    /// The driver said the standby had nothing to stop ([`TargetSession::handle_nothing_to_stop`]).
+    nothing_stopped: bool,
     /// The last sign of life from the source, or of the driver's own work (see
     /// [`TargetSession::poll_timeout`]).
     last_progress: Instant,
@@ -480,6 +482,7 @@ impl TargetSession {
             standby: Standby::Untouched,
             final_begun: false,
             precopy_unchanged: false,
+            nothing_stopped: false,
             last_progress: now,
             admit: None,
         }
@@ -1029,12 +1032,15 @@ impl TargetSession {
     /// The standby has no stack (a data-only stack): its "stop" stopped nothing, so nothing that
     /// writes into the live dir stopped either, and the scan the stack was loaded with is the
     /// tree a plan is made against; no second scan. (The commit's own scan still refuses a
-    /// tree that changed since.)
+    /// tree that changed since.) If that plan changes nothing, the generation is committed
+    /// [without a stop](Commit::without_stop), as for a running standby that already holds the
+    /// tree: nothing was down, and the commit changes no file, so it needs no scan either.
     pub fn handle_nothing_to_stop(&mut self) {
         if self.standby != Standby::Stopping {
             return;
         }
         self.standby = Standby::Scanned;
+        self.nothing_stopped = true;
         self.try_plan();
     }
 
@@ -1294,7 +1300,8 @@ impl TargetSession {
             hand_over: self.report.claim.is_some_and(|c| c.hand_over),
         };
         self.standby = Standby::Committing;
-        self.actions.push_back(TargetAction::Commit(Box::new(commit)));
+        self.actions
+            .push_back(TargetAction::Commit(Box::new(commit)));
     }
 
     /// Verifies the flag against the staged manifest, and checks once more that the commit may
@@ -1333,9 +1340,11 @@ impl TargetSession {
             return Err(Cause::Local(Failure::NotStaged { path: lost.path }));
         }
         // Likewise: only a stopped standby's scan may plan changes (see the module doc).
+        let unchanged = changes.is_empty() && stack.last_generation > 0;
         let standby_stopped = match self.standby {
+            Standby::Scanned if self.nothing_stopped && unchanged => false,
             Standby::Scanned => true,
-            Standby::Untouched if changes.is_empty() && stack.last_generation > 0 => false,
+            Standby::Untouched if unchanged => false,
             _ => return Err(Cause::Local(Failure::NotPlannedStopped)),
         };
         Ok((verified, changes, standby_stopped, admit))
