@@ -285,12 +285,15 @@ impl PendingCache {
 /// moves a file's ctime to now or later, which no entry then matches. Returns how many files
 /// were seeded. Best effort, like any cache: an error leaves the old file (or none).
 pub fn seed(path: &Path, root: &Path, files: &[(&[u8], Hash)]) -> io::Result<usize> {
+    // Nothing to add: the cache as it is stays right (rewriting it would only cost a read and
+    // a write of the whole file).
+    if files.is_empty() {
+        return Ok(0);
+    }
     // The caller's last writes (the commit's unlinks move the placed files' ctimes) carry the
     // kernel's coarse clock, which ticks every 1-10 ms: a file whose ctime is the scan start's
     // tick is not trusted, so let the tick pass first.
-    if !files.is_empty() {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    std::thread::sleep(std::time::Duration::from_millis(10));
     let mut pending = PendingCache::begin(path)?;
     let seeded: std::collections::HashSet<&[u8]> = files.iter().map(|(p, _)| *p).collect();
     let (old, _) = load(path, root);
