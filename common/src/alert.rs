@@ -720,7 +720,9 @@ pub struct ChannelError {
 #[derive(Debug, Clone)]
 pub struct Notifier {
     config: AlertConfig,
-    client: Result<reqwest::Client, DeliveryError>,
+    /// Built at the first send: building it reads the system's CA certificates (some 15 ms),
+    /// which a push that sends no alert should not pay.
+    client: std::sync::OnceLock<Result<reqwest::Client, DeliveryError>>,
     timeout: Duration,
 }
 
@@ -732,12 +734,11 @@ impl Notifier {
 
     /// A notifier whose requests each give up after `timeout`, connecting included.
     pub fn with_timeout(config: AlertConfig, timeout: Duration) -> Notifier {
-        // Building the client early surfaces a TLS problem in the first send's errors rather
-        // than as a failed start: alerts must never stop an agent.
-        let client = http_client(timeout);
+        // The client is built at the first send, so a TLS problem shows in that send's errors
+        // rather than as a failed start: alerts must never stop an agent.
         Notifier {
             config,
-            client,
+            client: std::sync::OnceLock::new(),
             timeout,
         }
     }
@@ -794,7 +795,10 @@ impl Notifier {
     }
 
     fn client(&self) -> Result<&reqwest::Client, DeliveryError> {
-        self.client.as_ref().map_err(Clone::clone)
+        self.client
+            .get_or_init(|| http_client(self.timeout))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     async fn send_telegram(
