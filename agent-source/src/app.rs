@@ -25,6 +25,10 @@ use crate::status::{self, MountStatus, StackStatus};
 /// Where the source keeps its state (status files, hash caches) when not told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/stackclone";
 
+/// How long a one-shot push waits, once its connections are closed, for the closes to leave
+/// before the process ends (see [`push`]'s end).
+const CLOSE_GRACE: Duration = Duration::from_millis(25);
+
 /// Options every command shares.
 #[derive(Debug, Clone)]
 pub struct Common {
@@ -356,7 +360,12 @@ pub async fn push(
     {
         warn!(url = %url, error = %e, "could not push metrics to the Pushgateway");
     }
-    agent.ctx.endpoint.wait_idle().await;
+    // Closing a connection sends its CONNECTION_CLOSE at once; waiting for the endpoint to be
+    // idle would then wait out the draining period too (three probe timeouts, some 80 ms on a
+    // fast link), which only guards against stray packets of a connection already over. A
+    // short bound gives the close time to leave (the peer would otherwise wait for its idle
+    // timeout) without billing every push for the drain.
+    let _ = tokio::time::timeout(CLOSE_GRACE, agent.ctx.endpoint.wait_idle()).await;
     Ok(out)
 }
 
