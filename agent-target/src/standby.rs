@@ -224,6 +224,7 @@ where
             generation,
             apply_ms = r.apply.as_millis() as u64,
             total_ms = r.total.as_millis() as u64,
+            rescanned = r.live_rescanned,
             since_stop_ms = down.elapsed().as_millis() as u64,
             "commit applied"
         ),

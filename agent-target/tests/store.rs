@@ -490,6 +490,122 @@ fn an_unchanged_generation_commits_without_touching_the_live_dir_and_rolls_back_
     assert_same_tree(&e.live, &scan_tree(&src2));
 }
 
+/// The commit proves the live dir is still the tree it was planned against from the planning
+/// scan's stats alone, and every kind of change made after the plan still refuses it: new
+/// content with the old size and mtime put back, a mode, an owner, an xattr, a name added in a
+/// directory or at the top, a removal, a rename. A hard link to the outside of a file the commit
+/// does not touch changes nothing the commit relies on: it commits, after a rescan.
+#[test]
+fn a_change_after_the_plan_refuses_the_commit_whatever_it_is() {
+    type Change = fn(&Path);
+    let cases: Vec<(&str, Change, bool)> = vec![
+        ("nothing", |_| {}, true),
+        (
+            "same size, mtime put back",
+            |live| {
+                let p = live.join("app/config.yml");
+                let md = lstat(&p);
+                fs::write(&p, b"listen: 6060\n").unwrap();
+                let t = Timespec {
+                    tv_sec: md.mtime(),
+                    tv_nsec: md.mtime_nsec() as _,
+                };
+                let times = Timestamps {
+                    last_access: t,
+                    last_modification: t,
+                };
+                rustix::fs::utimensat(CWD, &p, &times, AtFlags::SYMLINK_NOFOLLOW).unwrap();
+            },
+            false,
+        ),
+        (
+            "mode",
+            |live| {
+                fs::set_permissions(live.join("setuid-bin"), fs::Permissions::from_mode(0o755))
+                    .unwrap()
+            },
+            false,
+        ),
+        (
+            "owner",
+            |live| std::os::unix::fs::lchown(live.join("data/rows"), Some(4321), None).unwrap(),
+            false,
+        ),
+        (
+            "xattr",
+            |live| {
+                rustix::fs::lsetxattr(
+                    live.join("db/sparse.img"),
+                    "user.added",
+                    b"1",
+                    XattrFlags::empty(),
+                )
+                .unwrap()
+            },
+            false,
+        ),
+        (
+            "name added in a directory",
+            |live| fs::write(live.join("setgid-dir/intruder"), b"x").unwrap(),
+            false,
+        ),
+        (
+            "name added at the top",
+            |live| fs::write(live.join("intruder"), b"x").unwrap(),
+            false,
+        ),
+        (
+            "removal",
+            |live| fs::remove_file(live.join("setgid-dir/inside")).unwrap(),
+            false,
+        ),
+        (
+            "rename",
+            |live| fs::rename(live.join("setuid-bin"), live.join("db/setuid-bin")).unwrap(),
+            false,
+        ),
+        (
+            "hard link to the outside",
+            |live| {
+                fs::hard_link(live.join("setuid-bin"), live.with_file_name("outside-link")).unwrap()
+            },
+            true,
+        ),
+    ];
+    for (name, change, commits) in cases {
+        let e = env();
+        gen1(&e.src);
+        let mut store = open(&e.live, 3);
+        push(&mut store, &e.src, 1);
+        // The first commit's files are older than the next scan by more than a clock tick, so
+        // their stats can vouch for them.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let src2 = e.src.with_file_name("src2");
+        gen2(&src2);
+        let c = cycle(&mut store, &src2, 2).unwrap();
+        let p = store.prepare(&c).unwrap();
+        change(&e.live);
+        let result = store.commit(p, NOW);
+        if commits {
+            let report = result.unwrap_or_else(|err| panic!("{name}: {err}"));
+            assert_eq!(report.live_rescanned, name != "nothing", "{name}");
+            assert_same_tree(&e.live, &scan_tree(&src2));
+            assert_eq!(store.last_generation(), 2, "{name}");
+        } else {
+            let err = result.expect_err(name);
+            assert!(
+                matches!(err, StoreError::ChangedSincePlanned { .. }),
+                "{name}: {err}"
+            );
+            assert_eq!(store.last_generation(), 1, "{name}");
+            assert!(
+                !e.live.join("new.txt").exists(),
+                "{name}: generation 2 leaked"
+            );
+        }
+    }
+}
+
 /// Every path under `root`, depth first, `root` included; never follows a symlink.
 fn walkdir(root: &Path) -> Vec<PathBuf> {
     let mut out = vec![root.to_path_buf()];

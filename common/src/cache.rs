@@ -194,7 +194,7 @@ pub(crate) struct PendingCache {
     path: PathBuf,
     tmp_path: PathBuf,
     tmp: File,
-    scan_start_ns: i64,
+    pub(crate) scan_start_ns: i64,
     entries: Vec<(Vec<u8>, CachedHash)>,
     /// Entries recorded that the loaded cache did not vouch for.
     misses: usize,

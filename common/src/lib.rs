@@ -63,4 +63,6 @@ pub mod schedule;
 pub mod trees;
 
 pub use cache::CacheStatus;
-pub use scan::{LocalFacts, Scan, ScanConfig, ScanError, ScanStats, SkipReason, Skipped, scan};
+pub use scan::{
+    LocalFacts, Scan, ScanConfig, ScanError, ScanStats, SkipReason, Skipped, Unchanged, scan,
+};

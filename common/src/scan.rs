@@ -67,6 +67,12 @@ pub struct Scan {
     pub stats: ScanStats,
     /// `local[i]` belongs to `manifest.entries()[i]`.
     local: Vec<LocalFacts>,
+    /// The root directory's own facts (a name added or removed at the top moves its times).
+    root_facts: Option<LocalFacts>,
+    /// With a hash cache: the instant from which a stat cannot vouch for content (see
+    /// [`cache`](crate::cache)): a path whose mtime and ctime are both older cannot change
+    /// without its stat changing.
+    settled_before_ns: Option<i64>,
 }
 
 impl Scan {
@@ -105,6 +111,65 @@ impl Scan {
     /// Entries paired with their local facts, in manifest order.
     pub fn entries_with_facts(&self) -> impl Iterator<Item = (&Entry, &LocalFacts)> {
         self.manifest.entries().iter().zip(&self.local)
+    }
+
+    /// What it takes to tell later, with one `lstat` per path and no read, that the tree is still
+    /// exactly what this scan found ([`Unchanged::holds`]). `None` without a hash cache (the
+    /// scan then has no start instant to judge its stats by).
+    pub fn unchanged_check(&self) -> Option<Unchanged> {
+        Some(Unchanged {
+            root: self.manifest.root(),
+            root_facts: self.root_facts?,
+            facts: self.local.clone(),
+            settled_before_ns: self.settled_before_ns?,
+        })
+    }
+}
+
+/// The stat facts of a scanned tree, to check without scanning again that nothing in it changed
+/// (see [`Scan::unchanged_check`]).
+///
+/// Every change to a path moves its ctime (content, owner, mode, xattrs, a new hard link) or its
+/// inode (a replacement), and every name added, removed or renamed moves its directory's
+/// mtime, so a tree whose every path (and its root) `lstat`s as scanned is the tree scanned,
+/// provided each of those stats was taken after the path last changed. The scan cannot know that
+/// of a path whose mtime or ctime is not older than its own start (a write in the same clock
+/// tick leaves the stat as it was, as the hash cache knows): with any such path the check
+/// answers "cannot tell", and the caller scans again.
+#[derive(Debug, Clone)]
+pub struct Unchanged {
+    root: Hash,
+    root_facts: LocalFacts,
+    facts: Vec<LocalFacts>,
+    settled_before_ns: i64,
+}
+
+impl Unchanged {
+    /// True if `manifest` is the tree scanned (same root hash) and every path of it under
+    /// `root_dir`, and `root_dir` itself, still `lstat`s exactly as scanned. False if anything
+    /// differs, or if some path changed too close to the scan for its stat to tell.
+    pub fn holds(&self, root_dir: &Path, manifest: &Manifest) -> io::Result<bool> {
+        if manifest.len() != self.facts.len() || manifest.root() != self.root {
+            return Ok(false);
+        }
+        let settled = |f: &LocalFacts| {
+            f.mtime_ns < self.settled_before_ns && f.ctime_ns < self.settled_before_ns
+        };
+        if !settled(&self.root_facts) || !self.facts.iter().all(settled) {
+            return Ok(false);
+        }
+        match fs::symlink_metadata(root_dir) {
+            Ok(md) if LocalFacts::of(&md) == self.root_facts => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        for (e, f) in manifest.entries().iter().zip(&self.facts) {
+            if !f.still_match(root_dir, &e.path)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -257,6 +322,7 @@ pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
         raws: Vec::new(),
         inodes: HashMap::new(),
         buf: vec![0; HASH_BUF],
+        root_facts: None,
         stats: ScanStats {
             entries: 0,
             files_hashed: 0,
@@ -274,8 +340,10 @@ pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
         loaded,
         raws,
         mut stats,
+        root_facts,
         ..
     } = walker;
+    let settled_before_ns = pending.as_ref().map(|p| p.scan_start_ns);
     let manifest = walked.and_then(|()| {
         let (entries, local) = assign_link_groups(raws);
         Ok((Manifest::new(entries)?, local))
@@ -304,6 +372,8 @@ pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
         manifest,
         stats,
         local,
+        root_facts,
+        settled_before_ns,
     })
 }
 
@@ -401,6 +471,7 @@ struct Walker<'a> {
     /// Size and hash of each multiply-linked inode already resolved, so it is hashed once.
     inodes: HashMap<(u64, u64), (u64, Hash)>,
     buf: Vec<u8>,
+    root_facts: Option<LocalFacts>,
     stats: ScanStats,
 }
 
@@ -421,6 +492,7 @@ impl Walker<'_> {
     fn walk(&mut self, root: &Path) -> Result<(), ScanError> {
         let md = lstat(root)?;
         self.root_dev = md.dev();
+        self.root_facts = Some(LocalFacts::of(&md));
         let mut stack = vec![PendingDir {
             abs: root.to_path_buf(),
             rel: None,

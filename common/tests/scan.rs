@@ -689,3 +689,73 @@ fn files_with_links_outside_the_tree_are_reported() {
     let scan = scan_with(&root, |_| {});
     assert_eq!(scan.outside_links(), vec![sp("c"), sp("d"), sp("in.txt")]);
 }
+
+/// A scan's stat facts prove the tree unchanged only where they can: a tree left alone holds, a
+/// write after the scan does not, a path written as the scan began cannot be told (it answers
+/// "no", and the caller scans), another manifest is not this scan's, and without a cache there
+/// is no scan start to judge by.
+#[test]
+fn a_scan_tells_later_whether_the_tree_is_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cached_cfg(dir.path());
+    cache_tree(&cfg.root);
+    tick();
+    let first = scan(&cfg).unwrap();
+    let check = first.unchanged_check().expect("a cached scan has a start");
+    assert!(check.holds(&cfg.root, &first.manifest).unwrap());
+
+    // Another manifest (a different tree) is never vouched for.
+    let other = scan(&ScanConfig::new(dir.path().join("state"))).unwrap();
+    assert!(!check.holds(&cfg.root, &other.manifest).unwrap());
+
+    // Nothing to judge by without a cache.
+    assert!(
+        scan(&ScanConfig::new(&cfg.root))
+            .unwrap()
+            .unchanged_check()
+            .is_none()
+    );
+
+    // A name added at the top moves only the root's times.
+    write(&cfg.root, "new", b"n");
+    assert!(!check.holds(&cfg.root, &first.manifest).unwrap());
+    fs::remove_file(cfg.root.join("new")).unwrap();
+
+    // A path whose times are not older than the scan's start cannot be vouched for by its
+    // stat (a write in the same clock tick leaves the stat as it was): "cannot tell", though
+    // nothing changed since.
+    let later = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    set_mtime(&cfg.root.join("d/b.txt"), later, 0);
+    tick();
+    let racy = scan(&cfg).unwrap();
+    assert!(
+        !racy
+            .unchanged_check()
+            .unwrap()
+            .holds(&cfg.root, &racy.manifest)
+            .unwrap()
+    );
+    set_mtime(&cfg.root.join("d/b.txt"), 1_700_000_000, 0);
+    tick();
+    let fresh = scan(&cfg).unwrap();
+    assert!(
+        fresh
+            .unchanged_check()
+            .unwrap()
+            .holds(&cfg.root, &fresh.manifest)
+            .unwrap()
+    );
+    // Content written after the scan, deep down.
+    fs::write(cfg.root.join("d/e/c.txt"), b"CHARLIE").unwrap();
+    assert!(
+        !fresh
+            .unchanged_check()
+            .unwrap()
+            .holds(&cfg.root, &fresh.manifest)
+            .unwrap()
+    );
+}

@@ -145,7 +145,7 @@ use std::sync::Arc;
 
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
-use stackclone_common::{Scan, ScanConfig};
+use stackclone_common::{Scan, ScanConfig, Unchanged};
 use stackclone_proto::manifest::{Hash, Manifest};
 use stackclone_proto::path::StackPath;
 
@@ -270,6 +270,10 @@ pub struct StackStore {
     prepared: Option<u64>,
     next_token: u64,
     fail_after_ops: Option<usize>,
+    /// The facts of the last [`StackStore::stack_state`] scan, and the live files it found
+    /// linked outside the stack: the commit checks with them that the live dir is still the
+    /// tree it was planned against, without a second scan (see [`StackStore::commit`]).
+    last_scan: std::sync::Mutex<Option<(Unchanged, Vec<StackPath>)>>,
 }
 
 fn valid_stack_name(s: &str) -> bool {
@@ -433,6 +437,7 @@ impl StackStore {
             prepared: None,
             next_token: 0,
             fail_after_ops: None,
+            last_scan: std::sync::Mutex::new(None),
         };
         store.load_state()?;
         store.recover()?;
@@ -546,10 +551,14 @@ impl StackStore {
     /// scan), which of its files have hard links outside it, and what is staged for it.
     pub fn stack_state(&self) -> Result<StackState, StoreError> {
         let scan = self.scan_live(false)?;
+        let outside = scan.outside_links();
+        if let Ok(mut last) = self.last_scan.lock() {
+            *last = scan.unchanged_check().map(|u| (u, outside.clone()));
+        }
         Ok(StackState {
             last_generation: self.generation_base(),
             held: self.state.held(),
-            outside_links: scan.outside_links().into_iter().collect(),
+            outside_links: outside.into_iter().collect(),
             live: scan.manifest,
             staged: self.staged()?,
             staged_in_place: self.staged_in_place()?,

@@ -36,9 +36,12 @@ impl StackStore {
     /// Commits what [`StackStore::prepare`] made ready; call it with the stack stopped. `now` is
     /// the target's clock (Unix seconds), recorded as the commit time.
     ///
-    /// The live dir is rescanned first; unless it is exactly the tree the commit was planned
-    /// against ([`Commit::live`]), the commit is [`StoreError::ChangedSincePlanned`] and nothing
-    /// is written.
+    /// The live dir must still be exactly the tree the commit was planned against
+    /// ([`Commit::live`]); otherwise the commit is [`StoreError::ChangedSincePlanned`] and
+    /// nothing is written. When the plan came from this store's last scan, one `lstat` per path
+    /// against that scan's facts proves it (no read, no hashing, no second walk); when it cannot
+    /// (a path changed, or changed too close to the scan for its stat to tell), the live dir is
+    /// rescanned and compared ([`CommitReport::live_rescanned`]).
     ///
     /// An error before the journal is published leaves the live dir at the previous
     /// generation. An error after it leaves the journal: [`StackStore::open`] (or
@@ -69,12 +72,27 @@ impl StackStore {
         // What the live dir holds right now, with the stack stopped and nothing changed yet:
         // exactly what this commit's backup will hold. Rollback restores this ("undo the
         // commit"), which is generation N-1 unless the target's own containers changed files
-        // since; then it is the tree they left, whose bytes the backup really has. A cached
-        // scan: one lstat per path, re-hashing only files that changed.
-        let scan = self.scan_live(false)?;
+        // since; then it is the tree they left, whose bytes the backup really has. Usually one
+        // lstat per path proves it is still the tree the plan was made against (the facts of
+        // the scan the plan came from); otherwise a cached scan: one lstat per path, re-hashing
+        // only files that changed.
+        let planned = p.planned_against.take();
+        let fast = self.unchanged_since_scan(planned.as_ref());
+        let rescanned = fast.is_none();
+        let (before, outside, changed) = match fast {
+            Some(outside) => (planned.unwrap_or_default(), outside, None),
+            None => {
+                let scan = self.scan_live(false)?;
+                let outside = scan.outside_links();
+                let changed = planned
+                    .as_ref()
+                    .and_then(|planned| planned.first_difference(&scan.manifest))
+                    .cloned();
+                (scan.manifest, outside, changed)
+            }
+        };
         // Nothing is ever written into, chowned or chmodded through a hard link that leaves the
         // stack: the plan replaces such files, and a link made since the plan refuses here.
-        let outside = scan.outside_links();
         for op in &p.journal.ops {
             if let Op::Patch { path, .. }
             | Op::Meta {
@@ -92,23 +110,20 @@ impl StackStore {
                 });
             }
         }
-        let before = scan.manifest;
         // The safety net of planning against a stopped standby: the tree is still exactly the
         // one the changes were planned against. Anything else (a container that was not
         // stopped, a process outside Docker) refuses here, with the live dir at N-1; the next
         // cycle plans against the tree as it is then.
-        if let Some(path) = p
-            .planned_against
-            .as_ref()
-            .and_then(|planned| planned.first_difference(&before))
-        {
+        if let Some(path) = changed {
             return Err(StoreError::ChangedSincePlanned {
                 stack: self.stack.clone(),
-                path: self.live.show(path),
+                path: self.live.show(&path),
             });
         }
         self.write_before(p.journal.state_after.generation, &before)?;
-        self.run_journal(p.journal, p.manifest)
+        let mut report = self.run_journal(p.journal, p.manifest)?;
+        report.live_rescanned = rescanned;
+        Ok(report)
     }
 
     /// Commits a prepared generation that changes nothing in the live dir: its journal holds no
@@ -139,6 +154,25 @@ impl StackStore {
         p.journal.state_after.committed_at = Some(now);
         self.write_before(p.journal.state_after.generation, &p.manifest)?;
         self.run_journal(p.journal, p.manifest)
+    }
+
+    /// The live files linked outside the stack, if the live dir provably still is `planned`:
+    /// the tree of this store's last [`stack_state`](StackStore::stack_state) scan, every path of
+    /// which still `lstat`s as that scan found it
+    /// ([`Unchanged::holds`](stackclone_common::Unchanged::holds)). `None` if that cannot
+    /// be told (no plan, another scan, a path changed or changed too close to the scan, an
+    /// error): the caller scans.
+    fn unchanged_since_scan(&self, planned: Option<&Manifest>) -> Option<Vec<StackPath>> {
+        let planned = planned?;
+        let (unchanged, outside) = self.last_scan.lock().ok()?.take()?;
+        match unchanged.holds(self.live.path(), planned) {
+            Ok(true) => Some(outside),
+            Ok(false) => None,
+            Err(e) => {
+                debug!(stack = %self.stack, error = %e, "checking the live dir by its stats failed; scanning it");
+                None
+            }
+        }
     }
 
     /// Accepts `p` once: it must be what this store prepared last.
@@ -188,6 +222,7 @@ impl StackStore {
             patched: applied.patched,
             apply,
             total: t0.elapsed(),
+            live_rescanned: false,
         })
     }
 

@@ -67,6 +67,10 @@ pub struct CommitReport {
     pub apply: Duration,
     /// `apply` plus clearing staging and pruning generations.
     pub total: Duration,
+    /// The live dir was scanned again before the journal was written, because its stats alone
+    /// could not prove it still the tree the commit was planned against (see
+    /// [`StackStore::commit`](crate::store::StackStore::commit)).
+    pub live_rescanned: bool,
 }
 
 /// What a rollback did, step by step (one step per generation undone).
