@@ -118,8 +118,9 @@ impl Agent {
         let trust = Trust::load(&dir).context("loading the fleet CA")?;
         let flag_key =
             stackclone_certs::load_flag_key(&cfg.identity_dir).context("loading the flag key")?;
-        let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid literal address"))
-            .context("opening a UDP socket")?;
+        let endpoint =
+            stackclone_certs::endpoint("0.0.0.0:0".parse().expect("valid literal address"), None)
+                .context("opening a UDP socket")?;
         let client_config = stackclone_certs::client_config(&identity, &trust)?;
         let metrics = Arc::new(Metrics::new());
         let not_after: SystemTime = identity.info().not_after.into();

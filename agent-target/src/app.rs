@@ -97,8 +97,8 @@ pub fn bind(common: &Common) -> anyhow::Result<Bound> {
     }
     let addr = cfg.listen.resolve().context("the listen address")?;
     let server = stackclone_certs::server_config(&identity, &trust)?;
-    let endpoint =
-        quinn::Endpoint::server(server, addr).with_context(|| format!("binding UDP {addr}"))?;
+    let endpoint = stackclone_certs::endpoint(addr, Some(server))
+        .with_context(|| format!("binding UDP {addr}"))?;
     let stacks = cfg.stacks.iter().map(stack_serve).collect();
     let ops = Arc::new(Ops::new(
         identity.name(),

@@ -135,8 +135,9 @@ pub use identity::{Identity, PeerIdentity, check_expiry};
 pub use name::{CaPin, Fingerprint, InvalidArgument, Role};
 pub use pins::forget_flag_key;
 pub use tls::{
-    Admission, CONGESTION_ENV, IDLE_TIMEOUT, IDLE_TIMEOUT_ENV, KEEP_ALIVE, REFUSED, Trust, accept,
-    admit, client_config, connect, hello, idle_timeout, peer_identity, server_config,
+    Admission, CONGESTION_ENV, IDLE_TIMEOUT, IDLE_TIMEOUT_ENV, KEEP_ALIVE, REFUSED, Trust,
+    UDP_BUFFER_BYTES, accept, admit, client_config, connect, endpoint, hello, idle_timeout,
+    peer_identity, server_config,
 };
 pub use token::{JoinToken, TokenSecret, parse_ttl};
 
