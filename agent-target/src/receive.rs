@@ -107,7 +107,9 @@ async fn receive_file(
     let Some(wanted) = wanted.lock().ok()?.remove(&id) else {
         return Some(StreamEnd::Bad(BadStream::NotWanted { id }));
     };
-    let (tx, rx) = std::sync::mpsc::sync_channel::<SourceMsg>(4);
+    // Frames go to the blocking worker through an async channel: a full channel waits without
+    // holding a runtime thread while the worker is in disk I/O.
+    let (tx, rx) = tokio::sync::mpsc::channel::<SourceMsg>(4);
     let worker = tokio::task::spawn_blocking(move || rebuild(&store, wanted, len, rx));
     let mut outcome = None;
     loop {
@@ -131,7 +133,7 @@ async fn receive_file(
                     }));
                 }
                 let last = !matches!(msg, SourceMsg::FileData { .. });
-                if tx.send(msg).is_err() {
+                if tx.send(msg).await.is_err() {
                     break;
                 }
                 if last {
@@ -194,7 +196,7 @@ fn rebuild(
     store: &Mutex<Option<StackStore>>,
     wanted: Wanted,
     len: u64,
-    rx: std::sync::mpsc::Receiver<SourceMsg>,
+    rx: tokio::sync::mpsc::Receiver<SourceMsg>,
 ) -> StageOutcome {
     let opened = with_store(store, |s| match (&wanted.basis, wanted.in_place) {
         (Some(_), true) => {
@@ -217,11 +219,11 @@ fn apply(
     mut basis: Option<BasisFile>,
     mut sink: impl Staged,
     len: u64,
-    rx: std::sync::mpsc::Receiver<SourceMsg>,
+    mut rx: tokio::sync::mpsc::Receiver<SourceMsg>,
 ) -> StageOutcome {
     let mut receiver = FileReceiver::new(basis.as_ref().map(|b| b.len()), len);
     let mut no_basis = NoBasis;
-    for msg in rx {
+    while let Some(msg) = rx.blocking_recv() {
         let chunk = match msg {
             SourceMsg::FileData { chunk, .. } => chunk,
             SourceMsg::FileEnd { hash, .. } => {
