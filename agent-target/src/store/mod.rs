@@ -38,8 +38,9 @@
 //!    record, and checks that every parent directory the ops need is a real directory (a
 //!    symlink planted there refuses the commit before anything changed).
 //! 2. [`StackStore::commit`] runs with the stack stopped, and does only renames and metadata:
-//!    it rescans the live dir and refuses unless it is still exactly the tree the commit was
-//!    planned against ([`StoreError::ChangedSincePlanned`]; the next cycle converges), then
+//!    it refuses unless the live dir is still exactly the tree the commit was planned against
+//!    ([`StoreError::ChangedSincePlanned`]; the next cycle converges) — proved by one `lstat`
+//!    per path against the planning scan's stats, or by a rescan where those cannot tell —, then
 //!    writes and fsyncs the journal, applies the ops, fsyncs the touched directories, writes
 //!    `state`, removes the journal, clears staging and prunes old generations. Its duration
 //!    grows with the number of changed paths, never with their size.
