@@ -13,6 +13,7 @@ use std::io::{self, Read, Seek};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use rustix::fs::{Mode, OFlags};
@@ -164,12 +165,40 @@ impl Unchanged {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         }
-        for (e, f) in manifest.entries().iter().zip(&self.facts) {
-            if !f.still_match(root_dir, &e.path)? {
-                return Ok(false);
+        // One `lstat` per path, on as many threads as a scan uses: this runs with the
+        // standby stopped.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_THREADS);
+        let piece = self.facts.len().div_ceil(threads).max(1);
+        let check = |entries: &[Entry], facts: &[LocalFacts]| -> io::Result<bool> {
+            for (e, f) in entries.iter().zip(facts) {
+                if !f.still_match(root_dir, &e.path)? {
+                    return Ok(false);
+                }
             }
+            Ok(true)
+        };
+        if threads == 1 || self.facts.len() <= NAMES_PER_TASK {
+            return check(manifest.entries(), &self.facts);
         }
-        Ok(true)
+        std::thread::scope(|s| {
+            let handles: Vec<_> = manifest
+                .entries()
+                .chunks(piece)
+                .zip(self.facts.chunks(piece))
+                .map(|(e, f)| s.spawn(move || check(e, f)))
+                .collect();
+            let mut all = Ok(true);
+            for h in handles {
+                match h.join() {
+                    Ok(Ok(true)) => {}
+                    Ok(other) => all = all.and(other),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            all
+        })
     }
 }
 
@@ -292,7 +321,20 @@ pub enum ScanError {
 }
 
 /// Scans `cfg.root` into a manifest, using and then rewriting the hash cache if one is set.
+///
+/// Directories are walked by up to [`MAX_THREADS`] threads (one per core), a big directory's
+/// names shared out in pieces of [`NAMES_PER_TASK`]: a scan is one `lstat` and one
+/// `llistxattr` per path plus the hashing of what the cache cannot vouch for, and it is what a
+/// cycle spends with the stack stopped when little changed. The manifest does not depend on the
+/// thread count.
 pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    scan_with_threads(cfg, threads)
+}
+
+/// [`scan`] with at most `threads` walking threads (at least one, at most [`MAX_THREADS`]); the
+/// calling thread is one of them.
+pub fn scan_with_threads(cfg: &ScanConfig, threads: usize) -> Result<Scan, ScanError> {
     let root = resolve_root(&cfg.root)?;
     let excludes = build_excludes(&root, &cfg.exclude)?;
 
@@ -301,7 +343,7 @@ pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
         Some(_) if cfg.checksum => (LoadedCache::default(), CacheStatus::Bypassed),
         Some(path) => cache::load(path, &root),
     };
-    let (pending, cache_names) = match &cfg.cache {
+    let (mut pending, cache_names) = match &cfg.cache {
         None => (None, None),
         Some(path) => {
             let pending = PendingCache::begin(path).map_err(|source| ScanError::CacheWrite {
@@ -312,37 +354,69 @@ pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
         }
     };
 
-    let mut walker = Walker {
+    let md = lstat(&root)?;
+    let root_facts = Some(LocalFacts::of(&md));
+    let shared = Shared {
         cfg,
-        root_dev: 0,
+        root_dev: md.dev(),
         excludes,
         loaded,
-        pending,
         cache_names,
-        raws: Vec::new(),
-        inodes: HashMap::new(),
-        buf: vec![0; HASH_BUF],
-        root_facts: None,
-        stats: ScanStats {
-            entries: 0,
-            files_hashed: 0,
-            files_from_cache: 0,
-            bytes_hashed: 0,
-            excluded: 0,
-            skipped: Vec::new(),
-            changed_during_scan: Vec::new(),
-            cache: status,
-        },
+        record_cache: pending.is_some(),
+        inodes: Mutex::new(HashMap::new()),
+        queue: Mutex::new(Queue {
+            tasks: vec![Task::Dir(PendingDir {
+                abs: root.clone(),
+                rel: None,
+                id: (md.dev(), md.ino()),
+            })],
+            busy: 0,
+            error: None,
+            panicked: false,
+        }),
+        ready: Condvar::new(),
     };
-    let walked = walker.walk(&root);
-    let Walker {
-        pending,
-        loaded,
-        raws,
-        mut stats,
-        root_facts,
-        ..
-    } = walker;
+    let workers = run_workers(&shared, threads.clamp(1, MAX_THREADS));
+    let Shared { loaded, queue, .. } = shared;
+    let walked = match queue
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+        .error
+    {
+        Some(e) => Err(e),
+        None => Ok(()),
+    };
+
+    let mut stats = ScanStats {
+        entries: 0,
+        files_hashed: 0,
+        files_from_cache: 0,
+        bytes_hashed: 0,
+        excluded: 0,
+        skipped: Vec::new(),
+        changed_during_scan: Vec::new(),
+        cache: status,
+    };
+    let mut raws = Vec::with_capacity(workers.iter().map(|w| w.raws.len()).sum());
+    for mut w in workers {
+        raws.append(&mut w.raws);
+        stats.files_hashed += w.tally.files_hashed;
+        stats.files_from_cache += w.tally.files_from_cache;
+        stats.bytes_hashed += w.tally.bytes_hashed;
+        stats.excluded += w.tally.excluded;
+        stats.skipped.append(&mut w.tally.skipped);
+        stats
+            .changed_during_scan
+            .append(&mut w.tally.changed_during_scan);
+        if let Some(p) = &mut pending {
+            for (path, key, hash, from_cache) in w.records {
+                p.record(&path, key, hash, from_cache);
+            }
+        }
+    }
+    stats.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    stats.changed_during_scan.sort();
+
     let settled_before_ns = pending.as_ref().map(|p| p.scan_start_ns);
     let manifest = walked.and_then(|()| {
         let (entries, local) = assign_link_groups(raws);
@@ -374,6 +448,33 @@ pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
         local,
         root_facts,
         settled_before_ns,
+    })
+}
+
+/// Runs `threads` workers over `shared`'s queue until it is empty and nobody is busy, or one
+/// failed; the calling thread is the first worker.
+fn run_workers(shared: &Shared<'_>, threads: usize) -> Vec<Found> {
+    if threads == 1 {
+        return vec![Worker::new(shared).run()];
+    }
+    std::thread::scope(|s| {
+        let spawned: Vec<_> = (1..threads)
+            .filter_map(|_| {
+                std::thread::Builder::new()
+                    .name("scan".into())
+                    .spawn_scoped(s, || Worker::new(shared).run())
+                    // No thread (a process limit): the others do its share.
+                    .ok()
+            })
+            .collect();
+        let mut all = vec![Worker::new(shared).run()];
+        for h in spawned {
+            match h.join() {
+                Ok(w) => all.push(w),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        all
     })
 }
 
@@ -460,19 +561,43 @@ struct Raw {
     inode: Option<(u64, u64)>,
 }
 
-struct Walker<'a> {
+/// Walking threads a scan uses at most.
+pub const MAX_THREADS: usize = 8;
+/// A directory with more names than this is shared out among the workers in pieces this big.
+pub const NAMES_PER_TASK: usize = 256;
+
+/// What the walking threads share: the configuration, the cache as loaded, and the queue.
+struct Shared<'a> {
     cfg: &'a ScanConfig,
     root_dev: u64,
     excludes: Gitignore,
     loaded: LoadedCache,
-    pending: Option<PendingCache>,
     cache_names: Option<(PathBuf, Vec<u8>)>,
-    raws: Vec<Raw>,
-    /// Size and hash of each multiply-linked inode already resolved, so it is hashed once.
-    inodes: HashMap<(u64, u64), (u64, Hash)>,
-    buf: Vec<u8>,
-    root_facts: Option<LocalFacts>,
-    stats: ScanStats,
+    /// A hash cache is kept: the workers note what it may vouch for.
+    record_cache: bool,
+    /// Size and hash of each multiply-linked inode already resolved, so that every path of it
+    /// gets the same content (and it is hashed once, unless two threads meet it at once).
+    inodes: Mutex<HashMap<(u64, u64), (u64, Hash)>>,
+    queue: Mutex<Queue>,
+    /// A task was queued, or the walk is over.
+    ready: Condvar,
+}
+
+struct Queue {
+    tasks: Vec<Task>,
+    /// Workers holding a task: while one is, more tasks may come.
+    busy: usize,
+    /// The first failure; the others stop at their next task.
+    error: Option<ScanError>,
+    /// A worker panicked: the others stop, and the scan re-raises the panic.
+    panicked: bool,
+}
+
+enum Task {
+    /// Read a directory and visit what is in it.
+    Dir(PendingDir),
+    /// Visit these names of a directory already read.
+    Names(Arc<PendingDir>, Vec<Vec<u8>>),
 }
 
 /// A directory still to be read: where it is and which inode `lstat` saw there.
@@ -488,32 +613,148 @@ enum Visit {
     Retry,
 }
 
-impl Walker<'_> {
-    fn walk(&mut self, root: &Path) -> Result<(), ScanError> {
-        let md = lstat(root)?;
-        self.root_dev = md.dev();
-        self.root_facts = Some(LocalFacts::of(&md));
-        let mut stack = vec![PendingDir {
-            abs: root.to_path_buf(),
-            rel: None,
-            id: (md.dev(), md.ino()),
-        }];
-        while let Some(dir) = stack.pop() {
-            for name in self.read_dir(&dir)? {
-                let abs = dir.abs.join(OsStr::from_bytes(&name));
-                if self.is_cache_file(&dir.abs, &name) {
-                    continue;
-                }
-                let rel = match &dir.rel {
-                    Some(parent) => parent.join(&name),
-                    None => StackPath::new(name),
-                }
-                .map_err(|source| ScanError::BadPath {
-                    path: abs.clone(),
-                    source,
-                })?;
-                self.visit_child(abs, rel, &mut stack)?;
+impl Shared<'_> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next task, or `None` when there is none and none can come (or the walk failed).
+    fn next(&self) -> Option<Task> {
+        let mut q = self.lock();
+        loop {
+            if q.error.is_some() || q.panicked {
+                return None;
             }
+            if let Some(t) = q.tasks.pop() {
+                q.busy += 1;
+                return Some(t);
+            }
+            if q.busy == 0 {
+                return None;
+            }
+            q = self.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn push(&self, t: Task) {
+        self.lock().tasks.push(t);
+        self.ready.notify_one();
+    }
+
+    /// A task taken by [`next`](Self::next) is over, with `result`.
+    fn done(&self, result: Result<(), ScanError>) {
+        let mut q = self.lock();
+        q.busy -= 1;
+        if let Err(e) = result {
+            q.error.get_or_insert(e);
+        }
+        if q.busy == 0 || q.error.is_some() {
+            drop(q);
+            self.ready.notify_all();
+        }
+    }
+}
+
+/// Marks the queue if a worker unwinds with a task taken, so the others do not wait for it.
+struct PanicGuard<'s, 'a> {
+    shared: &'s Shared<'a>,
+}
+
+impl Drop for PanicGuard<'_, '_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.lock().panicked = true;
+            self.shared.ready.notify_all();
+        }
+    }
+}
+
+/// What one worker counted; the scan adds them up.
+#[derive(Default)]
+struct Tally {
+    files_hashed: u64,
+    files_from_cache: u64,
+    bytes_hashed: u64,
+    excluded: u64,
+    skipped: Vec<Skipped>,
+    changed_during_scan: Vec<StackPath>,
+}
+
+/// What one walking thread found, and the hash cache entries it vouches for.
+struct Found {
+    raws: Vec<Raw>,
+    records: Vec<(Vec<u8>, StatKey, Hash, bool)>,
+    tally: Tally,
+}
+
+/// One walking thread.
+struct Worker<'s, 'a> {
+    shared: &'s Shared<'a>,
+    raws: Vec<Raw>,
+    records: Vec<(Vec<u8>, StatKey, Hash, bool)>,
+    buf: Vec<u8>,
+    tally: Tally,
+}
+
+impl<'s, 'a> Worker<'s, 'a> {
+    fn new(shared: &'s Shared<'a>) -> Self {
+        Self {
+            shared,
+            raws: Vec::new(),
+            records: Vec::new(),
+            buf: Vec::new(),
+            tally: Tally::default(),
+        }
+    }
+
+    fn run(mut self) -> Found {
+        let guard = PanicGuard {
+            shared: self.shared,
+        };
+        while let Some(task) = self.shared.next() {
+            let result = match task {
+                Task::Dir(dir) => self.dir(dir),
+                Task::Names(dir, names) => self.names(&dir, names),
+            };
+            self.shared.done(result);
+        }
+        drop(guard);
+        Found {
+            raws: self.raws,
+            records: self.records,
+            tally: self.tally,
+        }
+    }
+
+    /// Reads `dir` and visits its names, sharing out all but the first piece of a big one.
+    fn dir(&mut self, dir: PendingDir) -> Result<(), ScanError> {
+        let mut names = self.read_dir(&dir)?;
+        if names.len() <= NAMES_PER_TASK {
+            return self.names(&dir, names);
+        }
+        let dir = Arc::new(dir);
+        while names.len() > NAMES_PER_TASK {
+            let piece = names.split_off(names.len() - NAMES_PER_TASK);
+            self.shared.push(Task::Names(dir.clone(), piece));
+        }
+        self.names(&dir, names)
+    }
+
+    fn names(&mut self, dir: &PendingDir, names: Vec<Vec<u8>>) -> Result<(), ScanError> {
+        for name in names {
+            let abs = dir.abs.join(OsStr::from_bytes(&name));
+            if self.is_cache_file(&dir.abs, &name) {
+                continue;
+            }
+            let rel = match &dir.rel {
+                Some(parent) => parent.join(&name),
+                None => StackPath::new(name),
+            }
+            .map_err(|source| ScanError::BadPath {
+                path: abs.clone(),
+                source,
+            })?;
+            self.visit_child(abs, rel)?;
         }
         Ok(())
     }
@@ -556,7 +797,7 @@ impl Walker<'_> {
     }
 
     fn is_cache_file(&self, dir: &Path, name: &[u8]) -> bool {
-        let Some((cache_dir, cache_name)) = &self.cache_names else {
+        let Some((cache_dir, cache_name)) = &self.shared.cache_names else {
             return false;
         };
         dir == cache_dir
@@ -564,12 +805,7 @@ impl Walker<'_> {
             && (name.len() == cache_name.len() || name[cache_name.len()..].starts_with(b".tmp."))
     }
 
-    fn visit_child(
-        &mut self,
-        abs: PathBuf,
-        rel: StackPath,
-        stack: &mut Vec<PendingDir>,
-    ) -> Result<(), ScanError> {
+    fn visit_child(&mut self, abs: PathBuf, rel: StackPath) -> Result<(), ScanError> {
         for _ in 0..ATTEMPTS {
             let md = match fs::symlink_metadata(&abs) {
                 Ok(md) => md,
@@ -581,8 +817,13 @@ impl Walker<'_> {
             };
             let ft = md.file_type();
             let rel_os = Path::new(OsStr::from_bytes(rel.as_bytes()));
-            if self.excludes.matched(rel_os, ft.is_dir()).is_ignore() {
-                self.stats.excluded += 1;
+            if self
+                .shared
+                .excludes
+                .matched(rel_os, ft.is_dir())
+                .is_ignore()
+            {
+                self.tally.excluded += 1;
                 return Ok(());
             }
             if ft.is_dir() {
@@ -591,12 +832,12 @@ impl Walker<'_> {
                     return Ok(());
                 };
                 self.push(entry, &md, None);
-                if md.dev() == self.root_dev {
-                    stack.push(PendingDir {
+                if md.dev() == self.shared.root_dev {
+                    self.shared.push(Task::Dir(PendingDir {
                         abs,
                         rel: Some(rel),
                         id: (md.dev(), md.ino()),
-                    });
+                    }));
                 } else {
                     self.skip(rel, SkipReason::OtherFilesystem);
                 }
@@ -648,35 +889,55 @@ impl Walker<'_> {
     ) -> Result<Visit, ScanError> {
         let inode = (md.nlink() > 1).then(|| (md.dev(), md.ino()));
         let key = StatKey::of(md);
-        let known = inode.and_then(|i| self.inodes.get(&i).copied());
+        let inodes = || {
+            self.shared
+                .inodes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        let known = inode.and_then(|i| inodes().get(&i).copied());
         let cached = || {
-            if self.cfg.checksum {
+            if self.shared.cfg.checksum {
                 None
             } else {
-                self.loaded.lookup(rel.as_bytes(), &key)
+                self.shared.loaded.lookup(rel.as_bytes(), &key)
             }
         };
         let (size, hash, stat, stable, from_cache) = if let Some((size, hash)) = known {
             (size, hash, md.clone(), true, cached() == Some(hash))
         } else if let Some(hash) = cached() {
-            self.stats.files_from_cache += 1;
+            self.tally.files_from_cache += 1;
             (md.size(), hash, md.clone(), true, true)
         } else {
             let Some(hashed) = self.hash_file(abs, md)? else {
                 return Ok(Visit::Retry);
             };
-            self.stats.files_hashed += 1;
-            self.stats.bytes_hashed += hashed.size;
+            self.tally.files_hashed += 1;
+            self.tally.bytes_hashed += hashed.size;
             if !hashed.stable {
-                self.stats.changed_during_scan.push(rel.clone());
+                self.tally.changed_during_scan.push(rel.clone());
             }
             (hashed.size, hashed.hash, hashed.stat, hashed.stable, false)
         };
-        if let Some(i) = inode {
-            self.inodes.insert(i, (size, hash));
-        }
-        if let (Some(p), true) = (&mut self.pending, stable) {
-            p.record(rel.as_bytes(), StatKey::of(&stat), hash, from_cache);
+        // Every path of an inode gets the content its first one got, even if two threads
+        // hashed it at once and it changed in between (then it is not vouched for).
+        let (size, hash, stable) = match inode {
+            Some(i) => {
+                let first = *inodes().entry(i).or_insert((size, hash));
+                if stable && first != (size, hash) {
+                    self.tally.changed_during_scan.push(rel.clone());
+                }
+                (first.0, first.1, stable && first == (size, hash))
+            }
+            None => (size, hash, stable),
+        };
+        if self.shared.record_cache && stable {
+            self.records.push((
+                rel.as_bytes().to_vec(),
+                StatKey::of(&stat),
+                hash,
+                from_cache,
+            ));
         }
         let kind = EntryKind::File {
             size,
@@ -749,6 +1010,9 @@ impl Walker<'_> {
             source,
         };
         file.rewind().map_err(err)?;
+        if self.buf.is_empty() {
+            self.buf = vec![0; HASH_BUF];
+        }
         let mut hasher = blake3::Hasher::new();
         let mut size = 0u64;
         loop {
@@ -774,7 +1038,7 @@ impl Walker<'_> {
         kind: EntryKind,
         md: &Metadata,
     ) -> Result<Option<Entry>, ScanError> {
-        let xattrs = if self.cfg.xattrs {
+        let xattrs = if self.shared.cfg.xattrs {
             match user_xattrs(abs)? {
                 Some(x) => x,
                 None => return Ok(None),
@@ -799,7 +1063,7 @@ impl Walker<'_> {
     }
 
     fn skip(&mut self, path: StackPath, reason: SkipReason) {
-        self.stats.skipped.push(Skipped { path, reason });
+        self.tally.skipped.push(Skipped { path, reason });
     }
 }
 

@@ -759,3 +759,146 @@ fn a_scan_tells_later_whether_the_tree_is_unchanged() {
             .unwrap()
     );
 }
+
+/// A tree with work for several threads: many directories, one with more names than a thread
+/// takes at once, hard links across directories, symlinks, xattrs, something skipped.
+fn wide_tree(root: &Path) -> u64 {
+    let mut files = 0;
+    for d in 0..30 {
+        for f in 0..7 {
+            write(
+                root,
+                format!("d{d:02}/s{}/f{f}", d % 3),
+                format!("{d}/{f}").as_bytes(),
+            );
+            files += 1;
+        }
+    }
+    let names = stackclone_common::scan::NAMES_PER_TASK * 3 + 5;
+    for f in 0..names {
+        write(root, format!("huge/{f:05}"), format!("huge {f}").as_bytes());
+        files += 1;
+    }
+    let h = write(root, "d03/s0/linked", b"one inode, three paths");
+    fs::hard_link(&h, root.join("huge/linked")).unwrap();
+    fs::hard_link(&h, root.join("d29/s2/linked")).unwrap();
+    files += 1;
+    symlink("../huge/00001", root.join("d07/to-huge")).unwrap();
+    fs::create_dir(root.join("empty")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("d11/fifo"),
+        FileType::Fifo,
+        Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let _ = rustix::fs::lsetxattr(
+        root.join("huge/00007"),
+        "user.tag",
+        b"seven",
+        XattrFlags::empty(),
+    );
+    files
+}
+
+#[test]
+fn a_scan_finds_the_same_whatever_the_number_of_threads() {
+    use stackclone_common::scan::scan_with_threads;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cached_cfg(dir.path());
+    let mut excluding = ScanConfig::new(&cfg.root);
+    excluding.exclude = vec!["d1*/".into(), "*.skip".into()];
+    let inodes = wide_tree(&cfg.root);
+    write(&cfg.root, "huge/x.skip", b"excluded");
+    tick();
+
+    let one = scan_with_threads(&ScanConfig::new(&cfg.root), 1).unwrap();
+    assert_eq!(one.stats.files_hashed, inodes + 1);
+    for threads in [2, 3, 8] {
+        let many = scan_with_threads(&ScanConfig::new(&cfg.root), threads).unwrap();
+        assert_eq!(many.manifest, one.manifest, "{threads} threads");
+        assert_eq!(many.manifest.root(), one.manifest.root());
+        assert_eq!(many.stats, one.stats, "{threads} threads");
+        // The local facts line up with the entries as they do with one thread.
+        for ((e1, f1), (e2, f2)) in one.entries_with_facts().zip(many.entries_with_facts()) {
+            assert_eq!((&e1.path, f1), (&e2.path, f2));
+        }
+    }
+    // The three paths of one inode are one link group, with one content.
+    let groups: BTreeSet<_> = ["d03/s0/linked", "huge/linked", "d29/s2/linked"]
+        .iter()
+        .map(|p| file_kind(entry(&one.manifest, p)))
+        .collect();
+    assert_eq!(groups.len(), 1);
+    assert!(groups.iter().all(|(_, _, g)| g.is_some()));
+    assert_eq!(
+        one.stats
+            .skipped
+            .iter()
+            .map(|s| s.reason)
+            .collect::<Vec<_>>(),
+        vec![SkipReason::Fifo]
+    );
+
+    // Excludes apply in every thread.
+    let ex1 = scan_with_threads(&excluding, 1).unwrap();
+    let ex8 = scan_with_threads(&excluding, 8).unwrap();
+    assert_eq!(ex8.manifest, ex1.manifest);
+    assert_eq!(ex8.stats, ex1.stats);
+    assert_eq!(ex8.stats.excluded, 11);
+    assert!(paths(&ex8.manifest).iter().all(|p| !p.starts_with(b"d1")));
+
+    // The cache written by a scan of many threads vouches for every file in the next one.
+    let first = scan_with_threads(&cfg, 8).unwrap();
+    assert_eq!(first.stats.files_hashed, inodes + 1);
+    let second = scan_with_threads(&cfg, 8).unwrap();
+    assert_eq!(second.stats.files_hashed, 0);
+    assert_eq!(second.stats.files_from_cache, inodes + 1);
+    assert_eq!(second.manifest, one.manifest);
+
+    // The stat check of a tree this wide runs on several threads: a change in the first piece
+    // of the entries, or in the last, is seen.
+    let check = second.unchanged_check().unwrap();
+    assert!(check.holds(&cfg.root, &second.manifest).unwrap());
+    for changed in ["d00/s0/f0", "huge/00771"] {
+        let path = cfg.root.join(changed);
+        let before = fs::read(&path).unwrap();
+        fs::write(&path, b"changed").unwrap();
+        assert!(
+            !check.holds(&cfg.root, &second.manifest).unwrap(),
+            "{changed}"
+        );
+        fs::write(&path, before).unwrap();
+    }
+}
+
+#[test]
+fn a_failure_in_one_thread_ends_the_scan_with_it() {
+    use stackclone_common::scan::scan_with_threads;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stack");
+    wide_tree(&root);
+    // A chain of directories deeper than a path may be, made relative to each parent.
+    let mut fd = rustix::fs::open(&root, rustix::fs::OFlags::DIRECTORY, Mode::empty()).unwrap();
+    let name = "n".repeat(200);
+    for _ in 0..25 {
+        rustix::fs::mkdirat(&fd, name.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+        fd = rustix::fs::openat(
+            &fd,
+            name.as_str(),
+            rustix::fs::OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
+    for threads in [1, 2, 8] {
+        let err = scan_with_threads(&ScanConfig::new(&root), threads).unwrap_err();
+        let shown = err.to_string();
+        assert!(shown.contains(&name), "{threads} threads: {shown}");
+        assert!(
+            matches!(err, ScanError::BadPath { .. } | ScanError::Stat { .. }),
+            "{threads} threads: {err:?}"
+        );
+    }
+}
