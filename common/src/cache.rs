@@ -14,6 +14,12 @@
 //! older than it is. The two must be on the same machine's clock: keep the cache file on a local
 //! file system. A file whose mtime lies in the future is never trusted, so it is hashed every time.
 //!
+//! An entry also keeps the file's `user.*` xattrs as the scan that recorded it read them (from
+//! format version 2 on), under the same key: setting or removing an xattr moves the ctime, so an
+//! entry the scan trusts for the content it trusts for the xattrs too, and the scan skips the
+//! file's `llistxattr`. An entry that does not know them (a version-1 file, a seeded file, a
+//! scan without xattrs) still vouches for the content only.
+//!
 //! On disk: `MAGIC`, a `u32` format version, the body length as `u64`, the body (serde + bincode,
 //! `standard()`), and the BLAKE3 of the body. A file that is missing, truncated, of another
 //! version, for another root or whose checksum fails is ignored (the scan hashes everything) and
@@ -34,10 +40,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use stackclone_proto::manifest::Hash;
+use stackclone_proto::manifest::{Hash, Xattr};
 
 const MAGIC: &[u8; 8] = b"SCHCACHE";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// The format before entries kept xattrs: still read, so an upgrade does not re-hash the tree.
+const VERSION_1: u32 = 1;
 const HEADER_LEN: usize = MAGIC.len() + 4 + 8;
 const TRAILER_LEN: usize = 32;
 /// Upper bound for decoding, so a corrupt length inside a body that passed its checksum (which
@@ -76,6 +84,8 @@ pub(crate) fn timestamp_ns(secs: i64, nsec: i64) -> i64 {
 struct CachedHash {
     key: StatKey,
     hash: [u8; 32],
+    /// The file's `user.*` xattrs, sorted, when the recording scan read them.
+    xattrs: Option<Vec<Xattr>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -85,6 +95,42 @@ struct Body {
     /// When the scan that recorded the entries started, ns since the epoch.
     scan_start_ns: i64,
     entries: Vec<(Vec<u8>, CachedHash)>,
+}
+
+/// An entry of format version 1.
+#[derive(Debug, Deserialize)]
+struct CachedHashV1 {
+    key: StatKey,
+    hash: [u8; 32],
+}
+
+/// The body of format version 1.
+#[derive(Debug, Deserialize)]
+struct BodyV1 {
+    root: Vec<u8>,
+    scan_start_ns: i64,
+    entries: Vec<(Vec<u8>, CachedHashV1)>,
+}
+
+impl From<BodyV1> for Body {
+    fn from(v1: BodyV1) -> Self {
+        Body {
+            root: v1.root,
+            scan_start_ns: v1.scan_start_ns,
+            entries: v1
+                .entries
+                .into_iter()
+                .map(|(p, c)| {
+                    let c = CachedHash {
+                        key: c.key,
+                        hash: c.hash,
+                        xattrs: None,
+                    };
+                    (p, c)
+                })
+                .collect(),
+        }
+    }
 }
 
 /// What happened to the cache file when the scan read it.
@@ -113,12 +159,22 @@ pub(crate) struct LoadedCache {
 
 impl LoadedCache {
     /// The cached hash for `path`, if the key matches and the entry is not racily clean.
+    #[cfg(test)]
     pub(crate) fn lookup(&self, path: &[u8], key: &StatKey) -> Option<Hash> {
+        self.lookup_with_xattrs(path, key).map(|(h, _)| h)
+    }
+
+    /// [`lookup`](Self::lookup), with the file's xattrs if the entry knows them.
+    pub(crate) fn lookup_with_xattrs(
+        &self,
+        path: &[u8],
+        key: &StatKey,
+    ) -> Option<(Hash, Option<&[Xattr]>)> {
         let cached = self.entries.get(path)?;
         let trusted = cached.key == *key
             && key.mtime_ns < self.scan_start_ns
             && key.ctime_ns < self.scan_start_ns;
-        trusted.then_some(Hash(cached.hash))
+        trusted.then_some((Hash(cached.hash), cached.xattrs.as_deref()))
     }
 }
 
@@ -150,7 +206,7 @@ fn parse(bytes: &[u8], root: &Path) -> Result<LoadedCache, String> {
     }
     let (version, rest) = bytes[MAGIC.len()..].split_at(4);
     let version = u32::from_le_bytes(version.try_into().map_err(|_| "short header")?);
-    if version != VERSION {
+    if version != VERSION && version != VERSION_1 {
         return Err(format!(
             "cache format version {version}, expected {VERSION}"
         ));
@@ -168,8 +224,14 @@ fn parse(bytes: &[u8], root: &Path) -> Result<LoadedCache, String> {
         return Err("checksum mismatch: the cache file is corrupt".into());
     }
     let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
-    let (body, used): (Body, usize) = bincode::serde::decode_from_slice(body, config)
-        .map_err(|e| format!("undecodable body: {e}"))?;
+    let undecodable = |e: bincode::error::DecodeError| format!("undecodable body: {e}");
+    let (body, used): (Body, usize) = if version == VERSION_1 {
+        let (v1, used): (BodyV1, usize) =
+            bincode::serde::decode_from_slice(body, config).map_err(undecodable)?;
+        (v1.into(), used)
+    } else {
+        bincode::serde::decode_from_slice(body, config).map_err(undecodable)?
+    };
     if used != len as usize {
         return Err("trailing bytes after the body".into());
     }
@@ -233,13 +295,24 @@ impl PendingCache {
     }
 
     /// Records a file's hash; `from_cache` says the loaded cache vouched for exactly this key
-    /// and hash at this path.
-    pub(crate) fn record(&mut self, path: &[u8], key: StatKey, hash: Hash, from_cache: bool) {
+    /// and hash at this path (and for `xattrs`, when they are known).
+    pub(crate) fn record(
+        &mut self,
+        path: &[u8],
+        key: StatKey,
+        hash: Hash,
+        xattrs: Option<Vec<Xattr>>,
+        from_cache: bool,
+    ) {
         if !from_cache {
             self.misses += 1;
         }
-        self.entries
-            .push((path.to_vec(), CachedHash { key, hash: hash.0 }));
+        let cached = CachedHash {
+            key,
+            hash: hash.0,
+            xattrs,
+        };
+        self.entries.push((path.to_vec(), cached));
     }
 
     /// Whether the cache this scan would write holds exactly what `loaded` holds: every
@@ -276,6 +349,15 @@ impl PendingCache {
     }
 }
 
+/// A file a writer vouches for ([`seed`]): its path relative to the root, its content, and its
+/// `user.*` xattrs if the writer set exactly these.
+#[derive(Debug, Clone, Copy)]
+pub struct Seeded<'a> {
+    pub path: &'a [u8],
+    pub hash: Hash,
+    pub xattrs: Option<&'a [Xattr]>,
+}
+
 /// Adds what a writer knows to the cache at `path` for the tree at `root`: each of `files`
 /// (paths relative to `root`) holds exactly the content `hash` now, because the caller just put
 /// it there and nothing else writes the tree meanwhile (the target's commit, with its standby
@@ -284,7 +366,7 @@ impl PendingCache {
 /// recorded; the cache's scan start becomes now, which keeps both kinds honest: a later write
 /// moves a file's ctime to now or later, which no entry then matches. Returns how many files
 /// were seeded. Best effort, like any cache: an error leaves the old file (or none).
-pub fn seed(path: &Path, root: &Path, files: &[(&[u8], Hash)]) -> io::Result<usize> {
+pub fn seed(path: &Path, root: &Path, files: &[Seeded<'_>]) -> io::Result<usize> {
     // Nothing to add: the cache as it is stays right (rewriting it would only cost a read and
     // a write of the whole file).
     if files.is_empty() {
@@ -295,18 +377,24 @@ pub fn seed(path: &Path, root: &Path, files: &[(&[u8], Hash)]) -> io::Result<usi
     // tick is not trusted, so let the tick pass first.
     std::thread::sleep(std::time::Duration::from_millis(10));
     let mut pending = PendingCache::begin(path)?;
-    let seeded: std::collections::HashSet<&[u8]> = files.iter().map(|(p, _)| *p).collect();
+    let seeded: std::collections::HashSet<&[u8]> = files.iter().map(|f| f.path).collect();
     let (old, _) = load(path, root);
     for (p, cached) in &old.entries {
         let trusted =
             cached.key.mtime_ns < old.scan_start_ns && cached.key.ctime_ns < old.scan_start_ns;
         if trusted && !seeded.contains(p.as_slice()) {
-            pending.record(p, cached.key, Hash(cached.hash), true);
+            pending.record(
+                p,
+                cached.key,
+                Hash(cached.hash),
+                cached.xattrs.clone(),
+                true,
+            );
         }
     }
     let mut count = 0;
-    for (rel, hash) in files {
-        let md = match fs::symlink_metadata(root.join(std::ffi::OsStr::from_bytes(rel))) {
+    for f in files {
+        let md = match fs::symlink_metadata(root.join(std::ffi::OsStr::from_bytes(f.path))) {
             Ok(md) if md.is_file() => md,
             Ok(_) => continue,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -318,7 +406,7 @@ pub fn seed(path: &Path, root: &Path, files: &[(&[u8], Hash)]) -> io::Result<usi
         let key = StatKey::of(&md);
         // Written in the same clock tick as now: the next scan would not trust it anyway.
         if key.mtime_ns < pending.scan_start_ns && key.ctime_ns < pending.scan_start_ns {
-            pending.record(rel, key, *hash, false);
+            pending.record(f.path, key, f.hash, f.xattrs.map(<[Xattr]>::to_vec), false);
             count += 1;
         }
     }
@@ -345,7 +433,7 @@ mod tests {
     fn write_cache(dir: &Path, root: &Path) -> PathBuf {
         let path = dir.join("cache");
         let mut p = PendingCache::begin(&path).unwrap();
-        p.record(b"a/b", key(), Hash::of(b"hello"), false);
+        p.record(b"a/b", key(), Hash::of(b"hello"), None, false);
         p.commit(root).unwrap();
         path
     }
@@ -377,6 +465,64 @@ mod tests {
         assert_eq!(leftovers.len(), 1, "temporary file left behind");
     }
 
+    /// A cache written before entries kept xattrs still vouches for content after an upgrade
+    /// (no tree is re-hashed for it), and knows no xattrs.
+    #[test]
+    fn a_version_1_cache_still_vouches_for_content() {
+        #[derive(Serialize)]
+        struct V1Entry {
+            key: StatKey,
+            hash: [u8; 32],
+        }
+        #[derive(Serialize)]
+        struct V1Body {
+            root: Vec<u8>,
+            scan_start_ns: i64,
+            entries: Vec<(Vec<u8>, V1Entry)>,
+        }
+        let body = V1Body {
+            root: b"/srv/stack".to_vec(),
+            scan_start_ns: 1000,
+            entries: vec![(
+                b"a/b".to_vec(),
+                V1Entry {
+                    key: key(),
+                    hash: [5; 32],
+                },
+            )],
+        };
+        let body = bincode::serde::encode_to_vec(&body, bincode::config::standard()).unwrap();
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(&VERSION_1.to_le_bytes());
+        file.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        file.extend_from_slice(&body);
+        file.extend_from_slice(blake3::hash(&body).as_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        fs::write(&path, file).unwrap();
+
+        let (cache, status) = load(&path, Path::new("/srv/stack"));
+        assert_eq!(status, CacheStatus::Loaded { entries: 1 });
+        assert_eq!(
+            cache.lookup_with_xattrs(b"a/b", &key()),
+            Some((Hash([5; 32]), None))
+        );
+        // What this version writes, it reads back with the xattrs.
+        let mut p = PendingCache::begin(&path).unwrap();
+        let x = vec![Xattr {
+            name: b"user.a".to_vec(),
+            value: b"1".to_vec(),
+        }];
+        p.record(b"a/b", key(), Hash([5; 32]), Some(x.clone()), false);
+        p.scan_start_ns = 1000;
+        p.commit(Path::new("/srv/stack")).unwrap();
+        let (cache, _) = load(&path, Path::new("/srv/stack"));
+        assert_eq!(
+            cache.lookup_with_xattrs(b"a/b", &key()),
+            Some((Hash([5; 32]), Some(&x[..])))
+        );
+    }
+
     #[test]
     fn racily_clean_entries_are_not_trusted() {
         let cache = LoadedCache {
@@ -386,6 +532,7 @@ mod tests {
                 CachedHash {
                     key: key(),
                     hash: [1; 32],
+                    xattrs: None,
                 },
             )]
             .into_iter()
@@ -426,6 +573,7 @@ mod tests {
                             ..key()
                         },
                         hash: [3; 32],
+                        xattrs: None,
                     },
                 ),
                 (
@@ -437,6 +585,7 @@ mod tests {
                             ..key()
                         },
                         hash: [4; 32],
+                        xattrs: None,
                     },
                 ),
             ],
@@ -447,9 +596,21 @@ mod tests {
         p.commit(&root).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
 
+        let tag = [Xattr {
+            name: b"user.t".to_vec(),
+            value: b"v".to_vec(),
+        }];
         let files = [
-            (&b"a"[..], Hash::of(b"alpha")),
-            (&b"b"[..], Hash::of(b"beta")),
+            Seeded {
+                path: b"a",
+                hash: Hash::of(b"alpha"),
+                xattrs: None,
+            },
+            Seeded {
+                path: b"b",
+                hash: Hash::of(b"beta"),
+                xattrs: Some(&tag),
+            },
         ];
         assert_eq!(seed(&path, &root, &files).unwrap(), 2);
         let (loaded, status) = load(&path, &root);
@@ -457,6 +618,11 @@ mod tests {
         let stat = |name: &str| StatKey::of(&fs::symlink_metadata(root.join(name)).unwrap());
         assert_eq!(loaded.lookup(b"a", &stat("a")), Some(Hash::of(b"alpha")));
         assert_eq!(loaded.lookup(b"b", &stat("b")), Some(Hash::of(b"beta")));
+        assert_eq!(
+            loaded.lookup_with_xattrs(b"b", &stat("b")).unwrap().1,
+            Some(&tag[..])
+        );
+        assert_eq!(loaded.lookup_with_xattrs(b"a", &stat("a")).unwrap().1, None);
         let kept = StatKey {
             mtime_ns: 10,
             ctime_ns: 10,

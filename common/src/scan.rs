@@ -252,6 +252,9 @@ pub struct ScanStats {
     pub files_from_cache: u64,
     /// Content bytes read for hashing.
     pub bytes_hashed: u64,
+    /// Paths whose xattrs were read from the file system; a file the cache vouches for with
+    /// its xattrs is not read again.
+    pub xattrs_read: u64,
     /// Paths the exclude patterns matched (an excluded directory counts once).
     pub excluded: u64,
     /// Paths that are not entries (or, for another file system, not descended into), and why.
@@ -392,6 +395,7 @@ pub fn scan_with_threads(cfg: &ScanConfig, threads: usize) -> Result<Scan, ScanE
         files_hashed: 0,
         files_from_cache: 0,
         bytes_hashed: 0,
+        xattrs_read: 0,
         excluded: 0,
         skipped: Vec::new(),
         changed_during_scan: Vec::new(),
@@ -403,14 +407,15 @@ pub fn scan_with_threads(cfg: &ScanConfig, threads: usize) -> Result<Scan, ScanE
         stats.files_hashed += w.tally.files_hashed;
         stats.files_from_cache += w.tally.files_from_cache;
         stats.bytes_hashed += w.tally.bytes_hashed;
+        stats.xattrs_read += w.tally.xattrs_read;
         stats.excluded += w.tally.excluded;
         stats.skipped.append(&mut w.tally.skipped);
         stats
             .changed_during_scan
             .append(&mut w.tally.changed_during_scan);
         if let Some(p) = &mut pending {
-            for (path, key, hash, from_cache) in w.records {
-                p.record(&path, key, hash, from_cache);
+            for (path, key, hash, xattrs, from_cache) in w.records {
+                p.record(&path, key, hash, xattrs, from_cache);
             }
         }
     }
@@ -675,15 +680,20 @@ struct Tally {
     files_hashed: u64,
     files_from_cache: u64,
     bytes_hashed: u64,
+    xattrs_read: u64,
     excluded: u64,
     skipped: Vec<Skipped>,
     changed_during_scan: Vec<StackPath>,
 }
 
+/// A hash cache entry a worker vouches for: path, stat, hash, xattrs if read, and whether the
+/// loaded cache vouched for all of it already.
+type CacheRecord = (Vec<u8>, StatKey, Hash, Option<Vec<Xattr>>, bool);
+
 /// What one walking thread found, and the hash cache entries it vouches for.
 struct Found {
     raws: Vec<Raw>,
-    records: Vec<(Vec<u8>, StatKey, Hash, bool)>,
+    records: Vec<CacheRecord>,
     tally: Tally,
 }
 
@@ -691,7 +701,7 @@ struct Found {
 struct Worker<'s, 'a> {
     shared: &'s Shared<'a>,
     raws: Vec<Raw>,
-    records: Vec<(Vec<u8>, StatKey, Hash, bool)>,
+    records: Vec<CacheRecord>,
     buf: Vec<u8>,
     tally: Tally,
 }
@@ -900,13 +910,23 @@ impl<'s, 'a> Worker<'s, 'a> {
             if self.shared.cfg.checksum {
                 None
             } else {
-                self.shared.loaded.lookup(rel.as_bytes(), &key)
+                self.shared.loaded.lookup_with_xattrs(rel.as_bytes(), &key)
             }
         };
+        // The xattrs the cache knows for this very stat, when it vouches for the content too.
+        let mut cached_xattrs: Option<Vec<Xattr>> = None;
         let (size, hash, stat, stable, from_cache) = if let Some((size, hash)) = known {
-            (size, hash, md.clone(), true, cached() == Some(hash))
-        } else if let Some(hash) = cached() {
+            let from_cache = match cached() {
+                Some((h, x)) if h == hash => {
+                    cached_xattrs = x.map(<[Xattr]>::to_vec);
+                    true
+                }
+                _ => false,
+            };
+            (size, hash, md.clone(), true, from_cache)
+        } else if let Some((hash, x)) = cached() {
             self.tally.files_from_cache += 1;
+            cached_xattrs = x.map(<[Xattr]>::to_vec);
             (md.size(), hash, md.clone(), true, true)
         } else {
             let Some(hashed) = self.hash_file(abs, md)? else {
@@ -931,23 +951,32 @@ impl<'s, 'a> Worker<'s, 'a> {
             }
             None => (size, hash, stable),
         };
-        if self.shared.record_cache && stable {
-            self.records.push((
-                rel.as_bytes().to_vec(),
-                StatKey::of(&stat),
-                hash,
-                from_cache,
-            ));
-        }
         let kind = EntryKind::File {
             size,
             hash,
             link_group: None,
         };
-        let Some(entry) = self.entry(abs, rel.clone(), kind, &stat)? else {
+        let xattrs_from_cache = cached_xattrs.is_some();
+        let Some(entry) = self.entry_with(abs, rel.clone(), kind, &stat, cached_xattrs)? else {
             self.skip(rel.clone(), SkipReason::Vanished);
             return Ok(Visit::Done);
         };
+        if self.shared.record_cache && stable {
+            // With xattrs read here, the entry learns them (a cache that did not know them is
+            // written again, once).
+            let (xattrs, from_cache) = if self.shared.cfg.xattrs {
+                (Some(entry.xattrs.clone()), from_cache && xattrs_from_cache)
+            } else {
+                (None, from_cache)
+            };
+            self.records.push((
+                rel.as_bytes().to_vec(),
+                StatKey::of(&stat),
+                hash,
+                xattrs,
+                from_cache,
+            ));
+        }
         self.push(entry, &stat, inode);
         Ok(Visit::Done)
     }
@@ -1032,19 +1061,35 @@ impl<'s, 'a> Worker<'s, 'a> {
     /// The entry for what `md` describes, with its xattrs; `None` if it vanished meanwhile (a
     /// running service deletes files while it is scanned: PostgreSQL recycles WAL segments).
     fn entry(
-        &self,
+        &mut self,
         abs: &Path,
         path: StackPath,
         kind: EntryKind,
         md: &Metadata,
     ) -> Result<Option<Entry>, ScanError> {
-        let xattrs = if self.shared.cfg.xattrs {
-            match user_xattrs(abs)? {
-                Some(x) => x,
-                None => return Ok(None),
+        self.entry_with(abs, path, kind, md, None)
+    }
+
+    /// [`entry`](Self::entry), with the xattrs the hash cache vouches for `md`, if it does:
+    /// then they are not read again.
+    fn entry_with(
+        &mut self,
+        abs: &Path,
+        path: StackPath,
+        kind: EntryKind,
+        md: &Metadata,
+        known_xattrs: Option<Vec<Xattr>>,
+    ) -> Result<Option<Entry>, ScanError> {
+        let xattrs = match (self.shared.cfg.xattrs, known_xattrs) {
+            (false, _) => Vec::new(),
+            (true, Some(x)) => x,
+            (true, None) => {
+                self.tally.xattrs_read += 1;
+                match user_xattrs(abs)? {
+                    Some(x) => x,
+                    None => return Ok(None),
+                }
             }
-        } else {
-            Vec::new()
         };
         Ok(Some(Entry {
             path,

@@ -902,3 +902,62 @@ fn a_failure_in_one_thread_ends_the_scan_with_it() {
         );
     }
 }
+
+#[test]
+fn a_cached_file_keeps_its_xattrs_unread_until_they_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cached_cfg(dir.path());
+    cache_tree(&cfg.root);
+    let tagged = write(&cfg.root, "d/tagged", b"t");
+    if rustix::fs::lsetxattr(&tagged, "user.one", b"1", XattrFlags::empty()).is_err() {
+        eprintln!("no user xattrs on this file system; skipping");
+        return;
+    }
+    let xattr = |n: &str, v: &str| Xattr {
+        name: n.as_bytes().to_vec(),
+        value: v.as_bytes().to_vec(),
+    };
+    tick();
+    let first = scan(&cfg).unwrap();
+    assert_eq!(first.stats.xattrs_read, first.stats.entries);
+    let dirs = first
+        .manifest
+        .entries()
+        .iter()
+        .filter(|e| e.is_dir())
+        .count() as u64;
+
+    // The next scan reads only the directories' xattrs (directories are not in the cache).
+    let second = scan(&cfg).unwrap();
+    assert_eq!(second.stats.xattrs_read, dirs);
+    assert_eq!(second.manifest, first.manifest);
+    assert_eq!(
+        entry(&second.manifest, "d/tagged").xattrs,
+        vec![xattr("user.one", "1")]
+    );
+
+    // Setting or removing one moves the file's ctime: it is read again, and seen.
+    rustix::fs::lsetxattr(&tagged, "user.two", b"2", XattrFlags::empty()).unwrap();
+    tick();
+    let third = scan(&cfg).unwrap();
+    assert_eq!(third.stats.xattrs_read, dirs + 1);
+    assert_eq!(
+        entry(&third.manifest, "d/tagged").xattrs,
+        vec![xattr("user.one", "1"), xattr("user.two", "2")]
+    );
+    rustix::fs::lremovexattr(&tagged, "user.one").unwrap();
+    tick();
+    let fourth = scan(&cfg).unwrap();
+    assert_eq!(
+        entry(&fourth.manifest, "d/tagged").xattrs,
+        vec![xattr("user.two", "2")]
+    );
+    assert_eq!(scan(&cfg).unwrap().stats.xattrs_read, dirs);
+
+    // A scan without xattrs reads none, and records none.
+    let mut off = cfg.clone();
+    off.xattrs = false;
+    let without = scan(&off).unwrap();
+    assert_eq!(without.stats.xattrs_read, 0);
+    assert!(entry(&without.manifest, "d/tagged").xattrs.is_empty());
+}

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
-use stackclone_proto::manifest::{Hash, Manifest};
+use stackclone_common::cache::Seeded;
+use stackclone_proto::manifest::Manifest;
 use stackclone_proto::path::StackPath;
 #[cfg(doc)]
 use stackclone_proto::session::Commit;
@@ -509,9 +510,18 @@ impl StackStore {
         if t0.is_none() {
             return Ok(apply);
         }
-        let files: Vec<(&[u8], Hash)> = placed
+        // Their xattrs too: every op that wrote a file set exactly its entry's `user.*` xattrs
+        // (a hard link shares its leader's inode, whose entry has the same).
+        let files: Vec<Seeded<'_>> = placed
             .iter()
-            .filter_map(|p| Some((p.as_bytes(), manifest.get(p)?.file()?.1)))
+            .filter_map(|p| {
+                let e = manifest.get(p)?;
+                Some(Seeded {
+                    path: p.as_bytes(),
+                    hash: e.file()?.1,
+                    xattrs: Some(&e.xattrs),
+                })
+            })
             .collect();
         let cache = self.state_dir.path().join(HASH_CACHE);
         match stackclone_common::cache::seed(&cache, self.live.path(), &files) {
