@@ -222,7 +222,17 @@ fn gen2(root: &Path) -> Builder {
         .hardlink("hard-a", "hard-c")
         .file("pair-1", b"pair", 0o644, 999)
         .hardlink("pair-1", "pair-2")
-        .file("new.txt", b"hello", 0o644, 999);
+        .file("new.txt", b"hello", 0o644, 999)
+        // a new directory tree, placed whole: hard links into it and out of it (a group's
+        // leader is its first path: `fresh-link` sorts before `fresh/…`, `fresh/…` before
+        // `zz-link`), a symlink, a nested directory owned by someone else
+        .dir("fresh", 0o750, 999)
+        .dir("fresh/deep", 0o711, 0)
+        .file("fresh/deep/data", b"fresh data", 0o640, 999)
+        .symlink("fresh/link", "deep/data", 999)
+        .file("fresh/deep/led", b"led from outside", 0o600, 999)
+        .hardlink("fresh/deep/data", "zz-link")
+        .hardlink("fresh/deep/led", "fresh-link");
     b.touch("hard-a");
     b.finish();
     b

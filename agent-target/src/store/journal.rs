@@ -63,6 +63,15 @@ pub(crate) enum Op {
         meta: Meta,
         xattrs: Vec<Xattr>,
     },
+    /// Rename the prepared directory `staging/prep/tree-<prep>` (everything below it made, with
+    /// its metadata: files, symlinks, directories) to `path`, which must not exist: a new
+    /// directory placed whole, `files` regular files in it. Its directories' own metadata are
+    /// `Meta` ops at the end, like any new directory's. Done if the prepared directory is gone.
+    PlaceTree {
+        prep: u64,
+        path: StackPath,
+        files: u64,
+    },
 }
 
 /// A whole commit, as journaled.

@@ -61,7 +61,9 @@
 //! - `EndBackups` writes a marker naming the journal by its hash. A replay that finds it skips
 //!   phase A: after creation started, a `Backup` would move a *new* entry away.
 //! - Phase B: `Mkdir` (done if a directory is there), `Place` (rename a prepared file into
-//!   place; done if the prepared file is gone — nothing else removes it), `Symlink` (done if
+//!   place; done if the prepared file is gone — nothing else removes it), `PlaceTree` (rename
+//!   a new directory, built whole in staging with everything below it, into place, refusing to
+//!   replace anything; done if the prepared directory is gone, likewise), `Symlink` (done if
 //!   that symlink is there), `Link` (done if the path is the leader's inode), `Meta` /
 //!   `SymlinkMeta` (setting metadata twice is setting it once), `Patch` (the same bytes at the
 //!   same offsets, then the metadata). Directory metadata comes last,

@@ -355,6 +355,44 @@ impl StackStore {
                 touched.insert(path.parent());
                 Ok(())
             }
+            Op::PlaceTree {
+                prep: n,
+                path,
+                files,
+            } => {
+                let (dir, name) = live.parent(path).map_err(|e| fail("place", path, e))?;
+                let n = format!("tree-{n}");
+                // Never onto something: the directory's backup moved whatever was there.
+                let renamed = match rustix::fs::renameat_with(
+                    prep.fd(),
+                    n.as_str(),
+                    &dir,
+                    name,
+                    rustix::fs::RenameFlags::NOREPLACE,
+                ) {
+                    // A file system without `RENAME_NOREPLACE`: look first (the standby is
+                    // stopped; nothing else writes here).
+                    Err(Errno::INVAL) => {
+                        match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                            Ok(_) => Err(Errno::EXIST),
+                            Err(Errno::NOENT) => {
+                                rustix::fs::renameat(prep.fd(), n.as_str(), &dir, name)
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other,
+                };
+                match renamed {
+                    Ok(()) => applied.placed += *files as usize,
+                    Err(Errno::NOENT)
+                        if rustix::fs::statat(prep.fd(), n.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                            .is_err_and(|e| e == Errno::NOENT) => {}
+                    Err(e) => return Err(fail("place", path, e.into())),
+                }
+                touched.insert(path.parent());
+                Ok(())
+            }
             Op::Symlink { path, target, meta } => {
                 let (dir, name) = live.parent(path).map_err(|e| fail("symlink", path, e))?;
                 match rustix::fs::symlinkat(target.as_slice(), &dir, name) {
@@ -474,7 +512,7 @@ impl StackStore {
         manifest: Manifest,
         t0: Option<Instant>,
     ) -> Result<Duration, StoreError> {
-        let placed = placed_files(&j.ops);
+        let placed = placed_files(&j.ops, &manifest);
         let mut st = j.state_after;
         let apply = t0.map(|t| t.elapsed()).unwrap_or_default();
         st.commit_ms = apply.as_millis() as u64;
@@ -536,9 +574,32 @@ impl StackStore {
     }
 }
 
-/// The live files a commit's ops wrote or whose inode they touched (content, metadata, links).
-fn placed_files(ops: &[Op]) -> Vec<StackPath> {
+/// The live files a commit's ops wrote or whose inode they touched (content, metadata, links),
+/// among them every file of `manifest` in a directory placed whole.
+fn placed_files(ops: &[Op], manifest: &Manifest) -> Vec<StackPath> {
     let mut out = Vec::new();
+    let roots: std::collections::HashSet<&StackPath> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::PlaceTree { path, .. } => Some(path),
+            _ => None,
+        })
+        .collect();
+    if !roots.is_empty() {
+        for e in manifest.entries() {
+            if e.file().is_none() {
+                continue;
+            }
+            let mut up = e.path.parent();
+            while let Some(p) = up {
+                if roots.contains(&p) {
+                    out.push(e.path.clone());
+                    break;
+                }
+                up = p.parent();
+            }
+        }
+    }
     for op in ops {
         match op {
             Op::Place { path, .. }

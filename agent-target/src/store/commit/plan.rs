@@ -22,6 +22,14 @@
 //!    placed anew, never written or chmodded through its link.
 //! 3. Directory metadata last, deepest first: every wanted directory that was created, changed,
 //!    or had a child created, replaced or deleted (that moves its mtime).
+//!
+//! A new directory whose parent is not new is placed whole: everything below it is new too, so
+//! the store builds it in staging (directories, files as `Place` would prepare them, symlinks)
+//! and one `PlaceTree` renames it into the live dir, where the upserts below it would each have
+//! been an op. Nothing below it needs a `Backup` (the directory's own backup takes whatever is
+//! there with all it holds). Only the hard links to a group's leader stay `Link` ops, after
+//! the tree: the leader may be elsewhere. A first copy of 20,000 files in 200 directories is
+//! then a few hundred ops, not 40,000, and a few renames with the standby stopped.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -50,9 +58,50 @@ pub(super) struct CommitPlan<'a> {
     /// `Place { prep: n, .. }` puts `prep[n]` in place: the store makes `staging/prep/<n>` from
     /// it (content and metadata), in this order.
     pub(super) prep: Vec<&'a Entry>,
+    /// `PlaceTree { prep: n, .. }` puts `trees[n]` in place: the store makes
+    /// `staging/prep/tree-<n>` and, in this order (parents first), each entry below it.
+    pub(super) trees: Vec<TreePlan<'a>>,
     /// The patch of each `Patch` op, in op order: the store checks that each still applies to
     /// the live file, and saves what the `n`th overwrites as undo copy `n`.
     pub(super) patches: Vec<&'a PatchHeader>,
+}
+
+/// A new directory placed whole, and what the store makes below it.
+#[derive(Debug)]
+pub(super) struct TreePlan<'a> {
+    pub(super) root: &'a StackPath,
+    /// Directories, files (alone or leading their hardlink group) and symlinks below `root`,
+    /// parents first.
+    pub(super) entries: Vec<&'a Entry>,
+}
+
+/// The new directories to place whole: created, with a parent that is not created too.
+fn tree_roots(changes: &Changes) -> HashSet<&StackPath> {
+    let created: HashSet<&StackPath> = changes
+        .upserts
+        .iter()
+        .filter_map(|u| match u {
+            Upsert::Create(e) if e.is_dir() => Some(&e.path),
+            _ => None,
+        })
+        .collect();
+    created
+        .iter()
+        .filter(|p| p.parent().is_none_or(|parent| !created.contains(&parent)))
+        .copied()
+        .collect()
+}
+
+/// The root of the tree placed whole that `path` lies strictly below, if any.
+fn root_above(path: &StackPath, roots: &HashSet<&StackPath>) -> Option<StackPath> {
+    let mut up = path.parent();
+    while let Some(p) = up {
+        if roots.contains(&p) {
+            return Some(p);
+        }
+        up = p.parent();
+    }
+    None
 }
 
 /// The ops that turn a live tree into `want`, given `changes` between them and what is
@@ -80,7 +129,9 @@ pub(super) fn plan<'a>(
         }
     }
 
+    let roots = tree_roots(changes);
     let occupied = changes.upserts.iter().rev().filter_map(|u| match u {
+        Upsert::Create(e) if root_above(&e.path, &roots).is_some() => None,
         Upsert::Create(e) | Upsert::Replace(e) if !in_place.contains_key(&e.path) => Some(&e.path),
         _ => None,
     });
@@ -98,12 +149,54 @@ pub(super) fn plan<'a>(
 
     let leaders = link_leaders(want);
     let mut prep: Vec<&Entry> = Vec::new();
+    let mut trees: Vec<TreePlan> = Vec::new();
+    let mut tree_index: HashMap<StackPath, usize> = HashMap::new();
+    // Where each tree's `PlaceTree` is in `ops`, to count its files.
+    let mut tree_op: Vec<usize> = Vec::new();
     let mut patches: Vec<&PatchHeader> = Vec::new();
     let mut dirs: BTreeSet<StackPath> = changes.deletes.iter().filter_map(|p| p.parent()).collect();
     for u in &changes.upserts {
         let e = u.entry();
         dirs.extend(e.path.parent());
         let path = e.path.clone();
+        if roots.contains(&e.path) {
+            tree_index.insert(path.clone(), trees.len());
+            tree_op.push(ops.len());
+            ops.push(Op::PlaceTree {
+                prep: trees.len() as u64,
+                path: path.clone(),
+                files: 0,
+            });
+            trees.push(TreePlan {
+                root: &e.path,
+                entries: Vec::new(),
+            });
+            dirs.insert(path);
+            continue;
+        }
+        if let Some(root) = root_above(&e.path, &roots) {
+            let n = tree_index[&root];
+            let leader = leaders.get(&e.path).filter(|&&l| *l != e.path);
+            match (&e.kind, leader) {
+                // A member of a hardlink group: linked to its leader once the tree is in place.
+                (EntryKind::File { .. }, Some(&leader)) => ops.push(Op::Link {
+                    leader: leader.clone(),
+                    path,
+                }),
+                (EntryKind::File { .. }, None) => {
+                    trees[n].entries.push(e);
+                    if let Op::PlaceTree { files, .. } = &mut ops[tree_op[n]] {
+                        *files += 1;
+                    }
+                }
+                (EntryKind::Dir, _) => {
+                    trees[n].entries.push(e);
+                    dirs.insert(path);
+                }
+                (EntryKind::Symlink { .. }, _) => trees[n].entries.push(e),
+            }
+            continue;
+        }
         match (&e.kind, u) {
             (EntryKind::Dir, Upsert::Create(_)) => {
                 ops.push(Op::Mkdir { path: path.clone() });
@@ -174,7 +267,12 @@ pub(super) fn plan<'a>(
         meta: e.meta,
         xattrs: e.xattrs.clone(),
     }));
-    CommitPlan { ops, prep, patches }
+    CommitPlan {
+        ops,
+        prep,
+        trees,
+        patches,
+    }
 }
 
 #[cfg(test)]
@@ -289,6 +387,17 @@ mod tests {
                 } => format!("meta {path}"),
                 Op::SymlinkMeta { path, .. } => format!("symlink meta {path}"),
                 Op::Patch { path, .. } => format!("patch {path}"),
+                Op::PlaceTree { prep, path, files } => {
+                    let below: Vec<String> = plan.trees[*prep as usize]
+                        .entries
+                        .iter()
+                        .map(|e| e.path.to_string())
+                        .collect();
+                    format!(
+                        "place tree {path} from prep tree-{prep} ({files} files): {}",
+                        below.join(", ")
+                    )
+                }
             })
             .collect()
     }
@@ -308,24 +417,20 @@ mod tests {
         assert_eq!(
             show(&p),
             [
-                // Whatever appeared at a path to create since the scan goes first.
+                // Whatever appeared at a path to create since the scan goes first; below a
+                // new directory, its own backup takes all of it.
                 "backup top #0",
-                "backup a/g #1",
-                "backup a/b/f #2",
-                "backup a/b #3",
-                "backup a #4",
+                "backup a #1",
                 "end backups",
-                "mkdir a",
-                "mkdir a/b",
-                "place a/b/f from prep 0",
-                "place a/g from prep 1",
-                "place top from prep 2",
+                // A new directory is made whole in staging and placed by one rename.
+                "place tree a from prep tree-0 (2 files): a/b, a/b/f, a/g",
+                "place top from prep 0",
                 "dir meta a/b",
                 "dir meta a",
             ]
         );
         let prep: Vec<String> = p.prep.iter().map(|e| e.path.to_string()).collect();
-        assert_eq!(prep, ["a/b/f", "a/g", "top"]);
+        assert_eq!(prep, ["top"]);
         assert!(p.patches.is_empty());
     }
 
@@ -361,12 +466,10 @@ mod tests {
             ops(&live, &want),
             [
                 "backup x #0",
-                // The create's own backups find nothing left: a no-op, and harmless on replay.
-                "backup x/inside #1",
-                "backup x #2",
+                // The create's own backup finds nothing left: a no-op, and harmless on replay.
+                "backup x #1",
                 "end backups",
-                "mkdir x",
-                "place x/inside from prep 0",
+                "place tree x from prep tree-0 (1 files): x/inside",
                 "dir meta x",
             ]
         );
@@ -432,6 +535,45 @@ mod tests {
             ["h1", "other"],
             "only leaders and unlinked files are prepared"
         );
+    }
+
+    #[test]
+    fn a_new_directory_is_placed_whole_and_links_into_it_follow_it() {
+        let live = m(vec![dir("old"), file("old/kept", b"k")]);
+        let want = m(vec![
+            dir("n1"),
+            linked("n1/lead", b"shared", 0),
+            dir("n1/sub"),
+            symlink("n1/sub/to-lead", "../lead"),
+            dir("n2"),
+            linked("n2/member", b"shared", 0),
+            dir("old"),
+            file("old/kept", b"k"),
+            linked("old/member", b"shared", 0),
+        ]);
+        let changes = Changes::between(&live, &want);
+        let nothing = Staged::default();
+        let p = plan(&want, &changes, &nothing);
+        assert_eq!(
+            show(&p),
+            [
+                "backup old/member #0",
+                "backup n2 #1",
+                "backup n1 #2",
+                "end backups",
+                "place tree n1 from prep tree-0 (1 files): n1/lead, n1/sub, n1/sub/to-lead",
+                // The leader is placed with its tree; its other paths are linked to it after.
+                "place tree n2 from prep tree-1 (0 files): ",
+                "link n2/member to n1/lead",
+                "link old/member to n1/lead",
+                "dir meta n1/sub",
+                "dir meta n1",
+                "dir meta n2",
+                "dir meta old",
+            ]
+        );
+        assert!(p.prep.is_empty());
+        assert_eq!(p.trees.len(), 2);
     }
 
     #[test]

@@ -5,17 +5,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use stackclone_proto::lineage::Lineage;
-use stackclone_proto::manifest::{Entry, Hash, Manifest};
+use stackclone_proto::manifest::{Entry, EntryKind, Hash, Manifest};
 use stackclone_proto::path::StackPath;
 use stackclone_proto::plan::Changes;
 use stackclone_proto::session::Commit;
 
 use super::generations::GenerationRecord;
-use super::plan::{self, Staged};
+use super::plan::{self, Staged, TreePlan};
 use super::{Prepared, show};
 use crate::store::journal::{Journal, Op};
 use crate::store::patch::{self, PatchHeader};
@@ -143,7 +144,12 @@ impl StackStore {
         let mut used: HashSet<Hash> = HashSet::new();
         let mut counts = (0u64, 0u64, 0u64);
         for (n, e) in (0u64..).zip(&plan.prep) {
-            self.prepare_file(&prep, n, e, &mut used, &mut counts)?;
+            let name = n.to_string();
+            let shown = show(&prep.path().join(&name));
+            self.prepare_file(prep.fd(), name.as_bytes(), shown, e, &mut used, &mut counts)?;
+        }
+        for (n, t) in plan.trees.iter().enumerate() {
+            self.prepare_tree(&prep, n, t, &mut used, &mut counts)?;
         }
         if let Some(undo) = undo_dir {
             for (n, h) in plan.patches.iter().enumerate() {
@@ -170,14 +176,15 @@ impl StackStore {
         // metadata durable before a journal can point at them (staged files are not fsynced one
         // by one; the state dir and the live dir are on this same file system). It also makes
         // the new generation dir durable, which `Backup` ops move entries into. A commit with
-        // no `Place`, `Patch` or `Backup` op (nothing changed, or only new directories,
+        // no `Place`, `PlaceTree`, `Patch` or `Backup` op (nothing changed, or only new directories,
         // symlinks and metadata) points at nothing unflushed: the record and the manifest were
         // each written with an fsync, so it skips the flush.
-        let points_at_prepared = prepared
-            .journal
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::Place { .. } | Op::Patch { .. } | Op::Backup { .. }));
+        let points_at_prepared = prepared.journal.ops.iter().any(|op| {
+            matches!(
+                op,
+                Op::Place { .. } | Op::PlaceTree { .. } | Op::Patch { .. } | Op::Backup { .. }
+            )
+        });
         if points_at_prepared {
             rustix::fs::syncfs(prep.fd())
                 .map_err(|e| self.io_err("syncfs", show(&prep_path), e.into()))?;
@@ -252,12 +259,73 @@ impl StackStore {
         })
     }
 
-    /// Makes `staging/prep/<n>` for the file entry `e`: a hardlink of its object for the first
-    /// path that uses the content, a sparse copy for the others; then its metadata.
-    fn prepare_file(
+    /// Makes `staging/prep/tree-<n>` for the directory `t` placed whole: the directory, and
+    /// below it each entry of `t` as it will be live (files as [`prepare_file`] makes them,
+    /// symlinks with their owner and mtime). The directories' own metadata are set by the
+    /// commit's `Meta` ops once they are live.
+    fn prepare_tree(
         &self,
         prep: &Tree,
-        n: u64,
+        n: usize,
+        t: &TreePlan<'_>,
+        used: &mut HashSet<Hash>,
+        counts: &mut (u64, u64, u64),
+    ) -> Result<(), StoreError> {
+        let name = format!("tree-{n}");
+        let tree_path = prep.path().join(&name);
+        rustix::fs::mkdirat(prep.fd(), name.as_str(), Mode::from_raw_mode(0o700))
+            .map_err(|e| self.io_err("create", show(&tree_path), e.into()))?;
+        let tree = Tree::open_at(prep.fd(), &name, tree_path.clone())
+            .map_err(|e| self.io_err("open", show(&tree_path), e))?;
+        let cut = t.root.as_bytes().len() + 1;
+        // Entries come parents first, siblings together: keep the last directory open.
+        let mut cur: Option<(Option<StackPath>, tree::Dir<'_>)> = None;
+        for e in &t.entries {
+            let rel = e
+                .path
+                .as_bytes()
+                .get(cut..)
+                .and_then(|b| StackPath::new(b.to_vec()).ok())
+                .ok_or_else(|| StoreError::NotPrepared {
+                    stack: self.stack.clone(),
+                    what: format!("{} is not below {}", e.path, t.root),
+                })?;
+            let parent = rel.parent();
+            let shown = show(&tree_path.join(std::ffi::OsStr::from_bytes(rel.as_bytes())));
+            if cur.as_ref().is_none_or(|(p, _)| *p != parent) {
+                let dir = tree
+                    .dir(parent.as_ref())
+                    .map_err(|err| self.io_err("open", shown.clone(), err))?;
+                cur = Some((parent, dir));
+            }
+            let Some((_, dir)) = &cur else {
+                continue;
+            };
+            let fname = rel.file_name();
+            match &e.kind {
+                EntryKind::Dir => rustix::fs::mkdirat(dir, fname, Mode::from_raw_mode(0o700))
+                    .map_err(|err| self.io_err("create", shown, err.into()))?,
+                EntryKind::Symlink { target } => {
+                    rustix::fs::symlinkat(target.as_slice(), dir, fname)
+                        .map_err(|err| self.io_err("create", shown.clone(), err.into()))?;
+                    tree::set_symlink_meta(dir.as_fd(), fname, &e.meta)
+                        .map_err(|err| self.io_err("set metadata of", shown, err))?;
+                }
+                EntryKind::File { .. } => {
+                    self.prepare_file(dir.as_fd(), fname, shown, e, used, counts)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the file `name` in `dir` for the file entry `e`: a hardlink of its object for the
+    /// first path that uses the content, a sparse copy for the others; then its metadata.
+    fn prepare_file(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        prep_show: String,
         e: &Entry,
         used: &mut HashSet<Hash>,
         counts: &mut (u64, u64, u64),
@@ -266,8 +334,6 @@ impl StackStore {
             return Ok(());
         };
         let hex = hash.to_hex();
-        let name = n.to_string();
-        let prep_show = show(&prep.path().join(&name));
         if !self.staging.object_exists(&hash) {
             // Not transferred because the live file at this very path has it (only its hardlink
             // membership changes), or staging was lost: copy it, verified.
@@ -287,8 +353,8 @@ impl StackStore {
             rustix::fs::linkat(
                 &self.staging.objects,
                 hex.as_str(),
-                prep.fd(),
-                name.as_str(),
+                dir,
+                name,
                 AtFlags::empty(),
             )
             .map_err(|err| self.io_err("link staged object to", prep_show.clone(), err.into()))?;
@@ -308,8 +374,8 @@ impl StackStore {
                 )
             })?;
             let dst = rustix::fs::openat(
-                prep.fd(),
-                name.as_str(),
+                dir,
+                name,
                 OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::from_raw_mode(0o600),
             )
@@ -320,7 +386,7 @@ impl StackStore {
                 .map_err(|err| self.io_err("copy staged object to", prep_show.clone(), err))?;
             counts.1 += 1;
         }
-        let fd = rustix::fs::openat(prep.fd(), name.as_str(), READ_FLAGS, Mode::empty())
+        let fd = rustix::fs::openat(dir, name, READ_FLAGS, Mode::empty())
             .map_err(|err| self.io_err("open", prep_show.clone(), err.into()))?;
         tree::set_meta_fd(fd.as_fd(), &e.meta, &e.xattrs)
             .map_err(|err| self.io_err("set metadata of", prep_show, err))?;
@@ -345,13 +411,25 @@ impl StackStore {
     fn validate(&self, ops: &[Op]) -> Result<(), StoreError> {
         let mut made: HashSet<&StackPath> = HashSet::new();
         let mut ok: HashSet<StackPath> = HashSet::new();
+        // Directories placed whole: they and everything below them are made by the commit.
+        let trees: Vec<&StackPath> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::PlaceTree { path, .. } => Some(path),
+                _ => None,
+            })
+            .collect();
+        for t in &trees {
+            ok.insert((*t).clone());
+        }
+        let in_tree = |p: &StackPath| trees.iter().any(|t| p.starts_with(t));
         let not_dir = |p: &StackPath| StoreError::NotADirectory {
             stack: self.stack.clone(),
             path: self.live.show(p),
         };
         let mut check_dir = |p: Option<StackPath>, made: &HashSet<&StackPath>| {
             let Some(p) = p else { return Ok(()) };
-            if made.contains(&p) || ok.contains(&p) {
+            if made.contains(&p) || ok.contains(&p) || in_tree(&p) {
                 return Ok(());
             }
             match self.live.dir(Some(&p)) {
@@ -373,7 +451,7 @@ impl StackStore {
                     check_dir(path.parent(), &made)?;
                     made.insert(path);
                 }
-                Op::Place { path, .. } | Op::Symlink { path, .. } => {
+                Op::Place { path, .. } | Op::Symlink { path, .. } | Op::PlaceTree { path, .. } => {
                     check_dir(path.parent(), &made)?;
                 }
                 Op::Link { leader, path } => {
