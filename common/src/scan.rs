@@ -340,6 +340,8 @@ pub fn scan(cfg: &ScanConfig) -> Result<Scan, ScanError> {
 pub fn scan_with_threads(cfg: &ScanConfig, threads: usize) -> Result<Scan, ScanError> {
     let root = resolve_root(&cfg.root)?;
     let excludes = build_excludes(&root, &cfg.exclude)?;
+    // Before the cache's temporary file exists, so that a failure here leaves none behind.
+    let md = lstat(&root)?;
 
     let (loaded, status) = match &cfg.cache {
         None => (LoadedCache::default(), CacheStatus::Disabled),
@@ -357,7 +359,6 @@ pub fn scan_with_threads(cfg: &ScanConfig, threads: usize) -> Result<Scan, ScanE
         }
     };
 
-    let md = lstat(&root)?;
     let root_facts = Some(LocalFacts::of(&md));
     let shared = Shared {
         cfg,
