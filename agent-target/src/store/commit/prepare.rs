@@ -176,9 +176,9 @@ impl StackStore {
         // metadata durable before a journal can point at them (staged files are not fsynced one
         // by one; the state dir and the live dir are on this same file system). It also makes
         // the new generation dir durable, which `Backup` ops move entries into. A commit with
-        // no `Place`, `PlaceTree`, `Patch` or `Backup` op (nothing changed, or only new directories,
-        // symlinks and metadata) points at nothing unflushed: the record and the manifest were
-        // each written with an fsync, so it skips the flush.
+        // no `Place`, `PlaceTree`, `Patch` or `Backup` op (nothing changed, or only symlinks,
+        // links and metadata in directories that exist) points at nothing unflushed: the record
+        // and the manifest were each written with an fsync, so it skips the flush.
         let points_at_prepared = prepared.journal.ops.iter().any(|op| {
             matches!(
                 op,
