@@ -183,23 +183,36 @@ impl Unchanged {
             return check(manifest.entries(), &self.facts);
         }
         std::thread::scope(|s| {
-            let handles: Vec<_> = manifest
+            let mut all = Ok(true);
+            let mut handles = Vec::new();
+            for (e, f) in manifest
                 .entries()
                 .chunks(piece)
                 .zip(self.facts.chunks(piece))
-                .map(|(e, f)| s.spawn(move || check(e, f)))
-                .collect();
-            let mut all = Ok(true);
+            {
+                match std::thread::Builder::new()
+                    .name("scan".into())
+                    .spawn_scoped(s, move || check(e, f))
+                {
+                    Ok(h) => handles.push(h),
+                    // No thread (a process limit): this one checks the piece.
+                    Err(_) => all = both(all, check(e, f)),
+                }
+            }
             for h in handles {
                 match h.join() {
-                    Ok(Ok(true)) => {}
-                    Ok(other) => all = all.and(other),
+                    Ok(r) => all = both(all, r),
                     Err(panic) => std::panic::resume_unwind(panic),
                 }
             }
             all
         })
     }
+}
+
+/// True if both pieces of a check held; the first error wins.
+fn both(a: io::Result<bool>, b: io::Result<bool>) -> io::Result<bool> {
+    Ok(a? && b?)
 }
 
 /// The stat facts of one path that are not in the manifest but tell whether the path changed
