@@ -347,9 +347,7 @@ impl StackStore {
                 let n = n.to_string();
                 match rustix::fs::renameat(prep.fd(), n.as_str(), &dir, name) {
                     Ok(()) => applied.placed += 1,
-                    Err(Errno::NOENT)
-                        if rustix::fs::statat(prep.fd(), n.as_str(), AtFlags::SYMLINK_NOFOLLOW)
-                            .is_err_and(|e| e == Errno::NOENT) => {}
+                    Err(Errno::NOENT) if prepared_gone(prep, &n) => {}
                     Err(e) => return Err(fail("place", path, e.into())),
                 }
                 touched.insert(path.parent());
@@ -371,7 +369,9 @@ impl StackStore {
                     rustix::fs::RenameFlags::NOREPLACE,
                 ) {
                     // A file system without `RENAME_NOREPLACE`: look first (the standby is
-                    // stopped; nothing else writes here).
+                    // stopped; nothing else writes here). A replay finds the prepared directory
+                    // gone and the live one there: done, not "exists".
+                    Err(Errno::INVAL) if prepared_gone(prep, &n) => Err(Errno::NOENT),
                     Err(Errno::INVAL) => {
                         match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
                             Ok(_) => Err(Errno::EXIST),
@@ -385,9 +385,7 @@ impl StackStore {
                 };
                 match renamed {
                     Ok(()) => applied.placed += *files as usize,
-                    Err(Errno::NOENT)
-                        if rustix::fs::statat(prep.fd(), n.as_str(), AtFlags::SYMLINK_NOFOLLOW)
-                            .is_err_and(|e| e == Errno::NOENT) => {}
+                    Err(Errno::NOENT) if prepared_gone(prep, &n) => {}
                     Err(e) => return Err(fail("place", path, e.into())),
                 }
                 touched.insert(path.parent());
@@ -572,6 +570,12 @@ impl StackStore {
         }
         Ok(apply)
     }
+}
+
+/// Whether the prepared entry `name` is no longer in `staging/prep`: a `Place` or `PlaceTree`
+/// that finds it gone already ran (nothing else removes it).
+fn prepared_gone(prep: &Tree, name: &str) -> bool {
+    rustix::fs::statat(prep.fd(), name, AtFlags::SYMLINK_NOFOLLOW).is_err_and(|e| e == Errno::NOENT)
 }
 
 /// The live files a commit's ops wrote or whose inode they touched (content, metadata, links),
