@@ -1,8 +1,9 @@
 //! The messages of one sync cycle.
 //!
 //! Control messages travel on one bidirectional QUIC stream; file data ([`SourceMsg::FileBegin`],
-//! [`SourceMsg::FileData`], [`SourceMsg::FileEnd`]) may travel on parallel unidirectional streams,
-//! each file's messages in order on one stream. Every message is one [`crate::wire`] frame.
+//! [`SourceMsg::FileData`], [`SourceMsg::FileEnd`] or [`SourceMsg::FileAbort`]) travels on
+//! parallel unidirectional streams, each file's messages in order on one stream, one file after
+//! another where a stream carries several. Every message is one [`crate::wire`] frame.
 //! All types are plain structs and enums: bincode is not self-describing.
 
 use serde::{Deserialize, Serialize};
@@ -40,7 +41,9 @@ pub const ALPN: &[u8] = b"stackclone/1";
 /// [`Outcome::Committed`].
 /// 4: manifests as changes against a base ([`SourceMsg::ManifestChanges`],
 /// [`TargetMsg::ResendManifest`]).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: a data stream may carry several files in a row (a version-4 target took a second
+/// `FileBegin` on a stream for a foreign frame).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Most entries in one [`SourceMsg::ManifestPart`].
 pub const MANIFEST_PART_ENTRIES: usize = 2048;

@@ -1092,6 +1092,9 @@ fn out_of_order_messages_end_the_cycle() {
     let p = attacked_pair();
     let new = b"new content\n".as_slice();
     let (with_new, _) = Entries::base(&p).file("data/new", new).frames();
+    // Another content for a second case that stages: a staged content is not asked for again.
+    let other = b"other new content\n".as_slice();
+    let (with_other, _) = Entries::base(&p).file("data/other", other).frames();
     let (as_live, _) = Entries::base(&p).frames();
     let data = |id| {
         frame(&SourceMsg::FileData {
@@ -1187,7 +1190,8 @@ fn out_of_order_messages_end_the_cycle() {
         Case::new(
             "a file stream that does not begin with FileBegin",
             "transfer",
-            "a file stream that is no valid transfer: it does not begin with FileBegin: FileData",
+            "a file stream that is no valid transfer: a file on it does not begin with FileBegin: \
+             FileData",
             Script::ctl(with_new.clone()).answer(always(move |id| vec![data(id)])),
         ),
         Case::new(
@@ -1211,8 +1215,43 @@ fn out_of_order_messages_end_the_cycle() {
                 after_pass: Vec::new(),
             },
         ),
+        // Last, since they leave content staged. A stream may carry several files in a row;
+        // each must be wanted and begin properly, and the files before the bad one stay staged
+        // (verified). The good file may end the transfer before the bad one is read (then the
+        // cycle ends waiting for the flag).
+        Case::new(
+            "a second file on a stream, never wanted",
+            "",
+            "the peer broke the protocol: data for file id 999",
+            Script::ctl(with_new.clone()).answer(always(move |id| {
+                cat(&literal(id, new), &literal(999, b"abc"))
+            })),
+        )
+        .may_stage(),
+        Case::new(
+            "a frame after a file's end that is no FileBegin",
+            "",
+            "a file stream that is no valid transfer: a file on it does not begin with FileBegin: \
+             FileEnd",
+            Script::ctl(with_other.clone())
+                .answer(always(move |id| cat(&literal(id, other), &[end(id)]))),
+        )
+        .may_stage(),
     ];
     run_cases(&p, cases);
+    // Only the two cases with a second file on a stream send `new` and `other` whole: the file
+    // before the bad frame was staged.
+    for content in [new, other] {
+        let object = p
+            .state
+            .join("staging/objects")
+            .join(Hash::of(content).to_hex());
+        assert!(
+            object.is_file(),
+            "the file before the bad frame on a shared stream was not staged ({})",
+            String::from_utf8_lossy(content).trim_end()
+        );
+    }
     let mut p = p;
     still_serves(&mut p);
 }

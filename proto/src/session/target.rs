@@ -174,7 +174,8 @@ pub enum TargetAction {
 /// session asked for; see [`TargetSession::handle_bad_stream`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BadStream {
-    /// The stream's first frame is not a `FileBegin`, or does not decode (what it was).
+    /// A file on the stream (its first, or one after another file's end) does not begin with
+    /// a `FileBegin`, or its first frame does not decode (what it was).
     NoBegin(String),
     /// A `FileBegin` for a file id the session has not asked to receive (no
     /// [`TargetAction::Receive`] for it, or one already answered).
@@ -1242,7 +1243,8 @@ impl TargetSession {
     /// for (see [`BadStream`]). The session decides what it means: a stream for a file id that
     /// was not wanted is the peer's violation like any other, and so is a stream that does not
     /// begin as a transfer or mixes another file's frames into one; the cycle ends, the source
-    /// is told why, and nothing of the stream is staged.
+    /// is told why, and nothing of the file the bad frame interrupted is staged (files that
+    /// ended before it on the same stream were verified and may stay staged).
     pub fn handle_bad_stream(&mut self, bad: BadStream) {
         if self.state.is_over() || self.is_committing() {
             return;
@@ -1253,7 +1255,7 @@ impl TargetSession {
             }
             BadStream::NotWanted { id } => self.misbehaved(Violation::DataOutsideTransfer { id }),
             BadStream::NoBegin(what) => self.misbehaved(Violation::BadFileStream(format!(
-                "it does not begin with FileBegin: {what}"
+                "a file on it does not begin with FileBegin: {what}"
             ))),
             BadStream::Foreign { id, got } => self.misbehaved(Violation::BadFileStream(format!(
                 "{got} on the stream of file id {id}"
