@@ -1,9 +1,10 @@
 //! One cycle of one stack against one target: the driver around [`SourceSession`].
 //!
 //! The session decides; this module does what it asks: scans (on a blocking thread, with the
-//! stack's hash cache), stops and starts the stack through a [`StackControl`], streams each wanted
-//! file on its own QUIC unidirectional stream (a few at once, windows read with `pread`, deltas
-//! made on blocking threads), and carries control messages on one bidirectional stream.
+//! stack's hash cache), stops and starts the stack through a [`StackControl`], streams the wanted
+//! files on QUIC unidirectional streams (a few at once, windows read with `pread`, deltas made on
+//! blocking threads; a big file or a delta alone on its stream, small files up to
+//! [`BATCH_FILES`] in a row on one), and carries control messages on one bidirectional stream.
 //!
 //! Files are opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` relative to the stack
 //! root, so a path the target asks for can never lead out of the stack, even if a symlink
@@ -51,6 +52,20 @@ const WINDOW_BUDGET_KIB: u32 = 48 << 10;
 /// Messages queued between a file's reader thread and its stream writer: each can be a 4 MiB
 /// chunk, and one queued while the writer sends the other is all the overlap there is to gain.
 const FILE_QUEUE: usize = 2;
+
+/// Files sent without a basis and at most this long share data streams, up to [`BATCH_FILES`]
+/// in a row on one: a stream, a task and a blocking thread per file cost more than the file itself
+/// (a first copy of 20,000 small files: bench/README.md, "Issue 18, fourth round").
+const SMALL_FILE: u64 = 256 << 10;
+
+/// Most files on one shared data stream.
+const BATCH_FILES: usize = 128;
+
+/// Most file bytes on one shared data stream.
+const BATCH_BYTES: u64 = 4 << 20;
+
+/// Encoded frames a shared stream's reader gathers before it hands them to the stream writer.
+const BATCH_HANDOFF: usize = 256 << 10;
 
 /// Everything one cycle needs to know about its stack.
 #[derive(Debug, Clone)]
@@ -325,6 +340,16 @@ async fn drive(
     if shutting_down {
         session.handle_shutdown();
     }
+    let file_ctx = || FileCtx {
+        conn: conn.clone(),
+        trees: trees.clone(),
+        compress: job.compress,
+        rate: rate.clone(),
+        permits: files.clone(),
+        window_budget: window_budget.clone(),
+        progress: progress.clone(),
+    };
+    let small = Arc::new(SmallQueue::default());
     let outcome = loop {
         while let Some(msg) = session.poll_message() {
             if ctl.is_up()
@@ -399,15 +424,13 @@ async fn drive(
                         Pass::Final => Stage::FinalTransfer,
                     });
                     progress.file_queued(size);
-                    let ctx = FileCtx {
-                        conn: conn.clone(),
-                        trees: trees.clone(),
-                        compress: job.compress,
-                        rate: rate.clone(),
-                        permits: files.clone(),
-                        window_budget: window_budget.clone(),
-                        progress: progress.clone(),
-                    };
+                    if basis.is_none() && size <= SMALL_FILE {
+                        if small.push(Small { id, path, size }) {
+                            spawn_batches(file_ctx(), small.clone(), events_tx.clone());
+                        }
+                        continue;
+                    }
+                    let ctx = file_ctx();
                     let tx = events_tx.clone();
                     tokio::spawn(async move {
                         let result = send_file(ctx, id, path, size, basis).await;
@@ -662,45 +685,11 @@ fn read_and_diff(
     id: u32,
     tx: &mpsc::Sender<SourceMsg>,
 ) -> Result<(), String> {
-    let result = (|| -> Result<(), String> {
-        let file = trees.open_file(path).map_err(|e| format!("{path}: {e}"))?;
-        let len = file.metadata().map_err(|e| format!("{path}: {e}"))?.len();
-        let cfg = SenderConfig {
-            zstd_level: compress.then_some(3),
-            ..SenderConfig::default()
-        };
-        let mut sender = FileSender::new(basis.as_ref(), cfg).map_err(|e| e.to_string())?;
-        let send = |m| {
-            tx.blocking_send(m)
-                .map_err(|_| "the stream writer stopped".to_string())
-        };
-        send(SourceMsg::FileBegin { id, len })?;
-        // Never more than the file needs: a 16 MiB buffer per small file is mostly memset.
-        let mut window = vec![0u8; (len as usize).min(cfg.window)];
-        let mut offset = 0u64;
-        while offset < len {
-            let want = ((len - offset) as usize).min(cfg.window);
-            let n = read_full_at(&file, &mut window[..want], offset)
-                .map_err(|e| format!("{path}: {e}"))?;
-            if n == 0 {
-                break; // The file shrank while we read it; the hash says what was sent.
-            }
-            for chunk in sender
-                .send_window(&window[..n])
-                .map_err(|e| e.to_string())?
-            {
-                send(SourceMsg::FileData { id, chunk })?;
-            }
-            offset += n as u64;
-        }
-        let sent = sender.finish();
-        debug!(%path, mode = ?sent.mode, literal = sent.stats.literal, matched = sent.stats.matched, "file sent");
-        send(SourceMsg::FileEnd {
-            id,
-            hash: sent.hash,
-            len: sent.len,
-        })
-    })();
+    let mut send = |m| {
+        tx.blocking_send(m)
+            .map_err(|_| "the stream writer stopped".to_string())
+    };
+    let result = read_file(trees, path, basis.as_ref(), compress, id, &mut send).map(drop);
     if let Err(reason) = &result {
         let _ = tx.blocking_send(SourceMsg::FileAbort {
             id,
@@ -709,6 +698,252 @@ fn read_and_diff(
     }
     result
 }
+
+/// Turns the file at `path` into `FileBegin`, `FileData`…, `FileEnd`, handed to `emit` in order
+/// (read in windows with `pread`; a delta against `basis` if there is one). Returns whether zstd
+/// shrank any of its data. On an error the caller ends the file with `FileAbort`.
+fn read_file(
+    trees: &StackTrees,
+    path: &StackPath,
+    basis: Option<&CheckedSignature>,
+    compress: bool,
+    id: u32,
+    emit: &mut impl FnMut(SourceMsg) -> Result<(), String>,
+) -> Result<bool, String> {
+    let file = trees.open_file(path).map_err(|e| format!("{path}: {e}"))?;
+    let len = file.metadata().map_err(|e| format!("{path}: {e}"))?.len();
+    let cfg = SenderConfig {
+        zstd_level: compress.then_some(3),
+        ..SenderConfig::default()
+    };
+    let mut sender = FileSender::new(basis, cfg).map_err(|e| e.to_string())?;
+    emit(SourceMsg::FileBegin { id, len })?;
+    // Never more than the file needs: a 16 MiB buffer per small file is mostly memset.
+    let mut window = vec![0u8; (len as usize).min(cfg.window)];
+    let mut offset = 0u64;
+    let mut shrank = false;
+    while offset < len {
+        let want = ((len - offset) as usize).min(cfg.window);
+        let n =
+            read_full_at(&file, &mut window[..want], offset).map_err(|e| format!("{path}: {e}"))?;
+        if n == 0 {
+            break; // The file shrank while we read it; the hash says what was sent.
+        }
+        for chunk in sender
+            .send_window(&window[..n])
+            .map_err(|e| e.to_string())?
+        {
+            shrank |= chunk.is_zstd();
+            emit(SourceMsg::FileData { id, chunk })?;
+        }
+        offset += n as u64;
+    }
+    let sent = sender.finish();
+    debug!(%path, mode = ?sent.mode, literal = sent.stats.literal, matched = sent.stats.matched, "file sent");
+    emit(SourceMsg::FileEnd {
+        id,
+        hash: sent.hash,
+        len: sent.len,
+    })?;
+    Ok(shrank)
+}
+
+/// A small file waiting for a shared stream.
+struct Small {
+    id: u32,
+    path: StackPath,
+    size: u64,
+}
+
+/// Small files waiting for a shared stream, and how many senders take from them. A sender takes
+/// whatever is waiting (up to [`BATCH_FILES`] or [`BATCH_BYTES`]) for its next stream, so the
+/// streams get fuller as the target's requests outrun the sending, without a timer.
+#[derive(Default)]
+struct SmallQueue(std::sync::Mutex<SmallState>);
+
+#[derive(Default)]
+struct SmallState {
+    files: std::collections::VecDeque<Small>,
+    senders: usize,
+}
+
+impl SmallQueue {
+    /// Queues `f`; true if a sender must be started for it (fewer than [`PARALLEL_FILES`] run).
+    fn push(&self, f: Small) -> bool {
+        let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        st.files.push_back(f);
+        if st.senders < PARALLEL_FILES {
+            st.senders += 1;
+            return true;
+        }
+        false
+    }
+
+    /// The files for a sender's next stream; empty when there are none, and the sender is
+    /// counted out.
+    fn take(&self) -> Vec<Small> {
+        let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut files = Vec::new();
+        let mut bytes = 0u64;
+        while files.len() < BATCH_FILES && bytes < BATCH_BYTES {
+            let Some(f) = st.files.pop_front() else { break };
+            bytes += f.size;
+            files.push(f);
+        }
+        if files.is_empty() {
+            st.senders -= 1;
+        }
+        files
+    }
+}
+
+/// A sender of small files: streams what is queued, a shared stream at a time, until nothing
+/// is; reports each file as sent (or not).
+fn spawn_batches(ctx: FileCtx, queue: Arc<SmallQueue>, events: mpsc::UnboundedSender<Event>) {
+    tokio::spawn(async move {
+        loop {
+            let files = queue.take();
+            if files.is_empty() {
+                return;
+            }
+            let sizes: Vec<(u32, u64)> = files.iter().map(|f| (f.id, f.size)).collect();
+            match send_batch(&ctx, files).await {
+                Ok(results) => {
+                    for ((id, size), result) in sizes.into_iter().zip(results) {
+                        let _ = events.send(Event::FileSent { id, size, result });
+                    }
+                }
+                Err(e) => {
+                    for (id, size) in sizes {
+                        let result = Err(e.clone());
+                        let _ = events.send(Event::FileSent { id, size, result });
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Streams small files one after the other on one uni stream, read and encoded on one blocking
+/// thread. Returns each file's payload bytes, or why it was not sent (it then ended with
+/// `FileAbort`); `Err` if the stream itself failed.
+async fn send_batch(ctx: &FileCtx, files: Vec<Small>) -> Result<Vec<Result<u64, String>>, String> {
+    let permit = ctx.permits.acquire().await.map_err(|e| e.to_string())?;
+    // The reader holds one file and one handoff at a time.
+    let biggest = files.iter().map(|f| f.size).max().unwrap_or(0);
+    let kib = (biggest + BATCH_HANDOFF as u64).div_ceil(1024) as u32;
+    let window = ctx
+        .window_budget
+        .acquire_many(kib.min(WINDOW_BUDGET_KIB))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut stream = ctx.conn.open_uni().await.map_err(|e| e.to_string())?;
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(FILE_QUEUE);
+    let (trees, compress) = (ctx.trees.clone(), ctx.compress);
+    let reader = tokio::task::spawn_blocking(move || read_batch(&trees, &files, compress, &tx));
+    while let Some(frames) = rx.recv().await {
+        if let Some(rate) = &ctx.rate {
+            rate.acquire(frames.len() as u64).await;
+        }
+        ctx.progress.wire_bytes(frames.len() as u64);
+        stream.write_all(&frames).await.map_err(|e| e.to_string())?;
+    }
+    let results = reader.await.map_err(|e| e.to_string())??;
+    stream.finish().map_err(|e| e.to_string())?;
+    drop(window);
+    drop(permit);
+    // Wait until the target has everything, so "sent" means sent.
+    let _ = stream.stopped().await;
+    Ok(results)
+}
+
+/// Reads and encodes the files of one shared stream, handing the frames over in pieces of about
+/// [`BATCH_HANDOFF`] bytes (a file that grew since the scan is still read in windows). A file
+/// that cannot be read ends with `FileAbort` and the next one follows. Where zstd shrank none of the last [`COMPRESS_MISSES`] files, only every
+/// [`COMPRESS_PROBE_EVERY`]th file tries it until one shrinks again: on incompressible data
+/// (media, encrypted or already compressed files) zstd costs as long as it does on text.
+fn read_batch(
+    trees: &StackTrees,
+    files: &[Small],
+    compress: bool,
+    tx: &mpsc::Sender<Vec<u8>>,
+) -> Result<Vec<Result<u64, String>>, String> {
+    let mut out = Frames {
+        buf: Vec::new(),
+        sent: 0,
+        tx,
+    };
+    let mut results = Vec::with_capacity(files.len());
+    let mut misses = 0usize;
+    for (i, f) in files.iter().enumerate() {
+        let before = out.sent + out.buf.len() as u64;
+        let mut begun = false;
+        let mut emit = |m: SourceMsg| -> Result<(), String> {
+            begun |= matches!(m, SourceMsg::FileBegin { .. });
+            out.push(&m)
+        };
+        let try_zstd = compress && (misses < COMPRESS_MISSES || i % COMPRESS_PROBE_EVERY == 0);
+        match read_file(trees, &f.path, None, try_zstd, f.id, &mut emit) {
+            Ok(shrank) => {
+                if shrank {
+                    misses = 0;
+                } else if try_zstd {
+                    misses += 1;
+                }
+                results.push(Ok(out.sent + out.buf.len() as u64 - before));
+            }
+            Err(reason) => {
+                if !begun {
+                    out.push(&SourceMsg::FileBegin { id: f.id, len: 0 })?;
+                }
+                out.push(&SourceMsg::FileAbort {
+                    id: f.id,
+                    reason: reason.clone(),
+                })?;
+                results.push(Err(reason));
+            }
+        }
+    }
+    out.flush()?;
+    Ok(results)
+}
+
+/// Encoded frames on their way to a shared stream's writer.
+struct Frames<'a> {
+    buf: Vec<u8>,
+    /// Bytes handed over so far.
+    sent: u64,
+    tx: &'a mpsc::Sender<Vec<u8>>,
+}
+
+impl Frames<'_> {
+    fn push(&mut self, m: &SourceMsg) -> Result<(), String> {
+        let frame = wire::encode_frame(m).map_err(|e| e.to_string())?;
+        self.buf.extend_from_slice(&frame);
+        if self.buf.len() >= BATCH_HANDOFF {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.buf);
+        self.sent += buf.len() as u64;
+        self.tx
+            .blocking_send(buf)
+            .map_err(|_| "the stream writer stopped".to_string())
+    }
+}
+
+/// Files in a row on a shared stream whose data zstd did not shrink before it is tried only on
+/// every [`COMPRESS_PROBE_EVERY`]th.
+const COMPRESS_MISSES: usize = 8;
+
+/// While zstd does not pay on a shared stream, one file in this many still tries it.
+const COMPRESS_PROBE_EVERY: usize = 16;
 
 fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut filled = 0;
@@ -721,4 +956,166 @@ fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::R
         }
     }
     Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes the frames `read_batch` handed over, in order.
+    fn decode(pieces: Vec<Vec<u8>>) -> Vec<SourceMsg> {
+        let bytes = pieces.concat();
+        let mut msgs = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let header: [u8; wire::HEADER_LEN] =
+                bytes[at..at + wire::HEADER_LEN].try_into().unwrap();
+            let len = wire::frame_len(header, wire::MAX_FRAME).unwrap();
+            at += wire::HEADER_LEN;
+            msgs.push(wire::decode(&bytes[at..at + len]).unwrap());
+            at += len;
+        }
+        msgs
+    }
+
+    /// Runs `read_batch` over `names` in `dir` (ids 0, 1, …) and returns its results and the
+    /// messages it produced.
+    fn batch(
+        dir: &Path,
+        names: &[String],
+        compress: bool,
+    ) -> (Vec<Result<u64, String>>, Vec<SourceMsg>) {
+        let trees = StackTrees::data_dir(dir);
+        let files: Vec<Small> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Small {
+                id: i as u32,
+                path: StackPath::new(n.as_bytes().to_vec()).unwrap(),
+                size: 0,
+            })
+            .collect();
+        // Room for everything, so the reader never waits on a writer.
+        let (tx, mut rx) = mpsc::channel(1024);
+        let results = read_batch(&trees, &files, compress, &tx).unwrap();
+        drop(tx);
+        let mut pieces = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            pieces.push(p);
+        }
+        (results, decode(pieces))
+    }
+
+    /// Bytes zstd cannot shrink (an xorshift stream).
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_shared_stream_carries_its_files_in_order_and_aborts_only_the_unreadable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = noise(1, 3000);
+        let c = b"third file\n".repeat(50);
+        std::fs::write(dir.path().join("a"), &a).unwrap();
+        std::fs::write(dir.path().join("c"), &c).unwrap();
+        // "b" is in the batch but gone from the disk, as if deleted after the scan.
+        let names = ["a", "b", "c"].map(String::from);
+        let (results, msgs) = batch(dir.path(), &names, true);
+
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        let err = results[1].as_ref().unwrap_err();
+        assert!(err.contains('b'), "the error names the file: {err}");
+
+        // Each file: FileBegin, data, then FileEnd (or FileAbort), never interleaved.
+        let mut files: Vec<(u32, Vec<&SourceMsg>)> = Vec::new();
+        for m in &msgs {
+            match m {
+                SourceMsg::FileBegin { id, .. } => files.push((*id, vec![m])),
+                SourceMsg::FileData { id, .. }
+                | SourceMsg::FileEnd { id, .. }
+                | SourceMsg::FileAbort { id, .. } => {
+                    let (cur, frames) = files.last_mut().expect("a frame before any FileBegin");
+                    assert_eq!(cur, id, "file {id}'s frame inside file {cur}");
+                    frames.push(m);
+                }
+                other => panic!("unexpected {other:?} on a data stream"),
+            }
+        }
+        assert_eq!(
+            files.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        for (id, content) in [(0usize, &a), (2, &c)] {
+            let frames = &files[id].1;
+            let Some(SourceMsg::FileEnd { hash, len, .. }) = frames.last() else {
+                panic!("file {id} does not end with FileEnd: {frames:?}");
+            };
+            assert_eq!(*len, content.len() as u64);
+            assert_eq!(*hash, stackclone_proto::manifest::Hash::of(content));
+        }
+        assert!(
+            matches!(
+                files[1].1[..],
+                [
+                    SourceMsg::FileBegin { len: 0, .. },
+                    SourceMsg::FileAbort { .. }
+                ]
+            ),
+            "{:?}",
+            files[1].1
+        );
+        // The results count each file's frame bytes: together, everything handed over.
+        let total: u64 = results.iter().filter_map(|r| r.as_ref().ok()).sum();
+        let framed: u64 = [&files[0].1, &files[2].1]
+            .iter()
+            .flat_map(|f| f.iter())
+            .map(|m| wire::encode_frame(*m).unwrap().len() as u64)
+            .sum();
+        assert_eq!(total, framed);
+    }
+
+    #[test]
+    fn zstd_is_tried_on_every_sixteenth_file_while_it_does_not_pay_and_again_once_it_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = b"the same line, over and over\n".repeat(40);
+        let mut names = Vec::new();
+        for i in 0..40 {
+            let name = format!("f{i:02}");
+            // Noise, except files 20, 32 and 33, which compress well.
+            let content = if [20, 32, 33].contains(&i) {
+                text.clone()
+            } else {
+                noise(i as u64 + 7, text.len())
+            };
+            std::fs::write(dir.path().join(&name), content).unwrap();
+            names.push(name);
+        }
+        let (results, msgs) = batch(dir.path(), &names, true);
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let zstd_files: Vec<u32> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                SourceMsg::FileData { id, chunk } if chunk.is_zstd() => Some(*id),
+                _ => None,
+            })
+            .collect();
+        // 8 misses in a row stop the tries; file 20 is no probe (20 % 16 ≠ 0) and goes raw,
+        // file 32 is one and shrinks, so file 33 is tried again.
+        assert_eq!(zstd_files, [32, 33]);
+
+        // Without compression nothing is tried at all.
+        let (_, msgs) = batch(dir.path(), &names, false);
+        assert!(
+            msgs.iter()
+                .all(|m| !matches!(m, SourceMsg::FileData { chunk, .. } if chunk.is_zstd()))
+        );
+    }
 }

@@ -363,6 +363,13 @@ pub enum Chunk {
 }
 
 impl Chunk {
+    /// Whether the chunk's bytes are zstd-compressed.
+    pub fn is_zstd(&self) -> bool {
+        match self {
+            Chunk::Delta { zstd, .. } | Chunk::Literal { zstd, .. } => *zstd,
+        }
+    }
+
     /// Bytes of payload carried (for progress and bandwidth accounting).
     pub fn wire_len(&self) -> usize {
         match self {
