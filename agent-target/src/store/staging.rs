@@ -53,6 +53,7 @@ impl StagingDirs {
             file,
             name,
             pos: 0,
+            written: 0,
             dirs: Arc::clone(self),
             error: None,
             done: false,
@@ -112,6 +113,8 @@ pub struct StagingFile {
     file: File,
     name: String,
     pos: u64,
+    /// Where the last write ended: the file's length on disk (holes are only seeked over).
+    written: u64,
     dirs: Arc<StagingDirs>,
     error: Option<StoreError>,
     done: bool,
@@ -160,7 +163,10 @@ impl StagingFile {
             });
         }
         let io = |op, e: io::Error| StoreError::io(&stack, op, shown.clone(), e);
-        self.file.set_len(self.pos).map_err(|e| io("extend", e))?;
+        // Only a trailing hole needs the length set: one syscall per small file saved.
+        if self.written != self.pos {
+            self.file.set_len(self.pos).map_err(|e| io("extend", e))?;
+        }
         let hash = v.hash();
         rustix::fs::renameat(
             &self.dirs.tmp,
@@ -199,6 +205,7 @@ impl Sink for StagingFile {
         match self.file.write_all(data) {
             Ok(()) => {
                 self.pos += data.len() as u64;
+                self.written = self.pos;
                 Ok(())
             }
             Err(e) => {
