@@ -67,9 +67,13 @@ pub(crate) enum StreamEnd {
 
 /// Frame bytes of small files the stream reader gathers before it hands them to the stream's
 /// rebuild thread in one go: one handoff per small file, or per this many bytes of a big one.
+/// Each frame counts at least [`ITEM_BYTES`], so a stream of tiny frames cannot pile up items.
 /// With [`STREAM_QUEUE`] it bounds what a stream holds in memory (a chunk is at most 4 MiB, so a
 /// batch is at most this plus one chunk).
 const HANDOFF_BYTES: usize = 256 << 10;
+
+/// What a frame counts towards [`HANDOFF_BYTES`] at least (about what an item costs in memory).
+const ITEM_BYTES: usize = 128;
 
 /// Batches queued between a stream's reader and its rebuild thread.
 const STREAM_QUEUE: usize = 4;
@@ -113,12 +117,9 @@ async fn receive_stream(
     report: impl Fn(StreamEnd) + Clone + Send + 'static,
 ) {
     // Batches go to the blocking thread through an async channel: a full channel waits without
-    // holding a runtime thread while the rebuild is in disk I/O.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Item>>(STREAM_QUEUE);
-    let worker = {
-        let report = report.clone();
-        tokio::task::spawn_blocking(move || rebuild_stream(&store, rx, &report))
-    };
+    // holding a runtime thread while the rebuild is in disk I/O. The thread starts with the
+    // first wanted file: a stream that never brings one holds none.
+    let mut rebuilder: Option<Rebuilder> = None;
     let mut batch: Vec<Item> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut current: Option<u32> = None;
@@ -148,7 +149,9 @@ async fn receive_stream(
                     break;
                 };
                 current = Some(id);
+                rebuilder.get_or_insert_with(|| Rebuilder::start(&store, &report));
                 batch.push(Item::Begin { id, wanted: w, len });
+                batch_bytes += ITEM_BYTES;
                 false
             }
             Some(id) => {
@@ -156,7 +159,7 @@ async fn receive_stream(
                     SourceMsg::FileData { id, chunk } => {
                         let n = chunk.wire_len() + 1;
                         received.fetch_add(n as u64, Ordering::Relaxed);
-                        batch_bytes += n;
+                        batch_bytes += n.max(ITEM_BYTES);
                         Some(*id)
                     }
                     SourceMsg::FileEnd { id, .. } | SourceMsg::FileAbort { id, .. } => Some(*id),
@@ -171,6 +174,9 @@ async fn receive_stream(
                     break;
                 }
                 let last = !matches!(msg, SourceMsg::FileData { .. });
+                if last {
+                    batch_bytes += ITEM_BYTES;
+                }
                 batch.push(Item::Frame(msg));
                 if last {
                     current = None;
@@ -180,28 +186,49 @@ async fn receive_stream(
         };
         if last || batch_bytes >= HANDOFF_BYTES {
             batch_bytes = 0;
-            if tx.send(std::mem::take(&mut batch)).await.is_err() {
+            let Some(r) = &rebuilder else { break };
+            if r.tx.send(std::mem::take(&mut batch)).await.is_err() {
                 break;
             }
         }
     }
-    // A file interrupted by a bad frame is dropped with the stream; its partial batch goes
-    // nowhere and the rebuild thread sees its frames end.
-    if bad.is_none() && !batch.is_empty() {
-        let _ = tx.send(batch).await;
-    }
-    drop(tx);
-    let cut = worker.await.unwrap_or_else(|e| {
-        // The rebuild thread is gone (the runtime is shutting down): whatever it held is lost.
-        current.map(|id| (id, StageOutcome::Failed(e.to_string())))
-    });
-    if let Some((id, outcome)) = cut
-        && bad.is_none()
-    {
-        report(StreamEnd::Staged { id, outcome });
+    if let Some(Rebuilder { tx, worker }) = rebuilder {
+        // A file interrupted by a bad frame is dropped with the stream; its partial batch goes
+        // nowhere and the rebuild thread sees its frames end.
+        if bad.is_none() && !batch.is_empty() {
+            let _ = tx.send(batch).await;
+        }
+        drop(tx);
+        let cut = worker.await.unwrap_or_else(|e| {
+            // The rebuild thread is gone (the runtime is shutting down): what it held is lost.
+            current.map(|id| (id, StageOutcome::Failed(e.to_string())))
+        });
+        if let Some((id, outcome)) = cut
+            && bad.is_none()
+        {
+            report(StreamEnd::Staged { id, outcome });
+        }
     }
     if let Some(bad) = bad {
         report(StreamEnd::Bad(bad));
+    }
+}
+
+/// A stream's rebuild thread and the channel to it.
+struct Rebuilder {
+    tx: tokio::sync::mpsc::Sender<Vec<Item>>,
+    worker: tokio::task::JoinHandle<Option<(u32, StageOutcome)>>,
+}
+
+impl Rebuilder {
+    fn start(
+        store: &Arc<Mutex<Option<StackStore>>>,
+        report: &(impl Fn(StreamEnd) + Clone + Send + 'static),
+    ) -> Rebuilder {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Item>>(STREAM_QUEUE);
+        let (store, report) = (store.clone(), report.clone());
+        let worker = tokio::task::spawn_blocking(move || rebuild_stream(&store, rx, &report));
+        Rebuilder { tx, worker }
     }
 }
 
