@@ -685,12 +685,19 @@ fn read_and_diff(
     id: u32,
     tx: &mpsc::Sender<SourceMsg>,
 ) -> Result<(), String> {
+    let mut begun = false;
     let mut send = |m| {
+        begun |= matches!(m, SourceMsg::FileBegin { .. });
         tx.blocking_send(m)
             .map_err(|_| "the stream writer stopped".to_string())
     };
     let result = read_file(trees, path, basis.as_ref(), compress, id, &mut send).map(drop);
     if let Err(reason) = &result {
+        // A file that could not even be opened still begins: a stream must start with
+        // `FileBegin`, or the target takes it for a broken peer and ends the cycle.
+        if !begun {
+            let _ = tx.blocking_send(SourceMsg::FileBegin { id, len: 0 });
+        }
         let _ = tx.blocking_send(SourceMsg::FileAbort {
             id,
             reason: reason.clone(),
@@ -1080,6 +1087,31 @@ mod tests {
             .map(|m| wire::encode_frame(*m).unwrap().len() as u64)
             .sum();
         assert_eq!(total, framed);
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_opened_still_begins_before_it_aborts() {
+        let dir = tempfile::tempdir().unwrap();
+        let trees = StackTrees::data_dir(dir.path());
+        let (tx, mut rx) = mpsc::channel(16);
+        let gone = StackPath::new(b"gone".to_vec()).unwrap();
+        let err = read_and_diff(&trees, &gone, None, true, 7, &tx).unwrap_err();
+        assert!(err.contains("gone"), "{err}");
+        drop(tx);
+        let mut msgs = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            msgs.push(m);
+        }
+        assert!(
+            matches!(
+                msgs[..],
+                [
+                    SourceMsg::FileBegin { id: 7, len: 0 },
+                    SourceMsg::FileAbort { id: 7, .. }
+                ]
+            ),
+            "{msgs:?}"
+        );
     }
 
     #[test]
