@@ -4,7 +4,7 @@
 //! stack's hash cache), stops and starts the stack through a [`StackControl`], streams the wanted
 //! files on QUIC unidirectional streams (a few at once, windows read with `pread`, deltas made on
 //! blocking threads; a big file or a delta alone on its stream, small files up to
-//! [`BATCH_FILES`] in a row on one), and carries control messages on one bidirectional stream.
+//! 128 in a row on one), and carries control messages on one bidirectional stream.
 //!
 //! Files are opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` relative to the stack
 //! root, so a path the target asks for can never lead out of the stack, even if a symlink
