@@ -636,18 +636,12 @@ async fn send_file(
     size: u64,
     basis: Option<CheckedSignature>,
 ) -> Result<u64, String> {
-    let permit = ctx.permits.acquire().await.map_err(|e| e.to_string())?;
     // The manifest's size; a file that grew since is still read in windows of at most WINDOW.
     let kib = size
         .min(stackclone_proto::delta::WINDOW as u64)
         .div_ceil(1024)
         .max(1) as u32;
-    let window = ctx
-        .window_budget
-        .acquire_many(kib.min(WINDOW_BUDGET_KIB))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut stream = ctx.conn.open_uni().await.map_err(|e| e.to_string())?;
+    let mut slot = Slot::open(&ctx, kib).await?;
     let (tx, mut rx) = mpsc::channel::<SourceMsg>(FILE_QUEUE);
     let (trees, compress) = (ctx.trees.clone(), ctx.compress);
     let reader =
@@ -655,24 +649,69 @@ async fn send_file(
     let mut sent = 0u64;
     while let Some(msg) = rx.recv().await {
         let frame = wire::encode_frame(&msg).map_err(|e| e.to_string())?;
-        if let Some(rate) = &ctx.rate {
-            rate.acquire(frame.len() as u64).await;
-        }
         sent += frame.len() as u64;
-        ctx.progress.wire_bytes(frame.len() as u64);
-        stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+        slot.write(&ctx, &frame).await?;
     }
     let read_result = reader.await.map_err(|e| e.to_string())?;
-    stream.finish().map_err(|e| e.to_string())?;
-    // Everything is with QUIC now (its send window bounds what is unacknowledged): the next
-    // file may start. Holding the slot until the target acknowledged made each file cost a
-    // round trip, which capped small files at PARALLEL_FILES per RTT (≈ 185 files/s on a
-    // 40 ms link, bench/README.md).
-    drop(window);
-    drop(permit);
-    // Wait until the target has everything, so "sent" means sent.
-    let _ = stream.stopped().await;
+    slot.close().await?;
     read_result.map(|()| sent)
+}
+
+/// One data stream being sent: a place among the [`PARALLEL_FILES`], its share of the window
+/// budget, and the stream.
+struct Slot<'a> {
+    permit: tokio::sync::SemaphorePermit<'a>,
+    window: tokio::sync::SemaphorePermit<'a>,
+    stream: quinn::SendStream,
+}
+
+impl<'a> Slot<'a> {
+    /// Waits for a place and `kib` of the window budget (at most all of it), then opens a stream.
+    async fn open(ctx: &'a FileCtx, kib: u32) -> Result<Slot<'a>, String> {
+        let permit = ctx.permits.acquire().await.map_err(|e| e.to_string())?;
+        let window = ctx
+            .window_budget
+            .acquire_many(kib.min(WINDOW_BUDGET_KIB))
+            .await
+            .map_err(|e| e.to_string())?;
+        let stream = ctx.conn.open_uni().await.map_err(|e| e.to_string())?;
+        Ok(Slot {
+            permit,
+            window,
+            stream,
+        })
+    }
+
+    /// Writes encoded frames, within the bandwidth limit, counting them for the progress.
+    async fn write(&mut self, ctx: &FileCtx, frames: &[u8]) -> Result<(), String> {
+        if let Some(rate) = &ctx.rate {
+            rate.acquire(frames.len() as u64).await;
+        }
+        ctx.progress.wire_bytes(frames.len() as u64);
+        self.stream
+            .write_all(frames)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Finishes the stream, frees the place and the budget, then waits until the target has
+    /// everything, so "sent" means sent.
+    async fn close(self) -> Result<(), String> {
+        let Slot {
+            permit,
+            window,
+            mut stream,
+        } = self;
+        stream.finish().map_err(|e| e.to_string())?;
+        // Everything is with QUIC now (its send window bounds what is unacknowledged): the next
+        // stream may start. Holding the slot until the target acknowledged made each file cost
+        // a round trip, which capped small files at PARALLEL_FILES per RTT (≈ 185 files/s on a
+        // 40 ms link, bench/README.md).
+        drop(window);
+        drop(permit);
+        let _ = stream.stopped().await;
+        Ok(())
+    }
 }
 
 /// Reads `path` in windows and turns them into messages. On a read error it sends `FileAbort`
@@ -835,40 +874,27 @@ fn spawn_batches(ctx: FileCtx, queue: Arc<SmallQueue>, events: mpsc::UnboundedSe
 /// thread. Returns each file's payload bytes, or why it was not sent (it then ended with
 /// `FileAbort`); `Err` if the stream itself failed.
 async fn send_batch(ctx: &FileCtx, files: Vec<Small>) -> Result<Vec<Result<u64, String>>, String> {
-    let permit = ctx.permits.acquire().await.map_err(|e| e.to_string())?;
     // The reader holds one file and one handoff at a time.
     let biggest = files.iter().map(|f| f.size).max().unwrap_or(0);
     let kib = (biggest + BATCH_HANDOFF as u64).div_ceil(1024) as u32;
-    let window = ctx
-        .window_budget
-        .acquire_many(kib.min(WINDOW_BUDGET_KIB))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut stream = ctx.conn.open_uni().await.map_err(|e| e.to_string())?;
+    let mut slot = Slot::open(ctx, kib).await?;
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(FILE_QUEUE);
     let (trees, compress) = (ctx.trees.clone(), ctx.compress);
     let reader = tokio::task::spawn_blocking(move || read_batch(&trees, &files, compress, &tx));
     while let Some(frames) = rx.recv().await {
-        if let Some(rate) = &ctx.rate {
-            rate.acquire(frames.len() as u64).await;
-        }
-        ctx.progress.wire_bytes(frames.len() as u64);
-        stream.write_all(&frames).await.map_err(|e| e.to_string())?;
+        slot.write(ctx, &frames).await?;
     }
     let results = reader.await.map_err(|e| e.to_string())??;
-    stream.finish().map_err(|e| e.to_string())?;
-    drop(window);
-    drop(permit);
-    // Wait until the target has everything, so "sent" means sent.
-    let _ = stream.stopped().await;
+    slot.close().await?;
     Ok(results)
 }
 
 /// Reads and encodes the files of one shared stream, handing the frames over in pieces of about
 /// [`BATCH_HANDOFF`] bytes (a file that grew since the scan is still read in windows). A file
-/// that cannot be read ends with `FileAbort` and the next one follows. Where zstd shrank none of the last [`COMPRESS_MISSES`] files, only every
-/// [`COMPRESS_PROBE_EVERY`]th file tries it until one shrinks again: on incompressible data
-/// (media, encrypted or already compressed files) zstd costs as long as it does on text.
+/// that cannot be read ends with `FileAbort` and the next one follows. Where zstd shrank none
+/// of the last [`COMPRESS_MISSES`] files, only every [`COMPRESS_PROBE_EVERY`]th file tries it
+/// until one shrinks again: on incompressible data (media, encrypted or already compressed
+/// files) zstd costs as long as it does on text.
 fn read_batch(
     trees: &StackTrees,
     files: &[Small],
@@ -1039,7 +1065,7 @@ mod tests {
 
         assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
         let err = results[1].as_ref().unwrap_err();
-        assert!(err.contains('b'), "the error names the file: {err}");
+        assert!(err.starts_with("b: "), "the error names the file: {err}");
 
         // Each file: FileBegin, data, then FileEnd (or FileAbort), never interleaved.
         let mut files: Vec<(u32, Vec<&SourceMsg>)> = Vec::new();
@@ -1096,7 +1122,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let gone = StackPath::new(b"gone".to_vec()).unwrap();
         let err = read_and_diff(&trees, &gone, None, true, 7, &tx).unwrap_err();
-        assert!(err.contains("gone"), "{err}");
+        assert!(err.starts_with("gone: "), "{err}");
         drop(tx);
         let mut msgs = Vec::new();
         while let Ok(m) = rx.try_recv() {
