@@ -210,7 +210,8 @@ impl Unchanged {
     }
 }
 
-/// True if both pieces of a check held; the first error wins.
+/// True if both pieces of a check held. Otherwise false, or an error of the piece that was
+/// looked at first: a later piece's error may be dropped, since either answer means "scan".
 fn both(a: io::Result<bool>, b: io::Result<bool>) -> io::Result<bool> {
     Ok(a? && b?)
 }
